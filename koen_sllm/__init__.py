@@ -1,0 +1,3 @@
+"""koen-sllm: pretrain small Korean/English language models with pure PyTorch."""
+
+__version__ = "0.1.0"

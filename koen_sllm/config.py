@@ -1,0 +1,403 @@
+"""One typed configuration for a training run: dataclasses, CLI parsing, validation.
+
+Everything a run needs is parsed once here, validated with messages that name
+the offending option, printed at start and saved in every checkpoint. Numbers
+that depend on the world size (accumulation steps, tokens per step) are derived
+by :func:`derive_batch_plan`, also once. This module touches no files and no
+process groups, so it is cheap to import and easy to test.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+MODEL_SIZES = ("tiny", "125m", "350m", "0.6b", "1.3b")
+ATTN_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "flash-attn")
+PRECISIONS = ("bf16", "fp16", "fp32")
+DEFAULT_DATA_FILE = "mixed_pretraining.jsonl"
+
+# What --test uses when no GPU exists: small enough for two CPU processes.
+CPU_TEST_MODEL = "tiny"
+CPU_TEST_SEQ_LEN = 128
+
+
+class ConfigError(ValueError):
+    """A bad option value; the message names the option and the fix."""
+
+
+def repo_root() -> Path:
+    """The checkout that holds this package (default paths resolve against it).
+
+    An installed, non-editable copy has no checkout around it; then the
+    current directory is the only sensible anchor.
+    """
+    env = os.environ.get("KOEN_SLLM_ROOT")
+    if env:
+        return Path(env).resolve()
+    here = Path(__file__).resolve().parent.parent
+    if (here / "pyproject.toml").exists():
+        return here
+    return Path.cwd()
+
+
+@dataclass
+class DataConfig:
+    dataset_path: Optional[str] = None  # file or folder; None -> <root>/datasets
+    tokenizer_path: Optional[str] = None  # None -> prepared next to the data
+    vocab_size: int = 32000  # only used when a tokenizer must be trained
+    val_fraction: float = 0.01
+    num_proc: int = 0  # tokenization processes; 0 = all cores
+    strict: bool = False  # stop at the first malformed input line
+
+
+@dataclass
+class OptimConfig:
+    learning_rate: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: Optional[int] = None  # None -> 1% of steps, at least 1, at most 2000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class CheckpointConfig:
+    output_dir: Optional[str] = None  # None -> <root>/outputs
+    save_steps: int = 500
+    save_total_limit: Optional[int] = 3
+    save_initial: bool = True
+    resume: Optional[str] = None  # "auto", "none" or a path; None -> per mode
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "test"  # "test" (quick check) or "train"
+    model_size: Optional[str] = None  # None -> per device (tiny on CPU, 0.6b on GPU)
+    max_steps: Optional[int] = None  # None -> 10 in test mode, epochs in train mode
+    num_epochs: float = 1.0
+    batch_size: int = 4  # micro-batch per process
+    grad_accum: Optional[int] = None
+    global_batch_size: Optional[int] = None  # sequences per optimizer step
+    max_seq_length: Optional[int] = None  # None -> 2048 on GPU, 128 on CPU
+    precision: Optional[str] = None  # None -> bf16 on GPU, fp32 on CPU
+    compile: Optional[bool] = None  # None -> on for GPU, off on CPU
+    attn: str = "auto"
+    activation_checkpointing: bool = False
+    seed: int = 42
+    eval_steps: Optional[int] = None  # None -> 250 (train), end only (test)
+    eval_batches: int = 20
+    log_steps: Optional[int] = None  # None -> 1 (test), 10 (train)
+    max_bad_steps: int = 5
+    deepspeed: Optional[str] = None  # path to a ds_config.json, "" = shipped default
+    logs_dir: Optional[str] = None  # None -> <root>/logs
+    verbose: bool = False
+    debug_nan_steps: tuple[int, ...] = ()  # test hook: force a NaN loss at these steps
+
+
+@dataclass
+class RunConfig:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    # Paths, resolved against the repository root when relative.
+    @property
+    def output_dir(self) -> Path:
+        return _resolve(self.ckpt.output_dir, "outputs")
+
+    @property
+    def logs_dir(self) -> Path:
+        return _resolve(self.train.logs_dir, "logs")
+
+    @property
+    def dataset_path(self) -> Path:
+        return _resolve(self.data.dataset_path, "datasets")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        def build(klass, values):
+            names = {f.name for f in dataclasses.fields(klass)}
+            kept = {k: v for k, v in (values or {}).items() if k in names}
+            if "debug_nan_steps" in kept:
+                kept["debug_nan_steps"] = tuple(kept["debug_nan_steps"])
+            return klass(**kept)
+
+        return cls(
+            train=build(TrainConfig, d.get("train")),
+            data=build(DataConfig, d.get("data")),
+            optim=build(OptimConfig, d.get("optim")),
+            ckpt=build(CheckpointConfig, d.get("ckpt")),
+        )
+
+
+def _resolve(value: Optional[str], default_name: str) -> Path:
+    path = Path(value).expanduser() if value else Path(default_name)
+    if not path.is_absolute():
+        # Explicit relative paths follow the user's shell; defaults follow the repo.
+        path = (Path.cwd() / path) if value else (repo_root() / path)
+    return path.resolve()
+
+
+# ---------------------------------------------------------------- device defaults
+
+
+def apply_device_defaults(cfg: RunConfig, has_cuda: bool) -> list[str]:
+    """Fill options left unset with what suits the device; return notes to print.
+
+    Explicit options always win. On CPU the defaults shrink the test run so that
+    two gloo processes finish in seconds rather than hours.
+    """
+    t, notes = cfg.train, []
+    if t.model_size is None:
+        t.model_size = "0.6b" if has_cuda else CPU_TEST_MODEL
+        if not has_cuda:
+            notes.append(f"no GPU: using the '{CPU_TEST_MODEL}' model preset on CPU")
+    if t.max_seq_length is None:
+        t.max_seq_length = 2048 if has_cuda else CPU_TEST_SEQ_LEN
+    if t.precision is None:
+        t.precision = "bf16" if has_cuda else "fp32"
+    if t.compile is None:
+        t.compile = has_cuda
+    if not has_cuda and t.precision == "fp16":
+        raise ConfigError("--fp16 needs a CUDA GPU (loss scaling is CUDA-only); use --fp32 or bf16 on CPU")
+    if t.max_steps is None and t.mode == "test":
+        t.max_steps = 10
+    if t.log_steps is None:
+        t.log_steps = 1 if t.mode == "test" else 10
+    if t.eval_steps is None:
+        t.eval_steps = 0 if t.mode == "test" else 250
+    if cfg.ckpt.resume is None:
+        cfg.ckpt.resume = "auto" if t.mode == "train" else "none"
+    return notes
+
+
+# ---------------------------------------------------------------- derived numbers
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    micro_batch: int
+    seq_len: int
+    world_size: int
+    grad_accum: int
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.micro_batch * self.world_size * self.grad_accum
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.sequences_per_step * self.seq_len
+
+    def describe(self) -> str:
+        return (
+            f"{self.micro_batch} seq x {self.seq_len} tokens x {self.world_size} proc x "
+            f"{self.grad_accum} accum = {self.tokens_per_step:,} tokens per optimizer step"
+        )
+
+
+def derive_batch_plan(cfg: RunConfig, world_size: int) -> BatchPlan:
+    """Accumulation steps and tokens per step, validated once for this world size."""
+    t = cfg.train
+    per_pass = t.batch_size * world_size
+    if t.global_batch_size is not None:
+        if t.global_batch_size % per_pass:
+            raise ConfigError(
+                f"--global-batch-size {t.global_batch_size} is not a multiple of "
+                f"--batch-size {t.batch_size} x {world_size} processes = {per_pass}; "
+                f"use a multiple of {per_pass}"
+            )
+        accum = t.global_batch_size // per_pass
+        if t.grad_accum is not None and t.grad_accum != accum:
+            raise ConfigError(
+                f"--grad-accum {t.grad_accum} disagrees with --global-batch-size "
+                f"{t.global_batch_size} (which needs {accum} at {world_size} processes); give only one"
+            )
+    else:
+        accum = t.grad_accum or 1
+    return BatchPlan(t.batch_size, int(t.max_seq_length or CPU_TEST_SEQ_LEN), world_size, accum)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    t, o, c, d = cfg.train, cfg.optim, cfg.ckpt, cfg.data
+    if t.mode not in ("test", "train"):
+        raise ConfigError(f"mode must be 'test' or 'train', got {t.mode!r}")
+    if t.model_size is not None and t.model_size not in MODEL_SIZES:
+        raise ConfigError(f"--model-size {t.model_size!r} is unknown; choose one of {', '.join(MODEL_SIZES)}")
+    if t.attn not in ATTN_BACKENDS:
+        raise ConfigError(f"--attn {t.attn!r} is unknown; choose one of {', '.join(ATTN_BACKENDS)}")
+    if t.precision is not None and t.precision not in PRECISIONS:
+        raise ConfigError(f"precision {t.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
+    _positive("--batch-size", t.batch_size)
+    _positive("--max-steps", t.max_steps)
+    _positive("--grad-accum", t.grad_accum)
+    _positive("--global-batch-size", t.global_batch_size)
+    _positive("--max-seq-length", t.max_seq_length)
+    _positive("--eval-batches", t.eval_batches)
+    _positive("--max-bad-steps", t.max_bad_steps)
+    _positive("--save-steps", c.save_steps)
+    _positive("--save-total-limit", c.save_total_limit)
+    _positive("--vocab-size", d.vocab_size)
+    _positive("--num-epochs", t.num_epochs)
+    _positive("--learning-rate", o.learning_rate)
+    _non_negative("--eval-steps", t.eval_steps)
+    _non_negative("--log-steps", t.log_steps)
+    _non_negative("--warmup-steps", o.warmup_steps)
+    _non_negative("--weight-decay", o.weight_decay)
+    _non_negative("--grad-clip", o.grad_clip)
+    _non_negative("--num-proc", d.num_proc)
+    if t.max_seq_length is not None and t.max_seq_length < 8:
+        raise ConfigError(f"--max-seq-length {t.max_seq_length} is too short; use at least 8")
+    if d.vocab_size < 300:
+        # Byte fallback alone needs 256 pieces plus the special tokens.
+        raise ConfigError(f"--vocab-size {d.vocab_size} is too small; use at least 300 (byte fallback needs 259)")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"--min-lr-ratio {o.min_lr_ratio} must lie in [0, 1]")
+    if not 0.0 < o.beta1 < 1.0 or not 0.0 < o.beta2 < 1.0:
+        raise ConfigError("--beta1/--beta2 must lie strictly between 0 and 1")
+    if not 0.0 <= d.val_fraction < 0.5:
+        raise ConfigError(f"--val-fraction {d.val_fraction} must lie in [0, 0.5)")
+    if c.resume is not None and c.resume not in ("auto", "none") and not c.resume.strip():
+        raise ConfigError("--resume needs 'auto', 'none' or a checkpoint path")
+    return cfg
+
+
+def _positive(name: str, value) -> None:
+    if value is not None and not value > 0:
+        raise ConfigError(f"{name} must be a positive number, got {value}")
+
+
+def _non_negative(name: str, value) -> None:
+    if value is not None and value < 0:
+        raise ConfigError(f"{name} must be zero or positive, got {value}")
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ConfigError instead of printing usage and exiting."""
+
+    def error(self, message: str):  # noqa: D401 - argparse hook
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="train_h100_dual.py",
+        description="Pretrain a Korean/English sLLM (run under torchrun; see README.md).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--test", dest="mode", action="store_const", const="test", help="quick check: 10 steps (default)")
+    mode.add_argument("--train", dest="mode", action="store_const", const="train", help="full training run")
+    p.set_defaults(mode="test")
+
+    g = p.add_argument_group("model and steps")
+    g.add_argument("--model-size", choices=MODEL_SIZES, help="model preset (default: 0.6b on GPU, tiny on CPU)")
+    g.add_argument("--max-steps", type=int, help="optimizer steps (default: 10 in test mode, --num-epochs in train mode)")
+    g.add_argument("--num-epochs", type=float, default=1.0, help="passes over the data when --max-steps is unset")
+    g.add_argument("--attn", default="auto", choices=ATTN_BACKENDS, help="attention backend")
+    g.add_argument("--activation-checkpointing", action="store_true", help="recompute activations to save memory")
+    g.add_argument("--seed", type=int, default=42)
+
+    g = p.add_argument_group("data and paths")
+    g.add_argument("--dataset-path", help=f"JSONL/txt file or folder (default: datasets/, reading {DEFAULT_DATA_FILE})")
+    g.add_argument("--tokenizer-path", help="SentencePiece tokenizer folder (default: trained next to the data)")
+    g.add_argument("--vocab-size", type=int, default=32000, help="vocabulary size when a tokenizer is trained")
+    g.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out per language")
+    g.add_argument("--num-proc", type=int, default=0, help="tokenization processes (0 = all cores)")
+    g.add_argument("--strict", action="store_true", help="stop at the first malformed data line")
+    g.add_argument("--output-dir", help="checkpoints (default: outputs/)")
+    g.add_argument("--logs-dir", help="log files (default: logs/)")
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("--batch-size", type=int, default=4, help="micro-batch per GPU/process, in sequences")
+    g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--global-batch-size", type=int, help="sequences per optimizer step; derives --grad-accum")
+    g.add_argument("--max-seq-length", type=int, help="tokens per sequence (default: 2048 on GPU, 128 on CPU)")
+    g.add_argument("--learning-rate", type=float, default=1e-4)
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a share of the peak (cosine)")
+    g.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default: 1%% of steps)")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--beta1", type=float, default=0.9)
+    g.add_argument("--beta2", type=float, default=0.95)
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
+
+    g = p.add_argument_group("precision and speed")
+    prec = g.add_mutually_exclusive_group()
+    prec.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="bf16 autocast (GPU default)")
+    prec.add_argument("--fp16", dest="precision", action="store_const", const="fp16", help="fp16 autocast with loss scaling")
+    prec.add_argument("--fp32", dest="precision", action="store_const", const="fp32", help="full fp32 (CPU default)")
+    comp = g.add_mutually_exclusive_group()
+    comp.add_argument("--compile", dest="compile", action="store_const", const=True, help="torch.compile (GPU default)")
+    comp.add_argument("--no-compile", dest="compile", action="store_const", const=False, help="disable torch.compile")
+    g.add_argument("--deepspeed", nargs="?", const="", default=None, metavar="CONFIG",
+                   help="DeepSpeed ZeRO backend; optional ds_config.json (default: the shipped one)")
+
+    g = p.add_argument_group("checkpoints, evaluation, logging")
+    g.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps")
+    g.add_argument("--save-total-limit", type=int, default=3, help="keep the newest N checkpoints")
+    g.add_argument("--no-save-initial", dest="save_initial", action="store_false", help="skip outputs/initial_model")
+    g.add_argument("--resume", help="'auto' (train default), 'none' (test default) or a checkpoint path")
+    g.add_argument("--eval-steps", type=int, help="validate every N steps (default: 250; test mode: at the end)")
+    g.add_argument("--eval-batches", type=int, default=20, help="validation batches per language")
+    g.add_argument("--log-steps", type=int, help="log every N steps (default: 1 in test mode, 10 in train mode)")
+    g.add_argument("--max-bad-steps", type=int, default=5, help="stop after N consecutive non-finite steps")
+    g.add_argument("--verbose", action="store_true", help="debug-level console output")
+    g.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
+    g.add_argument("--debug-nan-steps", type=_int_list, default=(), help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[RunConfig, argparse.Namespace]:
+    """Parse CLI options into a validated RunConfig (device defaults not yet applied)."""
+    ns = build_parser().parse_args(argv)
+    cfg = RunConfig(
+        train=TrainConfig(
+            mode=ns.mode, model_size=ns.model_size, max_steps=ns.max_steps, num_epochs=ns.num_epochs,
+            batch_size=ns.batch_size, grad_accum=ns.grad_accum, global_batch_size=ns.global_batch_size,
+            max_seq_length=ns.max_seq_length, precision=ns.precision, compile=ns.compile, attn=ns.attn,
+            activation_checkpointing=ns.activation_checkpointing, seed=ns.seed, eval_steps=ns.eval_steps,
+            eval_batches=ns.eval_batches, log_steps=ns.log_steps, max_bad_steps=ns.max_bad_steps,
+            deepspeed=ns.deepspeed, logs_dir=ns.logs_dir, verbose=ns.verbose,
+            debug_nan_steps=tuple(ns.debug_nan_steps),
+        ),
+        data=DataConfig(
+            dataset_path=ns.dataset_path, tokenizer_path=ns.tokenizer_path, vocab_size=ns.vocab_size,
+            val_fraction=ns.val_fraction, num_proc=ns.num_proc, strict=ns.strict,
+        ),
+        optim=OptimConfig(
+            learning_rate=ns.learning_rate, min_lr_ratio=ns.min_lr_ratio, warmup_steps=ns.warmup_steps,
+            weight_decay=ns.weight_decay, beta1=ns.beta1, beta2=ns.beta2, grad_clip=ns.grad_clip,
+        ),
+        ckpt=CheckpointConfig(
+            output_dir=ns.output_dir, save_steps=ns.save_steps, save_total_limit=ns.save_total_limit,
+            save_initial=ns.save_initial, resume=ns.resume,
+        ),
+    )
+    return validate(cfg), ns
