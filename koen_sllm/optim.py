@@ -1,0 +1,86 @@
+"""AdamW with decoupled weight-decay groups, the warm-up + cosine schedule, RNG capture.
+
+Weight decay applies to matrices of linear layers only: norms, biases and the
+embedding table are left undecayed (decaying embeddings of rare Korean
+syllables shrinks them towards zero between the few steps that see them).
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import OptimConfig
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))  # tied weights appear twice
+        is_embedding = "embed" in name or "wte" in name
+        (decay if p.ndim >= 2 and not is_embedding else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    kwargs: dict[str, Any] = dict(lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if device.type == "cuda":
+        kwargs["fused"] = True  # one kernel for all parameters instead of a loop
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **kwargs)
+
+
+def default_warmup(max_steps: int) -> int:
+    return max(1, min(2000, max_steps // 100))
+
+
+def lr_factor(step: int, max_steps: int, warmup: int, min_ratio: float) -> float:
+    """Multiplier on the peak lr for optimizer step `step` (0-based): linear warm-up, cosine decay."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if max_steps <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(max_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, max_steps, warmup, cfg.min_lr_ratio)
+    )
+
+
+# ---------------------------------------------------------------- RNG state
+# Stored with plain tensors, ints and lists only, so that the trainer state
+# loads with torch.load(weights_only=True).
+
+
+def capture_rng() -> dict[str, Any]:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npv = state["numpy"]
+    np.random.set_state((npv[0], npv[1].numpy().astype(np.uint32), *npv[2:]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -1,0 +1,145 @@
+"""What the trainer saves and restores, and the rank choreography around checkpoint.py.
+
+checkpoint.py knows how to store a directory atomically; this module knows what
+a training run must put in it (weights, optimizer, schedule, per-rank RNG,
+data position, metadata) and makes every rank agree on the outcome, so a
+failed save on rank 0 never leaves the other ranks waiting at a collective.
+"""
+from __future__ import annotations
+
+import dataclasses
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+from . import __version__
+from . import distributed as D
+from .checkpoint import (CheckpointError, load_model_state, load_trainer_state, resolve_resume,
+                         save_checkpoint)
+from .logs import get_logger
+from .optim import capture_rng, restore_rng
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import RunConfig
+    from .trainer import Trainer
+
+
+class RunSetupError(RuntimeError):
+    """A failure every rank reports the same way: one line, no traceback."""
+
+
+def _agree(result: Any) -> Any:
+    """Broadcast rank 0's result (or its error) and raise the error on every rank."""
+    result = D.broadcast_object(result)
+    if isinstance(result, RunSetupError):
+        raise result
+    return result
+
+
+def resolve_resume_on_main(cfg: "RunConfig", info: D.DistInfo) -> Optional[Path]:
+    result: Any = None
+    if info.is_main:
+        try:
+            result = resolve_resume(cfg.ckpt.resume or "none", cfg.output_dir,
+                                    log=lambda msg: get_logger().warning("%s", msg))
+        except CheckpointError as exc:
+            result = RunSetupError(str(exc))
+    return _agree(result)
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "koen_sllm": __version__}
+    for name in ("transformers", "sentencepiece", "safetensors", "numpy", "deepspeed"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception:
+            pass
+    if torch.cuda.is_available():
+        versions["cuda"] = str(torch.version.cuda)
+    return versions
+
+
+def git_commit() -> Optional[str]:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except Exception:
+        return None
+
+
+def save_run_checkpoint(tr: "Trainer", name: str, *, update_latest: bool = True, with_state: bool = True,
+                        last_loss: Optional[float] = None) -> Path:
+    """Called by every rank; rank 0 writes. Returns the checkpoint path on every rank."""
+    rank_states = D.gather_objects({"rng": capture_rng()}) if with_state else None
+    result: Any = None
+    if tr.info.is_main:
+        t0 = time.time()
+        info = {
+            "step": tr.step, "tokens_seen": tr.tokens_seen, "train_loss": last_loss,
+            "val": dict(tr.last_val), "lr": tr.scheduler.get_last_lr()[0] if tr.step else 0.0,
+            "elapsed_s": round(tr.elapsed_before + (time.time() - getattr(tr, "_start_time", time.time())), 1),
+            "world_size": tr.info.world_size, "batch_plan": {
+                "micro_batch": tr.plan.micro_batch, "seq_len": tr.plan.seq_len,
+                "world_size": tr.plan.world_size, "grad_accum": tr.plan.grad_accum,
+                "tokens_per_step": tr.plan.tokens_per_step},
+            "max_steps": tr.max_steps, "model": dataclasses.asdict(tr.model_cfg),
+            "num_params": tr.raw_model.num_params(), "config": tr.cfg.to_dict(),
+            "data": {k: tr.data.meta.get(k) for k in ("input_hash", "tokenizer_hash") if k in tr.data.meta},
+            "used_dummy_data": bool(tr.data.used_dummy), "versions": library_versions(), "git_commit": git_commit(),
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        state = None
+        if with_state:
+            state = {
+                "optimizer": tr.optimizer.state_dict(), "scheduler": tr.scheduler.state_dict(),
+                "step": tr.step, "tokens_seen": tr.tokens_seen, "elapsed_s": info["elapsed_s"],
+                "loader": tr.loader.state_dict(), "rng_per_rank": [s["rng"] for s in rank_states],
+                "sequences_per_step": tr.plan.sequences_per_step, "seq_len": tr.plan.seq_len,
+                "world_size": tr.info.world_size,
+            }
+            if tr.scaler is not None:
+                state["scaler"] = tr.scaler.state_dict()
+        try:
+            hf = tr.raw_model.hf_config(tr.tokenizer.bos_id, tr.tokenizer.eos_id, tr.tokenizer.pad_id)
+            result = save_checkpoint(
+                tr.cfg.output_dir, name, model_state=tr.raw_model.hf_state_dict(), hf_config=hf,
+                tokenizer_dir=tr.data.tokenizer_dir, training_info=info, trainer_state=state,
+                update_latest=update_latest, keep_last=tr.cfg.ckpt.save_total_limit,
+            )
+            tr.log.info("checkpoint saved / 체크포인트 저장: %s (%.1fs)", result, time.time() - t0)
+        except CheckpointError as exc:
+            result = RunSetupError(str(exc))
+    return _agree(result)
+
+
+def load_resume_state(tr: "Trainer", path: Path) -> dict[str, Any]:
+    """Restore weights, optimizer, schedule, RNG and data position from `path` on every rank."""
+    state = load_trainer_state(path)
+    saved_seqs, now_seqs = state.get("sequences_per_step"), tr.plan.sequences_per_step
+    if saved_seqs != now_seqs or state.get("seq_len") != tr.plan.seq_len:
+        raise RunSetupError(
+            f"{path} was trained with {saved_seqs} sequences x {state.get('seq_len')} tokens per step; "
+            f"this run has {now_seqs} x {tr.plan.seq_len} ({tr.plan.describe()}); resuming would change "
+            f"the data order: keep the global batch, e.g. --global-batch-size {saved_seqs} "
+            f"--max-seq-length {state.get('seq_len')}")
+    tr.raw_model.load_hf_state_dict(load_model_state(path))
+    tr.optimizer.load_state_dict(state["optimizer"])
+    tr.scheduler.load_state_dict(state["scheduler"])
+    if tr.scaler is not None and "scaler" in state:
+        tr.scaler.load_state_dict(state["scaler"])
+    tr.loader.load_state_dict(state["loader"])
+    tr.step, tr.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+    tr.elapsed_before = float(state.get("elapsed_s", 0.0))
+    rng = state.get("rng_per_rank") or []
+    if tr.info.rank < len(rng):
+        restore_rng(rng[tr.info.rank])
+    if state.get("world_size") != tr.info.world_size:
+        tr.log.warning("resuming %d-process state with %d processes: same global batch, data continues at the "
+                       "same token position", state.get("world_size"), tr.info.world_size)
+    tr.last_checkpoint = path
+    return state

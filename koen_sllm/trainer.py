@@ -1,0 +1,306 @@
+"""The training loop: build, step (accumulation, clipping, AdamW), validate, log, save, stop.
+
+It receives a validated RunConfig and a DistInfo; it parses no CLI. Every
+collective below is reached by all ranks in the same order.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from . import distributed as D
+from .checkpoint import CheckpointError, check_output_dir, estimate_checkpoint_bytes
+from .config import RunConfig, derive_batch_plan
+from .data.loader import TokenLoader, iter_eval_batches
+from .logs import get_logger, progress_bar
+from .metrics import MetricsSink, Throughput, format_progress, mfu, peak_flops, peak_memory_gib
+from .model import KoEnLM, model_config_from_preset
+from .optim import build_optimizer, build_scheduler
+from .prepare import ensure_training_data
+from .run_state import RunSetupError, load_resume_state, resolve_resume_on_main, save_run_checkpoint
+from .tokenizer import KoEnTokenizer
+
+VOCAB_MULTIPLE = 64  # embedding rows padded so matmuls tile evenly on tensor cores
+
+
+class StopRequest:
+    """SIGTERM/SIGINT: the first asks for a save at the next step boundary, a second exits now.
+
+    torchrun forwards the terminal's Ctrl-C to workers that already got it, so a
+    repeat within a second counts as the same request.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.first_at = 0.0
+        self.signame = ""
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        now = time.monotonic()
+        if self.requested and now - self.first_at > 1.0:
+            get_logger().warning("second %s: exiting now without saving", signal.Signals(signum).name)
+            raise SystemExit(128 + signum)
+        if not self.requested:
+            self.requested, self.first_at = True, now
+            self.signame = signal.Signals(signum).name
+            get_logger().warning(
+                "%s received: saving a checkpoint at the next step boundary, then stopping "
+                "(send it again to exit at once) / 다음 스텝에서 체크포인트 저장 후 종료합니다", self.signame
+            )
+
+
+@dataclass
+class Summary:
+    steps: int = 0
+    final_loss: float = float("nan")
+    bad_steps: int = 0
+    stopped_by_signal: bool = False
+    last_checkpoint: Optional[Path] = None
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, info: D.DistInfo):
+        self.cfg, self.info, self.log = cfg, info, get_logger()
+        self.t, self.device = cfg.train, info.device
+        self.stop = StopRequest()
+
+    # ------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg, info, log = self.cfg, self.info, self.log
+        self.plan = derive_batch_plan(cfg, info.world_size)
+        self.data = self._prepare_data()
+        self.tokenizer = KoEnTokenizer.load(self.data.tokenizer_dir)
+        vocab = math.ceil(self.tokenizer.vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        torch.manual_seed(self.t.seed)  # identical initial weights on every rank
+        mcfg = model_config_from_preset(self.t.model_size, vocab, self.plan.seq_len, attn_backend=self.t.attn)
+        model = KoEnLM(mcfg).to(self.device)
+        if self.t.activation_checkpointing:
+            model.set_activation_checkpointing(True)
+        self.model_cfg, self.raw_model = mcfg, model
+        self.flops_per_token = model.flops_per_token(self.plan.seq_len)
+        n_params = model.num_params()
+
+        if info.is_main:
+            check_output_dir(cfg.output_dir, 2 * estimate_checkpoint_bytes(n_params))
+        D.barrier()
+
+        self.loader = TokenLoader(self.data.train_file, self.plan.seq_len, self.plan.micro_batch,
+                                  info.rank, info.world_size, self.t.seed)
+        self.max_steps = self.t.max_steps or max(
+            1, math.ceil(self.t.num_epochs * self.loader.num_samples / self.plan.sequences_per_step))
+        self.optimizer = build_optimizer(model, cfg.optim, self.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.max_steps)
+        self.scaler = torch.amp.GradScaler("cuda") if self.t.precision == "fp16" else None
+        self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
+        self.last_val: dict[str, float] = {}
+
+        resume_dir = resolve_resume_on_main(cfg, info)
+        if resume_dir is not None:
+            st = load_resume_state(self, resume_dir)
+            log.info("resumed from %s at step %d (%s tokens seen)", resume_dir, st["step"], f"{st['tokens_seen']:,}")
+        elif cfg.ckpt.save_initial:
+            self.last_checkpoint = save_run_checkpoint(self, "initial_model", update_latest=False, with_state=False)
+
+        self.compiled = torch.compile(model) if self.t.compile else model
+        self.model = D.wrap_model(self.compiled, info)
+        self.autocast = self._autocast()
+        self.peak = peak_flops(torch.cuda.get_device_name(self.device), self.t.precision) \
+            if self.device.type == "cuda" else None
+        log.info("model: %s preset, %s parameters, vocab %d (tokenizer %d), %.2f GFLOPs/token",
+                 self.t.model_size, f"{n_params:,}", vocab, self.tokenizer.vocab_size, self.flops_per_token / 1e9)
+        log.info("batch: %s", self.plan.describe())
+        log.info("steps: %d (%.3f epochs of %s training sequences); precision %s; compile %s; attention %s",
+                 self.max_steps, self.max_steps * self.plan.sequences_per_step / max(1, self.loader.num_samples),
+                 f"{self.loader.num_samples:,}", self.t.precision, self.t.compile, self.t.attn)
+
+    def _prepare_data(self):
+        """Rank 0 prepares (or finds cached) data; the others wait and receive the result."""
+        cfg, info = self.cfg, self.info
+        result: Any = None
+        if info.is_main:
+            try:
+                result = ensure_training_data(
+                    cfg.dataset_path, mode=self.t.mode, vocab_size=cfg.data.vocab_size,
+                    val_fraction=cfg.data.val_fraction, num_proc=cfg.data.num_proc, strict=cfg.data.strict,
+                    tokenizer_path=Path(cfg.data.tokenizer_path) if cfg.data.tokenizer_path else None,
+                    log=self.log.info,
+                )
+            except Exception as exc:  # every rank must learn of it, or they hang at the broadcast
+                result = RunSetupError(f"{type(exc).__name__}: {exc}")
+        result = D.broadcast_object(result)
+        if isinstance(result, RunSetupError):
+            raise result
+        return result
+
+    def _autocast(self):
+        if self.t.precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.t.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    # ------------------------------------------------------------ one optimizer step
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Returns (mean loss over ranks, grad norm, step applied) after one optimizer step."""
+        accum = self.plan.grad_accum
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            x, y = self.loader.next_batch()
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            with D.grad_sync(self.model, micro == accum - 1):
+                with self.autocast:
+                    loss = self.model(x, y)
+                if (self.step + 1) in self.t.debug_nan_steps:
+                    loss = loss * float("nan")
+                scaled = loss / accum  # gradients average over the whole step, not each micro-batch
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss_sum += loss.detach().float()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
+        # One small all-reduce carries the loss, the "bad step" vote and the stop vote,
+        # so every rank takes the same decision without extra round trips.
+        grad_bad = (~torch.isfinite(grad_norm)) if self.scaler is None else torch.zeros((), dtype=torch.bool, device=self.device)
+        bad = (~torch.isfinite(loss_sum)) | grad_bad
+        votes = torch.stack([loss_sum / accum, bad.float(), torch.tensor(float(self.stop.requested), device=self.device)])
+        votes = D.all_reduce_sum(votes).tolist()
+        mean_loss, any_bad, any_stop = votes[0] / self.info.world_size, votes[1] > 0, votes[2] > 0
+        if any_stop:
+            self.stop.requested = True
+        if any_bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler:
+                self.scaler.update()
+            return torch.tensor(mean_loss), grad_norm, False
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return torch.tensor(mean_loss), grad_norm, True
+
+    # ------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        self.model.eval()
+        out: dict[str, float] = {}
+        totals = [0.0, 0.0]
+        for lang, path in sorted(self.data.val_files.items()):
+            acc = torch.zeros(2, device=self.device, dtype=torch.float64)
+            for x, y in iter_eval_batches(path, self.plan.seq_len, self.plan.micro_batch, self.info.rank,
+                                          self.info.world_size, self.t.eval_batches):
+                with self.autocast:
+                    loss = self.raw_model(x.to(self.device), y.to(self.device))
+                acc += torch.stack([loss.double() * y.numel(), torch.tensor(float(y.numel()), device=self.device,
+                                                                            dtype=torch.float64)])
+            acc = D.all_reduce_sum(acc)
+            if acc[1] <= 0:
+                continue
+            loss_v = (acc[0] / acc[1]).item()
+            split = self.data.meta.get("splits", {}).get(f"val_{lang}", {})
+            out[f"val_loss_{lang}"] = loss_v
+            if split.get("bytes") and split.get("tokens"):
+                # bits per byte: comparable across tokenizers (nats/token -> bits/byte)
+                out[f"val_bpb_{lang}"] = loss_v / math.log(2) * split["tokens"] / split["bytes"]
+            totals[0] += acc[0].item()
+            totals[1] += acc[1].item()
+        if totals[1]:
+            out["val_loss"] = totals[0] / totals[1]
+        self.model.train()
+        return out
+
+    # ------------------------------------------------------------ the loop
+    def train(self) -> Summary:
+        cfg, t, info, log = self.cfg, self.t, self.info, self.log
+        summary = Summary(last_checkpoint=getattr(self, "last_checkpoint", None))
+        sink = MetricsSink(cfg.logs_dir / "metrics.jsonl", cfg.logs_dir / "tensorboard") if info.is_main else None
+        meter = Throughput(warmup_steps=2 if t.compile else 1)
+        bar = progress_bar(self.max_steps, self.step, info.is_main)
+        self.stop.install()
+        self.model.train()
+        start, consecutive_bad, last_loss = time.time(), 0, float("nan")
+        self._start_time = start
+        log.info("training starts / 학습 시작: step %d -> %d", self.step, self.max_steps)
+        while self.step < self.max_steps and not self.stop.requested:
+            t0 = time.perf_counter()
+            loss, grad_norm, applied = self.train_step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            dt = time.perf_counter() - t0
+            if not applied:
+                consecutive_bad += 1
+                summary.bad_steps += 1
+                log.warning("non-finite loss or gradient at step %d: update skipped (%d in a row, limit %d)",
+                            self.step + 1, consecutive_bad, t.max_bad_steps)
+                if consecutive_bad >= t.max_bad_steps:
+                    raise RunSetupError(
+                        f"stopped after {consecutive_bad} consecutive non-finite steps at step {self.step + 1}; "
+                        f"the last good checkpoint is intact ({summary.last_checkpoint or 'none saved yet'}); "
+                        f"lower --learning-rate or check the data, then resume with --resume auto")
+                continue
+            consecutive_bad = 0
+            self.step += 1
+            self.tokens_seen += self.plan.tokens_per_step
+            last_loss = loss.item()
+            meter.update(self.plan.tokens_per_step, dt)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{last_loss:.4f}")
+            if t.log_steps and (self.step % t.log_steps == 0 or self.step == self.max_steps):
+                self._log_step(sink, meter, last_loss, grad_norm, start)
+            if t.eval_steps and self.step % t.eval_steps == 0 and self.step < self.max_steps:
+                self._eval_and_log(sink)
+            if self.step % cfg.ckpt.save_steps == 0 and self.step < self.max_steps:
+                summary.last_checkpoint = save_run_checkpoint(self, f"checkpoint-{self.step}", last_loss=last_loss)
+        if bar is not None:
+            bar.close()
+        summary.stopped_by_signal = self.stop.requested
+        if self.data.val_files and (t.eval_steps == 0 or self.step % max(1, t.eval_steps) or self.step == self.max_steps):
+            self._eval_and_log(sink)
+        if self.step > 0 and (summary.last_checkpoint is None or summary.last_checkpoint.name != f"checkpoint-{self.step}"):
+            summary.last_checkpoint = save_run_checkpoint(self, f"checkpoint-{self.step}", last_loss=last_loss)
+        self.elapsed_before += time.time() - start
+        summary.steps, summary.final_loss = self.step, last_loss
+        if sink:
+            sink.close()
+        return summary
+
+    def _log_step(self, sink, meter: Throughput, loss: float, grad_norm: torch.Tensor, start: float) -> None:
+        rate = meter.window_rate()
+        per_gpu = rate / self.info.world_size if rate else None
+        step_time = meter.mean_step_time() or (time.time() - start) / max(1, self.step)
+        rec = {
+            "type": "train", "step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm), "tokens_per_s": rate, "tokens_per_s_per_gpu": per_gpu,
+            "mfu": mfu(per_gpu or 0.0, self.flops_per_token, self.peak),
+            "mem_gib": peak_memory_gib(self.device), "tokens_seen": self.tokens_seen,
+            "elapsed_s": self.elapsed_before + time.time() - start,
+            "eta_s": step_time * (self.max_steps - self.step), "epoch": self.loader.epoch,
+        }
+        self.log.info(format_progress(rec, self.max_steps))
+        if sink:
+            sink.write(rec)
+
+    def _eval_and_log(self, sink) -> None:
+        res = self.validate()
+        if not res:
+            return
+        self.last_val = res
+        parts = [f"{k} {v:.4f}" for k, v in sorted(res.items())]
+        self.log.info("validation at step %d | %s", self.step, " | ".join(parts))
+        if sink:
+            sink.write({"type": "eval", "step": self.step, **res})
