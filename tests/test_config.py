@@ -1,0 +1,87 @@
+"""Config parsing, device defaults, derived batch numbers and option errors."""
+import json
+
+import pytest
+
+from koen_sllm.config import (ConfigError, RunConfig, apply_device_defaults, derive_batch_plan,
+                              parse_args, repo_root)
+
+
+def test_defaults_follow_reference_table():
+    cfg, _ = parse_args([])
+    assert cfg.train.mode == "test"
+    assert cfg.train.batch_size == 4
+    assert cfg.optim.learning_rate == pytest.approx(1e-4)
+    assert cfg.ckpt.save_steps == 500
+    assert cfg.ckpt.save_initial is True
+
+
+def test_cpu_defaults_shrink_the_test_run():
+    cfg, _ = parse_args(["--test"])
+    notes = apply_device_defaults(cfg, has_cuda=False)
+    assert (cfg.train.model_size, cfg.train.max_seq_length, cfg.train.precision) == ("tiny", 128, "fp32")
+    assert cfg.train.compile is False and cfg.train.max_steps == 10 and cfg.ckpt.resume == "none"
+    assert any("tiny" in n for n in notes)
+
+
+def test_gpu_defaults_and_explicit_options_win():
+    cfg, _ = parse_args(["--train", "--model-size", "350m", "--max-seq-length", "1024", "--no-compile"])
+    apply_device_defaults(cfg, has_cuda=True)
+    assert (cfg.train.model_size, cfg.train.max_seq_length) == ("350m", 1024)
+    assert cfg.train.precision == "bf16" and cfg.train.compile is False
+    assert cfg.ckpt.resume == "auto" and cfg.train.max_steps is None
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--batch-size", "0"], "--batch-size must be a positive"),
+    (["--batch-size", "abc"], "invalid int value"),
+    (["--max-steps", "-3"], "--max-steps must be a positive"),
+    (["--learning-rate", "0"], "--learning-rate must be a positive"),
+    (["--fp16", "--fp32"], "not allowed with argument"),
+    (["--test", "--train"], "not allowed with argument"),
+    (["--model-size", "7b"], "invalid choice"),
+    (["--no-such-option"], "unrecognized arguments"),
+    (["--vocab-size", "100"], "too small"),
+    (["--min-lr-ratio", "2"], "must lie in [0, 1]"),
+])
+def test_bad_options_raise_clear_errors(argv, fragment):
+    with pytest.raises(ConfigError) as err:
+        parse_args(argv)
+    assert fragment in str(err.value)
+
+
+def test_fp16_on_cpu_is_refused():
+    cfg, _ = parse_args(["--fp16"])
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        apply_device_defaults(cfg, has_cuda=False)
+
+
+def test_batch_plan_derives_accumulation():
+    cfg, _ = parse_args(["--batch-size", "4", "--global-batch-size", "32", "--max-seq-length", "256"])
+    plan = derive_batch_plan(cfg, world_size=2)
+    assert plan.grad_accum == 4 and plan.tokens_per_step == 32 * 256
+    assert "4 accum" in plan.describe() and "8,192 tokens" in plan.describe()
+
+
+def test_batch_plan_rejects_indivisible_and_conflicting():
+    cfg, _ = parse_args(["--batch-size", "4", "--global-batch-size", "30"])
+    with pytest.raises(ConfigError, match="not a multiple"):
+        derive_batch_plan(cfg, world_size=2)
+    cfg, _ = parse_args(["--batch-size", "4", "--global-batch-size", "32", "--grad-accum", "2"])
+    with pytest.raises(ConfigError, match="disagrees"):
+        derive_batch_plan(cfg, world_size=2)
+
+
+def test_config_round_trips_through_json():
+    cfg, _ = parse_args(["--train", "--batch-size", "8", "--debug-nan-steps", "3,4"])
+    again = RunConfig.from_dict(json.loads(cfg.to_json()))
+    assert again == cfg
+
+
+def test_default_paths_resolve_against_repo_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg, _ = parse_args([])
+    assert cfg.output_dir == repo_root() / "outputs"
+    assert cfg.logs_dir == repo_root() / "logs"
+    cfg, _ = parse_args(["--output-dir", "my out"])
+    assert cfg.output_dir == tmp_path / "my out"
