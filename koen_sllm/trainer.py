@@ -77,52 +77,59 @@ class Trainer:
 
     # ------------------------------------------------------------ setup
     def setup(self) -> None:
+        """Data, model, optimizer, resume or initial save, then compile and wrap."""
         cfg, info, log = self.cfg, self.info, self.log
         self.plan = derive_batch_plan(cfg, info.world_size)
         self.data = self._prepare_data()
         self.tokenizer = KoEnTokenizer.load(self.data.tokenizer_dir)
+        loader = TokenLoader(self.data.train_file, self.plan.seq_len, self.plan.micro_batch,
+                             info.rank, info.world_size, self.t.seed)
         vocab = math.ceil(self.tokenizer.vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-        torch.manual_seed(self.t.seed)  # identical initial weights on every rank
-        mcfg = model_config_from_preset(self.t.model_size, vocab, self.plan.seq_len, attn_backend=self.t.attn)
-        model = KoEnLM(mcfg).to(self.device)
-        if self.t.activation_checkpointing:
-            model.set_activation_checkpointing(True)
-        self.model_cfg, self.raw_model = mcfg, model
-        self.flops_per_token = model.flops_per_token(self.plan.seq_len)
-        n_params = model.num_params()
-
+        self.build(vocab, loader)
         if info.is_main:
-            check_output_dir(cfg.output_dir, 2 * estimate_checkpoint_bytes(n_params))
+            check_output_dir(cfg.output_dir, 2 * estimate_checkpoint_bytes(self.raw_model.num_params()))
         D.barrier()
-
-        self.loader = TokenLoader(self.data.train_file, self.plan.seq_len, self.plan.micro_batch,
-                                  info.rank, info.world_size, self.t.seed)
-        self.max_steps = self.t.max_steps or max(
-            1, math.ceil(self.t.num_epochs * self.loader.num_samples / self.plan.sequences_per_step))
-        self.optimizer = build_optimizer(model, cfg.optim, self.device)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.max_steps)
-        self.scaler = torch.amp.GradScaler("cuda") if self.t.precision == "fp16" else None
-        self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
-        self.last_val: dict[str, float] = {}
-
+        self.last_checkpoint = None
         resume_dir = resolve_resume_on_main(cfg, info)
         if resume_dir is not None:
             st = load_resume_state(self, resume_dir)
             log.info("resumed from %s at step %d (%s tokens seen)", resume_dir, st["step"], f"{st['tokens_seen']:,}")
         elif cfg.ckpt.save_initial:
             self.last_checkpoint = save_run_checkpoint(self, "initial_model", update_latest=False, with_state=False)
-
-        self.compiled = torch.compile(model) if self.t.compile else model
-        self.model = D.wrap_model(self.compiled, info)
-        self.autocast = self._autocast()
-        self.peak = peak_flops(torch.cuda.get_device_name(self.device), self.t.precision) \
-            if self.device.type == "cuda" else None
+        self.finalize()
         log.info("model: %s preset, %s parameters, vocab %d (tokenizer %d), %.2f GFLOPs/token",
-                 self.t.model_size, f"{n_params:,}", vocab, self.tokenizer.vocab_size, self.flops_per_token / 1e9)
+                 self.t.model_size, f"{self.raw_model.num_params():,}", vocab, self.tokenizer.vocab_size,
+                 self.flops_per_token / 1e9)
         log.info("batch: %s", self.plan.describe())
         log.info("steps: %d (%.3f epochs of %s training sequences); precision %s; compile %s; attention %s",
                  self.max_steps, self.max_steps * self.plan.sequences_per_step / max(1, self.loader.num_samples),
                  f"{self.loader.num_samples:,}", self.t.precision, self.t.compile, self.t.attn)
+
+    def build(self, vocab: int, loader) -> None:
+        """Model, optimizer, schedule and loader; also used by the throughput benchmark."""
+        self.plan = getattr(self, "plan", None) or derive_batch_plan(self.cfg, self.info.world_size)
+        torch.manual_seed(self.t.seed)  # identical initial weights on every rank
+        mcfg = model_config_from_preset(self.t.model_size, vocab, self.plan.seq_len, attn_backend=self.t.attn)
+        model = KoEnLM(mcfg).to(self.device)
+        if self.t.activation_checkpointing:
+            model.set_activation_checkpointing(True)
+        self.model_cfg, self.raw_model, self.loader = mcfg, model, loader
+        self.flops_per_token = model.flops_per_token(self.plan.seq_len)
+        self.max_steps = self.t.max_steps or max(
+            1, math.ceil(self.t.num_epochs * loader.num_samples / self.plan.sequences_per_step))
+        self.optimizer = build_optimizer(model, self.cfg.optim, self.device)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.max_steps)
+        self.scaler = torch.amp.GradScaler("cuda") if self.t.precision == "fp16" else None
+        self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
+        self.last_val: dict[str, float] = {}
+
+    def finalize(self) -> None:
+        """Compile and wrap after any weights are loaded; the raw module stays for saving."""
+        self.compiled = torch.compile(self.raw_model) if self.t.compile else self.raw_model
+        self.model = D.wrap_model(self.compiled, self.info)
+        self.autocast = self._autocast()
+        self.peak = peak_flops(torch.cuda.get_device_name(self.device), self.t.precision) \
+            if self.device.type == "cuda" else None
 
     def _prepare_data(self):
         """Rank 0 prepares (or finds cached) data; the others wait and receive the result."""
@@ -269,7 +276,7 @@ class Trainer:
         if bar is not None:
             bar.close()
         summary.stopped_by_signal = self.stop.requested
-        if self.data.val_files and (t.eval_steps == 0 or self.step % max(1, t.eval_steps) or self.step == self.max_steps):
+        if self.data.val_files and not summary.stopped_by_signal:  # a preempted run saves first, evaluates never
             self._eval_and_log(sink)
         if self.step > 0 and (summary.last_checkpoint is None or summary.last_checkpoint.name != f"checkpoint-{self.step}"):
             summary.last_checkpoint = save_run_checkpoint(self, f"checkpoint-{self.step}", last_loss=last_loss)
