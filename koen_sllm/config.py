@@ -99,6 +99,7 @@ class TrainConfig:
     logs_dir: Optional[str] = None  # None -> <root>/logs
     verbose: bool = False
     debug_nan_steps: tuple[int, ...] = ()  # test hook: force a NaN loss at these steps
+    debug_kill_step: Optional[int] = None  # test hook: rank 0 SIGKILLs itself as this step starts
 
 
 @dataclass
@@ -371,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--verbose", action="store_true", help="debug-level console output")
     g.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
     g.add_argument("--debug-nan-steps", type=_int_list, default=(), help=argparse.SUPPRESS)
+    g.add_argument("--debug-kill-step", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -385,7 +387,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[RunConfig, argpars
             activation_checkpointing=ns.activation_checkpointing, seed=ns.seed, eval_steps=ns.eval_steps,
             eval_batches=ns.eval_batches, log_steps=ns.log_steps, max_bad_steps=ns.max_bad_steps,
             deepspeed=ns.deepspeed, logs_dir=ns.logs_dir, verbose=ns.verbose,
-            debug_nan_steps=tuple(ns.debug_nan_steps),
+            debug_nan_steps=tuple(ns.debug_nan_steps), debug_kill_step=ns.debug_kill_step,
         ),
         data=DataConfig(
             dataset_path=ns.dataset_path, tokenizer_path=ns.tokenizer_path, vocab_size=ns.vocab_size,

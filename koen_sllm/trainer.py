@@ -6,6 +6,7 @@ collective below is reached by all ranks in the same order.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from contextlib import nullcontext
@@ -243,6 +244,8 @@ class Trainer:
         self._start_time = start
         log.info("training starts / 학습 시작: step %d -> %d", self.step, self.max_steps)
         while self.step < self.max_steps and not self.stop.requested:
+            if t.debug_kill_step == self.step + 1 and info.is_main:
+                os.kill(os.getpid(), signal.SIGKILL)  # crash-consistency tests: die like a lost node
             t0 = time.perf_counter()
             loss, grad_norm, applied = self.train_step()
             if self.device.type == "cuda":
