@@ -1,0 +1,209 @@
+"""Causal self-attention kernels: PyTorch SDPA with a selectable backend, or flash-attn.
+
+``--attn`` picks the kernel:
+
+- ``auto``: on CUDA, cuDNN attention first, then FlashAttention-2, memory-efficient
+  and math, in that priority (PyTorch falls through to the next one that accepts
+  the inputs); elsewhere PyTorch chooses.
+- ``cudnn`` / ``flash`` / ``efficient``: exactly that PyTorch CUDA kernel, or an error.
+- ``math``: the reference implementation (any device, any dtype; slow).
+- ``flash-attn``: the ``flash-attn`` package (CUDA, bf16/fp16).
+
+Everything in :func:`causal_attention` is traceable by ``torch.compile`` without
+graph breaks: the backend is a Python string fixed per model, ``sdpa_kernel`` is
+understood by dynamo, and the mask is ``is_causal=True`` rather than a tensor.
+
+Availability is checked twice: :func:`check_backend` when the model is built
+(CUDA present, package installed), and :func:`probe_backend` once the model sits
+on its device, running a tiny forward and backward with the real head shapes and
+dtype so that an unsupported combination fails at start-up with a readable
+message instead of inside the first compiled step.
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.torch_version import TorchVersion
+
+from .config import ATTN_BACKENDS
+
+# enable_gqa arrived in torch 2.5, set_priority in sdpa_kernel a release later.
+_HAS_ENABLE_GQA = TorchVersion(torch.__version__) >= (2, 5)
+_HAS_SET_PRIORITY = "set_priority" in inspect.signature(sdpa_kernel).parameters
+_HAS_CUDNN_SDPA = hasattr(SDPBackend, "CUDNN_ATTENTION")
+
+_FIXED_KERNELS = {
+    "flash": [SDPBackend.FLASH_ATTENTION],
+    "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+    "math": [SDPBackend.MATH],
+}
+if _HAS_CUDNN_SDPA:
+    _FIXED_KERNELS["cudnn"] = [SDPBackend.CUDNN_ATTENTION]
+    _AUTO_CUDA = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                  SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+else:
+    _AUTO_CUDA = None
+
+# Kernels that take fewer K/V heads than query heads (enable_gqa) in every torch
+# release that has the flag. cuDNN and memory-efficient gained grouped heads
+# later and unevenly across versions, so they (and auto on CUDA, which may pick
+# cuDNN) get K/V expanded to the full head count instead: always correct, and
+# the copy is small next to the attention itself.
+_NATIVE_GQA = {"flash", "math"}
+
+_CUDA_KERNEL_NAMES = {
+    "cudnn": "cuDNN attention",
+    "flash": "PyTorch's FlashAttention-2 kernel",
+    "efficient": "the memory-efficient attention kernel",
+}
+
+_flash_attn_func = None  # bound on first use by _load_flash_attn()
+
+
+class AttentionBackendError(RuntimeError):
+    """The requested attention backend cannot run here; the message says why and what to use."""
+
+
+def _where() -> str:
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return f"torch {torch.__version__}, device {device}"
+
+
+def flash_attn_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def _load_flash_attn():
+    global _flash_attn_func
+    if _flash_attn_func is None:
+        from flash_attn import flash_attn_func  # optional dependency: pip install -e ".[flash]"
+
+        _flash_attn_func = flash_attn_func
+    return _flash_attn_func
+
+
+def check_backend(name: str) -> None:
+    """Raise :class:`AttentionBackendError` when ``name`` cannot run on this machine at all.
+
+    Cheap and device-independent: it looks for CUDA, cuDNN and the flash-attn
+    package. Shape- and dtype-specific limits are found by :func:`probe_backend`.
+    """
+    if name not in ATTN_BACKENDS:
+        raise AttentionBackendError(f"--attn {name!r} is unknown; choose one of {', '.join(ATTN_BACKENDS)}")
+    if name in ("auto", "math"):
+        return
+    if name == "flash-attn":
+        if not flash_attn_installed():
+            raise AttentionBackendError(
+                f'--attn flash-attn needs the flash-attn package: pip install -e ".[flash]" ({_where()}); '
+                "or use --attn auto"
+            )
+        if not torch.cuda.is_available():
+            raise AttentionBackendError(f"--attn flash-attn needs a CUDA GPU ({_where()}); use --attn auto or math")
+        return
+    if name == "cudnn" and (not _HAS_CUDNN_SDPA or not torch.backends.cudnn.is_available()):
+        raise AttentionBackendError(
+            f"--attn cudnn needs a CUDA GPU with cuDNN attention ({_where()}); use --attn auto"
+        )
+    if not torch.cuda.is_available():
+        raise AttentionBackendError(
+            f"--attn {name} needs a CUDA GPU with {_CUDA_KERNEL_NAMES[name]} ({_where()}); "
+            "on CPU use --attn auto or math"
+        )
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Causal attention over ``q [B, T, H, D]``, ``k, v [B, T, Hkv, D]`` -> ``[B, T, H, D]``.
+
+    ``H`` must be a multiple of ``Hkv`` (grouped-query attention). The softmax
+    scale is ``1/sqrt(D)``, as in Llama and Qwen3.
+    """
+    if backend == "flash-attn":
+        return _load_flash_attn()(q, k, v, causal=True)  # [B, T, H, D] layout and GQA natively
+
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # -> [B, heads, T, D]
+    n_rep = q.shape[1] // k.shape[1]
+    native_gqa = _HAS_ENABLE_GQA and (backend in _NATIVE_GQA or (backend == "auto" and not q.is_cuda))
+    extra = {}
+    if n_rep > 1:
+        if native_gqa:
+            extra["enable_gqa"] = True
+        else:
+            k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+
+    kernels = _kernels_for(backend, q.is_cuda)
+    if kernels is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **extra)
+    elif backend == "auto":
+        with sdpa_kernel(kernels, set_priority=True):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **extra)
+    else:
+        with sdpa_kernel(kernels):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **extra)
+    return out.transpose(1, 2)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """``[B, Hkv, T, D]`` -> ``[B, Hkv * n_rep, T, D]``, each K/V head serving ``n_rep`` query heads."""
+    b, h, t, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
+
+
+def _kernels_for(backend: str, is_cuda: bool) -> Optional[list]:
+    """The sdpa_kernel list for ``backend``, or None to leave the choice to PyTorch."""
+    if backend == "auto":
+        # Without set_priority the list would be an unordered allow-list, which
+        # is what PyTorch does anyway.
+        return _AUTO_CUDA if (is_cuda and _HAS_SET_PRIORITY) else None
+    return _FIXED_KERNELS[backend]
+
+
+def probe_backend(
+    name: str,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+) -> None:
+    """Run one tiny forward + backward through ``name`` with these shapes; raise a clear error if it fails.
+
+    ``dtype`` is what attention will see during training: the autocast dtype
+    (bf16/fp16) or float32 without autocast.
+    """
+    check_backend(name)
+    device = torch.device(device)
+    if name == "flash-attn" and dtype not in (torch.float16, torch.bfloat16):
+        raise AttentionBackendError(
+            f"--attn flash-attn needs bf16 or fp16 (got {_dtype_name(dtype)}); use --bf16, or --attn auto/math"
+        )
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    shapes = ((1, 16, num_heads, head_dim), (1, 16, num_kv_heads, head_dim), (1, 16, num_kv_heads, head_dim))
+    q, k, v = (torch.randn(s, generator=gen).to(device, dtype).requires_grad_() for s in shapes)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            causal_attention(q, k, v, name).float().sum().backward()
+        except (RuntimeError, ValueError, NotImplementedError) as exc:
+            # PyTorch explains each rejected kernel in a warning; the error itself says only "no kernel".
+            reasons = list(dict.fromkeys(_first_line(w.message) for w in caught if _first_line(w.message)))
+            detail = "; ".join(reasons[:4]) or _first_line(exc)
+            raise AttentionBackendError(
+                f"--attn {name} cannot run {num_heads}/{num_kv_heads} heads of dim {head_dim} in "
+                f"{_dtype_name(dtype)} on {device} ({_where()}): {detail}; use --attn auto"
+            ) from exc
+
+
+def _first_line(obj) -> str:
+    lines = str(obj).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")

@@ -1,0 +1,391 @@
+"""Decoder-only Llama / Qwen3-style language model, its presets, FLOPs and HF weight mapping.
+
+RMSNorm, rotary position embeddings (the Hugging Face ``rotate_half`` layout),
+SwiGLU, grouped-query attention, optional tied embeddings and optional per-head
+QK-norm (Qwen3). Parameter names follow ``transformers`` so that
+:meth:`KoEnLM.hf_state_dict` is the identity plus a ``model.`` prefix: every
+checkpoint loads as ``LlamaForCausalLM`` (or ``Qwen3ForCausalLM`` with QK-norm)
+and gives the same logits. The model knows nothing of devices, precision or
+distribution; the trainer owns those.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .attention import causal_attention, check_backend, probe_backend
+from .config import ATTN_BACKENDS, ConfigError
+
+IGNORE_INDEX = -100  # target id that contributes nothing to the loss (the HF convention)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    max_seq_len: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    head_dim: Optional[int] = None  # None -> hidden_size // num_heads
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    init_std: float = 0.02
+    # Runtime choices: they change speed and memory, never the weights or the output.
+    attn_backend: str = "auto"
+    activation_checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
+                                  "set head_dim explicitly")
+            self.head_dim = self.hidden_size // self.num_heads
+        for name in ("vocab_size", "max_seq_len", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                     "intermediate_size", "head_dim"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"model {name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if self.attn_backend not in ATTN_BACKENDS:
+            raise ConfigError(f"--attn {self.attn_backend!r} is unknown; choose one of {', '.join(ATTN_BACKENDS)}")
+
+    @property
+    def hf_architecture(self) -> str:
+        return "Qwen3ForCausalLM" if self.qk_norm else "LlamaForCausalLM"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_hf_config(cls, d: Mapping[str, Any], **overrides) -> "ModelConfig":
+        """Rebuild the config from a ``config.json`` dict written by :meth:`KoEnLM.hf_config`
+        (or any plain Llama / Qwen3 config this model can represent)."""
+        model_type = d.get("model_type")
+        if model_type not in ("llama", "qwen3"):
+            raise ConfigError(f"config.json model_type {model_type!r} is not supported; expected 'llama' or 'qwen3'")
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ConfigError(f"config.json rope type {rope_type!r} is not supported; only plain RoPE ('default')")
+        for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
+                        ("use_sliding_window", False)):
+            if d.get(key, ok) != ok:
+                raise ConfigError(f"config.json {key}={d[key]!r} is not supported (this model uses {ok!r})")
+        heads = int(d["num_attention_heads"])
+        values = dict(
+            vocab_size=int(d["vocab_size"]),
+            max_seq_len=int(d["max_position_embeddings"]),
+            hidden_size=int(d["hidden_size"]),
+            num_layers=int(d["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(d.get("num_key_value_heads") or heads),
+            intermediate_size=int(d["intermediate_size"]),
+            head_dim=int(d.get("head_dim") or d["hidden_size"] // heads),
+            rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qk_norm=model_type == "qwen3",
+            init_std=float(d.get("initializer_range", 0.02)),
+        )
+        values.update(overrides)
+        return cls(**values)
+
+
+# Shapes only; vocab_size and max_seq_len come from the tokenizer and the run.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=192),
+    "125m": dict(hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4, intermediate_size=2048),
+    # The transformers-Trainer throughput peer's shape: 336M parameters at vocab 32000.
+    "350m": dict(hidden_size=1024, num_layers=24, num_heads=16, num_kv_heads=4, intermediate_size=2816),
+    # Qwen3-0.6B's body (the reference model); 473M parameters at vocab 32000 instead of 151936.
+    "0.6b": dict(hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
+                 intermediate_size=3072, qk_norm=True, tie_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6),
+    "1.3b": dict(hidden_size=2048, num_layers=24, num_heads=16, num_kv_heads=8, intermediate_size=5632),
+}
+
+
+def model_config_from_preset(name: str, vocab_size: int, max_seq_len: int, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"--model-size {name!r} is unknown; choose one of {', '.join(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ConfigError(f"unknown model option(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+    values = {**PRESETS[name], **overrides}
+    return ModelConfig(vocab_size=vocab_size, max_seq_len=max_seq_len, **values)
+
+
+# ---------------------------------------------------------------- layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Same order of operations as transformers' LlamaRMSNorm: statistics in
+        # fp32, cast back, then scale (bit-for-bit equal logits in fp32).
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin ``[max_seq_len, head_dim]`` in fp32, halves duplicated as in HF's rotate_half layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.int64).float(), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [B, T, heads, D]`` by position; computed in fp32 (bf16 angles drift at long range)."""
+    x32 = x.float()
+    x1, x2 = x32.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return x32 * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.backend = cfg.attn_backend
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        # v carries the matmul dtype (bf16 under autocast); the norm weights and
+        # the fp32 rotation would otherwise promote q and k to fp32.
+        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
+        out = causal_attention(q, k, v, self.backend)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ---------------------------------------------------------------- the model
+
+
+class KoEnLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        check_backend(cfg.attn_backend)  # fail at build time, not in the first compiled step
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        # Not persistent: derived from the config, so checkpoints hold weights only.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------ init and switches
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """normal(0, init_std); the projections that write into the residual stream
+        (o_proj, down_proj) scaled by 1/sqrt(2 x layers) so the stream's variance
+        does not grow with depth (GPT-2); norms at one. Deterministic under
+        torch.manual_seed: parameters are visited in registration order."""
+        std = self.cfg.init_std
+        residual_std = std / math.sqrt(2 * self.cfg.num_layers)
+        for name, p in self.named_parameters():  # a tied head is visited once, as embed_tokens
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.normal_(0.0, residual_std)
+            else:
+                p.normal_(0.0, std)
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each layer's activations in backward: ~1/3 more compute, far less memory."""
+        self.cfg.activation_checkpointing = bool(enabled)
+
+    def check_attention(self, device: torch.device | str, dtype: torch.dtype) -> None:
+        """Probe the configured attention backend with this model's head shapes on
+        ``device`` in ``dtype`` (the autocast dtype, or fp32); raises AttentionBackendError."""
+        c = self.cfg
+        probe_backend(c.attn_backend, device, dtype, c.num_heads, c.num_kv_heads, c.head_dim)
+
+    # ------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits ``[B, T, V]`` without targets; the mean fp32 cross-entropy with them
+        (targets equal to -100 are ignored). With targets the full logits are not returned."""
+        t = input_ids.shape[1]
+        if t > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {t} exceeds the model's max_seq_len {self.cfg.max_seq_len}")
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        use_ckpt = self.cfg.activation_checkpointing and torch.is_grad_enabled()
+        for layer in self.layers:
+            if use_ckpt:
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
+        x = self.norm(x)
+        if targets is None:
+            return self.lm_head(x)
+        return self.compute_loss(x, targets)
+
+    def compute_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Final hidden states ``[B, T, C]`` -> mean cross-entropy. The head's matmul may
+        run in bf16 under autocast; the softmax is taken in fp32. Kept separate so a
+        fused/chunked linear + cross-entropy can replace it without touching forward."""
+        logits = self.lm_head(hidden)
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX)
+
+    # ------------------------------------------------------------ accounting
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Distinct parameters (a tied head counts once). ``non_embedding`` leaves out the
+        token-embedding matrix, and with it a head that is tied to it."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.embed_tokens.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward), the PaLM / nanoGPT estimate:
+        6 x (parameters other than the input embedding, the head counted even when tied)
+        + 12 x layers x attention width x seq_len, attention width = heads x head_dim
+        (the hidden size in every preset except 0.6b, whose heads are wider)."""
+        c = self.cfg
+        matmul_params = self.num_params(non_embedding=True) + (c.vocab_size * c.hidden_size if c.tie_embeddings else 0)
+        return 6 * matmul_params + 12 * c.num_layers * c.num_heads * c.head_dim * seq_len
+
+    # ------------------------------------------------------------ transformers mapping
+    def hf_config(self, bos_id: int, eos_id: int, pad_id: int) -> dict[str, Any]:
+        """``config.json`` for LlamaForCausalLM (Qwen3ForCausalLM with QK-norm).
+
+        Writes RoPE both as ``rope_theta`` (transformers 4.x) and ``rope_parameters``
+        (5.x) so the directory loads under either. No dtype: loaders take it from the weights.
+        """
+        c = self.cfg
+        d: dict[str, Any] = {
+            "architectures": [c.hf_architecture],
+            "model_type": "qwen3" if c.qk_norm else "llama",
+            "vocab_size": c.vocab_size,
+            "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.num_layers,
+            "num_attention_heads": c.num_heads,
+            "num_key_value_heads": c.num_kv_heads,
+            "head_dim": c.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": c.max_seq_len,
+            "rms_norm_eps": c.rms_norm_eps,
+            "rope_theta": c.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "tie_word_embeddings": c.tie_embeddings,
+            "initializer_range": c.init_std,
+            "bos_token_id": bos_id,
+            "eos_token_id": eos_id,
+            "pad_token_id": pad_id,
+            "use_cache": True,
+        }
+        if c.qk_norm:
+            d.update(use_sliding_window=False, sliding_window=None, max_window_layers=c.num_layers)
+        else:
+            d.update(mlp_bias=False, pretraining_tp=1)
+        return d
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights under transformers' names, detached, contiguous and unshared (ready for
+        safetensors); a tied head is left out, as transformers itself saves it."""
+        out = {}
+        for name, tensor in self.state_dict().items():
+            if name == "lm_head.weight":
+                if self.cfg.tie_embeddings:
+                    continue
+                out[name] = tensor.detach().contiguous()
+            else:
+                out["model." + name] = tensor.detach().contiguous()
+        return out
+
+    @torch.no_grad()
+    def load_hf_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
+        """Load weights saved by :meth:`hf_state_dict` or by transformers. Every weight must
+        be present with the right shape; a tied head may be present or not."""
+        own = {}
+        for name, tensor in sd.items():
+            if name == "lm_head.weight":
+                own[name] = tensor
+            elif name.startswith("model."):
+                own[name[len("model."):]] = tensor
+            else:
+                own[name] = tensor  # reported below as unexpected
+        if self.cfg.tie_embeddings and "lm_head.weight" in own:
+            head = own.pop("lm_head.weight")
+            emb = own.get("embed_tokens.weight")
+            if emb is not None and not torch.equal(head.to(emb.dtype), emb):
+                raise ValueError("lm_head.weight differs from embed_tokens.weight, but the config ties them; "
+                                 "load with tie_embeddings=False")
+        expected = {k: v for k, v in self.state_dict().items() if not (self.cfg.tie_embeddings and k == "lm_head.weight")}
+        missing = sorted(set(expected) - set(own))
+        unexpected = sorted(set(own) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"state dict does not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        for name, tensor in own.items():
+            if tuple(tensor.shape) != tuple(expected[name].shape):
+                raise ValueError(f"weight {name}: shape {tuple(tensor.shape)} in the state dict, "
+                                 f"{tuple(expected[name].shape)} in the model (different preset or vocabulary?)")
+        self.load_state_dict(own, strict=not self.cfg.tie_embeddings)
