@@ -106,6 +106,14 @@ def check_backend(name: str) -> None:
             )
         if not torch.cuda.is_available():
             raise AttentionBackendError(f"--attn flash-attn needs a CUDA GPU ({_where()}); use --attn auto or math")
+        try:
+            _load_flash_attn()  # bound now, so compiled code reads a global instead of tracing an import
+        except (ImportError, OSError) as exc:  # typically a wheel built for another torch/CUDA
+            raise AttentionBackendError(
+                f"--attn flash-attn: the flash-attn package is installed but does not import ({_first_line(exc)}); "
+                "rebuild it against this torch: pip install --no-build-isolation --no-deps --force-reinstall "
+                f"flash-attn ({_where()}); or use --attn auto"
+            ) from exc
         return
     if name == "cudnn" and (not _HAS_CUDNN_SDPA or not torch.backends.cudnn.is_available()):
         raise AttentionBackendError(
@@ -125,7 +133,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
     scale is ``1/sqrt(D)``, as in Llama and Qwen3.
     """
     if backend == "flash-attn":
-        return _load_flash_attn()(q, k, v, causal=True)  # [B, T, H, D] layout and GQA natively
+        flash_attn_func = _flash_attn_func or _load_flash_attn()
+        return flash_attn_func(q, k, v, causal=True)  # [B, T, H, D] layout and GQA natively
 
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # -> [B, heads, T, D]
     n_rep = q.shape[1] // k.shape[1]

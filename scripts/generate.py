@@ -85,7 +85,7 @@ def load(model_dir: Path, tokenizer_dir: Path, device: str = "auto"):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
         raise GenerateError(f"cannot load {model_dir}: {str(exc).strip().splitlines()[0]}") from exc
     model.to(device=device, dtype=dtype).eval()
     return model, tokenizer, device
