@@ -58,6 +58,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _run(cfg, info, notes, log) -> int:
+    from .attention import AttentionBackendError
     from .checkpoint import CheckpointError
     from .config import ConfigError as _CfgErr
     from .run_state import RunSetupError
@@ -77,9 +78,9 @@ def _run(cfg, info, notes, log) -> int:
         trainer = Trainer(cfg, info)
         trainer.setup()
         summary = trainer.train()
-    except (RunSetupError, CheckpointError, _CfgErr) as exc:
+    except (RunSetupError, CheckpointError, _CfgErr, AttentionBackendError) as exc:
         log.error("❌ %s", exc)
-        return 2 if isinstance(exc, _CfgErr) else 1
+        return 2 if isinstance(exc, (_CfgErr, AttentionBackendError)) else 1
     except Exception as exc:  # keep the traceback in the detail log, one line on the console
         log.debug("traceback", exc_info=True)
         log.error("❌ %s: %s (full traceback in %s)", type(exc).__name__, exc,

@@ -126,6 +126,8 @@ class Trainer:
 
     def finalize(self) -> None:
         """Compile and wrap after any weights are loaded; the raw module stays for saving."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.t.precision, torch.float32)
+        self.raw_model.check_attention(self.device, dtype)  # a bad --attn fails here, not in step 1
         self.compiled = torch.compile(self.raw_model) if self.t.compile else self.raw_model
         self.model = D.wrap_model(self.compiled, self.info)
         self.autocast = self._autocast()
