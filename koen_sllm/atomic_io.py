@@ -138,13 +138,24 @@ def error_code(exc: BaseException):
     return code
 
 
+def _nearly_full(path: Path, margin: int = 16 << 20) -> bool:
+    try:
+        return shutil.disk_usage(path).free < margin
+    except OSError:
+        return False
+
+
 def io_message(exc: BaseException, where: Path, root: Path, option: str, intact: str) -> str:
     """What failed, where, and the fix, for a failure while writing ``where`` under ``root``.
 
     ``option`` is the command-line option that moves the output; ``intact``
-    says what the failure left untouched.
+    says what the failure left untouched. Call it before removing the partial
+    files: a disk that is (nearly) full at that moment is taken as the cause when
+    the exception carries no errno.
     """
     code = error_code(exc)
+    if code is None and not isinstance(exc, (TypeError, ValueError, KeyError)) and _nearly_full(root):
+        code = errno.ENOSPC  # torch.save reports a full disk as "unexpected pos ..." without an errno
     if code in (errno.ENOSPC, errno.EDQUOT):
         what = "disk full" if code == errno.ENOSPC else "disk quota exceeded"
         return f"{what} while writing {where}: free space or point {option} elsewhere; {intact}"

@@ -133,10 +133,12 @@ def save_checkpoint(
         where = final
         publish_dir(tmp, final)
     except BaseException as exc:
-        remove_path(tmp)
         if isinstance(exc, CheckpointError) or not isinstance(exc, Exception):
+            remove_path(tmp)
             raise
-        raise CheckpointError(io_message(exc, where, root, "--output-dir", _INTACT)) from exc
+        message = io_message(exc, where, root, "--output-dir", _INTACT)  # before the partial files go
+        remove_path(tmp)
+        raise CheckpointError(message) from exc
     if update_latest:
         _write_latest(root, name)
     if keep_last is not None:
@@ -426,7 +428,7 @@ def check_output_dir(root: Path, need_bytes: int, *, per_checkpoint_bytes: Optio
 
 
 def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB"
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 # ---------------------------------------------------------------- export
@@ -484,10 +486,12 @@ def export_hf(src: Path, dst: Path, dtype: Optional[str] = None, *, overwrite: b
         where = dst
         publish_dir(tmp, dst)
     except BaseException as exc:
-        remove_path(tmp)
         if not isinstance(exc, Exception):
+            remove_path(tmp)
             raise
-        raise CheckpointError(io_message(exc, where, dst.parent, "--output", f"{src} is untouched")) from exc
+        message = io_message(exc, where, dst.parent, "--output", f"{src} is untouched")
+        remove_path(tmp)
+        raise CheckpointError(message) from exc
     return dst
 
 

@@ -434,6 +434,18 @@ def test_read_only_output_dir_is_refused(tmp_path):
         ro.chmod(0o700)
 
 
+def test_failed_write_probe_is_refused(tmp_path, monkeypatch):
+    # Root ignores chmod, so the probe's failure is injected the way a read-only mount reports it.
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(ck, "open", read_only, raising=False)
+    with pytest.raises(CheckpointError) as err:
+        ck.check_output_dir(tmp_path, 0)
+    assert str(err.value) == (f"output directory {tmp_path} is not writable (Read-only file system); "
+                              "fix its permissions or pass --output-dir PATH on a writable disk")
+
+
 def test_too_little_free_space_is_refused(tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: usage(100 << 30, 99 << 30, 1 << 30))
