@@ -51,6 +51,19 @@ koen_rotate_logs() {
   printf '%d\n' "$rotated"
 }
 
+# True while a process runs. A zombie counts as gone: an orphaned torchrun whose
+# new parent never reaps it (some container init processes) stays a zombie.
+koen_pid_alive() {
+  local state=""
+  kill -0 "$1" 2>/dev/null || return 1
+  if [[ -r "/proc/$1/status" ]]; then
+    state="$(awk '/^State:/ { print $2; exit }' "/proc/$1/status" 2>/dev/null)"
+  else
+    state="$(ps -o stat= -p "$1" 2>/dev/null)" || return 0
+  fi
+  [[ "$state" != Z* ]]
+}
+
 # Prints the PID recorded in a PID file when that process is alive; returns 1
 # (printing nothing) when the file is missing, empty, garbage or stale.
 koen_live_pid() {
@@ -58,7 +71,7 @@ koen_live_pid() {
   [[ -f "$file" ]] || return 1
   pid="$(head -n 1 -- "$file" 2>/dev/null | tr -d '[:space:]')"
   [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-  kill -0 "$pid" 2>/dev/null || return 1
+  koen_pid_alive "$pid" || return 1
   printf '%s\n' "$pid"
 }
 

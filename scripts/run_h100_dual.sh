@@ -176,12 +176,13 @@ fi
 MODE="${MODE:-test}"
 ((NO_INSTALL)) && export KOEN_NO_INSTALL=1
 
-# Counts .jsonl/.txt inputs in a file or folder (a folder is searched 3 levels deep).
+# Counts .jsonl/.txt inputs in a file or folder. Like the data reader, a folder
+# is read one level deep (mixed_pretraining.jsonl, else every *.jsonl / *.txt).
 count_data_files() {
   local p="$1"
   if [[ -f "$p" ]]; then echo 1; return; fi
   [[ -d "$p" ]] || { echo 0; return; }
-  find "$p" -maxdepth 3 -type f \( -name '*.jsonl' -o -name '*.txt' \) ! -name 'README*' 2>/dev/null | wc -l | tr -d ' '
+  find "$p" -maxdepth 1 -type f \( -name '*.jsonl' -o -name '*.txt' \) 2>/dev/null | wc -l | tr -d ' '
 }
 
 if [[ -z "$ACTION" ]]; then
@@ -273,7 +274,7 @@ do_stop() {
     kill -TERM $workers 2>/dev/null || true
   fi
   printf '⏳ 종료 대기 중 / waiting for the run to end (up to %s s)' "$timeout"
-  while kill -0 "$pid" 2>/dev/null; do
+  while koen_pid_alive "$pid"; do
     if ((waited >= timeout * 2)); then
       printf '\n⚠️  %s초 안에 끝나지 않았습니다 / still running after %s s (a checkpoint save may be slow).\n' "$timeout" "$timeout"
       printf '   기다리기 / keep waiting: %s --stop   (tail -f %s)\n' "$0" "$(koen_shquote "$CONSOLE_LOG")"
@@ -542,12 +543,12 @@ preview="${KOEN_LOG_PREVIEW_SECONDS:-5}"
 [[ "$preview" =~ ^[0-9]+$ ]] || preview=5
 printf '\n📋 초기 로그 출력 (%s초간) / first %s seconds of the log:\n----------------------------------------\n' "$preview" "$preview"
 for ((i = 0; i < preview * 4; i++)); do
-  kill -0 "$PID" 2>/dev/null || break
+  koen_pid_alive "$PID" || break
   sleep 0.25
 done
 tail -c "+$((offset + 1))" -- "$CONSOLE_LOG" | grep -v '^\[[^]]*\] \[launcher\]' | head -n 40 || true
 printf -- '----------------------------------------\n'
-if kill -0 "$PID" 2>/dev/null; then
+if koen_pid_alive "$PID"; then
   printf '백그라운드에서 계속 실행 중... / still running in the background\n'
   exit 0
 fi

@@ -88,6 +88,8 @@ print("ok %d.%d.%d %s" % (sys.version_info[:3] + (torch.__version__,)))
 '
 
 _koen_env_err() { printf '❌ %s\n' "$*" >&2; }
+# One word, quoted so it can be pasted into a shell: 'it'\''s' style.
+_koen_env_quote() { printf "'%s'" "${1//\'/\'\\\'\'}"; }
 
 # Echoes the python of the environment to use, creating <repo>/.venv when needed.
 _koen_pick_python() {
@@ -137,7 +139,7 @@ koen_setup_env() {
   local target="$root"
   [[ -n "$extras" ]] && target="${root}[${extras}]"
   local install_cmd
-  install_cmd="$(printf '%q -m pip install -e %q' "$py" "$target")"
+  install_cmd="$(_koen_env_quote "$py") -m pip install -e $(_koen_env_quote "$target")"
 
   # cd / keeps a koen_sllm folder in the caller's directory from shadowing the install.
   KOEN_ENV_PROBE="$(cd / && "$py" -c "$_KOEN_CHECK_PY" "$root" "$extras" 2>&1)"

@@ -1,0 +1,432 @@
+"""run_h100_dual.sh: option errors, --help, --dry-run, PID file, --status/--stop, log rotation.
+
+Everything here drives the real script through bash. The end-to-end tests at
+the bottom start real (CPU, gloo) training runs through the real trainer.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from koen_sllm import config
+from koen_sllm.config import repo_root
+
+ROOT = repo_root()
+LAUNCHER = ROOT / "scripts" / "run_h100_dual.sh"
+WRAPPER = ROOT / "run_h100_dual.sh"
+LIB = ROOT / "scripts" / "launcher_lib.sh"
+
+ALL_OPTIONS = [
+    "--test", "--train", "--max-steps", "--dataset-path", "--output-dir", "--logs-dir", "--batch-size",
+    "--learning-rate", "--max-seq-length", "--save-steps", "--fp16", "--fp32", "--no-compile", "--num-gpus",
+    "--foreground", "--no-save-initial", "--dry-run", "--verbose", "--help", "--model-size", "--grad-accum",
+    "--resume", "--deepspeed", "--status", "--stop", "--no-install",
+]
+
+
+def launcher_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    for key in ("KOEN_CONSOLE_LOG", "KOEN_TEST_GPU_COUNT", "KOEN_STOP_TIMEOUT", "CONDA_PREFIX"):
+        env.pop(key, None)
+    if sys.prefix != sys.base_prefix:  # the venv running pytest is the one to use
+        env["VIRTUAL_ENV"] = sys.prefix
+        env["PATH"] = f"{Path(sys.prefix) / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    env["KOEN_NO_INSTALL"] = "1"
+    env["KOEN_LOG_PREVIEW_SECONDS"] = "1"
+    env.update(extra)
+    return env
+
+
+def run(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 120,
+        script: Path = LAUNCHER) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, env=env or launcher_env(),
+                          cwd=cwd, timeout=timeout)
+
+
+def error_lines(res: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in res.stderr.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def procs():
+    """Processes a test starts; killed at teardown. A reaper thread waits on each,
+    so a finished one disappears instead of lingering as a zombie."""
+    started: list[subprocess.Popen] = []
+
+    def start(cmd, **kw):
+        p = subprocess.Popen(cmd, **kw)
+        threading.Thread(target=p.wait, daemon=True).start()
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                p.kill()
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+# ---------------------------------------------------------------- option errors: exit 2, one line
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--bogus"], "unknown option '--bogus'"),
+        (["stray"], "unknown option 'stray'"),
+        (["--batch-size", "abc"], "--batch-size needs a positive integer, got 'abc'"),
+        (["--batch-size", "0"], "--batch-size needs a positive integer, got '0'"),
+        (["--max-steps", "-3"], "--max-steps needs a positive integer, got '-3'"),
+        (["--num-gpus", "1.5"], "--num-gpus needs a positive integer, got '1.5'"),
+        (["--save-steps=x"], "--save-steps needs a positive integer, got 'x'"),
+        (["--max-seq-length"], "--max-seq-length needs a value"),
+        (["--learning-rate", "fast"], "--learning-rate needs a positive number, got 'fast'"),
+        (["--learning-rate", "0"], "--learning-rate needs a positive number, got '0'"),
+        (["--learning-rate", "-1e-4"], "--learning-rate needs a positive number, got '-1e-4'"),
+        (["--fp16", "--fp32"], "--fp16 and --fp32 cannot be combined"),
+        (["--test", "--train"], "--test and --train cannot be combined"),
+        (["--status", "--train"], "--status cannot be combined with --train"),
+        (["--stop", "--test"], "--stop cannot be combined with --test"),
+        (["--status", "--batch-size", "2"], "--status cannot be combined with --batch-size"),
+        (["--status", "--stop"], "--status and --stop cannot be combined"),
+        (["--model-size", "7b"], "unknown --model-size '7b'"),
+        (["--foreground=yes"], "--foreground takes no value, got 'yes'"),
+        (["--dataset-path", "/nonexistent/koen data"], "'/nonexistent/koen data' does not exist"),
+        (["--deepspeed", "/nonexistent/ds.json"], "--deepspeed config '/nonexistent/ds.json' not found"),
+        (["--resume", "/nonexistent/ckpt"], "--resume '/nonexistent/ckpt' does not exist"),
+    ],
+)
+def test_bad_option_exits_2_with_one_line(args, needle, tmp_path):
+    res = run(*args, "--logs-dir", str(tmp_path / "logs"))
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = error_lines(res)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("❌") and needle in lines[0]
+    assert res.stdout == ""  # nothing printed, nothing started
+    assert not (tmp_path / "logs").exists()
+
+
+def test_train_mode_without_data_exits_2(tmp_path):
+    empty = tmp_path / "empty data"
+    empty.mkdir()
+    (empty / "notes.md").write_text("not training data")
+    res = run("--train", "--dataset-path", str(empty))
+    assert res.returncode == 2
+    lines = error_lines(res)
+    assert len(lines) == 1 and "no .jsonl/.txt training data" in lines[0] and str(empty) in lines[0]
+    assert "run_preprocessing.sh" in lines[0]
+
+
+def test_explicit_gpu_count_above_present_exits_2(tmp_path):
+    res = run("--dry-run", "--num-gpus", "2", "--logs-dir", str(tmp_path), env=launcher_env(KOEN_TEST_GPU_COUNT="1"))
+    assert res.returncode == 2
+    lines = error_lines(res)
+    assert len(lines) == 1 and "--num-gpus 2" in lines[0] and "only 1 GPU(s) present" in lines[0]
+    assert "torch.distributed.run" not in res.stdout
+
+
+def test_default_gpu_count_is_capped_with_a_warning(tmp_path):
+    res = run("--dry-run", "--logs-dir", str(tmp_path), env=launcher_env(KOEN_TEST_GPU_COUNT="1"))
+    assert res.returncode == 0, res.stderr
+    assert "only 1 GPU(s): using 1" in res.stdout
+    assert " --nproc_per_node 1 " in res.stdout
+
+
+def test_fp16_without_gpu_exits_2(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: --fp16 is allowed")
+    res = run("--fp16", "--dry-run", "--logs-dir", str(tmp_path))
+    assert res.returncode == 2
+    lines = error_lines(res)
+    assert len(lines) == 1 and "--fp16 needs a CUDA GPU" in lines[0]
+
+
+# ---------------------------------------------------------------- help, defaults, dry run
+
+
+def test_help_lists_every_option():
+    res = run("--help")
+    assert res.returncode == 0
+    for opt in ALL_OPTIONS:
+        assert re.search(rf"(^|\s){re.escape(opt)}(\s|=|$)", res.stdout, re.M), f"{opt} missing from --help"
+    assert "-- ARGS" in res.stdout and "docs/launcher.md" in res.stdout
+
+
+def test_root_wrapper_reaches_the_launcher():
+    res = run("--help", script=WRAPPER, cwd=Path("/"))
+    assert res.returncode == 0 and "--num-gpus" in res.stdout
+
+
+def test_launcher_constants_match_the_run_configuration():
+    text = LAUNCHER.read_text(encoding="utf-8")
+
+    def const(name):
+        return re.search(rf"\b{name}=(\S+)", text).group(1).strip('"')
+
+    assert re.search(r'MODEL_SIZES="([^"]+)"', text).group(1).split() == list(config.MODEL_SIZES)
+    t, o, c = config.TrainConfig(), config.OptimConfig(), config.CheckpointConfig()
+    assert int(const("DEFAULT_BATCH")) == t.batch_size
+    assert float(const("DEFAULT_LR")) == o.learning_rate
+    assert int(const("DEFAULT_SAVE_STEPS")) == c.save_steps
+    assert int(const("CPU_SEQ_LEN")) == config.CPU_TEST_SEQ_LEN
+    assert const("CPU_MODEL") == config.CPU_TEST_MODEL
+    cfg = config.RunConfig()
+    config.apply_device_defaults(cfg, has_cuda=False)
+    assert int(const("DEFAULT_TEST_STEPS")) == cfg.train.max_steps
+    cfg = config.RunConfig()
+    config.apply_device_defaults(cfg, has_cuda=True)
+    assert int(const("GPU_SEQ_LEN")) == cfg.train.max_seq_length
+    assert const("GPU_MODEL") == cfg.train.model_size
+
+
+def _command_from(stdout: str) -> list[str]:
+    lines = stdout.splitlines()
+    i = next(i for i, line in enumerate(lines) if "실행할 명령 / command:" in line)
+    return shlex.split(lines[i + 1])
+
+
+def _config_from(stdout: str) -> dict:
+    start = stdout.index("resolved configuration")
+    return json.loads(stdout[stdout.index("{", start):])
+
+
+def test_dry_run_prints_the_command_with_options_and_spaced_paths(tmp_path):
+    cwd = tmp_path / "work dir"
+    cwd.mkdir()
+    data = tmp_path / "my data"
+    data.mkdir()
+    (data / "corpus.jsonl").write_text('{"text": "안녕하세요"}\n', encoding="utf-8")
+    res = run("--dry-run", "--train", "--batch-size", "8", "--learning-rate", "5e-5", "--max-steps", "7",
+              "--save-steps", "3", "--grad-accum", "2", "--fp32", "--no-compile", "--no-save-initial",
+              "--model-size", "tiny", "--num-gpus", "3", "--max-seq-length", "64", "--resume", "none",
+              "--dataset-path", str(data), "--output-dir", "out dir", "--logs-dir", "log's dir",
+              "--", "--warmup-steps", "2", cwd=cwd)
+    assert res.returncode == 0, res.stderr
+    assert "✅ 모든 요구사항 충족" in res.stdout and "📋 학습 정보" in res.stdout
+    assert "running 3 CPU processes" in res.stdout or "GPU 확인 완료" in res.stdout
+    cmd = _command_from(res.stdout)
+    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3"]
+    assert Path(cmd[6]) == ROOT / "scripts" / "train_h100_dual.py"
+    args = cmd[7:]
+
+    def after(opt):
+        return args[args.index(opt) + 1]
+
+    assert args[0] == "--train"
+    assert after("--output-dir") == str(cwd / "out dir")  # relative paths follow the caller's directory
+    assert after("--logs-dir") == str(cwd / "log's dir")
+    assert after("--dataset-path") == str(data)
+    assert (after("--batch-size"), after("--learning-rate"), after("--max-steps")) == ("8", "5e-5", "7")
+    assert (after("--save-steps"), after("--grad-accum"), after("--max-seq-length")) == ("3", "2", "64")
+    assert (after("--model-size"), after("--resume")) == ("tiny", "none")
+    assert {"--fp32", "--no-compile", "--no-save-initial"} <= set(args)
+    assert args[-2:] == ["--warmup-steps", "2"]
+    # The trainer's own --dry-run resolved the same options.
+    cfg = _config_from(res.stdout)
+    assert cfg["train"]["batch_size"] == 8 and cfg["train"]["max_steps"] == 7 and cfg["train"]["mode"] == "train"
+    assert cfg["ckpt"]["output_dir"] == str(cwd / "out dir") and cfg["optim"]["warmup_steps"] == 2
+    assert cfg["train"]["precision"] == "fp32" and cfg["ckpt"]["save_initial"] is False
+    assert not (cwd / "out dir").exists() and not (cwd / "log's dir").exists()  # nothing started
+
+
+def test_dry_run_defaults_and_optional_values(tmp_path):
+    res = run("--dry-run", "--resume", "--deepspeed", "--logs-dir", str(tmp_path / "l"), "--output-dir", str(tmp_path / "o"))
+    assert res.returncode == 0, res.stderr
+    args = _command_from(res.stdout)[7:]
+    assert args[0] == "--test" and "--batch-size" not in args  # defaults stay the trainer's
+    assert args[args.index("--resume") + 1] == "auto"
+    assert args[-1] == "--deepspeed" or args[args.index("--deepspeed") + 1].startswith("--")
+    assert "배치 크기 / batch size: 4" in res.stdout and "학습률 / learning rate: 1e-4" in res.stdout
+
+
+# ---------------------------------------------------------------- PID file, --status, --stop
+
+
+def test_second_start_is_refused_while_the_pid_lives(tmp_path, procs):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    sleeper = procs(["sleep", "60"], start_new_session=True)
+    (logs / "training.pid").write_text(f"{sleeper.pid}\n")
+    res = run("--test", "--logs-dir", str(logs), "--output-dir", str(tmp_path / "out"))
+    assert res.returncode == 1
+    lines = error_lines(res)
+    assert len(lines) == 1 and f"PID {sleeper.pid}" in lines[0] and "already" in lines[0]
+    assert "sleep 60" in lines[0]
+    assert (logs / "training.pid").read_text().strip() == str(sleeper.pid)  # left alone
+    assert not (tmp_path / "out").exists() and not (logs / "training_console.log").exists()
+
+
+@pytest.mark.parametrize("content", [None, "garbage\n"])
+def test_status_cleans_a_stale_pid_file(tmp_path, content):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    pid = dead_pid()
+    (logs / "training.pid").write_text(content or f"{pid}\n")
+    (logs / "training_console.log").write_text(
+        "[2025-01-01 10:00:00] step 9/10 | loss 3.2100 | lr 1.00e-04 | grad_norm 0.500 | tok/s 1,234 | "
+        "tok/s/gpu 617 | mfu n/a | mem n/a | eta 0:00:01\n[2025-01-01 10:00:01] ✅ Training complete / 학습 완료\n")
+    res = run("--status", "--logs-dir", str(logs))
+    assert res.returncode == 3
+    assert "stale PID file" in res.stdout and not (logs / "training.pid").exists()
+    assert "no training is running" in res.stdout
+    assert "step 9/10 | loss 3.2100 | tok/s 1,234" in res.stdout and "Training complete" in res.stdout
+
+
+def test_status_reads_the_latest_progress_line(tmp_path, procs):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    sleeper = procs(["sleep", "60"], start_new_session=True)
+    (logs / "training.pid").write_text(f"{sleeper.pid}\n")
+    older = ("[2025-01-01 10:00:00] step 5/100 | loss 6.0000 | lr 1.00e-04 | grad_norm 1.000 | tok/s 9,999 | "
+             "tok/s/gpu 5,000 | mfu 40.0% | mem 10.0 GiB | eta 0:20:00")
+    newer = ("[2025-01-01 10:05:00] step 10/100 | loss 5.1234 | lr 1.00e-04 | grad_norm 1.234 | tok/s 12,345 | "
+             "tok/s/gpu 6,172 | mfu 45.1% | mem 12.3 GiB | eta 0:12:34")
+    (logs / "training_console.log").write_text(f"{older}\nsome other line\n{newer}\n[x] saving\n")
+    res = run("--status", "--logs-dir", str(logs))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"running: PID {sleeper.pid}" in res.stdout
+    assert "step 10/100 | loss 5.1234 | tok/s 12,345 | ETA 0:12:34  (2025-01-01 10:05:00)" in res.stdout
+    assert "step 5/100" not in res.stdout
+
+
+def test_status_and_stop_with_nothing_running(tmp_path):
+    res = run("--status", "--logs-dir", str(tmp_path))
+    assert res.returncode == 3 and "no training is running" in res.stdout
+    res = run("--stop", "--logs-dir", str(tmp_path))
+    assert res.returncode == 0 and "nothing to stop" in res.stdout
+
+
+FAKE_TORCHRUN = textwrap.dedent("""
+    # Stands in for torchrun: one worker that "saves" on SIGTERM; the parent waits for it.
+    import signal, subprocess, sys, time
+    from pathlib import Path
+    out, ignore = Path(sys.argv[1]), sys.argv[2] == "ignore"
+    worker = '''
+    import signal, sys, time
+    from pathlib import Path
+    out, ignore = Path(sys.argv[1]), sys.argv[2] == "ignore"
+    def on_term(signum, frame):
+        (out / "saved").write_text("checkpoint")
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if ignore else on_term)
+    (out / "ready").write_text("1")
+    while True:
+        time.sleep(0.1)
+    '''
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only the workers are to be signalled
+    child = subprocess.Popen([sys.executable, "-c", worker, str(out), sys.argv[2]])
+    sys.exit(child.wait())
+""")
+
+
+def _start_fake_run(tmp_path, procs, mode="save"):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "training_console.log").write_text("[2025-01-01 10:00:00] step 1/10 | loss 1.0000 | eta 0:00:09\n")
+    script = tmp_path / "fake_torchrun.py"
+    script.write_text(FAKE_TORCHRUN)
+    parent = procs([sys.executable, str(script), str(tmp_path), mode], start_new_session=True)
+    deadline = time.time() + 30
+    while not (tmp_path / "ready").exists():
+        assert time.time() < deadline and parent.poll() is None, "fake run did not start"
+        time.sleep(0.05)
+    (logs / "training.pid").write_text(f"{parent.pid}\n")
+    return logs, parent
+
+
+def test_stop_signals_the_workers_and_waits(tmp_path, procs):
+    logs, parent = _start_fake_run(tmp_path, procs)
+    res = run("--stop", "--logs-dir", str(logs), env=launcher_env(KOEN_STOP_TIMEOUT="30"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (tmp_path / "saved").read_text() == "checkpoint"  # the worker got SIGTERM, not the parent
+    assert parent.wait(timeout=10) == 0
+    assert "the run has ended" in res.stdout and not (logs / "training.pid").exists()
+    assert "step 1/10" in res.stdout  # the last lines of the log
+    log = (logs / "training_console.log").read_text()
+    assert re.search(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] \[launcher\] --stop: SIGTERM to workers \d+", log, re.M)
+
+
+def test_stop_times_out_with_advice_and_does_not_signal_twice(tmp_path, procs):
+    logs, parent = _start_fake_run(tmp_path, procs, mode="ignore")
+    res = run("--stop", "--logs-dir", str(logs), env=launcher_env(KOEN_STOP_TIMEOUT="1"))
+    assert res.returncode == 1
+    assert "still running after 1 s" in res.stdout and f"kill {parent.pid}" in res.stdout
+    assert (logs / "training.pid").exists() and parent.poll() is None
+    res = run("--stop", "--logs-dir", str(logs), env=launcher_env(KOEN_STOP_TIMEOUT="1"))
+    assert res.returncode == 1 and "already requested" in res.stdout
+    assert (logs / "training_console.log").read_text().count("--stop: SIGTERM") == 1
+
+
+# ---------------------------------------------------------------- shell helpers
+
+
+def _bash(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", f'set -euo pipefail; source "$0"; {script}', str(LIB), *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_shquote_round_trips_through_the_shell():
+    words = ["plain", "with space", "it's", "$HOME", "", "a\"b", "*.jsonl", "tab\there", "한국어 경로"]
+    res = _bash('koen_shquote "$@"', *words)
+    assert res.returncode == 0, res.stderr
+    assert shlex.split(res.stdout) == words
+    assert res.stdout.startswith("plain 'with space' ")
+
+
+def test_rotation_keeps_five_and_never_overwrites(tmp_path):
+    logs = tmp_path / "logs dir"
+    logs.mkdir()
+    (logs / "training_console.log").write_text("run6")
+    for i in range(1, 6):
+        (logs / f"training_console.log.{i}").write_text(f"run{6 - i}")
+    (logs / "training_rank_0.log").write_text("r0")
+    (logs / "training_rank_1.log").write_text("r1")
+    (logs / "training_detail_rank_1.log").write_text("d1")
+    (logs / "training_detail_rank_0.log").write_text("")  # empty: nothing to keep
+    (logs / "metrics.jsonl").write_text("{}")
+    res = _bash('koen_rotate_logs "$1"', str(logs))
+    assert res.returncode == 0 and res.stdout.strip() == "4"
+    assert [(logs / f"training_console.log.{i}").read_text() for i in range(1, 6)] == \
+        ["run6", "run5", "run4", "run3", "run2"]  # run1 (the oldest) dropped
+    assert not (logs / "training_console.log").exists()
+    assert (logs / "training_rank_0.log.1").read_text() == "r0"
+    assert (logs / "training_rank_1.log.1").read_text() == "r1"
+    assert (logs / "training_detail_rank_1.log.1").read_text() == "d1"
+    assert (logs / "training_detail_rank_0.log").exists() and not (logs / "training_detail_rank_0.log.1").exists()
+    assert (logs / "metrics.jsonl").read_text() == "{}"
+
+
+def test_progress_summary_parses_the_documented_line():
+    line = ("[2025-01-01 10:05:00] step 10/100 | loss 5.1234 | lr 1.00e-04 | grad_norm 1.234 | tok/s 12,345 | "
+            "tok/s/gpu 6,172 | mfu n/a | mem 12.3 GiB | eta 0:12:34")
+    res = _bash('koen_progress_summary "$1"', line)
+    assert res.stdout.strip() == "step 10/100 | loss 5.1234 | tok/s 12,345 | ETA 0:12:34  (2025-01-01 10:05:00)"
+
+
+def test_scripts_pass_shellcheck():
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (apt-get install -y shellcheck)")
+    files = [LAUNCHER, WRAPPER, LIB, ROOT / "scripts" / "setup_env.sh", ROOT / "scripts" / "train.sbatch"]
+    res = subprocess.run(["shellcheck", "-x", *map(str, files)], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stdout
