@@ -378,6 +378,146 @@ def test_stop_times_out_with_advice_and_does_not_signal_twice(tmp_path, procs):
     assert (logs / "training_console.log").read_text().count("--stop: SIGTERM") == 1
 
 
+# ---------------------------------------------------------------- start paths, with a stand-in trainer
+
+FAKE_TRAINER = textwrap.dedent("""
+    # Stands in for scripts/train_h100_dual.py under torchrun: progress lines, per-rank files,
+    # SIGTERM -> "save" and exit 0 at the next step (a second one exits at once).
+    import os, signal, sys, time
+    rank, args = int(os.environ.get("RANK", 0)), sys.argv[1:]
+    if "--dry-run" in args:
+        print('{"fake": true}')
+        sys.exit(0)
+    if os.environ.get("FAKE_EXIT"):
+        sys.exit(int(os.environ["FAKE_EXIT"]))
+    logs = args[args.index("--logs-dir") + 1]
+    stops = []
+    def on_signal(signum, frame):
+        stops.append(signum)
+        if len(stops) > 1:
+            sys.exit(99)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    with open(f"{logs}/training_rank_{rank}.log", "a") as fh:
+        fh.write(f"rank {rank} up\\n")
+    console = os.environ.get("KOEN_CONSOLE_LOG")
+    def log(msg):
+        if rank == 0:
+            line = time.strftime("[%Y-%m-%d %H:%M:%S] ") + msg
+            print(line, flush=True)
+            if console:
+                with open(console, "a") as fh:
+                    fh.write(line + "\\n")
+    n = int(os.environ.get("FAKE_STEPS", "5"))
+    for step in range(1, n + 1):
+        if stops:
+            log("Training stopped (signal) | final loss 4.0")
+            sys.exit(0)
+        log(f"step {step}/{n} | loss {5 - step / 100:.4f} | lr 1.00e-04 | grad_norm 1.000 | tok/s 1,234 | "
+            f"tok/s/gpu 617 | mfu n/a | mem n/a | eta 0:00:{n - step:02d}")
+        time.sleep(float(os.environ.get("FAKE_STEP_S", "0.2")))
+    log("Training complete | final loss 4.0")
+""")
+
+
+@pytest.fixture
+def fake_checkout(tmp_path):
+    """A copy of the launcher scripts beside a stand-in trainer, with this package importable."""
+    root = tmp_path / "check out"
+    (root / "scripts").mkdir(parents=True)
+    for name in ("run_h100_dual.sh", "launcher_lib.sh", "setup_env.sh"):
+        shutil.copy(ROOT / "scripts" / name, root / "scripts" / name)
+    shutil.copy(ROOT / "pyproject.toml", root / "pyproject.toml")
+    shutil.copytree(ROOT / "koen_sllm", root / "koen_sllm", ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "scripts" / "train_h100_dual.py").write_text(FAKE_TRAINER)
+    return root
+
+
+def fake_env(root: Path, **extra: str) -> dict[str, str]:
+    return launcher_env(PYTHONPATH=str(root), **extra)
+
+
+def wait_until_dead(pid: int, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if re.search(r"^State:\s+Z", Path(f"/proc/{pid}/status").read_text(), re.M):
+                return
+        except FileNotFoundError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"PID {pid} still running after {timeout} s")
+
+
+def test_background_start_rotates_logs_writes_the_pid_and_prints_commands(fake_checkout):
+    logs = fake_checkout / "logs"
+    logs.mkdir()
+    (logs / "training_console.log").write_text("earlier run\n")
+    (logs / "training_detail_rank_0.log").write_text("earlier detail\n")
+    (logs / "training.pid").write_text(f"{dead_pid()}\n")  # stale: cleaned with a note
+    res = run("--test", "--no-install", script=fake_checkout / "scripts" / "run_h100_dual.sh",
+              env=fake_env(fake_checkout, FAKE_STEPS="3", KOEN_LOG_PREVIEW_SECONDS="1"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    pid = int(re.search(r"PID: (\d+)", res.stdout).group(1))
+    assert "stale PID file" in res.stdout
+    assert f"ps -p {pid}" in res.stdout and f"kill {pid}" in res.stdout and "--stop" in res.stdout
+    assert f"tail -f '{logs}/training_console.log'" in res.stdout  # quoted: the path has a space
+    wait_until_dead(pid)
+    assert (logs / "training_console.log.1").read_text() == "earlier run\n"
+    assert (logs / "training_detail_rank_0.log.1").read_text() == "earlier detail\n"
+    console = (logs / "training_console.log").read_text()
+    assert "step 3/3" in console and "Training complete" in console
+    assert re.search(r"^\[[\d: -]+\] \[launcher\] started in the background, PID " + str(pid), console, re.M)
+    assert (logs / "training_rank_0.log").exists() and (logs / "training_rank_1.log").exists()
+    res = run("--status", script=fake_checkout / "scripts" / "run_h100_dual.sh", env=fake_env(fake_checkout))
+    assert res.returncode == 3 and "step 3/3" in res.stdout and "Training complete" in res.stdout
+
+
+def test_background_run_that_dies_at_once_is_reported(fake_checkout):
+    res = run("--test", script=fake_checkout / "scripts" / "run_h100_dual.sh",
+              env=fake_env(fake_checkout, FAKE_EXIT="3", KOEN_LOG_PREVIEW_SECONDS="5"))
+    assert res.returncode == 1
+    # torchrun reports any failed worker as exit code 1
+    assert "exited within 5 s with code 1" in res.stderr.splitlines()[-1]
+    assert not (fake_checkout / "logs" / "training.pid").exists()
+
+
+def test_foreground_exit_code_is_the_runs(fake_checkout):
+    script = fake_checkout / "scripts" / "run_h100_dual.sh"
+    res = run("--foreground", script=script, env=fake_env(fake_checkout, FAKE_EXIT="5"))
+    assert res.returncode == 1  # torchrun's code for "a worker failed"
+    assert "failed with exit code 1" in res.stderr
+    assert "the run exited with code 1" in (fake_checkout / "logs" / "training_console.log").read_text()
+    res = run("--foreground", script=script, env=fake_env(fake_checkout, FAKE_STEPS="2"))
+    assert res.returncode == 0 and "the run finished (exit 0)" in res.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_foreground_signal_asks_the_workers_to_save(fake_checkout, sig):
+    logs = fake_checkout / "logs"
+    proc = subprocess.Popen(["bash", str(fake_checkout / "scripts" / "run_h100_dual.sh"), "--foreground"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=fake_env(fake_checkout, FAKE_STEPS="400", FAKE_STEP_S="0.1"))
+    try:
+        console = logs / "training_console.log"
+        deadline = time.time() + 60
+        while not (console.exists() and "step 3/400" in console.read_text()):
+            assert time.time() < deadline and proc.poll() is None, "the stand-in run did not start"
+            time.sleep(0.1)
+        assert (logs / "training.pid").exists()  # --status/--stop work from another terminal
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "stopping after a checkpoint save" in out
+    console = (logs / "training_console.log").read_text()
+    assert "Training stopped" in console and "step 400/400" not in console
+    assert re.search(r"\[launcher\] signal: SIGTERM to workers \d+ \d+ \(request 1\)", console)
+    assert not (logs / "training.pid").exists()
+
+
 # ---------------------------------------------------------------- shell helpers
 
 
