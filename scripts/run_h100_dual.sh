@@ -165,9 +165,7 @@ done
 
 LOGS_DIR="${LOGS_DIR:-$ROOT/logs}"
 OUTPUT_DIR="${OUTPUT_DIR:-$ROOT/outputs}"
-PID_FILE="$LOGS_DIR/training.pid"
-CONSOLE_LOG="$LOGS_DIR/training_console.log"
-STOPPING_FILE="$LOGS_DIR/training.stopping"
+koen_job_files "$LOGS_DIR"  # PID_FILE, CONSOLE_LOG, STOPPING_FILE
 
 if [[ -n "$ACTION" ]]; then
   ((${#TRAIN_OPTS[@]} == 0)) ||
@@ -210,89 +208,9 @@ fi
 
 # ---------------------------------------------------------------- --status / --stop
 
-clean_stale_pid() {
-  if [[ -f "$PID_FILE" ]] && ! koen_live_pid "$PID_FILE" >/dev/null; then
-    printf '🧹 오래된 PID 파일 정리 / removed a stale PID file: %s (PID %s is not running)\n' \
-      "$PID_FILE" "$(head -c 20 -- "$PID_FILE" | tr -d '[:space:]')"
-    rm -f -- "$PID_FILE" "$STOPPING_FILE"
-  fi
-}
-
-show_last_lines() {
-  [[ -f "$CONSOLE_LOG" ]] || return 0
-  printf '📋 마지막 로그 / last lines of %s:\n----------------------------------------\n' "$CONSOLE_LOG"
-  tail -n "${1:-12}" -- "$CONSOLE_LOG"
-  printf -- '----------------------------------------\n'
-}
-
-do_status() {
-  local pid line
-  if pid="$(koen_live_pid "$PID_FILE")"; then
-    printf '🟢 학습 실행 중 / training is running: PID %s, elapsed %s, workers: %s\n' \
-      "$pid" "$(ps -o etime= -p "$pid" 2>/dev/null | tr -d ' ')" "$(koen_worker_pids "$pid")"
-    [[ -f "$STOPPING_FILE" ]] && printf '⏹  중단 요청됨 / stop requested at %s: saving a checkpoint\n' "$(cat -- "$STOPPING_FILE")"
-    if line="$(koen_last_progress "$CONSOLE_LOG")"; then
-      printf '📈 %s\n' "$(koen_progress_summary "$line")"
-    else
-      printf '📈 아직 진행 기록 없음 / no progress line yet (starting up)\n'
-    fi
-    printf '📋 실시간 로그 / live log: tail -f %s\n' "$(koen_shquote "$CONSOLE_LOG")"
-    return 0
-  fi
-  clean_stale_pid
-  printf '⚪ 실행 중인 학습이 없습니다 / no training is running (logs: %s)\n' "$LOGS_DIR"
-  if line="$(koen_last_progress "$CONSOLE_LOG")"; then
-    printf '📈 마지막 진행 / last progress: %s\n' "$(koen_progress_summary "$line")"
-  fi
-  if [[ -f "$CONSOLE_LOG" ]]; then
-    line="$(tail -c 200000 -- "$CONSOLE_LOG" | grep -E 'Training (complete|stopped)|❌' | tail -n 1 || true)"
-    [[ -n "$line" ]] && printf '🏁 %s\n' "$line"
-  fi
-  return 3
-}
-
-# Asks the workers to save and stop, then waits for the whole run to end.
-do_stop() {
-  local pid workers timeout waited=0
-  if ! pid="$(koen_live_pid "$PID_FILE")"; then
-    clean_stale_pid
-    printf '⚪ 실행 중인 학습이 없습니다 / no training is running (nothing to stop)\n'
-    return 0
-  fi
-  timeout="${KOEN_STOP_TIMEOUT:-600}"
-  is_pos_int "$timeout" || die2 "KOEN_STOP_TIMEOUT 에는 양의 정수가 필요합니다 / KOEN_STOP_TIMEOUT needs a positive integer (seconds), got '$timeout'"
-  if [[ -f "$STOPPING_FILE" ]]; then
-    # A second SIGTERM makes the trainer exit without saving: only wait again.
-    printf '⏹  이미 중단 요청됨 / a stop was already requested at %s; waiting (force: kill %s)\n' "$(cat -- "$STOPPING_FILE")" "$pid"
-  else
-    workers="$(koen_worker_pids "$pid")"
-    [[ -n "$workers" ]] || workers="$pid"
-    printf '⏹  학습 중단 요청 / asking the run to stop: SIGTERM to workers %s (torchrun PID %s); they save a checkpoint first\n' "$workers" "$pid"
-    koen_log_line "$CONSOLE_LOG" "--stop: SIGTERM to workers $workers (torchrun PID $pid)"
-    koen_ts >"$STOPPING_FILE"
-    # shellcheck disable=SC2086  # one word per PID
-    kill -TERM $workers 2>/dev/null || true
-  fi
-  printf '⏳ 종료 대기 중 / waiting for the run to end (up to %s s)' "$timeout"
-  while koen_pid_alive "$pid"; do
-    if ((waited >= timeout * 2)); then
-      printf '\n⚠️  %s초 안에 끝나지 않았습니다 / still running after %s s (a checkpoint save may be slow).\n' "$timeout" "$timeout"
-      printf '   기다리기 / keep waiting: %s --stop   (tail -f %s)\n' "$0" "$(koen_shquote "$CONSOLE_LOG")"
-      printf '   강제 종료 / force (no new checkpoint; the last saved one stays): kill %s\n' "$pid"
-      return 1
-    fi
-    sleep 0.5; waited=$((waited + 1))
-    ((waited % 10 == 0)) && printf '.'
-  done
-  printf '\n✅ 학습이 종료되었습니다 / the run has ended (after %s s)\n' "$((waited / 2))"
-  koen_log_line "$CONSOLE_LOG" "--stop: the run ended"
-  rm -f -- "$PID_FILE" "$STOPPING_FILE"
-  show_last_lines 15
-}
-
 case "$ACTION" in
-  status) set +e; do_status; exit $? ;;
-  stop) do_stop; exit $? ;;
+  status) set +e; koen_status; exit $? ;;
+  stop) set +e; koen_stop "$0"; exit $? ;;
 esac
 
 # ---------------------------------------------------------------- banner and environment
@@ -452,7 +370,7 @@ fi
 # ---------------------------------------------------------------- start
 
 mkdir -p -- "$LOGS_DIR" || die1 "로그 폴더를 만들 수 없습니다 / cannot create the logs folder $LOGS_DIR"
-clean_stale_pid
+koen_clean_stale_pid
 rotated="$(koen_rotate_logs "$LOGS_DIR")"
 ((rotated > 0)) && printf '🗂  이전 로그 %s개를 .1 로 보관 / kept %s earlier log file(s) as *.1 (up to .%s)\n' "$rotated" "$rotated" "$KOEN_LOG_KEEP"
 rm -f -- "$STOPPING_FILE"
