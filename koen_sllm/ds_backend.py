@@ -1,0 +1,323 @@
+"""The optional DeepSpeed ZeRO backend: the engine behind the trainer's small interface, and its checkpoints.
+
+The trainer drives DDP with "forward/backward per micro-batch, then one
+optimizer step"; :class:`DeepSpeedRunner` offers the same verbs on top of a
+DeepSpeed engine, which owns accumulation, clipping, the skip on overflow and
+the optimizer. The learning-rate schedule is the project's own
+(``optim.build_scheduler``, handed to the engine), so both backends follow the
+same curve step for step. The model stays a plain ``KoEnLM``.
+
+Checkpoints stay atomic although DeepSpeed's save is collective (every rank
+writes its shard): rank 0 runs ``checkpoint.save_checkpoint`` as for DDP, and
+inside its ``extra_writer`` hook tells the other ranks the temporary directory;
+all ranks write the engine state into ``<tmp>/deepspeed/`` and vote on the
+outcome; only then does rank 0 write the manifest, rename and move ``latest``.
+The consolidated fp32 weights go to ``model.safetensors`` as on DDP, so every
+checkpoint is also a model directory that transformers loads offline.
+docs/deepspeed.md describes the whole backend.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import distributed as D
+from .checkpoint import CheckpointError, save_checkpoint
+from .config import OptimConfig
+from .ds_config import (  # noqa: F401 - re-exported: the backend's whole API lives here
+    SHIPPED_CONFIG, DeepSpeedConfigError, apply_ds_options, build_ds_config, describe, explicit_options,
+    load_ds_json, offload_device, zero_stage,
+)
+from .optim import build_scheduler, param_groups
+
+INSTALL_COMMAND = 'pip install -e ".[deepspeed]"'
+ENGINE_DIR = "deepspeed"  # inside a checkpoint directory: the engine's own files
+ENGINE_TAG = "zero"
+_SHARD_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
+
+
+class DeepSpeedUnavailable(RuntimeError):
+    """--deepspeed was asked for but the package cannot be imported; the message holds the install command."""
+
+
+class DeepSpeedBackendError(RuntimeError):
+    """The engine and the trainer disagree, or a checkpoint does not fit this run; one line with the fix."""
+
+
+def require_deepspeed():
+    """The ``deepspeed`` module, or DeepSpeedUnavailable with the install command."""
+    try:
+        import deepspeed
+    except ImportError as exc:
+        missing = getattr(exc, "name", None)
+        if missing and missing != "deepspeed" and not missing.startswith("deepspeed."):
+            raise DeepSpeedUnavailable(f"--deepspeed: deepspeed is installed but its dependency {missing!r} is "
+                                       f"missing; install both with: {INSTALL_COMMAND}") from None
+        raise DeepSpeedUnavailable(f"--deepspeed needs the deepspeed package, which is not installed; "
+                                   f"install it with: {INSTALL_COMMAND}") from None
+    except Exception as exc:  # a broken install raises anything (CUDA mismatch, bad ops build)
+        why = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+        raise DeepSpeedUnavailable(f"--deepspeed: deepspeed is installed but fails to import ({why}); "
+                                   f"reinstall it with: {INSTALL_COMMAND}") from None
+    return deepspeed
+
+
+def estimate_ds_checkpoint_bytes(num_params: int) -> int:
+    """Bytes one DeepSpeed checkpoint takes: fp32 model.safetensors (4 B/param), the engine's
+    module copy (up to 4), fp32 master weights and two AdamW moments (12), plus slack."""
+    return int(num_params * 20 * 1.02) + (64 << 20)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ensure_process_group(ds, device: torch.device) -> None:
+    """DeepSpeed always needs a process group; a plain ``python`` run (a world of one) has none."""
+    if dist.is_available() and dist.is_initialized():
+        return
+    if "WORLD_SIZE" not in os.environ:
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                           ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
+            os.environ.setdefault(key, value)
+    ds.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class DeepSpeedRunner:
+    """A DeepSpeed engine driven with the trainer's verbs.
+
+    Per optimizer step, for each of ``gradient_accumulation_steps`` micro-batches
+    ``loss = runner.forward_backward(x, y, last_micro)``, then
+    ``grad_norm, applied = runner.step()``. ``ds_config`` comes from
+    :func:`build_ds_config`. ``model`` is the raw module (not compiled, not
+    wrapped): with ``compile=True`` the engine compiles it, so the parameter names
+    in checkpoints stay the model's own.
+    """
+
+    def __init__(self, model: torch.nn.Module, ds_config: dict, *, compile: bool = False):
+        ds = require_deepspeed()
+        self._ds = ds
+        device = next(model.parameters()).device
+        _ensure_process_group(ds, device)
+        conf = copy.deepcopy(ds_config)
+        sched = conf.pop("scheduler")["params"]  # run by the project's scheduler, below
+        sched_cfg = OptimConfig(warmup_steps=sched["warmup_num_steps"], min_lr_ratio=sched["cos_min_ratio"])
+        total = sched["total_num_steps"]
+        decay = conf["optimizer"]["params"]["weight_decay"]
+        self.engine, _, _, self.scheduler = ds.initialize(
+            model=model, model_parameters=param_groups(model, decay), config=conf,
+            lr_scheduler=lambda opt: build_scheduler(opt, sched_cfg, total))
+        if compile:
+            self.engine.compile()
+        self.config = ds_config
+        self.stage = zero_stage(conf)
+        self.grad_accum = int(conf["gradient_accumulation_steps"])
+
+    # ------------------------------------------------------------ training verbs
+    @property
+    def module(self) -> torch.nn.Module:
+        """The raw model (under ZeRO-3 its parameters are partitioned: use hf_state_dict to read them)."""
+        return self.engine.module
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the next optimizer step (as the DDP path logs it)."""
+        return float(self.engine.get_lr()[0])
+
+    def train(self) -> None:
+        self.engine.train()
+
+    def eval(self) -> None:
+        self.engine.eval()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Loss without gradients, for validation (gathers ZeRO-3 parameters as needed)."""
+        with torch.no_grad():
+            return self.engine(x, y)
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, last_micro: bool, *,
+                         nan_loss: bool = False) -> torch.Tensor:
+        """One micro-batch: forward, backward (the engine scales by 1/accumulation and syncs
+        gradients at the boundary). Returns the detached, unscaled loss. ``nan_loss`` is the
+        test hook behind --debug-nan-steps."""
+        if self.engine.is_gradient_accumulation_boundary() != bool(last_micro):
+            raise DeepSpeedBackendError(
+                f"micro-batch count out of step with the engine: last_micro={last_micro} but DeepSpeed's "
+                f"gradient_accumulation_steps is {self.grad_accum}; feed exactly that many micro-batches per step")
+        loss = self.engine(x, y)
+        if nan_loss:
+            loss = loss * float("nan")
+        self.engine.backward(loss)
+        if not last_micro:
+            self.engine.step()  # not a boundary: only advances the engine's micro-step counter
+        return loss.detach()
+
+    def step(self) -> tuple[Optional[float], bool]:
+        """The optimizer step after the last micro-batch: (global grad norm before clipping, applied).
+
+        The engine skips the update (applied False) when the gradients are not
+        finite; every rank gets the same answer because the check is all-reduced.
+        """
+        if not self.engine.is_gradient_accumulation_boundary():
+            raise DeepSpeedBackendError("step() called before the last micro-batch of the step; "
+                                        "pass last_micro=True to the final forward_backward")
+        self.engine.step()
+        applied = bool(self.engine.was_step_applied())
+        norm = self.engine.get_global_grad_norm()
+        norm = None if norm is None else float(norm)
+        if applied and norm is not None and not math.isfinite(norm):
+            raise DeepSpeedBackendError(
+                f"DeepSpeed applied an update with a non-finite gradient norm ({norm}); the weights are damaged: "
+                "resume from the last checkpoint with bf16 (the default) or ZeRO stage 1/2")
+        return norm, applied
+
+    # ------------------------------------------------------------ weights and state
+    def hf_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
+        """Consolidated fp32 weights under transformers' names. Collective: every rank calls;
+        rank 0 gets the dict (CPU tensors), the others None.
+
+        The values are the optimizer's fp32 master weights (not the bf16 working
+        copy), gathered one parameter at a time, so the export equals a DDP one.
+        """
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        module, main = self.module, _rank() == 0
+        full: dict[str, torch.Tensor] = {}
+        for name, p in module.named_parameters():
+            value = safe_get_full_fp32_param(p)  # collective under ZeRO-3
+            if value is None:  # no separate fp32 master: the parameter is the master
+                if hasattr(p, "ds_id"):
+                    with self._ds.zero.GatheredParameters([p], modifier_rank=None):
+                        value = p.detach().clone() if main else None
+                else:
+                    value = p.detach()
+            if main:
+                full[name] = value.detach().to("cpu", torch.float32).clone()
+        if not main:
+            return None
+        return _hf_names(module, full)
+
+    def save_into(self, directory: Path, tag: str = ENGINE_TAG) -> None:
+        """Write the engine state (weights, optimizer shards, schedule) into ``directory/deepspeed``.
+        Collective: every rank calls it with the same ``directory``, which all of them can reach."""
+        self.engine.save_checkpoint(str(Path(directory) / ENGINE_DIR), tag=tag, client_state={}, save_latest=False)
+
+    def load_from(self, directory: Path, tag: str = ENGINE_TAG) -> dict[str, Any]:
+        """Restore weights, optimizer and schedule written by :meth:`save_into`; returns the client
+        state. Collective. DeepSpeed reads its own files with pickle, so load only checkpoints this
+        project wrote (``resolve_resume`` checks their manifest first)."""
+        engine_dir = Path(directory) / ENGINE_DIR
+        if not has_engine_state(directory, tag):
+            raise DeepSpeedBackendError(
+                f"{directory} holds no DeepSpeed state ({engine_dir}/{tag} is missing): it was saved by the DDP "
+                "backend or is a model-only directory; resume it without --deepspeed, or pass --resume none")
+        shards = {int(m.group(1)) for f in (engine_dir / tag).iterdir() if (m := _SHARD_RE.search(f.name))}
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if shards and len(shards) != world:
+            raise DeepSpeedBackendError(
+                f"{directory} holds ZeRO optimizer shards of {len(shards)} processes, this run has {world}; "
+                f"resume with {len(shards)} processes (the ZeRO partitioning follows the world size)")
+        path, client_state = self.engine.load_checkpoint(
+            str(engine_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise DeepSpeedBackendError(f"DeepSpeed could not load {engine_dir}/{tag}; the checkpoint is incomplete")
+        return dict(client_state or {})
+
+
+def _hf_names(module: torch.nn.Module, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map module parameter names to transformers' through the model's own ``hf_state_dict``,
+    applied to a weightless copy of the model, so the mapping lives in model.py only."""
+    if not hasattr(module, "hf_state_dict") or not hasattr(module, "cfg"):
+        raise DeepSpeedBackendError(f"{type(module).__name__} has no hf_state_dict(); export needs a KoEnLM")
+    with torch.device("meta"):
+        shell = type(module)(dataclasses.replace(module.cfg))
+    params = {n for n, _ in shell.named_parameters()}
+    for name in shell.state_dict():  # persistent buffers are never partitioned: read them directly
+        if name not in params and name not in full:
+            full[name] = module.get_buffer(name).detach().to("cpu").clone()
+    shell.load_state_dict(full, strict=False, assign=True)
+    out = shell.hf_state_dict()
+    empty = sorted(k for k, v in out.items() if v.is_meta)
+    if empty:
+        raise DeepSpeedBackendError(f"consolidating the weights missed {empty[:3]}; the engine holds other parameters")
+    return out
+
+
+def has_engine_state(directory: Path, tag: str = ENGINE_TAG) -> bool:
+    return (Path(directory) / ENGINE_DIR / tag).is_dir()
+
+
+# ---------------------------------------------------------------- collective checkpoints
+
+
+def _engine_save_and_vote(runner: DeepSpeedRunner, tmp: Path, tag: str) -> Optional[str]:
+    """Every rank writes its engine files, then all learn whether every rank succeeded."""
+    error = None
+    try:
+        runner.save_into(tmp, tag)
+    except Exception as exc:  # reported through the vote, so no rank waits forever
+        error = f"rank {_rank()}: {type(exc).__name__}: {exc}".replace("\n", " ")
+    errors = [e for e in D.gather_objects(error) if e]
+    return errors[0] if errors else None
+
+
+def save_checkpoint_collective(
+    runner: DeepSpeedRunner, root: Path, name: str, *, hf_config: Optional[dict], tokenizer_dir: Optional[Path],
+    training_info: Optional[dict], trainer_state: Optional[dict], update_latest: bool = True,
+    keep_last: Optional[int] = None, tag: str = ENGINE_TAG,
+) -> Path:
+    """Save one checkpoint with the engine's state inside, atomically; called by every rank.
+
+    Rank 0's ``hf_config``, ``training_info`` and ``trainer_state`` are used (the
+    other ranks may pass None). Returns the published path on every rank, or
+    raises CheckpointError with the same message on every rank; earlier
+    checkpoints and ``latest`` are untouched on failure. The output directory
+    must be shared by all ranks (one node, or a shared filesystem).
+    """
+    model_state = runner.hf_state_dict()  # collective: before rank 0 goes its own way
+    if _rank() != 0:
+        tmp = D.broadcast_object(None)
+        if tmp is not None:
+            _engine_save_and_vote(runner, Path(tmp), tag)
+        result = D.broadcast_object(None)
+    else:
+        handed_over = False
+
+        def extra_writer(tmp_dir: Path) -> None:
+            nonlocal handed_over
+            handed_over = True
+            D.broadcast_object(str(tmp_dir))
+            error = _engine_save_and_vote(runner, tmp_dir, tag)
+            if error:
+                raise CheckpointError(f"DeepSpeed could not write its state into {tmp_dir} ({error}); "
+                                      "earlier checkpoints are intact")
+
+        try:
+            path = save_checkpoint(root, name, model_state=model_state, hf_config=hf_config or {},
+                                   tokenizer_dir=tokenizer_dir, training_info=training_info or {},
+                                   trainer_state=trainer_state, extra_writer=extra_writer,
+                                   update_latest=update_latest, keep_last=keep_last)
+            result: Any = str(path)
+        except Exception as exc:  # any failure must still release the ranks waiting below
+            if not handed_over:
+                D.broadcast_object(None)
+            result = {"error": str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"}
+        D.broadcast_object(result)
+    if isinstance(result, dict):
+        raise CheckpointError(result["error"])
+    return Path(result)
