@@ -246,7 +246,7 @@ def _hf_names(module: torch.nn.Module, full: dict[str, torch.Tensor]) -> dict[st
         raise DeepSpeedBackendError(f"{type(module).__name__} has no hf_state_dict(); export needs a KoEnLM")
     with torch.device("meta"):
         shell = type(module)(dataclasses.replace(module.cfg))
-    params = {n for n, _ in shell.named_parameters()}
+    params = {n for n, _ in shell.named_parameters(remove_duplicate=False)}
     for name in shell.state_dict():  # persistent buffers are never partitioned: read them directly
         if name not in params and name not in full:
             full[name] = module.get_buffer(name).detach().to("cpu").clone()

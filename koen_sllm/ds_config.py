@@ -15,7 +15,6 @@ is printed and saved in every checkpoint is the one that trained.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -44,12 +43,12 @@ def explicit_options(argv: Optional[Sequence[str]]) -> set[str]:
     """Destination names (``learning_rate``, ``precision``, ...) of the options on the command line.
 
     The parsed Namespace cannot tell ``--learning-rate 1e-4`` from the default
-    1e-4, so the same parser is run again with every default suppressed: only
-    what the user typed lands in the Namespace.
+    1e-4, so the same parser runs again with every default replaced by one
+    marker object: whatever does not hold the marker was typed by the user.
     """
-    parser = build_parser()
-    parser.set_defaults(**{dest: argparse.SUPPRESS for dest in vars(parser.parse_args([]))})
-    return set(vars(parser.parse_args(list(argv or []))))
+    parser, unset = build_parser(), object()
+    parser.set_defaults(**{dest: unset for dest in vars(parser.parse_args([]))})
+    return {dest for dest, value in vars(parser.parse_args(list(argv or []))).items() if value is not unset}
 
 
 # ---------------------------------------------------------------- reading the JSON
