@@ -1,0 +1,218 @@
+"""Parallel tokenization of cleaned documents into flat memory-mapped token files.
+
+Input is a JSONL file of clean documents (``{"text", "lang", "source"}``, one
+per line, as written by koen_sllm.prepare). Every document is encoded, EOS is
+appended, and the ids are routed to their split file (``train.bin``,
+``val_ko.bin`` ...). Files are raw little-endian arrays of ``token_dtype``:
+``np.memmap(path, dtype)`` reads them without loading.
+
+Two parallel paths, chosen by measurement (docs/data.md):
+- "processes": a pool of ``num_proc`` workers, each with its own
+  SentencePiece model, parses and encodes ~1 MB chunks and returns numpy
+  arrays; at most 2 x num_proc chunks are in flight, so memory stays bounded
+  on any corpus size.
+- "threads": SentencePiece's C++ thread pool on batches in this process; no
+  start-up cost, but JSON parsing and list-to-array conversion stay serial.
+Both give the same ids in the same order as a plain loop over ``encode``.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import multiprocessing as mp
+import os
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+
+from koen_sllm.data.progress import Progress
+from koen_sllm.tokenizer import EOS_ID, KoEnTokenizer, normalize_text
+
+CHUNK_BYTES = 1 << 20
+BACKENDS = ("processes", "threads")
+DEFAULT_BACKEND = "processes"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 while every id fits (vocab <= 65,536), else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def resolve_num_proc(num_proc: int) -> int:
+    """0 means every core this process may use."""
+    if num_proc and num_proc > 0:
+        return num_proc
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class Encoded:
+    """One chunk: ids of all its documents back to back, each followed by EOS."""
+
+    ids: np.ndarray
+    tokens: np.ndarray  # per document, EOS included
+    nbytes: np.ndarray  # UTF-8 bytes of each text (for bits per byte)
+    chars: np.ndarray
+
+
+def _encode_texts(sp, texts: list[str], dtype: np.dtype, num_threads: int = 1) -> Encoded:
+    texts = [normalize_text(t) for t in texts]
+    ids = sp.encode(texts, num_threads=num_threads) if num_threads > 1 else [sp.encode(t) for t in texts]
+    for row in ids:
+        row.append(EOS_ID)
+    lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lens.sum()))
+    nbytes = np.fromiter((len(t.encode("utf-8")) for t in texts), dtype=np.int64, count=len(texts))
+    chars = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+    return Encoded(flat, lens, nbytes, chars)
+
+
+# Worker state: one SentencePiece model per process, loaded once.
+_WORKER: dict = {}
+
+
+def _init_worker(model_file: str, dtype: str) -> None:
+    import sentencepiece as spm
+
+    _WORKER["sp"] = spm.SentencePieceProcessor(model_file=model_file)
+    _WORKER["dtype"] = np.dtype(dtype)
+
+
+def _encode_lines(lines: list[bytes]) -> Encoded:
+    return _encode_texts(_WORKER["sp"], [json.loads(line)["text"] for line in lines], _WORKER["dtype"])
+
+
+def _chunks(path: Path, chunk_bytes: int) -> Iterator[list[bytes]]:
+    with open(path, "rb") as f:
+        lines, size = [], 0
+        for line in f:
+            lines.append(line)
+            size += len(line)
+            if size >= chunk_bytes:
+                yield lines
+                lines, size = [], 0
+        if lines:
+            yield lines
+
+
+def _pool_context():
+    # Workers only run SentencePiece and numpy, never torch or CUDA, so fork is
+    # safe where it exists and avoids re-importing the package per worker.
+    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+
+
+def encode_jsonl(
+    path: Path,
+    tokenizer: KoEnTokenizer,
+    num_proc: int = 0,
+    backend: str = DEFAULT_BACKEND,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> Iterator[Encoded]:
+    """Encoded chunks of a documents JSONL file, in file order."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
+    workers = resolve_num_proc(num_proc)
+    dtype = token_dtype(tokenizer.vocab_size)
+    if workers == 1 or backend == "threads" or path.stat().st_size <= chunk_bytes:
+        threads = workers if backend == "threads" else 1
+        for lines in _chunks(path, chunk_bytes):
+            yield _encode_texts(tokenizer.sp, [json.loads(line)["text"] for line in lines], dtype, threads)
+        return
+    with _pool_context().Pool(workers, _init_worker, (str(tokenizer.model_file), dtype.str)) as pool:
+        pending: deque = deque()
+        for lines in _chunks(path, chunk_bytes):
+            pending.append(pool.apply_async(_encode_lines, (lines,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+@dataclass
+class DocTable:
+    """Per-document routing decided before packing (codes index the name lists)."""
+
+    split: np.ndarray
+    lang: np.ndarray
+    source: np.ndarray
+    split_names: list
+    lang_names: list
+    source_names: list
+
+
+def pack_jsonl(
+    docs_file: Path,
+    tokenizer: KoEnTokenizer,
+    out_dir: Path,
+    table: DocTable,
+    *,
+    num_proc: int = 0,
+    backend: str = DEFAULT_BACKEND,
+    log: Callable[[str], None] = print,
+) -> tuple[dict, dict]:
+    """Write ``<split>.bin`` files into ``out_dir``; return (per-split stats, per-source stats)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {name: open(out_dir / f"{name}.bin", "wb") for name in table.split_names}
+    n_split, n_lang, n_src = len(table.split_names), len(table.lang_names), len(table.source_names)
+    # Rows: tokens, docs, bytes, chars; summed per (split, lang) and per source with bincount.
+    by_split = np.zeros((4, n_split * n_lang), dtype=np.int64)
+    by_source = np.zeros((4, n_src), dtype=np.int64)
+    progress = Progress("tokenizing", docs_file.stat().st_size, log=log)
+    first = 0
+    try:
+        for enc in encode_jsonl(docs_file, tokenizer, num_proc, backend):
+            n = len(enc.tokens)
+            ends = np.cumsum(enc.tokens)
+            starts = ends - enc.tokens
+            split_codes = table.split[first:first + n]
+            for code in np.unique(split_codes):
+                rows = np.flatnonzero(split_codes == code)
+                out = files[table.split_names[code]]
+                if len(rows) == n:
+                    enc.ids.tofile(out)
+                else:
+                    np.concatenate([enc.ids[starts[r]:ends[r]] for r in rows]).tofile(out)
+            key = split_codes.astype(np.int64) * n_lang + table.lang[first:first + n]
+            src = table.source[first:first + n].astype(np.int64)
+            for k, weights in enumerate((enc.tokens, np.ones(n), enc.nbytes, enc.chars)):
+                by_split[k] += np.rint(np.bincount(key, weights, n_split * n_lang)).astype(np.int64)
+                by_source[k] += np.rint(np.bincount(src, weights, n_src)).astype(np.int64)
+            first += n
+            progress.update(int(enc.nbytes.sum()) + 40 * n)  # + rough JSON overhead per line
+    finally:
+        progress.close()
+        for f in files.values():
+            f.close()
+    if first != len(table.split):
+        raise RuntimeError(f"{docs_file}: packed {first} documents but the routing table has {len(table.split)}")
+    fields = ("tokens", "docs", "bytes", "chars")
+    splits = {}
+    for s, name in enumerate(table.split_names):
+        cells = by_split[:, s * n_lang:(s + 1) * n_lang]
+        splits[name] = {"file": f"{name}.bin", **{f: int(cells[k].sum()) for k, f in enumerate(fields)},
+                        "per_lang": {lang: {f: int(cells[k, j]) for k, f in enumerate(fields)}
+                                     for j, lang in enumerate(table.lang_names) if cells[1, j]}}
+    sources = {name: {f: int(by_source[k, r]) for k, f in enumerate(fields)}
+               for r, name in enumerate(table.source_names) if by_source[1, r]}
+    return splits, sources
+
+
+def open_tokens(path: Path, dtype: Optional[str] = None) -> np.ndarray:
+    """Memory-map a token file; the dtype comes from meta.json beside it unless given."""
+    path = Path(path)
+    if dtype is None:
+        meta = path.parent / "meta.json"
+        if not meta.is_file():
+            from koen_sllm.data import DataError
+
+            raise DataError(f"{meta} is missing: token files need their meta.json (re-run python -m koen_sllm.prepare)")
+        dtype = json.loads(meta.read_text(encoding="utf-8"))["dtype"]
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")

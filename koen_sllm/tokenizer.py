@@ -1,0 +1,350 @@
+"""SentencePiece tokenizer for Korean/English: training, loading, HF export.
+
+Design (measurements in docs/data.md):
+- BPE with byte fallback: no Korean syllable, emoji or control byte ever
+  becomes <unk>; rare characters cost one token per UTF-8 byte.
+- SentencePiece's own normalization is switched off (rule "identity"): its
+  default NFKC would turn compatibility jamo such as ㅋ (U+314B) into
+  conjoining jamo (U+110F). We apply NFC ourselves, once in preprocessing and
+  again in :meth:`KoEnTokenizer.encode`, via :func:`normalize_text`.
+- No dummy prefix and no whitespace collapsing: encoding is a pure function
+  of the text, so spaces, newlines and document starts round-trip exactly and
+  the transformers export can reproduce the ids bit for bit.
+- Fixed special ids: PAD=0, UNK=1, BOS=2, EOS=3. Nothing is added
+  automatically on either side (``add_bos=False`` here, no post-processor in
+  the HF export), which is the rule that makes the ids identical.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import unicodedata
+import warnings
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
+MODEL_FILE = "tokenizer.model"
+INFO_FILE = "koen_tokenizer.json"
+MODEL_TYPES = ("bpe", "unigram")
+DEFAULT_MODEL_TYPE = "bpe"
+# SentencePiece silently drops training lines longer than max_sentence_length
+# bytes; long lines are cut into pieces of this many characters instead.
+_TRAIN_LINE_CHARS = 8192
+# Texts whose ids transformers must reproduce; checked on every export.
+PROBE_TEXTS = (
+    "안녕하세요, 세계! 한국어 문장입니다.",
+    "Hello   world  ",
+    "  leading and trailing  \n\nnew\nlines\t tab",
+    "😀👍🏽 emoji, 똠 뙇 꽯 rare syllables",
+    "ㅋㅋㅋ ㅠㅠ ㄱㄴㄷ compatibility jamo",
+    "literal </s> <s> <pad> <unk> markers",
+    "12345 3.14 ▁",
+)
+
+PathLike = Union[str, Path]
+
+
+class TokenizerError(RuntimeError):
+    """A tokenizer cannot be trained, loaded or exported; the message says why and what to do."""
+
+
+def normalize_text(text: str) -> str:
+    """NFC: the single normalization used in preprocessing and at encode time.
+
+    NFD text (common from macOS) becomes composed syllables; compatibility
+    jamo, full-width forms and emoji are left alone (NFKC would change them).
+    """
+    if text.isascii():
+        return text
+    return unicodedata.normalize("NFC", text)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- training
+
+
+def _read_texts(input_file: Path) -> Iterator[str]:
+    """Documents of a JSONL ("text" field) or plain-text file."""
+    with open(input_file, encoding="utf-8") as f:
+        if input_file.suffix == ".jsonl":
+            for raw in f:
+                if raw.strip():
+                    yield json.loads(raw)["text"]
+        else:
+            yield from f
+
+
+def _training_lines(texts: Iterable[str]) -> Iterator[str]:
+    """Non-empty lines of every text, cut to a length SentencePiece accepts.
+
+    Newlines never reach SentencePiece's trainer (it reads one sentence per
+    line); at encode time they become the byte piece <0x0A>, one token each.
+    """
+    for text in texts:
+        for line in normalize_text(text).split("\n"):
+            if not line.strip():
+                continue
+            for start in range(0, len(line), _TRAIN_LINE_CHARS):
+                yield line[start:start + _TRAIN_LINE_CHARS]
+
+
+def _train_once(lines: Iterable[str], vocab_size: int, model_type: str, max_lines: int, num_threads: int) -> bytes:
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, model_type=model_type, vocab_size=vocab_size,
+        character_coverage=0.9995, byte_fallback=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
+        allow_whitespace_only_pieces=True, max_sentence_length=4 * _TRAIN_LINE_CHARS + 16,
+        input_sentence_size=max_lines, shuffle_input_sentence=True, num_threads=num_threads,
+        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        pad_piece=PAD, unk_piece=UNK, bos_piece=BOS, eos_piece=EOS, minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def train_tokenizer(
+    input_file: PathLike,
+    out_dir: PathLike,
+    vocab_size: int,
+    model_type: str = DEFAULT_MODEL_TYPE,
+    *,
+    max_lines: int = 5_000_000,
+    num_threads: Optional[int] = None,
+    log: Callable[[str], None] = print,
+) -> "KoEnTokenizer":
+    """Train on ``input_file`` (JSONL with "text", or .txt) and save to ``out_dir``."""
+    input_file = Path(input_file)
+    if not input_file.is_file():
+        raise TokenizerError(f"tokenizer training input {input_file} does not exist")
+    return train_tokenizer_on_texts(lambda: _read_texts(input_file), out_dir, vocab_size, model_type,
+                                    max_lines=max_lines, num_threads=num_threads, log=log, name=str(input_file))
+
+
+def train_tokenizer_on_texts(
+    texts: Callable[[], Iterable[str]],
+    out_dir: PathLike,
+    vocab_size: int,
+    model_type: str = DEFAULT_MODEL_TYPE,
+    *,
+    max_lines: int = 5_000_000,
+    num_threads: Optional[int] = None,
+    log: Callable[[str], None] = print,
+    name: str = "the corpus",
+) -> "KoEnTokenizer":
+    """Train on the documents ``texts()`` yields (called again if training restarts).
+
+    When the corpus cannot support ``vocab_size`` pieces, the largest size it
+    supports is used and a note is logged. The folder is written to a
+    temporary sibling and renamed, so a crash never leaves half a tokenizer.
+    """
+    out_dir = Path(out_dir)
+    if model_type not in MODEL_TYPES:
+        raise TokenizerError(f"model_type {model_type!r} is unknown; choose one of {', '.join(MODEL_TYPES)}")
+    threads = num_threads or os.cpu_count() or 1
+    size = int(vocab_size)
+    for _ in range(4):
+        try:
+            proto = _train_once(_training_lines(texts()), size, model_type, max_lines, threads)
+            break
+        except RuntimeError as exc:
+            msg = str(exc)
+            cap = re.search(r"value <= (\d+)", msg)
+            if cap and int(cap.group(1)) < size:
+                log(f"note: {name} supports at most {cap.group(1)} {model_type} pieces; "
+                    f"vocabulary capped from {size} (requested {vocab_size})")
+                size = int(cap.group(1))
+                continue
+            need = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg)
+            if need:
+                raise TokenizerError(
+                    f"--vocab-size {size} is too small for {name}: its characters alone need "
+                    f"{need.group(2)} pieces; use --vocab-size {int(need.group(2)) + 64} or more") from None
+            if "empty" in msg.lower() or "no sentence" in msg.lower():
+                raise TokenizerError(f"{name} holds no text to train a tokenizer on") from None
+            raise TokenizerError(f"SentencePiece training on {name} failed: {msg.splitlines()[-1]}") from None
+    else:
+        raise TokenizerError(f"SentencePiece could not settle on a vocabulary size for {name}")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the tokenizer from other users
+    try:
+        (tmp / MODEL_FILE).write_bytes(proto)
+        info = {"model_type": model_type, "vocab_size": size, "requested_vocab_size": int(vocab_size),
+                "normalization": "NFC (applied by koen_sllm.tokenizer.normalize_text)",
+                "trained_on": name}
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tok = KoEnTokenizer.load(tmp)
+        tok.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return KoEnTokenizer.load(out_dir)
+
+
+# ---------------------------------------------------------------- loading and encoding
+
+
+class KoEnTokenizer:
+    """A SentencePiece model plus the project's normalization and fixed special ids."""
+
+    def __init__(self, model_file: PathLike, model_type: Optional[str] = None):
+        import sentencepiece as spm
+
+        self.model_file = Path(model_file)
+        self.sp = spm.SentencePieceProcessor(model_file=str(self.model_file))
+        self._model_type = model_type
+        self._fingerprint: Optional[str] = None
+        expected = {PAD: PAD_ID, UNK: UNK_ID, BOS: BOS_ID, EOS: EOS_ID}
+        got = {piece: self.sp.piece_to_id(piece) for piece in expected}
+        if got != expected or not self.sp.is_byte(self.sp.piece_to_id("<0x00>")):
+            raise TokenizerError(
+                f"{self.model_file} does not use this project's layout (special ids {got}, byte fallback "
+                f"{'on' if self.sp.is_byte(self.sp.piece_to_id('<0x00>')) else 'off'}); expected {expected} "
+                "with byte fallback: train one with python -m koen_sllm.prepare")
+
+    @classmethod
+    def load(cls, path: PathLike) -> "KoEnTokenizer":
+        """Load from a tokenizer folder (holding tokenizer.model) or the .model file itself."""
+        path = Path(path)
+        model_file = path / MODEL_FILE if path.is_dir() else path
+        if not model_file.is_file():
+            raise TokenizerError(f"no SentencePiece model at {model_file}; pass a folder with {MODEL_FILE} "
+                                 "or omit --tokenizer-path to train one from the data")
+        info_file = model_file.parent / INFO_FILE
+        model_type = None
+        if info_file.is_file():
+            model_type = json.loads(info_file.read_text(encoding="utf-8")).get("model_type")
+        return cls(model_file, model_type)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    pad_id, unk_id, bos_id, eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
+
+    @property
+    def model_type(self) -> str:
+        if self._model_type is None:
+            try:  # only foreign models without our info file need protobuf
+                from sentencepiece import sentencepiece_model_pb2 as pb
+            except ImportError as exc:
+                raise TokenizerError(f"{self.model_file} has no {INFO_FILE}; install protobuf "
+                                     "(pip install protobuf) so its model type can be read") from exc
+            proto = pb.ModelProto()
+            proto.ParseFromString(self.model_file.read_bytes())
+            self._model_type = {1: "unigram", 2: "bpe"}.get(proto.trainer_spec.model_type, "other")
+        return self._model_type
+
+    def fingerprint(self) -> str:
+        """sha256 of the model file: identifies the tokenizer in meta.json and checkpoints."""
+        if self._fingerprint is None:
+            self._fingerprint = _sha256(self.model_file)
+        return self._fingerprint
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        ids = self.sp.encode(normalize_text(text))
+        if add_bos:
+            ids.insert(0, BOS_ID)
+        if add_eos:
+            ids.append(EOS_ID)
+        return ids
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
+        """Encode many texts in one call; ``num_threads`` > 1 runs SentencePiece's C++ thread pool."""
+        return self.sp.encode([normalize_text(t) for t in texts], num_threads=num_threads)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    # ------------------------------------------------------------ transformers export
+
+    def _hf_backend(self):
+        """A ``tokenizers.Tokenizer`` that reproduces ``encode`` exactly."""
+        from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+        sp, n = self.sp, self.vocab_size
+        pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(n)]
+        if self.model_type == "unigram":
+            # SentencePiece never emits control pieces from text; a huge cost keeps
+            # the HF lattice from choosing "</s>" for the literal characters.
+            pieces = [(p, -1e9 if sp.is_control(i) or sp.is_unknown(i) else s) for i, (p, s) in enumerate(pieces)]
+            backend = Tokenizer(models.Unigram(pieces, unk_id=UNK_ID, byte_fallback=True))
+        elif self.model_type == "bpe":
+            vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
+            # SentencePiece BPE merges the pair whose result has the best score
+            # (lowest id); ranking every split of a piece by that id reproduces it.
+            merges = []
+            for i, (piece, _) in enumerate(pieces):
+                if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i):
+                    continue
+                splits = [(vocab[piece[:k]], vocab[piece[k:]], piece[:k], piece[k:])
+                          for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+                merges.extend((left, right) for _, _, left, right in sorted(splits))
+            backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=UNK, fuse_unk=True,
+                                           byte_fallback=True))
+        else:
+            raise TokenizerError(f"{self.model_file}: model type {self.model_type!r} cannot be exported")
+        backend.normalizer = normalizers.Replace(" ", "\u2581")
+        backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (PAD, UNK, BOS, EOS)])
+        return backend
+
+    def save_pretrained(self, out_dir: PathLike) -> Path:
+        """Write tokenizer.model plus files ``AutoTokenizer.from_pretrained`` loads offline.
+
+        The HF side encodes identically with default arguments because neither
+        side adds BOS/EOS automatically and special-token strings inside text
+        are not parsed as specials (``split_special_tokens``). Checked on
+        PROBE_TEXTS before returning.
+        """
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if self.model_file.resolve() != (out_dir / MODEL_FILE).resolve():
+            shutil.copyfile(self.model_file, out_dir / MODEL_FILE)
+            info = {"model_type": self.model_type, "vocab_size": self.vocab_size,
+                    "normalization": "NFC (applied by koen_sllm.tokenizer.normalize_text)"}
+            (out_dir / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        backend = self._hf_backend()
+        backend.save(str(out_dir / "tokenizer.json"))
+        specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": PAD}
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast", **specials,
+            "add_bos_token": False, "add_eos_token": False, "split_special_tokens": True,
+            "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000_000,
+            "normalization_note": "apply Unicode NFC before encoding (koen_sllm.tokenizer.normalize_text)",
+        }
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n", encoding="utf-8")
+        backend.encode_special_tokens = True
+        if self.model_type == "unigram":
+            # Not fatal: unigram is offered for comparison, BPE is the default.
+            warnings.warn(f"{out_dir}: transformers breaks unigram ties differently (e.g. '.....' as '...'+'..' vs "
+                          "'..'+'...'), so some ids can differ from SentencePiece; BPE tokenizers match exactly")
+            return out_dir
+        for text in PROBE_TEXTS:
+            ours, theirs = self.encode(text), backend.encode(normalize_text(text), add_special_tokens=False).ids
+            if ours != theirs:
+                raise TokenizerError(f"transformers export of {self.model_file} differs on {text!r}: "
+                                     f"{ours[:12]} vs {theirs[:12]}")
+        return out_dir

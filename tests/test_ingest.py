@@ -1,0 +1,220 @@
+"""Robust reading, cleaning, language detection, de-duplication and mixing."""
+from __future__ import annotations
+
+import json
+import os
+import unicodedata
+from collections import Counter
+
+import pytest
+
+from koen_sllm.config import repo_root
+from koen_sllm.data import DataError
+from koen_sllm.data import ingest
+from koen_sllm.data.ingest import IngestStats, clean_text, detect_language, find_input_files, iter_documents
+from koen_sllm.data.mix import parse_mix, plan_mix, select_documents, write_mixed_corpus
+from koen_sllm import prepare
+
+SAMPLE = repo_root().parent / "shared" / "data" / "ko_en_sample.jsonl"
+
+
+def _j(obj) -> bytes:
+    return json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n"
+
+
+BIG = "가나다라 " * 200_000  # 2.6 MB of UTF-8 in a single line
+HUGE = "x" * (5 << 20)
+
+
+def _bad_file_lines() -> list[bytes]:
+    """Every case of the reading rules, one per line (line numbers in comments)."""
+    return [
+        _j({"text": "첫 번째 정상 문서입니다.", "lang": "ko"}),                     # 1 ok
+        b"\xef\xbb\xbf" + _j({"text": "bom at the start"}),                          # 2 bom
+        b'{"text": "windows line end"}\r\n',                                         # 3 crlf
+        b'{"text": "no closing brace"\n',                                            # 4 malformed_json
+        b"[1, 2, 3]\n",                                                              # 5 not_object
+        b'"just a string"\n',                                                        # 6 not_object
+        b'{"body": "wrong field"}\n',                                                # 7 missing_text
+        b'{"text": 42}\n',                                                           # 8 non_string_text
+        b'{"text": null}\n',                                                         # 9 non_string_text
+        b'{"text": ""}\n',                                                           # 10 empty_text
+        b'{"text": "  \\n\\t  "}\n',                                                 # 11 empty_text
+        b'{"text": "caf\xe9 au lait is one bad byte in a long enough line"}\n',      # 12 invalid_utf8 (repaired)
+        '{"text": "한국어 문장입니다 여기 저기 모두"}\n'.encode("cp949"),            # 13 not_utf8
+        b'{"text": "nul\\u0000inside and bell\\u0007 and raw\x01control"}\n',        # 14 control_chars
+        b'{"text": "lone \\ud800 surrogate"}\n',                                     # 15 lone_surrogates
+        b'{"text": "paired \\ud83d\\ude00 emoji stays"}\n',                          # 16 ok
+        b"\n",                                                                       # 17 blank_line
+        _j({"text": unicodedata.normalize("NFD", "맥에서 온 한글")}),                # 18 nfc
+        _j({"text": BIG, "lang": "ko"}),                                             # 19 multi-megabyte, ok
+        _j({"text": HUGE}),                                                          # 20 too_long (limit patched)
+        _j({"text": "첫 번째 정상 문서입니다.", "lang": "ko"}),                     # 21 duplicate of 1
+        _j({"text": "mixed 한국어 and English", "lang": "KOR", "source": "web"}),    # 22 lang alias
+        b'{"text": "last line without newline"}',                                    # 23 no_final_newline
+    ]
+
+
+@pytest.fixture
+def bad_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(ingest, "MAX_LINE_BYTES", 4 << 20)
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"".join(_bad_file_lines()))
+    return path
+
+
+def test_every_bad_line_is_skipped_or_repaired_with_exact_counts(bad_file):
+    stats, logs = IngestStats(), []
+    docs = list(iter_documents([bad_file], stats, log=logs.append))
+    fs = stats.files[0]
+    assert dict(fs.skipped) == {"malformed_json": 1, "not_object": 2, "missing_text": 1, "non_string_text": 2,
+                                "empty_text": 2, "not_utf8": 1, "blank_line": 1, "too_long": 1}
+    assert dict(fs.repaired) == {"bom": 1, "crlf": 1, "invalid_utf8": 1, "control_chars": 1,
+                                 "lone_surrogates": 1, "nfc": 1, "no_final_newline": 1}
+    assert fs.examples["not_object"] == [5, 6] and fs.examples["empty_text"] == [10, 11]
+    assert fs.lines == 23 and fs.duplicates == 1 and stats.duplicates == 1
+    texts = [d.text for d in docs]
+    assert texts == ["첫 번째 정상 문서입니다.", "bom at the start", "windows line end",
+                     "caf au lait is one bad byte in a long enough line", "nulinside and bell and rawcontrol",
+                     "lone  surrogate", "paired 😀 emoji stays", "맥에서 온 한글", BIG.strip(),
+                     "mixed 한국어 and English", "last line without newline"]
+    assert unicodedata.is_normalized("NFC", texts[7])
+    assert [d.lang for d in docs][:3] == ["ko", "en", "en"] and docs[9].lang == "ko" and docs[9].source == "web"
+    assert docs[1].source == "bad"  # default source: the file name
+    warning = [line for line in logs if line.startswith("WARNING")]
+    assert len(warning) == 1 and "not_object 2 (lines 5, 6)" in warning[0] and "malformed_json 1 (line 4)" in warning[0]
+    assert stats.docs == 11 and stats.per_lang["ko"]["docs"] == 4
+
+
+def test_strict_stops_at_first_bad_line(bad_file):
+    with pytest.raises(DataError) as err:
+        list(iter_documents([bad_file], IngestStats(), strict=True, log=lambda _: None))
+    msg = str(err.value)
+    assert msg.startswith(f"{bad_file}:4: not valid JSON (malformed_json)") and "without --strict" in msg
+
+
+def test_file_where_nothing_loads_is_an_error(tmp_path):
+    path = tmp_path / "junk.jsonl"
+    path.write_bytes(b"not json\n[1]\n{\"text\": \"\"}\n")
+    with pytest.raises(DataError, match=r"junk.jsonl: no usable document in 3 lines: skipped: empty_text 1 \(line 3\)"):
+        list(iter_documents([path], IngestStats(), log=lambda _: None))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match="the file is empty"):
+        list(iter_documents([empty], IngestStats(), log=lambda _: None))
+
+
+def test_cli_exit_code_and_one_line_message_for_all_bad_file(tmp_path, capsys):
+    path = tmp_path / "junk.jsonl"
+    path.write_bytes(b"{broken\n")
+    code = prepare.main([str(path), "--output", str(tmp_path / "out" / "mixed.jsonl")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "junk.jsonl" in err[0]
+    assert not (tmp_path / "out" / "mixed.jsonl").exists()
+
+
+def test_nfd_becomes_nfc_in_jsonl_and_txt(tmp_path):
+    nfd = unicodedata.normalize("NFD", "한국어 자모 분해 텍스트")
+    assert nfd != unicodedata.normalize("NFC", nfd)
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": nfd}) + "\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_bytes(("\ufeff" + nfd + "\r\n둘째 줄\r\n\r\nsecond paragraph\r\n").encode("utf-8"))
+    stats = IngestStats()
+    docs = list(iter_documents(find_input_files([tmp_path]), stats, log=lambda _: None))
+    assert [d.text for d in docs] == ["한국어 자모 분해 텍스트", "한국어 자모 분해 텍스트\n둘째 줄", "second paragraph"]
+    assert stats.files[1].repaired["nfc"] == 1 and stats.files[1].repaired["bom"] == 1
+    assert stats.files[1].repaired["crlf"] == 4
+
+
+def test_exact_duplicates_removed_across_files(tmp_path):
+    (tmp_path / "a.jsonl").write_text(_j({"text": "same"}).decode() + _j({"text": "a only"}).decode(), encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text(_j({"text": "same"}).decode() + _j({"text": " same "}).decode(), encoding="utf-8")
+    stats = IngestStats()
+    docs = list(iter_documents(find_input_files([tmp_path]), stats, log=lambda _: None))
+    assert [d.text for d in docs] == ["same", "a only"]  # " same " is the same document once trimmed
+    assert stats.duplicates == 2 and stats.files[1].duplicates == 2 and stats.files[1].docs == 0
+
+
+def test_clean_text_keeps_compatibility_jamo_and_emoji():
+    text, repairs = clean_text("ㅋㅋㅋ ㅠㅠ 😀\t tab\n")
+    assert text == "ㅋㅋㅋ ㅠㅠ 😀\t tab" and repairs == []
+
+
+@pytest.mark.parametrize("text,lang", [
+    ("오늘은 날씨가 정말 좋네요.", "ko"),
+    ("나는 PyTorch와 Python으로 모델을 학습했다.", "ko"),
+    ("I met 김민수 in Seoul yesterday afternoon.", "en"),
+    ("The quick brown fox jumps over the lazy dog.", "en"),
+    ("中文文本没有韩文也没有拉丁字母", "other"),
+    ("12345 678 90", "other"),
+])
+def test_detect_language(text, lang):
+    assert detect_language(text) == lang
+
+
+def test_find_input_files_folders_globs_and_errors(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ("a.jsonl", "b.txt", "c.json", ".hidden.jsonl", "sub/d.jsonl"):
+        (tmp_path / name).write_text('{"text": "x"}\n', encoding="utf-8")
+    assert [p.name for p in find_input_files([tmp_path])] == ["a.jsonl", "b.txt"]
+    assert [p.name for p in find_input_files([str(tmp_path / "**" / "*.jsonl")])] == ["a.jsonl", "d.jsonl"]
+    assert [p.name for p in find_input_files([tmp_path, tmp_path / "a.jsonl"], exclude=[tmp_path / "b.txt"])] == ["a.jsonl"]
+    with pytest.raises(DataError, match="matches no file"):
+        find_input_files([str(tmp_path / "nothing*.jsonl")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no"):
+        find_input_files([tmp_path / "empty"])
+
+
+def test_mix_plan_downsamples_the_surplus_and_reports_missing_groups():
+    plan = plan_mix({"ko": 600, "en": 2000, "ja": 50}, parse_mix("ko=0.6,en=0.4"))
+    assert plan.targets == {"ko": 600, "en": pytest.approx(400)} and plan.excluded == ["ja"]
+    plan = plan_mix({"ko": 600}, parse_mix("ko=0.6,en=0.4"))
+    assert plan.targets == {"ko": 600} and plan.missing == ["en"]
+    assert parse_mix("natural") is None
+    with pytest.raises(DataError, match="KEY=WEIGHT"):
+        parse_mix("ko:0.6")
+    groups = {"ko": [(i, 100) for i in range(6)], "en": [(i, 100) for i in range(6, 26)]}
+    plan = plan_mix({"ko": 600, "en": 2000}, {"ko": 0.6, "en": 0.4})
+    chosen = select_documents(groups, plan, seed=1)
+    assert sorted(i for i in chosen if i < 6) == list(range(6)) and sum(1 for i in chosen if i >= 6) == 4
+    assert chosen == select_documents(groups, plan, seed=1)
+
+
+def _corpus(tmp_path, n_ko=60, n_en=90):
+    path = tmp_path / "raw.jsonl"
+    lines = [_j({"text": f"한국어 문서 번호 {i} 입니다. " * 3, "lang": "ko"}) for i in range(n_ko)]
+    lines += [_j({"text": f"English document number {i}. " * 3}) for i in range(n_en)]
+    path.write_bytes(b"".join(lines))
+    return path
+
+
+def test_mixed_corpus_ratio_stats_file_and_reuse(tmp_path):
+    raw = _corpus(tmp_path)
+    out = tmp_path / "ds" / "mixed_pretraining.jsonl"
+    logs = []
+    summary = write_mixed_corpus([raw], out, {"ko": 0.6, "en": 0.4}, seed=3, log=logs.append)
+    share = summary["mix"]["achieved_share"]
+    assert summary["mix"]["selected_chars"]["ko"] == summary["mix"]["available_chars"]["ko"]
+    assert abs(share["ko"] - 0.6) < 0.02 and summary["output"]["docs"] == len(out.read_text().splitlines())
+    saved = json.loads((tmp_path / "ds" / "mixed_pretraining.stats.json").read_text(encoding="utf-8"))
+    assert saved["ingest"]["per_lang"]["en"]["docs"] == 90 and saved["output"]["per_lang"]["ko"]["docs"] == 60
+    assert any("achieved" in line for line in logs)
+    before = out.read_bytes()
+    os.utime(raw, ns=(1, 1))  # touched, same content: still reused
+    logs.clear()
+    write_mixed_corpus([raw], out, {"ko": 0.6, "en": 0.4}, seed=3, log=logs.append)
+    assert logs[0].startswith("reusing") and out.read_bytes() == before
+    logs.clear()
+    write_mixed_corpus([raw], out, {"ko": 0.5, "en": 0.5}, seed=3, log=logs.append)
+    assert not logs[0].startswith("reusing")
+
+
+@pytest.mark.skipif(not SAMPLE.is_file(), reason=f"sample data not found at {SAMPLE}")
+def test_sample_data_reads_cleanly():
+    stats = IngestStats()
+    docs = list(iter_documents([SAMPLE], stats, log=lambda _: None))
+    assert len(docs) == 2811 and stats.chars == 5_453_339 and stats.duplicates == 0
+    assert stats.per_lang["ko"] == {"docs": 1956, "chars": 3_271_574}
+    assert not stats.skipped()
+    # Detection agrees with every "lang" label of the sample.
+    assert Counter(detect_language(d.text) == d.lang for d in docs) == Counter({True: 2811})

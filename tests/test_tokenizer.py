@@ -1,0 +1,129 @@
+"""SentencePiece tokenizer: round trips, fixed ids, NFC, and identical ids through transformers."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import unicodedata
+
+import pytest
+
+from koen_sllm.config import repo_root
+from koen_sllm.data.dummy import dummy_documents
+from koen_sllm.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, KoEnTokenizer, TokenizerError, normalize_text,
+                                 train_tokenizer)
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+SAMPLE = repo_root().parent / "shared" / "data" / "ko_en_sample.jsonl"
+
+CASES = [
+    "안녕하세요, 세계! 오늘은 날씨가 좋네요.",
+    "The quick brown fox jumps over the lazy dog.",
+    "emoji 😀👍🏽🇰🇷 and ❤️",
+    "rare syllables 똠 뙇 꽯 쓟 햏 뷁",
+    "compatibility jamo ㅋㅋㅋ ㅠㅠ ㄱㄴㄷ ㅏㅑ",
+    "   leading spaces",
+    "trailing spaces   ",
+    "multiple   spaces\tand\ttabs",
+    "new\nlines\n\n\nand a final newline\n",
+    "\n",
+    "",
+    "숫자 1234567 and 3.14159",
+    "literal </s> <s> <pad> <unk> text",
+    "中文 日本語 Ελληνικά кириллица",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "corpus.jsonl"
+    docs = dummy_documents(400)
+    docs.append({"text": "ㅋㅋㅋㅋ 진짜 웃기다 ㅠㅠ\n재밌어요!! 😀", "lang": "ko"})
+    path.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok(corpus):
+    return train_tokenizer(corpus, corpus.parent / "tokenizer", 600, log=lambda _: None)
+
+
+def test_special_ids_and_files(tok):
+    assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (PAD_ID, UNK_ID, BOS_ID, EOS_ID) == (0, 1, 2, 3)
+    assert tok.vocab_size == 600 and tok.model_type == "bpe"
+    files = sorted(os.listdir(tok.model_file.parent))
+    assert files == ["koen_tokenizer.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+                     "tokenizer_config.json"]
+    assert tok.fingerprint() == hashlib.sha256(tok.model_file.read_bytes()).hexdigest()
+    assert tok.encode("abc", add_bos=True, add_eos=True)[0] == BOS_ID
+    assert tok.encode("abc", add_bos=True, add_eos=True)[-1] == EOS_ID
+    assert tok.decode(tok.encode("abc", add_bos=True, add_eos=True)) == "abc"
+
+
+@pytest.mark.parametrize("text", CASES)
+def test_round_trip_without_unknowns(tok, text):
+    ids = tok.encode(text)
+    assert UNK_ID not in ids
+    assert tok.decode(ids) == text
+
+
+def test_nfc_at_encode_time_and_jamo_untouched(tok):
+    composed = "한국어 텍스트"
+    assert tok.encode(unicodedata.normalize("NFD", composed)) == tok.encode(composed)
+    assert normalize_text("ㅋ") == "ㅋ"  # NFKC would give U+110F
+    assert tok.encode("ㅋ") != tok.encode("\u110f")
+    assert tok.decode(tok.encode("ㅋㅋ")) == "ㅋㅋ"
+
+
+def test_batch_encoding_matches_single(tok):
+    assert tok.encode_batch(CASES, num_threads=2) == [tok.encode(t) for t in CASES]
+
+
+def test_transformers_gives_identical_ids(tok):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(tok.model_file.parent, local_files_only=True)
+    for text in CASES + [unicodedata.normalize("NFD", "맥에서 온 한글")]:
+        assert hf(normalize_text(text))["input_ids"] == tok.encode(text), text
+        assert hf.decode(tok.encode(text)) == normalize_text(text)
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id, hf.unk_token_id) == (2, 3, 0, 1)
+
+
+def test_save_pretrained_to_another_folder(tok, tmp_path):
+    tok.save_pretrained(tmp_path / "copy")
+    again = KoEnTokenizer.load(tmp_path / "copy")
+    assert again.fingerprint() == tok.fingerprint() and again.model_type == "bpe"
+    assert again.encode(CASES[0]) == tok.encode(CASES[0])
+
+
+def test_vocabulary_capped_to_what_data_supports(corpus, tmp_path):
+    notes = []
+    capped = train_tokenizer(corpus, tmp_path / "big", 50_000, log=notes.append)
+    assert capped.vocab_size < 50_000 and len(notes) == 1 and "capped from 50000" in notes[0]
+    info = json.loads((tmp_path / "big" / "koen_tokenizer.json").read_text())
+    assert info["requested_vocab_size"] == 50_000 and info["vocab_size"] == capped.vocab_size
+
+
+def test_too_small_vocabulary_and_missing_model_are_clear_errors(corpus, tmp_path):
+    with pytest.raises(TokenizerError, match=r"--vocab-size 270 is too small .* use --vocab-size \d+"):
+        train_tokenizer(corpus, tmp_path / "small", 270, log=lambda _: None)
+    assert not (tmp_path / "small").exists()
+    with pytest.raises(TokenizerError, match="no SentencePiece model"):
+        KoEnTokenizer.load(tmp_path / "nowhere")
+
+
+def test_unigram_also_exports(corpus, tmp_path):
+    with pytest.warns(UserWarning, match="unigram ties"):
+        uni = train_tokenizer(corpus, tmp_path / "uni", 600, model_type="unigram", log=lambda _: None)
+    assert uni.model_type == "unigram" and uni.decode(uni.encode(CASES[2])) == CASES[2]
+
+
+@pytest.mark.skipif(not SAMPLE.is_file(), reason=f"sample data not found at {SAMPLE}")
+def test_sample_data_identical_ids_for_every_document(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = train_tokenizer(SAMPLE, tmp_path / "sample_tok", 8000, log=lambda _: None)
+    hf = AutoTokenizer.from_pretrained(tmp_path / "sample_tok", local_files_only=True)
+    texts = [json.loads(line)["text"] for line in SAMPLE.open(encoding="utf-8")]
+    assert [hf(t)["input_ids"] for t in texts] == tok.encode_batch(texts, num_threads=2)
+    assert all(UNK_ID not in ids for ids in tok.encode_batch(texts[:200]))
