@@ -105,12 +105,26 @@ def _median(values: Sequence[float]) -> float:
     return s[len(s) // 2]
 
 
+def _count(n: float) -> str:
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:,.2f}{unit}"
+    return f"{n:,.0f}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.2f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
+
+
 def build_figure(m: Metrics, smooth: float = 0.9, title: str = ""):
     """The figure and the names of its panels, in order."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels: list[tuple[str, Any]] = []
 
@@ -157,7 +171,7 @@ def build_figure(m: Metrics, smooth: float = 0.9, title: str = ""):
             ax.plot(sx, sy, color=color, linewidth=1.2)
             ax.set_title(title.format(last=format(sy[-1], fmt), median=format(_median(sy), fmt)))
             ax.set_ylabel(ylabel)
-            if log and min(sy) > 0:
+            if log and min(sy) > 0 and max(sy) / min(sy) > 20:  # spikes: log scale only when they span decades
                 ax.set_yscale("log")
             if from_zero:  # a 2% dip should look like one
                 ax.set_ylim(bottom=0, top=max(sy) * 1.08)
@@ -175,18 +189,22 @@ def build_figure(m: Metrics, smooth: float = 0.9, title: str = ""):
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 3.4 * rows), squeeze=False)
     flat = [ax for row in axes for ax in row]
+    first, last_step = m.train[0]["step"], m.train[-1]["step"]
+    pad = max(1.0, 0.02 * (last_step - first))
     for ax, (_, draw) in zip(flat, panels):
         draw(ax)
         ax.set_xlabel("step")
+        ax.set_xlim(first - pad, max(last_step, *(r["step"] for r in m.evals)) + pad)  # one step axis for all
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
     for ax in flat[len(panels):]:
         fig.delaxes(ax)
     last = m.train[-1]
     facts = [f"step {int(last['step'])}"]
     if _finite(last.get("tokens_seen")):
-        facts.append(f"{last['tokens_seen'] / 1e6:,.1f}M tokens")
+        facts.append(_count(last["tokens_seen"]) + " tokens")
     if _finite(last.get("elapsed_s")):
-        facts.append(f"{last['elapsed_s'] / 3600:.2f} h")
+        facts.append(_duration(last["elapsed_s"]))
     _, mfu = series(m.train, "mfu", 100.0)
     if mfu:
         facts.append(f"MFU median {_median(mfu):.1f}%")
