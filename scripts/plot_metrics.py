@@ -194,7 +194,7 @@ def build_figure(m: Metrics, smooth: float = 0.9, title: str = ""):
     for ax, (_, draw) in zip(flat, panels):
         draw(ax)
         ax.set_xlabel("step")
-        ax.set_xlim(first - pad, max(last_step, *(r["step"] for r in m.evals)) + pad)  # one step axis for all
+        ax.set_xlim(first - pad, max([last_step] + [r["step"] for r in m.evals]) + pad)  # one step axis for all
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
     for ax in flat[len(panels):]:
