@@ -451,3 +451,87 @@ def test_real_engine_trains_saves_and_resumes_on_cpu(tmp_path, ds_world, precisi
     reloaded = r2.hf_state_dict()
     assert all(torch.equal(reloaded[k], saved[k]) for k in saved)
     assert steps(r2, 3, 5) == pytest.approx(rest, abs=1e-6)  # resumed exactly
+
+
+TWO_RANK_SCRIPT = r'''
+import json, sys, torch
+from pathlib import Path
+from koen_sllm import distributed as D, ds_backend as B
+from koen_sllm.config import apply_device_defaults, derive_batch_plan, parse_args
+from koen_sllm.model import KoEnLM, model_config_from_preset
+
+out, stage = Path(sys.argv[1]), int(sys.argv[2])
+info = D.init_distributed()
+argv = ["--deepspeed", "--fp32", "--batch-size", "2", "--grad-accum", "2", "--max-seq-length", "32",
+        "--learning-rate", "1e-3", "--warmup-steps", "2"]
+cfg, _ = parse_args(argv)
+apply_device_defaults(cfg, False)
+explicit = B.explicit_options(argv)
+B.apply_ds_options(cfg, explicit, info.world_size)
+plan = derive_batch_plan(cfg, info.world_size)
+ds = B.build_ds_config(cfg, plan, 8, explicit)
+ds["zero_optimization"]["stage"] = stage
+mcfg = model_config_from_preset("tiny", 256, 32)
+
+def make():
+    torch.manual_seed(0)
+    return B.DeepSpeedRunner(KoEnLM(mcfg), ds)
+
+def run(r, first, last, nan_step=-1):
+    rec = []
+    for s in range(first, last):
+        xs = torch.randint(0, 256, (2, 2, 2, 33), generator=torch.Generator().manual_seed(100 + s))[info.rank]
+        loss = sum(r.forward_backward(xs[m, :, :-1], xs[m, :, 1:], m == 1, nan_loss=s == nan_step).item()
+                   for m in range(2)) / 2
+        norm, applied = r.step()
+        rec.append([loss, applied])
+    return rec
+
+r = make()
+before = run(r, 0, 4, nan_step=2)
+path = B.save_checkpoint_collective(r, out, "checkpoint-4", hf_config=r.module.hf_config(2, 3, 0),
+                                    tokenizer_dir=None, training_info={}, trainer_state={"step": 4})
+after = run(r, 4, 6)
+r2 = make()
+r2.load_from(path)
+resumed = run(r2, 4, 6)
+try:
+    B.save_checkpoint_collective(r2, out, ".bad", hf_config={}, tokenizer_dir=None, training_info={},
+                                 trainer_state=None)
+    failure = None
+except Exception as exc:
+    failure = f"{type(exc).__name__}: {exc}"
+(out / f"rank{info.rank}.json").write_text(json.dumps(
+    {"before": before, "after": after, "resumed": resumed, "path": str(path), "failure": failure}))
+D.cleanup()
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_real_engine_two_ranks_save_collectively(tmp_path, stage):
+    """Two gloo processes on CPU (only where deepspeed imports): the non-finite step is skipped on
+    both ranks, the collective save publishes one checkpoint, resuming repeats the same losses,
+    and a failed save raises the same error on every rank instead of hanging."""
+    try:
+        B.require_deepspeed()
+    except B.DeepSpeedUnavailable as exc:
+        pytest.skip(str(exc))
+    import subprocess
+
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANK_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(Path(__file__).resolve().parent.parent), OMP_NUM_THREADS="1")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(out), str(stage)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [a for _, a in ranks[0]["before"]] == [True, True, False, True]
+    assert [l for l, _ in ranks[0]["after"]] == pytest.approx([l for l, _ in ranks[0]["resumed"]], abs=1e-6)
+    assert ranks[0]["path"] == ranks[1]["path"] == str(out / "checkpoint-4")
+    assert read_latest(out) == "checkpoint-4" and verify_checkpoint(out / "checkpoint-4")[0]
+    shards = sorted(p.name for p in (out / "checkpoint-4" / B.ENGINE_DIR / B.ENGINE_TAG).iterdir())
+    assert sum("optim_states" in n for n in shards) == 2
+    assert ranks[0]["failure"] == ranks[1]["failure"] and "CheckpointError" in ranks[0]["failure"]
