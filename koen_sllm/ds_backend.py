@@ -39,6 +39,14 @@ from .ds_config import (  # noqa: F401 - re-exported: the backend's whole API li
 )
 from .optim import build_scheduler, param_groups
 
+__all__ = [  # the config half is re-exported so the trainer imports one module
+    "SHIPPED_CONFIG", "DeepSpeedConfigError", "apply_ds_options", "build_ds_config", "describe",
+    "explicit_options", "load_ds_json", "offload_device", "zero_stage",
+    "INSTALL_COMMAND", "ENGINE_DIR", "ENGINE_TAG", "DeepSpeedUnavailable", "DeepSpeedBackendError",
+    "require_deepspeed", "estimate_ds_checkpoint_bytes", "DeepSpeedRunner", "has_engine_state",
+    "save_checkpoint_collective",
+]
+
 INSTALL_COMMAND = 'pip install -e ".[deepspeed]"'
 ENGINE_DIR = "deepspeed"  # inside a checkpoint directory: the engine's own files
 ENGINE_TAG = "zero"

@@ -173,6 +173,8 @@ class _Merger:
 
 
 def _show(v: Any) -> str:
+    if v is None:
+        return "(unset)"
     return " ".join(str(x) for x in v) if isinstance(v, (list, tuple)) else str(v)
 
 
