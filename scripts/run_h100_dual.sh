@@ -197,8 +197,10 @@ if [[ -z "$ACTION" ]]; then
     [[ -f "$DEEPSPEED" ]] || die2 "DeepSpeed 설정 파일이 없습니다 / --deepspeed config '$DEEPSPEED' not found"
   fi
   if [[ -n "$RESUME" && "$RESUME" != auto && "$RESUME" != none ]]; then
+    # A bare name such as checkpoint-500 means the one under --output-dir (as in the trainer).
+    if [[ "$RESUME" != /* && ! -e "$RESUME" && -e "$OUTPUT_DIR/$RESUME" ]]; then RESUME="$OUTPUT_DIR/$RESUME"; fi
     RESUME="$(abspath "$RESUME")"
-    [[ -e "$RESUME" ]] || die2 "체크포인트가 없습니다 / --resume '$RESUME' does not exist (use auto, none or a checkpoint path)"
+    [[ -e "$RESUME" ]] || die2 "체크포인트가 없습니다 / --resume '$RESUME' does not exist (use auto, none, a checkpoint path or a checkpoint name in --output-dir)"
   fi
   # Two runs would share GPUs, logs and checkpoints: refuse before anything else.
   if ((!DRY_RUN)) && running="$(koen_live_pid "$PID_FILE")"; then

@@ -260,6 +260,15 @@ def test_dry_run_defaults_and_optional_values(tmp_path):
     assert "배치 크기 / batch size: 4" in res.stdout and "학습률 / learning rate: 1e-4" in res.stdout
 
 
+def test_resume_by_checkpoint_name_looks_in_the_output_dir(tmp_path):
+    (tmp_path / "out" / "checkpoint-500").mkdir(parents=True)
+    res = run("--dry-run", "--resume", "checkpoint-500", "--output-dir", str(tmp_path / "out"),
+              "--logs-dir", str(tmp_path / "l"), cwd=Path("/"))
+    assert res.returncode == 0, res.stderr
+    args = _command_from(res.stdout)[7:]
+    assert args[args.index("--resume") + 1] == str(tmp_path / "out" / "checkpoint-500")
+
+
 # ---------------------------------------------------------------- PID file, --status, --stop
 
 
@@ -488,8 +497,7 @@ def test_foreground_exit_code_is_the_runs(fake_checkout):
     assert res.returncode == 1  # torchrun's code for "a worker failed"
     assert "failed with exit code 1" in res.stderr
     assert "the run exited with code 1" in (fake_checkout / "logs" / "training_console.log").read_text()
-    res = run("--foreground", script=script, env=fake_env(fake_checkout, FAKE_STEPS="2"))
-    assert res.returncode == 0 and "the run finished (exit 0)" in res.stdout
+    assert not (fake_checkout / "logs" / "training.pid").exists()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
