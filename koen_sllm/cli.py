@@ -99,6 +99,7 @@ def _run(cfg, info, notes, log) -> int:
     log.info("   outputs: %s", cfg.output_dir)
     log.info("   logs: %s (metrics: %s)", cfg.logs_dir, cfg.logs_dir / "metrics.jsonl")
     if trainer.data.used_dummy:
-        log.warning("   ⚠️  trained on DUMMY data: prepare real data with scripts/run_preprocessing.sh --recipe1")
+        (log.warning if info.is_main else log.info)(
+            "   ⚠️  trained on DUMMY data: prepare real data with scripts/run_preprocessing.sh --recipe1")
     log.info("=" * 60)
     return 0

@@ -98,7 +98,7 @@ class TrainConfig:
     deepspeed: Optional[str] = None  # path to a ds_config.json, "" = shipped default
     logs_dir: Optional[str] = None  # None -> <root>/logs
     verbose: bool = False
-    debug_nan_steps: tuple[int, ...] = ()  # test hook: force a NaN loss at these steps
+    debug_nan_steps: tuple[int, ...] = ()  # test hook: NaN loss at these step attempts (1-based)
     debug_kill_step: Optional[int] = None  # test hook: rank 0 SIGKILLs itself as this step starts
 
 

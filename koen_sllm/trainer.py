@@ -34,12 +34,14 @@ VOCAB_MULTIPLE = 64  # embedding rows padded so matmuls tile evenly on tensor co
 class StopRequest:
     """SIGTERM/SIGINT: the first asks for a save at the next step boundary, a second exits now.
 
-    torchrun forwards the terminal's Ctrl-C to workers that already got it, so a
-    repeat within a second counts as the same request.
+    The handler only sets flags (no I/O: it may interrupt a write in progress);
+    the loop reports the request. torchrun forwards the terminal's Ctrl-C to
+    workers that already got it, so a repeat within a second is the same request.
     """
 
     def __init__(self) -> None:
         self.requested = False
+        self.reported = False
         self.first_at = 0.0
         self.signame = ""
 
@@ -50,15 +52,16 @@ class StopRequest:
     def _handle(self, signum, _frame) -> None:
         now = time.monotonic()
         if self.requested and now - self.first_at > 1.0:
-            get_logger().warning("second %s: exiting now without saving", signal.Signals(signum).name)
             raise SystemExit(128 + signum)
         if not self.requested:
             self.requested, self.first_at = True, now
             self.signame = signal.Signals(signum).name
-            get_logger().warning(
-                "%s received: saving a checkpoint at the next step boundary, then stopping "
-                "(send it again to exit at once) / 다음 스텝에서 체크포인트 저장 후 종료합니다", self.signame
-            )
+
+    def report(self, log) -> None:
+        if self.requested and not self.reported:
+            self.reported = True
+            log.warning("%s received: saving a checkpoint at this step boundary, then stopping (send it again to "
+                        "exit at once) / 체크포인트 저장 후 종료합니다", self.signame or "stop request")
 
 
 @dataclass
@@ -80,6 +83,7 @@ class Trainer:
     def setup(self) -> None:
         """Data, model, optimizer, resume or initial save, then compile and wrap."""
         cfg, info, log = self.cfg, self.info, self.log
+        self.stop.install()  # a preemption during setup must not kill the run mid-write
         self.plan = derive_batch_plan(cfg, info.world_size)
         self.data = self._prepare_data()
         self.tokenizer = KoEnTokenizer.load(self.data.tokenizer_dir)
@@ -98,7 +102,7 @@ class Trainer:
         elif cfg.ckpt.save_initial:
             self.last_checkpoint = save_run_checkpoint(self, "initial_model", update_latest=False, with_state=False)
         self.finalize()
-        log.info("model: %s preset, %s parameters, vocab %d (tokenizer %d), %.2f GFLOPs/token",
+        log.info("model: %s preset, %s parameters, vocab %d (tokenizer %d), %.3g GFLOPs/token",
                  self.t.model_size, f"{self.raw_model.num_params():,}", vocab, self.tokenizer.vocab_size,
                  self.flops_per_token / 1e9)
         log.info("batch: %s", self.plan.describe())
@@ -122,6 +126,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.max_steps)
         self.scaler = torch.amp.GradScaler("cuda") if self.t.precision == "fp16" else None
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
+        self.attempts = 0  # optimizer-step attempts in this process, skipped ones included
         self.last_val: dict[str, float] = {}
 
     def finalize(self) -> None:
@@ -144,7 +149,7 @@ class Trainer:
                     cfg.dataset_path, mode=self.t.mode, vocab_size=cfg.data.vocab_size,
                     val_fraction=cfg.data.val_fraction, num_proc=cfg.data.num_proc, strict=cfg.data.strict,
                     tokenizer_path=Path(cfg.data.tokenizer_path) if cfg.data.tokenizer_path else None,
-                    log=self.log.info,
+                    work_dir=cfg.output_dir, log=self.log.info,
                 )
             except Exception as exc:  # every rank must learn of it, or they hang at the broadcast
                 result = RunSetupError(f"{type(exc).__name__}: {exc}")
@@ -171,11 +176,12 @@ class Trainer:
             with D.grad_sync(self.model, micro == accum - 1):
                 with self.autocast:
                     loss = self.model(x, y)
-                if (self.step + 1) in self.t.debug_nan_steps:
+                if self.attempts + 1 in self.t.debug_nan_steps:
                     loss = loss * float("nan")
                 scaled = loss / accum  # gradients average over the whole step, not each micro-batch
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += loss.detach().float()
+        self.attempts += 1
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
@@ -240,7 +246,6 @@ class Trainer:
         sink = MetricsSink(cfg.logs_dir / "metrics.jsonl", cfg.logs_dir / "tensorboard") if info.is_main else None
         meter = Throughput(warmup_steps=2 if t.compile else 1)
         bar = progress_bar(self.max_steps, self.step, info.is_main)
-        self.stop.install()
         self.model.train()
         start, consecutive_bad, last_loss = time.time(), 0, float("nan")
         self._start_time = start
@@ -256,8 +261,10 @@ class Trainer:
             if not applied:
                 consecutive_bad += 1
                 summary.bad_steps += 1
-                log.warning("non-finite loss or gradient at step %d: update skipped (%d in a row, limit %d)",
-                            self.step + 1, consecutive_bad, t.max_bad_steps)
+                # Every rank took the same vote; one console line is enough.
+                (log.warning if info.is_main else log.info)(
+                    "non-finite loss or gradient at step %d: update skipped (%d in a row, limit %d)",
+                    self.step + 1, consecutive_bad, t.max_bad_steps)
                 if consecutive_bad >= t.max_bad_steps:
                     raise RunSetupError(
                         f"stopped after {consecutive_bad} consecutive non-finite steps at step {self.step + 1}; "
@@ -280,6 +287,7 @@ class Trainer:
                 summary.last_checkpoint = save_run_checkpoint(self, f"checkpoint-{self.step}", last_loss=last_loss)
         if bar is not None:
             bar.close()
+        self.stop.report(log)
         summary.stopped_by_signal = self.stop.requested
         if self.data.val_files and not summary.stopped_by_signal:  # a preempted run saves first, evaluates never
             self._eval_and_log(sink)

@@ -57,7 +57,7 @@ def torchrun_cmd(nproc: int, run_dir: Path, dataset: Path, *args: str) -> list[s
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
             str(TRAIN), "--dataset-path", str(dataset), "--output-dir", str(run_dir / "out"),
             "--logs-dir", str(run_dir / "logs"), "--vocab-size", "400", "--num-proc", "1",
-            "--model-size", "tiny", "--max-seq-length", "64", "--log-steps", "1", *args]
+            "--model-size", "tiny", "--max-seq-length", "64", "--log-steps", "1", "--learning-rate", "2e-3", *args]
 
 
 def train(nproc: int, run_dir: Path, dataset: Path, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
@@ -118,20 +118,24 @@ def _children(pid: int) -> list[int]:
 
 def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path, dataset):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(torchrun_cmd(2, run_dir, dataset, "--train", "--batch-size", "2", "--max-steps",
-                                         "100000", "--save-steps", "100000"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
-    metrics = run_dir / "logs" / "metrics.jsonl"
-    deadline = time.time() + 180
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.2)
-    workers = _children(proc.pid)
-    assert len(workers) == 2
-    for pid in workers:  # what the launcher's --stop does
-        os.kill(pid, signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    console = tmp_path / "console.txt"
+    with console.open("w") as sink:  # a file, not a pipe: nobody drains a pipe while we wait
+        proc = subprocess.Popen(torchrun_cmd(2, run_dir, dataset, "--train", "--batch-size", "2", "--max-steps",
+                                             "100000", "--save-steps", "100000"),
+                                stdout=sink, stderr=subprocess.STDOUT, text=True, env=_env())
+        metrics = run_dir / "logs" / "metrics.jsonl"
+        deadline = time.time() + 180
+        while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert proc.poll() is None, console.read_text()[-4000:]
+            time.sleep(0.2)
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        for pid in workers:  # what the launcher's --stop does
+            os.kill(pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+    out = console.read_text()
     assert proc.returncode == 0, out[-4000:]
+    assert "SIGTERM received" in out
     assert "Training stopped" in out
     name = latest(run_dir)
     step = int(name.split("-")[1])
@@ -144,12 +148,13 @@ def test_nonfinite_step_is_skipped_then_the_run_stops_after_the_limit(tmp_path, 
     ok = train(2, tmp_path / "one", dataset, "--train", "--batch-size", "2", "--max-steps", "6",
                "--debug-nan-steps", "3")
     assert "non-finite loss or gradient at step 3" in ok.stdout
+    assert ok.stdout.count("non-finite loss or gradient") == 1  # rank 0 speaks for both
     assert "bad steps skipped: 1" in ok.stdout and latest(tmp_path / "one") == "checkpoint-6"
     assert all(v == v for v in losses(tmp_path / "one").values())  # no NaN reached the weights or the log
 
     bad = train(2, tmp_path / "many", dataset, "--train", "--batch-size", "2", "--max-steps", "8",
                 "--save-steps", "2", "--debug-nan-steps", "3,4,5", "--max-bad-steps", "3", expect=1)
-    assert "stopped after 3 consecutive non-finite steps" in bad.stdout + bad.stderr
+    assert "stopped after 3 consecutive non-finite steps at step 3" in bad.stdout + bad.stderr
     assert latest(tmp_path / "many") == "checkpoint-2"
     from koen_sllm.checkpoint import verify_checkpoint
 
@@ -178,7 +183,8 @@ def test_readme_test_run_through_the_launcher(tmp_path):
     empty.mkdir()
     proc = subprocess.run(["bash", str(LAUNCHER), "--test", "--foreground", "--no-install", "--num-gpus", "2",
                            "--max-steps", "30", "--dataset-path", str(empty), "--output-dir", str(out),
-                           "--logs-dir", str(logs), "--", "--vocab-size", "512", "--num-proc", "1"],
+                           "--logs-dir", str(logs), "--learning-rate", "2e-3", "--", "--vocab-size", "512",
+                           "--num-proc", "1"],
                           capture_output=True, text=True, env=_env(), timeout=600)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-5000:]
