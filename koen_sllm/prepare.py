@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import hashlib
+import os
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -71,6 +72,18 @@ def _candidates(files: list[Path], work_dir: Path) -> list[Path]:
         stem, beside = "all_files", files[0].parent / "prepared"
     key = hashlib.sha256("\n".join(str(p.resolve()) for p in files).encode()).hexdigest()[:10]
     return [beside / stem, work_dir / "prepared" / f"{stem}-{key}"]
+
+
+def _writable(folder: Path) -> bool:
+    """Whether ``folder`` can be created and written, judged by its nearest existing ancestor.
+
+    The mode bits are checked as well as access(): root may write anywhere, but a
+    folder marked read-only (shared data) must not collect our files.
+    """
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    return probe.is_dir() and os.access(probe, os.W_OK | os.X_OK) and bool(probe.stat().st_mode & 0o222)
 
 
 @contextmanager
@@ -151,20 +164,18 @@ def ensure_training_data(
             log(describe_meta(meta))
             return _result(prepared, meta, used_dummy)
         log(f"rebuilding {prepared}: {why}")
-    errors = []
-    for prepared in candidates:
-        try:
-            with _locked(prepared):
-                meta, _ = (None, "") if force else check_cache(prepared, files, settings, tokenizer, strict)
-                if meta is None:  # another process may have finished it while we waited
-                    meta = build_prepared(files, prepared, settings=settings, vocab_size=vocab_size,
-                                          model_type=model_type, tokenizer=tokenizer, num_proc=num_proc,
-                                          strict=strict, used_dummy=used_dummy, log=log)
-            log(describe_meta(meta))
-            return _result(prepared, meta, used_dummy)
-        except OSError as exc:  # read-only or full: try the next place
-            errors.append(f"{prepared}: {exc.strerror or exc}")
-    raise DataError(f"cannot write prepared data ({'; '.join(errors)}); pass a writable work folder")
+    target = next((p for p in candidates if _writable(p)), None)
+    if target is None:
+        raise DataError(f"cannot write prepared data: neither {candidates[0]} nor {candidates[1]} is writable; "
+                        "pass a writable work folder")
+    with _locked(target):
+        meta, _ = (None, "") if force else check_cache(target, files, settings, tokenizer, strict)
+        if meta is None:  # another process may have finished it while we waited for the lock
+            meta = build_prepared(files, target, settings=settings, vocab_size=vocab_size, model_type=model_type,
+                                  tokenizer=tokenizer, num_proc=num_proc, strict=strict, used_dummy=used_dummy,
+                                  log=log)
+    log(describe_meta(meta))
+    return _result(target, meta, used_dummy)
 
 
 # ---------------------------------------------------------------- command line
@@ -221,7 +232,7 @@ def run(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = print
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return run(argv)
-    except (DataError, TokenizerError) as exc:
+    except (DataError, TokenizerError, OSError) as exc:  # OSError: names the file (unreadable input, full disk)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -157,7 +157,7 @@ def train_tokenizer_on_texts(
     out_dir = Path(out_dir)
     if model_type not in MODEL_TYPES:
         raise TokenizerError(f"model_type {model_type!r} is unknown; choose one of {', '.join(MODEL_TYPES)}")
-    threads = num_threads or os.cpu_count() or 1
+    threads = num_threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) or 1
     size = int(vocab_size)
     for _ in range(4):
         try:

@@ -218,3 +218,16 @@ def test_sample_data_reads_cleanly():
     assert not stats.skipped()
     # Detection agrees with every "lang" label of the sample.
     assert Counter(detect_language(d.text) == d.lang for d in docs) == Counter({True: 2811})
+
+
+def test_gzip_inputs_are_read(tmp_path):
+    import gzip
+
+    with gzip.open(tmp_path / "a.jsonl.gz", "wb") as f:
+        f.write(_j({"text": "압축된 문서"}) + b"{bad\n")
+    with gzip.open(tmp_path / "b.txt.gz", "wb") as f:
+        f.write("first paragraph\n\nsecond\n".encode())
+    stats = IngestStats()
+    docs = list(iter_documents(find_input_files([tmp_path]), stats, log=lambda _: None))
+    assert [(d.text, d.lang) for d in docs] == [("압축된 문서", "ko"), ("first paragraph", "en"), ("second", "en")]
+    assert stats.files[0].skipped == Counter({"malformed_json": 1})

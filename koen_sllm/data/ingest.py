@@ -190,7 +190,7 @@ def _lang_field(value) -> Optional[str]:
 
 def find_input_files(specs: Sequence[Union[str, Path]], exclude: Iterable[Path] = ()) -> list[Path]:
     """Files, folders (their *.jsonl / *.txt, optionally .gz, not recursive) and globs, de-duplicated."""
-    excluded = {Path(p).resolve() for p in exclude}
+    seen = {Path(p).resolve() for p in exclude}
     found: list[Path] = []
     for spec in specs:
         path = Path(spec).expanduser()
@@ -207,7 +207,8 @@ def find_input_files(specs: Sequence[Union[str, Path]], exclude: Iterable[Path] 
             if not matches:
                 raise DataError(f"input {str(spec)!r} is not a file or folder and matches no file")
         for p in matches:
-            if p.resolve() not in excluded and p.resolve() not in {q.resolve() for q in found}:
+            if p.resolve() not in seen:
+                seen.add(p.resolve())
                 found.append(p)
     return found
 
@@ -359,7 +360,8 @@ def iter_documents(
 ) -> Iterator[Document]:
     """Clean documents from every file in order, exact duplicates removed; fills ``stats``."""
     seen: set[bytes] = set()
-    total = sum(Path(p).stat().st_size for p in files)
+    # Compressed sizes say nothing about the bytes read: no percentage then.
+    total = None if any(str(p).endswith(".gz") for p in files) else sum(Path(p).stat().st_size for p in files)
     progress = Progress("reading", total, log=log)
     try:
         for path in files:
