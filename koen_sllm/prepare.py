@@ -98,9 +98,18 @@ def _locked(folder: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _raw_hint(path: Path) -> str:
+    """Raw corpora in <folder>/raw/ are inputs of the preprocessing command, not training data."""
+    raw = path / "raw"
+    if raw.is_dir() and any(p.name.endswith(DATA_SUFFIXES) for p in raw.iterdir()):
+        return f"{raw} holds raw corpora: prepare them with scripts/run_preprocessing.sh --recipe1"
+    return ""
+
+
 def _loud_dummy_warning(path: Path, dummy: Path, log: Callable[[str], None]) -> None:
     bar = "#" * 78
-    for line in (bar, "#  WARNING: NO TRAINING DATA FOUND at", f"#    {path}",
+    hint = _raw_hint(path)
+    for line in (bar, "#  WARNING: NO TRAINING DATA FOUND at", f"#    {path}", *([f"#  {hint}"] if hint else []),
                  "#  경고: 학습 데이터가 없어 더미(가짜) 코퍼스를 사용합니다.",
                  "#  Using a DUMMY Korean/English corpus generated from templates. This run",
                  "#  only checks that the pipeline works; the model learns nothing useful.",
@@ -144,8 +153,10 @@ def ensure_training_data(
     files, used_dummy = find_dataset_files(path), False
     if not files:
         if mode == "train":
+            hint = _raw_hint(path)
             raise DataError(f"no training data at {path}: expected {path / DEFAULT_DATA_FILE} or *.jsonl/*.txt "
-                            f"files there. Create it with {PREPROCESS_COMMAND}, or pass --dataset-path")
+                            f"files there. " + (f"{hint}." if hint else
+                                                f"Create it with {PREPROCESS_COMMAND}, or pass --dataset-path"))
         files, used_dummy = [write_dummy_corpus(work_dir / "dummy_data")], True
         _loud_dummy_warning(path, files[0], log)
     tokenizer = KoEnTokenizer.load(tokenizer_path) if tokenizer_path else None
@@ -160,7 +171,7 @@ def ensure_training_data(
             log(f"reusing prepared data in {prepared} (input unchanged)")
             if tokenizer is None and meta["tokenizer"]["vocab_size"] != vocab_size and not used_dummy:
                 log(f"note: the prepared tokenizer has {meta['vocab_size']:,} pieces (--vocab-size {vocab_size:,} "
-                    f"applies only when one is trained; delete {prepared} to retrain)")
+                    f"applies only when one is trained; --force or deleting {prepared} retrains)")
             log(describe_meta(meta))
             return _result(prepared, meta, used_dummy)
         log(f"rebuilding {prepared}: {why}")

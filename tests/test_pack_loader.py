@@ -126,6 +126,9 @@ def test_dummy_corpus_in_test_mode_and_clear_error_in_train_mode(tmp_path):
     with pytest.raises(DataError) as err:
         _prepare(empty, tmp_path, mode="train")
     assert str(empty) in str(err.value) and "scripts/run_preprocessing.sh" in str(err.value)
+    _write(empty / "raw" / "corpus.jsonl", _docs(2, 2))  # raw input only: say how to prepare it
+    with pytest.raises(DataError, match=r"raw holds raw corpora: prepare them with scripts/run_preprocessing.sh"):
+        _prepare(empty, tmp_path, mode="train")
 
 
 def test_dataset_path_file_or_folder(tmp_path):
