@@ -231,3 +231,21 @@ def test_gzip_inputs_are_read(tmp_path):
     docs = list(iter_documents(find_input_files([tmp_path]), stats, log=lambda _: None))
     assert [(d.text, d.lang) for d in docs] == [("압축된 문서", "ko"), ("first paragraph", "en"), ("second", "en")]
     assert stats.files[0].skipped == Counter({"malformed_json": 1})
+
+
+def test_cli_strict_names_file_line_and_reason(bad_file, tmp_path, capsys):
+    code = prepare.main([str(bad_file), "--strict", "--output", str(tmp_path / "out" / "m.jsonl")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"{bad_file}:4: not valid JSON (malformed_json)" in err[0]
+
+
+def test_cli_mix_by_source_and_recipe_conflict(tmp_path, capsys):
+    raw = tmp_path / "raw.jsonl"
+    raw.write_bytes(b"".join(_j({"text": f"doc {i} " * 10, "source": "a" if i < 30 else "b"}) for i in range(40)))
+    out = tmp_path / "m.jsonl"
+    assert prepare.main([str(raw), "--mix-by", "source", "--mix", "a=1,b=1", "--output", str(out), "--no-shards"]) == 0
+    summary = json.loads((tmp_path / "m.stats.json").read_text(encoding="utf-8"))
+    assert summary["mix"]["selected_chars"]["b"] == summary["mix"]["available_chars"]["b"]
+    assert abs(summary["mix"]["achieved_share"]["a"] - 0.5) < 0.05 and summary["output"]["docs"] < 40
+    assert prepare.main([str(raw), "--recipe1", "--mix", "a=1", "--output", str(out)]) == 2
+    assert "--recipe1 means --mix ko=0.6,en=0.4" in capsys.readouterr().err
