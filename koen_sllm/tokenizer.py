@@ -16,7 +16,6 @@ Design (measurements in docs/data.md):
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -26,6 +25,8 @@ import unicodedata
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
+
+from koen_sllm.atomic_io import hash_file, publish_dir
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
@@ -63,14 +64,6 @@ def normalize_text(text: str) -> str:
     if text.isascii():
         return text
     return unicodedata.normalize("NFC", text)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- training
@@ -193,9 +186,7 @@ def train_tokenizer_on_texts(
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         tok = KoEnTokenizer.load(tmp)
         tok.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        publish_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -259,7 +250,7 @@ class KoEnTokenizer:
     def fingerprint(self) -> str:
         """sha256 of the model file: identifies the tokenizer in meta.json and checkpoints."""
         if self._fingerprint is None:
-            self._fingerprint = _sha256(self.model_file)
+            self._fingerprint = hash_file(self.model_file)[1]
         return self._fingerprint
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:

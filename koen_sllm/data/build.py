@@ -25,6 +25,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from koen_sllm.atomic_io import publish_dir
 from koen_sllm.data import DataError
 from koen_sllm.data.ingest import IngestStats, content_hash, file_stamp, format_summary, iter_documents
 from koen_sllm.data.pack import DocTable, pack_jsonl, token_dtype
@@ -107,11 +108,7 @@ def build_prepared(
         meta = _build_into(tmp, files, settings, vocab_size, model_type, tokenizer, num_proc, strict, used_dummy, log)
         (tmp / "docs.jsonl").unlink()
         _write_json(tmp / "meta.json", meta)
-        old = prepared.with_name(f".{prepared.name}.old-{os.getpid()}")
-        if prepared.exists():
-            os.replace(prepared, old)
-        os.replace(tmp, prepared)
-        shutil.rmtree(old, ignore_errors=True)
+        publish_dir(tmp, prepared)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
+from koen_sllm.atomic_io import hash_file
 from koen_sllm.data import DataError
 from koen_sllm.data.progress import Progress
 from koen_sllm.tokenizer import normalize_text
@@ -218,13 +219,11 @@ def file_stamp(files: list[Path]) -> list[list]:
 
 
 def content_hash(files: list[Path]) -> str:
-    """sha256 over the bytes of every input file, in order (names do not matter)."""
+    """sha256 over the (size, sha256) of every input file, in order (names do not matter)."""
     h = hashlib.sha256()
     for p in files:
-        h.update(f"{p.stat().st_size}\n".encode())
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
+        size, digest = hash_file(p)
+        h.update(f"{size}:{digest}\n".encode())
     return h.hexdigest()
 
 
