@@ -88,9 +88,17 @@ def _writable(folder: Path) -> bool:
 
 @contextmanager
 def _locked(folder: Path):
-    """One builder at a time: other ranks or runs wait here, then find the cache."""
+    """One builder at a time: other ranks or runs wait here, then find the cache.
+
+    A read-only location (prepared data shipped on a shared disk) cannot hold
+    a lock file, and nothing can be built there either: it is only read.
+    """
+    if not _writable(folder.parent):
+        yield
+        return
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "w") as handle:
+    handle = open(folder.parent / f".{folder.name}.lock", "w")
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -169,7 +177,7 @@ def ensure_training_data(
             meta, why = check_cache(prepared, files, settings, tokenizer, strict)
         if meta is not None:
             log(f"reusing prepared data in {prepared} (input unchanged)")
-            if tokenizer is None and meta["tokenizer"]["vocab_size"] != vocab_size and not used_dummy:
+            if tokenizer is None and meta["tokenizer"]["requested_vocab_size"] != vocab_size:
                 log(f"note: the prepared tokenizer has {meta['vocab_size']:,} pieces (--vocab-size {vocab_size:,} "
                     f"applies only when one is trained; --force or deleting {prepared} retrains)")
             log(describe_meta(meta))

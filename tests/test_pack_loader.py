@@ -109,6 +109,19 @@ def test_unwritable_data_folder_falls_back_to_work_dir(tmp_path):
         assert str(data.prepared_dir).startswith(str(tmp_path / "work" / "prepared" / "data-"))
     finally:
         shared.parent.chmod(0o755)
+    # Prepared data already on a read-only disk is reused without writing a lock file there.
+    done = _prepare(shared, tmp_path, work_dir=tmp_path / "w2")  # writable now: built beside the data
+    (done.prepared_dir.parent / ".data.lock").unlink()
+    for folder in (shared.parent, done.prepared_dir.parent):
+        folder.chmod(0o555)
+    try:
+        logs = []
+        again = _prepare(shared, tmp_path, logs, work_dir=tmp_path / "w2")
+        assert again.prepared_dir == done.prepared_dir and logs[0].startswith("reusing")
+        assert sorted(os.listdir(done.prepared_dir.parent)) == ["data"]
+    finally:
+        for folder in (shared.parent, done.prepared_dir.parent):
+            folder.chmod(0o755)
 
 
 def test_dummy_corpus_in_test_mode_and_clear_error_in_train_mode(tmp_path):
