@@ -200,8 +200,15 @@ def ensure_training_data(
 # ---------------------------------------------------------------- command line
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option as one DataError line instead of usage text."""
+
+    def error(self, message: str):  # noqa: D401 - argparse hook
+        raise DataError(f"{message} (see python -m koen_sllm.prepare --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m koen_sllm.prepare",
         description="Mix JSONL/txt corpora, train the tokenizer and write token files (see docs/data.md).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -249,3 +249,9 @@ def test_cli_mix_by_source_and_recipe_conflict(tmp_path, capsys):
     assert abs(summary["mix"]["achieved_share"]["a"] - 0.5) < 0.05 and summary["output"]["docs"] < 40
     assert prepare.main([str(raw), "--recipe1", "--mix", "a=1", "--output", str(out)]) == 2
     assert "--recipe1 means --mix ko=0.6,en=0.4" in capsys.readouterr().err
+
+
+def test_cli_bad_option_is_one_line(capsys):
+    assert prepare.main(["--vocab-size", "abc"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: argument --vocab-size: invalid int value: 'abc' (see python -m koen_sllm.prepare --help)"]
