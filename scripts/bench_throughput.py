@@ -99,7 +99,8 @@ def run_peer(args) -> dict:
     else:
         config = LlamaConfig(**{k: v for k, v in hf_cfg.items() if k not in ("architectures", "model_type")})
         model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa")
-    model.load_state_dict(ours.hf_state_dict(), strict=False)
+    missing, unexpected = model.load_state_dict(ours.hf_state_dict(), strict=False)
+    assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
     del ours
     tokens = RandomTokens(args.seq_len, args.batch_size)
 
