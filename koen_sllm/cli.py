@@ -11,6 +11,7 @@ import time
 from typing import Optional, Sequence
 
 from .config import ConfigError, apply_device_defaults, parse_args
+from .ds_config import explicit_options
 
 
 def _print_err(msg: str) -> None:
@@ -18,8 +19,10 @@ def _print_err(msg: str) -> None:
 
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         cfg, ns = parse_args(argv)
+        explicit = explicit_options(argv)  # a DeepSpeed JSON may replace defaults, never these
     except ConfigError as exc:
         _print_err(f"{exc} (see --help)")
         return 2
@@ -38,6 +41,14 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(cfg.to_json())
         return 0
+    if cfg.train.deepspeed is not None:
+        from .ds_backend import DeepSpeedUnavailable, require_deepspeed
+
+        try:  # now, not after the data is prepared and the model built
+            require_deepspeed()
+        except DeepSpeedUnavailable as exc:
+            _print_err(str(exc))
+            return 2
 
     try:
         info = D.init_distributed()
@@ -47,7 +58,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     log = setup_logging(cfg.logs_dir, info.rank, cfg.train.verbose)
     code = 1
     try:
-        code = _run(cfg, info, notes, log)
+        code = _run(cfg, info, notes, log, explicit)
     except KeyboardInterrupt:
         log.error("interrupted")
         code = 130
@@ -57,10 +68,11 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     return code
 
 
-def _run(cfg, info, notes, log) -> int:
+def _run(cfg, info, notes, log, explicit=frozenset()) -> int:
     from .attention import AttentionBackendError
     from .checkpoint import CheckpointError
     from .config import ConfigError as _CfgErr
+    from .ds_backend import DeepSpeedBackendError
     from .run_state import RunSetupError
     from .trainer import Trainer
 
@@ -75,10 +87,10 @@ def _run(cfg, info, notes, log) -> int:
         log.info("note: %s", note)
     log.debug("configuration:\n%s", cfg.to_json())
     try:
-        trainer = Trainer(cfg, info)
+        trainer = Trainer(cfg, info, explicit)
         trainer.setup()
         summary = trainer.train()
-    except (RunSetupError, CheckpointError, _CfgErr, AttentionBackendError) as exc:
+    except (RunSetupError, CheckpointError, _CfgErr, AttentionBackendError, DeepSpeedBackendError) as exc:
         log.error("❌ %s", exc)
         return 2 if isinstance(exc, (_CfgErr, AttentionBackendError)) else 1
     except Exception as exc:  # keep the traceback in the detail log, one line on the console

@@ -24,6 +24,7 @@ import math
 import os
 import re
 import socket
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -120,6 +121,10 @@ class DeepSpeedRunner:
     def __init__(self, model: torch.nn.Module, ds_config: dict, *, compile: bool = False):
         ds = require_deepspeed()
         self._ds = ds
+        # DeepSpeed's ZeRO code calls a collective torch has renamed; the warning is theirs to fix
+        # and would otherwise repeat on every rank's console.
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                                category=FutureWarning)
         device = next(model.parameters()).device
         _ensure_process_group(ds, device)
         conf = copy.deepcopy(ds_config)

@@ -2,6 +2,11 @@
 
 It receives a validated RunConfig and a DistInfo; it parses no CLI. Every
 collective below is reached by all ranks in the same order.
+
+Two backends share the loop: DDP (the default) and, with --deepspeed, a
+DeepSpeed engine behind ds_backend.DeepSpeedRunner, which owns accumulation,
+clipping, precision, the optimizer and the skip on non-finite gradients. The
+data loader, schedule, votes, logs and checkpoint layout are the same for both.
 """
 from __future__ import annotations
 
@@ -12,11 +17,12 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 
 from . import distributed as D
+from . import ds_backend as DSB
 from .checkpoint import CheckpointError, check_output_dir, estimate_checkpoint_bytes
 from .config import RunConfig, derive_batch_plan
 from .data.loader import TokenLoader, iter_eval_batches
@@ -25,7 +31,8 @@ from .metrics import MetricsSink, Throughput, format_progress, mfu, peak_flops, 
 from .model import KoEnLM, model_config_from_preset
 from .optim import build_optimizer, build_scheduler
 from .prepare import ensure_training_data
-from .run_state import RunSetupError, load_resume_state, resolve_resume_on_main, save_run_checkpoint
+from .run_state import (RunSetupError, check_resume_backend, load_resume_state, resolve_resume_on_main,
+                        save_run_checkpoint)
 from .tokenizer import KoEnTokenizer
 
 VOCAB_MULTIPLE = 64  # embedding rows padded so matmuls tile evenly on tensor cores
@@ -74,17 +81,21 @@ class Summary:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, info: D.DistInfo):
+    def __init__(self, cfg: RunConfig, info: D.DistInfo, explicit: Iterable[str] = ()):
+        """``explicit``: the options typed on the command line (ds_config.explicit_options); --deepspeed
+        needs them to tell a default (the JSON may replace it) from a choice (the JSON may not contradict it)."""
         self.cfg, self.info, self.log = cfg, info, get_logger()
         self.t, self.device = cfg.train, info.device
+        self.explicit = set(explicit)
         self.stop = StopRequest()
+        self.runner: Optional[DSB.DeepSpeedRunner] = None  # the DeepSpeed engine, when --deepspeed
 
     # ------------------------------------------------------------ setup
     def setup(self) -> None:
-        """Data, model, optimizer, resume or initial save, then compile and wrap."""
+        """Data, model, optimizer (or engine), resume or initial save, then compile and wrap."""
         cfg, info, log = self.cfg, self.info, self.log
         self.stop.install()  # a preemption during setup must not kill the run mid-write
-        self.plan = derive_batch_plan(cfg, info.world_size)
+        self.plan = self._batch_plan()
         self.data = self._prepare_data()
         self.tokenizer = KoEnTokenizer.load(self.data.tokenizer_dir)
         loader = TokenLoader(self.data.train_file, self.plan.seq_len, self.plan.micro_batch,
@@ -92,39 +103,52 @@ class Trainer:
         vocab = math.ceil(self.tokenizer.vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
         self.build(vocab, loader)
         if info.is_main:
-            check_output_dir(cfg.output_dir, 2 * estimate_checkpoint_bytes(self.raw_model.num_params()))
+            per_checkpoint = DSB.estimate_ds_checkpoint_bytes if self.ds_config else estimate_checkpoint_bytes
+            check_output_dir(cfg.output_dir, 2 * per_checkpoint(self.num_params))
         D.barrier()
         self.last_checkpoint = None
         resume_dir = resolve_resume_on_main(cfg, info)
+        if resume_dir is None and cfg.ckpt.save_initial:
+            self.last_checkpoint = save_run_checkpoint(self, "initial_model", update_latest=False, with_state=False)
+        if self.ds_config is not None:  # after the initial save (the engine may cast to bf16), before resuming
+            if resume_dir is not None:
+                check_resume_backend(self, resume_dir)  # cheap, and before the engine's slow start
+            self.runner = DSB.DeepSpeedRunner(self.raw_model, self.ds_config, compile=bool(self.t.compile))
         if resume_dir is not None:
             st = load_resume_state(self, resume_dir)
             log.info("resumed from %s at step %d (%s tokens seen)", resume_dir, st["step"], f"{st['tokens_seen']:,}")
-        elif cfg.ckpt.save_initial:
-            self.last_checkpoint = save_run_checkpoint(self, "initial_model", update_latest=False, with_state=False)
         self.finalize()
         log.info("model: %s preset, %s parameters, vocab %d (tokenizer %d), %.3g GFLOPs/token",
-                 self.t.model_size, f"{self.raw_model.num_params():,}", vocab, self.tokenizer.vocab_size,
+                 self.t.model_size, f"{self.num_params:,}", vocab, self.tokenizer.vocab_size,
                  self.flops_per_token / 1e9)
         log.info("batch: %s", self.plan.describe())
+        log.info("backend: %s", DSB.describe(self.ds_config) if self.ds_config else "DDP" if info.is_distributed
+                 else "one process")
         log.info("steps: %d (%.3f epochs of %s training sequences); precision %s; compile %s; attention %s",
                  self.max_steps, self.max_steps * self.plan.sequences_per_step / max(1, self.loader.num_samples),
                  f"{self.loader.num_samples:,}", self.t.precision, self.t.compile, self.t.attn)
 
     def build(self, vocab: int, loader) -> None:
-        """Model, optimizer, schedule and loader; also used by the throughput benchmark."""
-        self.plan = getattr(self, "plan", None) or derive_batch_plan(self.cfg, self.info.world_size)
+        """Model, optimizer, schedule (or the DeepSpeed config) and loader; also used by the throughput benchmark."""
+        self.plan = getattr(self, "plan", None) or self._batch_plan()
         torch.manual_seed(self.t.seed)  # identical initial weights on every rank
         mcfg = model_config_from_preset(self.t.model_size, vocab, self.plan.seq_len, attn_backend=self.t.attn)
         model = KoEnLM(mcfg).to(self.device)
         if self.t.activation_checkpointing:
             model.set_activation_checkpointing(True)
         self.model_cfg, self.raw_model, self.loader = mcfg, model, loader
+        self.num_params = model.num_params()  # counted now: ZeRO-3 later leaves placeholders in the module
         self.flops_per_token = model.flops_per_token(self.plan.seq_len)
         self.max_steps = self.t.max_steps or max(
             1, math.ceil(self.t.num_epochs * loader.num_samples / self.plan.sequences_per_step))
-        self.optimizer = build_optimizer(model, self.cfg.optim, self.device)
-        self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.max_steps)
-        self.scaler = torch.amp.GradScaler("cuda") if self.t.precision == "fp16" else None
+        self.optimizer = self.scheduler = self.scaler = None
+        self.ds_config: Optional[dict] = None
+        if self.t.deepspeed is not None:  # the engine builds optimizer and schedule; setup() starts it
+            self.ds_config = DSB.build_ds_config(self.cfg, self.plan, self.max_steps, self.explicit)
+        else:
+            self.optimizer = build_optimizer(model, self.cfg.optim, self.device)
+            self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.max_steps)
+            self.scaler = torch.amp.GradScaler("cuda") if self.t.precision == "fp16" else None
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
         self.attempts = 0  # optimizer-step attempts in this process, skipped ones included
         self.last_val: dict[str, float] = {}
@@ -133,11 +157,28 @@ class Trainer:
         """Compile and wrap after any weights are loaded; the raw module stays for saving."""
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.t.precision, torch.float32)
         self.raw_model.check_attention(self.device, dtype)  # a bad --attn fails here, not in step 1
-        self.compiled = torch.compile(self.raw_model) if self.t.compile else self.raw_model
-        self.model = D.wrap_model(self.compiled, self.info)
-        self.autocast = self._autocast()
+        if self.runner is not None:
+            # The engine compiled (with --compile), distributes and casts the model itself; the
+            # runner's train()/eval() switch the module's mode, so it stands in for self.model.
+            self.model, self.autocast = self.runner, nullcontext()
+        else:
+            self.compiled = torch.compile(self.raw_model) if self.t.compile else self.raw_model
+            self.model = D.wrap_model(self.compiled, self.info)
+            self.autocast = self._autocast()
         self.peak = peak_flops(torch.cuda.get_device_name(self.device), self.t.precision) \
             if self.device.type == "cuda" else None
+
+    def _batch_plan(self):
+        """The batch plan, after the DeepSpeed JSON (which may set the micro-batch) is merged in."""
+        if self.t.deepspeed is not None:
+            for note in DSB.apply_ds_options(self.cfg, self.explicit, self.info.world_size):
+                self.log.info("note: %s", note)
+        return derive_batch_plan(self.cfg, self.info.world_size)
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the next optimizer step (the one logged and saved)."""
+        return self.runner.lr if self.runner is not None else self.scheduler.get_last_lr()[0]
 
     def _prepare_data(self):
         """Rank 0 prepares (or finds cached) data; the others wait and receive the result."""
@@ -167,6 +208,8 @@ class Trainer:
     # ------------------------------------------------------------ one optimizer step
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """Returns (mean loss over ranks, grad norm, step applied) after one optimizer step."""
+        if self.runner is not None:
+            return self._engine_step()
         accum = self.plan.grad_accum
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(accum):
@@ -209,6 +252,29 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return torch.tensor(mean_loss), grad_norm, True
 
+    def _engine_step(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """train_step on DeepSpeed: the engine scales by 1/accumulation, syncs, clips, and skips a
+        non-finite update on every rank alike; the same one all-reduce carries the loss and votes."""
+        accum, nan = self.plan.grad_accum, self.attempts + 1 in self.t.debug_nan_steps
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            x, y = self.loader.next_batch()
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            loss_sum += self.runner.forward_backward(x, y, micro == accum - 1, nan_loss=nan).float()
+        self.attempts += 1
+        norm, applied = self.runner.step()
+        flags = torch.tensor([float(not applied), float(self.stop.requested)], device=self.device)
+        votes = D.all_reduce_sum(torch.cat([(loss_sum / accum).reshape(1), flags])).tolist()
+        mean_loss, any_bad, any_stop = votes[0] / self.info.world_size, votes[1] > 0, votes[2] > 0
+        if any_stop:
+            self.stop.requested = True
+        if any_bad and applied:  # the engine all-reduces its overflow check, so this means a bug
+            raise RunSetupError(f"ranks disagree on skipping step {self.step + 1}; the weights have diverged: "
+                                "resume from the last checkpoint")
+        grad_norm = torch.tensor(float("nan") if norm is None else norm)
+        return torch.tensor(mean_loss), grad_norm, not any_bad
+
     # ------------------------------------------------------------ validation
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -219,8 +285,7 @@ class Trainer:
             acc = torch.zeros(2, device=self.device, dtype=torch.float64)
             for x, y in iter_eval_batches(path, self.plan.seq_len, self.plan.micro_batch, self.info.rank,
                                           self.info.world_size, self.t.eval_batches):
-                with self.autocast:
-                    loss = self.raw_model(x.to(self.device), y.to(self.device))
+                loss = self._eval_loss(x.to(self.device), y.to(self.device))
                 acc += torch.stack([loss.double() * y.numel(), torch.tensor(float(y.numel()), device=self.device,
                                                                             dtype=torch.float64)])
             acc = D.all_reduce_sum(acc)
@@ -238,6 +303,12 @@ class Trainer:
             out["val_loss"] = totals[0] / totals[1]
         self.model.train()
         return out
+
+    def _eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.runner is not None:
+            return self.runner.forward(x, y)  # through the engine: ZeRO-3 gathers the weights
+        with self.autocast:
+            return self.raw_model(x, y)
 
     # ------------------------------------------------------------ the loop
     def train(self) -> Summary:
@@ -304,7 +375,7 @@ class Trainer:
         per_gpu = rate / self.info.world_size if rate else None
         step_time = meter.mean_step_time() or (time.time() - start) / max(1, self.step)
         rec = {
-            "type": "train", "step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+            "type": "train", "step": self.step, "loss": loss, "lr": self.lr,
             "grad_norm": float(grad_norm), "tokens_per_s": rate, "tokens_per_s_per_gpu": per_gpu,
             "mfu": mfu(per_gpu or 0.0, self.flops_per_token, self.peak),
             "mem_gib": peak_memory_gib(self.device), "tokens_seen": self.tokens_seen,

@@ -1,0 +1,239 @@
+"""The trainer with --deepspeed, end to end on CPU: 2 gloo processes, the tiny model, ZeRO-2 in fp32.
+
+deepspeed is an optional extra that CI does not install; the first test (the
+missing-package error) runs everywhere, the others only where it imports:
+
+    /tmp/dsvenv/bin/python -m pytest tests/test_deepspeed_e2e.py
+
+The runs share one corpus and each other's checkpoints, so they are few: one
+uninterrupted DeepSpeed run, the same run killed at step 10 and resumed, and a
+DDP run with the same options to compare losses against.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from koen_sllm.config import repo_root
+
+pytestmark = pytest.mark.slow
+
+ROOT = repo_root()
+TRAIN = ROOT / "scripts" / "train_h100_dual.py"
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed (optional extra)")
+INSTALL_LINE = 'pip install -e ".[deepspeed]"'
+
+KO = ["오늘", "날씨가", "좋아서", "공원에", "산책을", "했습니다", "모델을", "학습하고", "데이터를", "정리했다", "한국어", "문장"]
+EN = ["the", "model", "reads", "small", "batches", "of", "text", "and", "learns", "quickly", "every", "day"]
+
+# 12 steps, checkpoints every 4; step attempt 3 gets a NaN loss, so 13 attempts make the 12 steps.
+# --learning-rate, --fp32 and --warmup-steps are explicit, so they override the shipped JSON's
+# defaults (lr 5e-5, bf16, 10 warm-up steps) and the DDP run below trains the same thing.
+RUN_ARGS = ("--train", "--batch-size", "2", "--max-steps", "12", "--save-steps", "4", "--fp32",
+            "--warmup-steps", "3", "--eval-steps", "6")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("KOEN_CONSOLE_LOG", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("data")
+    rng = random.Random(11)
+    with (folder / "mixed_pretraining.jsonl").open("w", encoding="utf-8") as fh:
+        for i in range(300):
+            lang, words = ("ko", KO) if i % 5 < 3 else ("en", EN)
+            text = " ".join(" ".join(rng.choice(words) for _ in range(10)) + "." for _ in range(8))
+            fh.write(json.dumps({"text": text, "lang": lang}, ensure_ascii=False) + "\n")
+    return folder
+
+
+def trainer_args(run_dir: Path, dataset: Path, *args: str) -> list[str]:
+    return [str(TRAIN), "--dataset-path", str(dataset), "--output-dir", str(run_dir / "out"),
+            "--logs-dir", str(run_dir / "logs"), "--vocab-size", "400", "--num-proc", "1", "--model-size", "tiny",
+            "--max-seq-length", "64", "--log-steps", "1", "--learning-rate", "2e-3", *args]
+
+
+def train(nproc: int, run_dir: Path, dataset: Path, *args: str, expect=0) -> subprocess.CompletedProcess:
+    """``nproc`` gloo processes under torchrun; 0 means a plain ``python`` run (a world of one)."""
+    launch = [sys.executable] if nproc == 0 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                  "--nproc_per_node", str(nproc)]
+    proc = subprocess.run(launch + trainer_args(run_dir, dataset, *args), capture_output=True, text=True,
+                          env=_env(), timeout=300)
+    if expect is not None:
+        assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Per-step training loss; a resumed run's records replace the killed run's."""
+    out: dict[int, float] = {}
+    for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("type") == "train":
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def latest(run_dir: Path) -> str:
+    return (run_dir / "out" / "latest").read_text().strip()
+
+
+def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(checkpoint / "model.safetensors"))
+
+
+# ---------------------------------------------------------------- without the package
+
+
+def test_missing_package_stops_at_once_with_the_install_line(tmp_path):
+    """Runs everywhere. Where deepspeed is installed, a stand-in package that fails to import like
+    an absent one shadows it, so the same path is exercised."""
+    env = _env()
+    if HAS_DEEPSPEED:
+        fake = tmp_path / "shadow" / "deepspeed"
+        fake.mkdir(parents=True)
+        (fake / "__init__.py").write_text(
+            "raise ModuleNotFoundError(\"No module named 'deepspeed'\", name='deepspeed')\n")
+        env["PYTHONPATH"] = str(fake.parent)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(TRAIN), "--deepspeed", "--train", "--dataset-path",
+                           str(tmp_path / "no-data"), "--output-dir", str(out), "--logs-dir", str(tmp_path / "logs")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and INSTALL_LINE in lines[0] and "not installed" in lines[0], proc.stderr
+    # It stopped before anything else: no data was looked for, nothing was written.
+    assert not out.exists() and not (tmp_path / "logs").exists()
+
+
+# ---------------------------------------------------------------- with the package
+
+
+@pytest.fixture(scope="module")
+def full_run(dataset, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("ds-full")
+    proc = train(2, run_dir, dataset, *RUN_ARGS, "--deepspeed", "--debug-nan-steps", "3")
+    assert "backend: DeepSpeed ZeRO-2, fp32" in proc.stdout
+    return run_dir
+
+
+@needs_deepspeed
+def test_two_process_run_trains_and_saves_model_directories(full_run):
+    out = full_run / "out"
+    assert latest(full_run) == "checkpoint-12"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-12", "checkpoint-4", "checkpoint-8",
+                                                    "initial_model", "latest"]
+    from koen_sllm.checkpoint import verify_checkpoint
+
+    ckpt = out / "checkpoint-12"
+    ok, why = verify_checkpoint(ckpt)
+    assert ok, why
+    shards = sorted(p.name for p in (ckpt / "deepspeed" / "zero").iterdir())
+    assert sum("optim_states" in n for n in shards) == 2  # one ZeRO-2 partition per rank
+    assert not (out / "initial_model" / "deepspeed").exists()  # a model directory only
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    assert state["backend"] == "deepspeed" and state["step"] == 12 and len(state["rng_per_rank"]) == 2
+    assert "optimizer" not in state and "scheduler" not in state  # they live in the engine's files
+    info = json.loads((ckpt / "training_info.json").read_text())
+    assert info["backend"] == "deepspeed" and info["deepspeed_config"]["zero_optimization"]["stage"] == 2
+    assert info["deepspeed_config"]["train_batch_size"] == 4 and info["config"]["optim"]["warmup_steps"] == 3
+
+    a = losses(full_run)
+    assert sorted(a) == list(range(1, 13)) and all(v == v for v in a.values())
+    assert sum(a[s] for s in (10, 11, 12)) < sum(a[s] for s in (1, 2, 3)) - 0.3  # it learns
+    console = (full_run / "logs" / "training_rank_0.log").read_text()
+    assert "non-finite loss or gradient at step 3: update skipped" in console
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(ckpt, local_files_only=True)
+    ids = tok("안녕하세요 hello", return_tensors="pt")["input_ids"]
+    logits = model(ids).logits
+    assert logits.shape[-1] == model.config.vocab_size and torch.isfinite(logits).all()
+    first, last = weights(out / "initial_model"), weights(ckpt)
+    assert first.keys() == last.keys() and not all(torch.equal(first[k], last[k]) for k in first)
+
+
+@needs_deepspeed
+def test_sigkill_then_resume_auto_repeats_the_uninterrupted_losses(full_run, dataset, tmp_path):
+    crashed = tmp_path / "crashed"
+    proc = train(2, crashed, dataset, *RUN_ARGS, "--deepspeed", "--debug-nan-steps", "3", "--debug-kill-step", "10",
+                 expect=None)
+    assert proc.returncode != 0
+    assert latest(crashed) == "checkpoint-8" and not (crashed / "out" / "checkpoint-12").exists()
+    # The hook counts attempts from the process start, so the resumed run leaves it out.
+    resumed = train(2, crashed, dataset, *RUN_ARGS, "--deepspeed")  # --resume auto is the train default
+    assert "resumed from" in resumed.stdout and "at step 8" in resumed.stdout
+    a, b = losses(full_run), losses(crashed)
+    assert sorted(b) == list(range(1, 13))
+    assert [a[s] for s in range(1, 13)] == [b[s] for s in range(1, 13)]  # bit for bit, every step
+    wa, wb = weights(full_run / "out" / "checkpoint-12"), weights(crashed / "out" / "checkpoint-12")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(dataset, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("ddp")
+    train(2, run_dir, dataset, *RUN_ARGS, "--debug-nan-steps", "3")
+    return run_dir
+
+
+@needs_deepspeed
+def test_zero2_fp32_follows_ddp_step_for_step(full_run, ddp_run):
+    """Same seed, data, schedule and skipped step: only the order of float sums differs."""
+    a, b = losses(ddp_run), losses(full_run)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-5), step
+    wa, wb = weights(ddp_run / "out" / "checkpoint-12"), weights(full_run / "out" / "checkpoint-12")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@needs_deepspeed
+def test_checkpoints_of_the_other_backend_or_world_size_are_refused(full_run, ddp_run, dataset, tmp_path):
+    """One line each, exit 1, nothing resumed. Plain python runs: a world of one."""
+    cases = [
+        (full_run / "out" / "checkpoint-8", (), "was saved by the DeepSpeed backend; resume it with --deepspeed"),
+        (ddp_run / "out" / "checkpoint-8", ("--deepspeed",), "was saved by the DDP backend; resume it without"),
+        # the same global batch (4 sequences) on one process: the ZeRO partitions do not fit
+        (full_run / "out" / "checkpoint-8", ("--deepspeed",),
+         "holds ZeRO optimizer shards of 2 processes, this run has 1; resume with 2 processes"),
+    ]
+    for i, (ckpt, extra, message) in enumerate(cases):
+        run_dir = tmp_path / f"case{i}"
+        proc = train(0, run_dir, dataset, "--train", "--batch-size", "4", "--max-steps", "12", "--fp32",
+                     "--warmup-steps", "3", "--resume", str(ckpt), *extra, expect=1)
+        errors = [l for l in proc.stdout.splitlines() if "❌" in l]
+        assert len(errors) == 1 and message in errors[0] and str(ckpt) in errors[0], proc.stdout[-3000:]
+        assert not (run_dir / "out" / "latest").exists()
+
+
+@needs_deepspeed
+def test_user_json_conflicting_with_an_explicit_option_is_exit_2(dataset, tmp_path):
+    mine = tmp_path / "my_ds.json"
+    mine.write_text(json.dumps({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW",
+                                                                                 "params": {"lr": 5e-5}}}))
+    run_dir = tmp_path / "run"
+    proc = train(0, run_dir, dataset, "--train", "--max-steps", "4", "--deepspeed", str(mine), expect=2)
+    errors = [l for l in proc.stdout.splitlines() if "❌" in l]
+    assert len(errors) == 1, proc.stdout[-3000:]
+    assert ("--learning-rate 0.002 conflicts with optimizer.params.lr = 5e-05 in " + str(mine)) in errors[0]
+    assert "drop --learning-rate or edit the file" in errors[0]
+    assert not (run_dir / "out").exists()  # stopped before any data or checkpoint work
