@@ -1,7 +1,8 @@
 """Entry logic behind scripts/train_h100_dual.py: parse, set up, train, summarize.
 
 Exit codes: 0 done (or stopped cleanly by a signal), 1 a run-time failure with
-a one-line reason, 2 a bad option.
+a one-line reason, 2 a bad option (a DeepSpeed JSON that contradicts one, or
+--deepspeed without the package, included).
 """
 from __future__ import annotations
 
@@ -91,7 +92,8 @@ def _run(cfg, info, notes, log, explicit=frozenset()) -> int:
         trainer.setup()
         summary = trainer.train()
     except (RunSetupError, CheckpointError, _CfgErr, AttentionBackendError, DeepSpeedBackendError) as exc:
-        log.error("❌ %s", exc)
+        # Every rank checks the same options the same way; rank 0 speaks for a bad one.
+        (log.error if info.is_main or not isinstance(exc, _CfgErr) else log.info)("❌ %s", exc)
         return 2 if isinstance(exc, (_CfgErr, AttentionBackendError)) else 1
     except Exception as exc:  # keep the traceback in the detail log, one line on the console
         log.debug("traceback", exc_info=True)

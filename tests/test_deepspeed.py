@@ -390,6 +390,26 @@ def test_load_checks_the_engine_files_and_world_size(tmp_path):
     assert r.engine.loaded == (str(tmp_path / B.ENGINE_DIR), B.ENGINE_TAG)
 
 
+def test_resume_refuses_a_checkpoint_of_the_other_backend(tmp_path):
+    """The trainer's check before the engine starts: the engine's folder, or trainer_state's "backend"."""
+    from types import SimpleNamespace
+
+    from koen_sllm.run_state import RunSetupError, check_resume_backend
+
+    ddp_ckpt, ds_ckpt = tmp_path / "checkpoint-4", tmp_path / "checkpoint-8"
+    ddp_ckpt.mkdir()
+    (ds_ckpt / B.ENGINE_DIR / B.ENGINE_TAG).mkdir(parents=True)
+    ddp_run, ds_run = SimpleNamespace(ds_config=None), SimpleNamespace(ds_config={"zero_optimization": {}})
+    check_resume_backend(ddp_run, ddp_ckpt)
+    check_resume_backend(ds_run, ds_ckpt)
+    with pytest.raises(RunSetupError, match="checkpoint-4 was saved by the DDP backend; resume it without --deepspeed"):
+        check_resume_backend(ds_run, ddp_ckpt)
+    with pytest.raises(RunSetupError, match="checkpoint-8 was saved by the DeepSpeed backend; resume it with --deepspeed"):
+        check_resume_backend(ddp_run, ds_ckpt)
+    with pytest.raises(RunSetupError, match="saved by the DeepSpeed backend"):  # the saved key decides when given
+        check_resume_backend(ddp_run, ddp_ckpt, "deepspeed")
+
+
 # ---------------------------------------------------------------- a real engine, where installed
 
 

@@ -1,9 +1,10 @@
 """The trainer with --deepspeed, end to end on CPU: 2 gloo processes, the tiny model, ZeRO-2 in fp32.
 
 deepspeed is an optional extra that CI does not install; the first test (the
-missing-package error) runs everywhere, the others only where it imports:
+missing-package error) runs everywhere, the others only where it imports
+(an environment with ``pip install -e ".[deepspeed]"``; docs/deepspeed.md):
 
-    /tmp/dsvenv/bin/python -m pytest tests/test_deepspeed_e2e.py
+    python -m pytest tests/test_deepspeed_e2e.py
 
 The runs share one corpus and each other's checkpoints, so they are few: one
 uninterrupted DeepSpeed run, the same run killed at step 10 and resumed, and a
@@ -237,3 +238,8 @@ def test_user_json_conflicting_with_an_explicit_option_is_exit_2(dataset, tmp_pa
     assert ("--learning-rate 0.002 conflicts with optimizer.params.lr = 5e-05 in " + str(mine)) in errors[0]
     assert "drop --learning-rate or edit the file" in errors[0]
     assert not (run_dir / "out").exists()  # stopped before any data or checkpoint work
+    # Under torchrun every rank finds the conflict; rank 0 alone reports it on the console.
+    two = train(2, tmp_path / "two", dataset, "--train", "--max-steps", "4", "--deepspeed", str(mine), expect=None)
+    assert two.returncode != 0
+    lines = [l for l in two.stdout.splitlines() if "❌" in l]
+    assert len(lines) == 1 and "conflicts with optimizer.params.lr = 5e-05" in lines[0], two.stdout[-3000:]
