@@ -151,6 +151,8 @@ class Trainer:
             self.scaler = torch.amp.GradScaler("cuda") if self.t.precision == "fp16" else None
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
         self.attempts = 0  # optimizer-step attempts in this process, skipped ones included
+        self.data_wait_s, self._window_s = 0.0, 0.0  # for data_wait_frac, per log window
+        self.data_wait_total_s, self.step_time_total_s = 0.0, 0.0
         self.last_val: dict[str, float] = {}
 
     def finalize(self) -> None:
@@ -206,6 +208,17 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     # ------------------------------------------------------------ one optimizer step
+    def _fetch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next micro-batch on the device; host time spent here is time the GPU may wait
+        for data (the per-step vote syncs, so the next step's fetch is not hidden behind compute)."""
+        t0 = time.perf_counter()
+        x, y = self.loader.next_batch()
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        waited = time.perf_counter() - t0
+        self.data_wait_s += waited
+        self.data_wait_total_s += waited
+        return x, y
+
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """Returns (mean loss over ranks, grad norm, step applied) after one optimizer step."""
         if self.runner is not None:
@@ -213,9 +226,7 @@ class Trainer:
         accum = self.plan.grad_accum
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(accum):
-            x, y = self.loader.next_batch()
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
+            x, y = self._fetch()
             with D.grad_sync(self.model, micro == accum - 1):
                 with self.autocast:
                     loss = self.model(x, y)
@@ -258,9 +269,7 @@ class Trainer:
         accum, nan = self.plan.grad_accum, self.attempts + 1 in self.t.debug_nan_steps
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(accum):
-            x, y = self.loader.next_batch()
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
+            x, y = self._fetch()
             loss_sum += self.runner.forward_backward(x, y, micro == accum - 1, nan_loss=nan).float()
         self.attempts += 1
         norm, applied = self.runner.step()
@@ -329,6 +338,8 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             dt = time.perf_counter() - t0
+            self._window_s += dt
+            self.step_time_total_s += dt
             if not applied:
                 consecutive_bad += 1
                 summary.bad_steps += 1
@@ -359,6 +370,8 @@ class Trainer:
         if bar is not None:
             bar.close()
         self.stop.report(log)
+        if self.step_time_total_s > 0:
+            log.info("data loading took %.2f%% of step time", 100 * self.data_wait_total_s / self.step_time_total_s)
         summary.stopped_by_signal = self.stop.requested
         if self.data.val_files and not summary.stopped_by_signal:  # a preempted run saves first, evaluates never
             self._eval_and_log(sink)
@@ -381,7 +394,9 @@ class Trainer:
             "mem_gib": peak_memory_gib(self.device), "tokens_seen": self.tokens_seen,
             "elapsed_s": self.elapsed_before + time.time() - start,
             "eta_s": step_time * (self.max_steps - self.step), "epoch": self.loader.epoch,
+            "data_wait_frac": self.data_wait_s / self._window_s if self._window_s > 0 else None,
         }
+        self.data_wait_s, self._window_s = 0.0, 0.0
         self.log.info(format_progress(rec, self.max_steps))
         if sink:
             sink.write(rec)
