@@ -60,6 +60,10 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     code = 1
     try:
         code = _run(cfg, info, notes, log, explicit)
+        if code == 0:
+            # Tear the group down together: a rank that closes its sockets while a peer's
+            # gloo threads still talk to it can abort that peer on its way out.
+            D.barrier()
     except KeyboardInterrupt:
         log.error("interrupted")
         code = 130

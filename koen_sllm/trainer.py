@@ -47,7 +47,8 @@ class StopRequest:
     """
 
     def __init__(self) -> None:
-        self.requested = False
+        self.requested = False  # this process got a signal (set by the handler)
+        self.agreed = False  # the ranks voted to stop (set only from the all-reduce, so all agree)
         self.reported = False
         self.first_at = 0.0
         self.signame = ""
@@ -64,11 +65,11 @@ class StopRequest:
             self.requested, self.first_at = True, now
             self.signame = signal.Signals(signum).name
 
-    def report(self, log) -> None:
-        if self.requested and not self.reported:
+    def report(self, log, is_main: bool) -> None:
+        if self.agreed and not self.reported:
             self.reported = True
-            log.warning("%s received: saving a checkpoint at this step boundary, then stopping (send it again to "
-                        "exit at once) / 체크포인트 저장 후 종료합니다", self.signame or "stop request")
+            (log.warning if is_main else log.info)("%s received: saving a checkpoint at this step boundary, then stopping (send it again to "
+                        "exit at once) / 체크포인트 저장 후 종료합니다", self.signame or "a stop request on another rank")
 
 
 @dataclass
@@ -248,7 +249,7 @@ class Trainer:
         votes = D.all_reduce_sum(votes).tolist()
         mean_loss, any_bad, any_stop = votes[0] / self.info.world_size, votes[1] > 0, votes[2] > 0
         if any_stop:
-            self.stop.requested = True
+            self.stop.agreed = True
         if any_bad:
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler:
@@ -277,7 +278,7 @@ class Trainer:
         votes = D.all_reduce_sum(torch.cat([(loss_sum / accum).reshape(1), flags])).tolist()
         mean_loss, any_bad, any_stop = votes[0] / self.info.world_size, votes[1] > 0, votes[2] > 0
         if any_stop:
-            self.stop.requested = True
+            self.stop.agreed = True
         if any_bad and applied:  # the engine all-reduces its overflow check, so this means a bug
             raise RunSetupError(f"ranks disagree on skipping step {self.step + 1}; the weights have diverged: "
                                 "resume from the last checkpoint")
@@ -330,7 +331,9 @@ class Trainer:
         start, consecutive_bad, last_loss = time.time(), 0, float("nan")
         self._start_time = start
         log.info("training starts / 학습 시작: step %d -> %d", self.step, self.max_steps)
-        while self.step < self.max_steps and not self.stop.requested:
+        # Only the voted flag ends the loop: a signal landing between one rank's vote and its
+        # loop test must not let that rank leave while the others start another step.
+        while self.step < self.max_steps and not self.stop.agreed:
             if t.debug_kill_step == self.step + 1 and info.is_main:
                 os.kill(os.getpid(), signal.SIGKILL)  # crash-consistency tests: die like a lost node
             t0 = time.perf_counter()
@@ -369,10 +372,10 @@ class Trainer:
                 summary.last_checkpoint = save_run_checkpoint(self, f"checkpoint-{self.step}", last_loss=last_loss)
         if bar is not None:
             bar.close()
-        self.stop.report(log)
+        self.stop.report(log, info.is_main)
         if self.step_time_total_s > 0:
             log.info("data loading took %.2f%% of step time", 100 * self.data_wait_total_s / self.step_time_total_s)
-        summary.stopped_by_signal = self.stop.requested
+        summary.stopped_by_signal = self.stop.agreed
         if self.data.val_files and not summary.stopped_by_signal:  # a preempted run saves first, evaluates never
             self._eval_and_log(sink)
         if self.step > 0 and (summary.last_checkpoint is None or summary.last_checkpoint.name != f"checkpoint-{self.step}"):
