@@ -324,7 +324,11 @@ prec="${PRECISION:-$d_prec}"
 if [[ "$MODE" == test ]]; then
   mode_text="테스트 모드 (${MAX_STEPS:-$DEFAULT_TEST_STEPS}스텝) / test (${MAX_STEPS:-$DEFAULT_TEST_STEPS} steps)"
 else
-  mode_text="실제 학습 모드 (${MAX_STEPS:+$MAX_STEPS 스텝}${MAX_STEPS:-1 에포크}) / train (${MAX_STEPS:+$MAX_STEPS steps}${MAX_STEPS:-one epoch})"
+  if [ -n "$MAX_STEPS" ]; then
+    mode_text="실제 학습 모드 ($MAX_STEPS 스텝) / train ($MAX_STEPS steps)"
+  else
+    mode_text="실제 학습 모드 (1 에포크) / train (one epoch)"
+  fi
 fi
 backend="DDP (NCCL)"; [[ "$DEVICE" == cpu ]] && backend="DDP (gloo, CPU)"
 ((DEEPSPEED_SET)) && backend="DeepSpeed ZeRO${DEEPSPEED:+ ($DEEPSPEED)}"

@@ -578,3 +578,16 @@ def test_scripts_pass_shellcheck():
     files = [LAUNCHER, WRAPPER, LIB, ROOT / "scripts" / "setup_env.sh", ROOT / "scripts" / "train.sbatch"]
     res = subprocess.run(["shellcheck", "-x", *map(str, files)], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stdout
+
+
+@pytest.mark.parametrize("extra, shown", [
+    (["--max-steps", "20"], "train (20 steps)"),
+    ([], "train (one epoch)"),
+])
+def test_train_mode_line_names_the_step_count_once(tmp_path, extra, shown):
+    (tmp_path / "mixed_pretraining.jsonl").write_text('{"text": "안녕하세요"}\n', encoding="utf-8")
+    res = run("--dry-run", "--train", *extra, "--dataset-path", str(tmp_path), "--logs-dir", str(tmp_path / "l"),
+              "--output-dir", str(tmp_path / "o"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    mode = [line for line in res.stdout.splitlines() if "mode:" in line]
+    assert mode and mode[0].endswith(shown), mode
