@@ -402,6 +402,10 @@ STOPS=0
 # shellcheck disable=SC2317  # called through trap
 on_signal() {
   local workers
+  if [[ -z "${PID:-}" ]]; then  # before the run started: remember it, act once it has a PID
+    STOPS=$((STOPS + 1))
+    return
+  fi
   workers="$(koen_worker_pids "$PID")"
   [[ -n "$workers" ]] || workers="$PID"
   if ((STOPS == 0)); then
@@ -418,11 +422,14 @@ printf '🎯 학습 시작! / starting the run\n'
 if ((FOREGROUND)); then
   printf '🖥  포그라운드 모드로 실행됩니다 / running in the foreground (Ctrl-C: save a checkpoint and stop; twice: stop now)\n'
   printf '📋 로그 파일 / console log: %s\n\n' "$CONSOLE_LOG"
+  # The trap is in place before the run starts, so no signal can fall between the two.
+  PID=""
+  trap on_signal INT TERM HUP
   KOEN_CONSOLE_LOG="$CONSOLE_LOG" "${SETSID[@]}" "${CMD[@]}" </dev/null &
   PID=$!
   write_pid "$PID"
   koen_log_line "$CONSOLE_LOG" "started in the foreground, PID $PID"
-  trap on_signal INT TERM HUP
+  if ((STOPS > 0)); then STOPS=0; on_signal; fi
   rc=0
   while :; do
     set +e; wait "$PID"; rc=$?; set -e

@@ -143,29 +143,25 @@ def load_generate_script():
 
 
 def build_tokenizer(path: Path):
-    """A tiny SentencePiece model trained here, saved the way transformers saves a Llama tokenizer."""
-    spm = pytest.importorskip("sentencepiece")
+    """The project's own tokenizer (what every checkpoint carries), trained here on a few
+    sentences, exported with save_pretrained and read back through transformers."""
+    from koen_sllm.tokenizer import train_tokenizer_on_texts
+
     sentences = ["안녕하세요 반갑습니다.", "오늘 날씨가 좋네요.", "대한민국의 수도는 서울입니다.",
                  "The quick brown fox jumps over the lazy dog.", "Hello world, this is a test.",
                  "Language models predict the next token."] * 5
-    proto = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=proto, vocab_size=120, model_type="bpe",
-        pad_id=0, unk_id=1, bos_id=2, eos_id=3, character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
-    raw = path.parent / (path.name + "_spm")
-    raw.mkdir(parents=True, exist_ok=True)
-    (raw / "tokenizer.model").write_bytes(proto.getvalue())
-    (raw / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
-    tok = transformers.AutoTokenizer.from_pretrained(str(raw), local_files_only=True)
-    tok.save_pretrained(str(path))
-    return tok
+    ours = train_tokenizer_on_texts(lambda: iter(sentences), path.parent / (path.name + "_spm"), 400,
+                                    log=lambda *_: None)
+    ours.save_pretrained(path)
+    return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
     tok = build_tokenizer(root / "model")
-    model = build("llama", vocab=128)  # a vocabulary padded past the tokenizer's 120 pieces
+    vocab = (len(tok) // 64 + 1) * 64  # padded past the tokenizer's pieces, as the trainer does
+    model = build("llama", vocab=vocab)
     save_model_dir(model, root / "model", bos=tok.bos_token_id, eos=tok.eos_token_id, pad=tok.pad_token_id)
     return root / "model", model, tok
 
