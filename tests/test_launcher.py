@@ -503,9 +503,12 @@ def test_foreground_exit_code_is_the_runs(fake_checkout):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_foreground_signal_asks_the_workers_to_save(fake_checkout, sig):
     logs = fake_checkout / "logs"
+    # A shell started with SIGINT ignored (pytest under a background job or some CI runners) can
+    # never trap it; a user's terminal starts the launcher with the default disposition.
     proc = subprocess.Popen(["bash", str(fake_checkout / "scripts" / "run_h100_dual.sh"), "--foreground"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=fake_env(fake_checkout, FAKE_STEPS="400", FAKE_STEP_S="0.1"))
+                            env=fake_env(fake_checkout, FAKE_STEPS="400", FAKE_STEP_S="0.1"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         console = logs / "training_console.log"
         deadline = time.time() + 60
