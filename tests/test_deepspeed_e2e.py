@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from e2e_support import cpu_env, latest, losses, write_corpus
 from koen_sllm.config import repo_root
 
 pytestmark = pytest.mark.slow
@@ -34,9 +33,6 @@ HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed (optional extra)")
 INSTALL_LINE = 'pip install -e ".[deepspeed]"'
 
-KO = ["오늘", "날씨가", "좋아서", "공원에", "산책을", "했습니다", "모델을", "학습하고", "데이터를", "정리했다", "한국어", "문장"]
-EN = ["the", "model", "reads", "small", "batches", "of", "text", "and", "learns", "quickly", "every", "day"]
-
 # 12 steps, checkpoints every 4; step attempt 3 gets a NaN loss, so 13 attempts make the 12 steps.
 # --learning-rate, --fp32 and --warmup-steps are explicit, so they override the shipped JSON's
 # defaults (lr 5e-5, bf16, 10 warm-up steps) and the DDP run below trains the same thing.
@@ -45,22 +41,12 @@ RUN_ARGS = ("--train", "--batch-size", "2", "--max-steps", "12", "--save-steps",
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("KOEN_CONSOLE_LOG", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
-    env.update(extra)
-    return env
+    return cpu_env(DS_ACCELERATOR="cpu", **extra)
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("data")
-    rng = random.Random(11)
-    with (folder / "mixed_pretraining.jsonl").open("w", encoding="utf-8") as fh:
-        for i in range(300):
-            lang, words = ("ko", KO) if i % 5 < 3 else ("en", EN)
-            text = " ".join(" ".join(rng.choice(words) for _ in range(10)) + "." for _ in range(8))
-            fh.write(json.dumps({"text": text, "lang": lang}, ensure_ascii=False) + "\n")
-    return folder
+    return write_corpus(tmp_path_factory.mktemp("data"))
 
 
 def trainer_args(run_dir: Path, dataset: Path, *args: str) -> list[str]:
@@ -78,20 +64,6 @@ def train(nproc: int, run_dir: Path, dataset: Path, *args: str, expect=0) -> sub
     if expect is not None:
         assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """Per-step training loss; a resumed run's records replace the killed run's."""
-    out: dict[int, float] = {}
-    for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("type") == "train":
-            out[rec["step"]] = rec["loss"]
-    return out
-
-
-def latest(run_dir: Path) -> str:
-    return (run_dir / "out" / "latest").read_text().strip()
 
 
 def weights(checkpoint: Path) -> dict[str, torch.Tensor]:

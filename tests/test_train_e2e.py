@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from e2e_support import cpu_env, latest, losses, write_corpus
 from koen_sllm.config import repo_root
 
 pytestmark = pytest.mark.slow
@@ -26,31 +26,12 @@ ROOT = repo_root()
 TRAIN = ROOT / "scripts" / "train_h100_dual.py"
 LAUNCHER = ROOT / "run_h100_dual.sh"
 
-KO = ["오늘", "날씨가", "좋아서", "공원에", "산책을", "했습니다", "모델을", "학습하고", "데이터를", "정리했다", "한국어", "문장"]
-EN = ["the", "model", "reads", "small", "batches", "of", "text", "and", "learns", "quickly", "every", "day"]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("KOEN_CONSOLE_LOG",)}
-    if sys.prefix != sys.base_prefix:
-        env["VIRTUAL_ENV"] = sys.prefix
-        env["PATH"] = f"{Path(sys.prefix) / 'bin'}{os.pathsep}{env.get('PATH', '')}"
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", KOEN_NO_INSTALL="1")
-    env.update(extra)
-    return env
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     """A deterministic Korean/English corpus shared by the runs (its prepared cache too)."""
-    folder = tmp_path_factory.mktemp("data")
-    rng = random.Random(11)
-    with (folder / "mixed_pretraining.jsonl").open("w", encoding="utf-8") as fh:
-        for i in range(300):
-            lang, words = ("ko", KO) if i % 5 < 3 else ("en", EN)
-            text = " ".join(" ".join(rng.choice(words) for _ in range(10)) + "." for _ in range(8))
-            fh.write(json.dumps({"text": text, "lang": lang}, ensure_ascii=False) + "\n")
-    return folder
+    return write_corpus(tmp_path_factory.mktemp("data"))
 
 
 def torchrun_cmd(nproc: int, run_dir: Path, dataset: Path, *args: str) -> list[str]:
@@ -62,24 +43,10 @@ def torchrun_cmd(nproc: int, run_dir: Path, dataset: Path, *args: str) -> list[s
 
 def train(nproc: int, run_dir: Path, dataset: Path, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
     proc = subprocess.run(torchrun_cmd(nproc, run_dir, dataset, *args), capture_output=True, text=True,
-                          env=_env(), timeout=300)
+                          env=cpu_env(), timeout=300)
     if expect is not None:
         assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """Per-step training loss; a resumed run's records replace the killed run's."""
-    out: dict[int, float] = {}
-    for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("type") == "train":
-            out[rec["step"]] = rec["loss"]
-    return out
-
-
-def latest(run_dir: Path) -> str:
-    return (run_dir / "out" / "latest").read_text().strip()
 
 
 def same_weights(a: Path, b: Path) -> bool:
@@ -122,7 +89,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path, dataset):
     with console.open("w") as sink:  # a file, not a pipe: nobody drains a pipe while we wait
         proc = subprocess.Popen(torchrun_cmd(2, run_dir, dataset, "--train", "--batch-size", "2", "--max-steps",
                                              "100000", "--save-steps", "100000"),
-                                stdout=sink, stderr=subprocess.STDOUT, text=True, env=_env())
+                                stdout=sink, stderr=subprocess.STDOUT, text=True, env=cpu_env())
         metrics = run_dir / "logs" / "metrics.jsonl"
         deadline = time.time() + 180
         while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
@@ -185,7 +152,7 @@ def test_readme_test_run_through_the_launcher(tmp_path):
                            "--max-steps", "30", "--dataset-path", str(empty), "--output-dir", str(out),
                            "--logs-dir", str(logs), "--learning-rate", "2e-3", "--", "--vocab-size", "512",
                            "--num-proc", "1"],
-                          capture_output=True, text=True, env=_env(), timeout=600)
+                          capture_output=True, text=True, env=cpu_env(), timeout=600)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-5000:]
     assert "DUMMY" in text.upper()  # the loud warning
