@@ -333,6 +333,13 @@ fi
 backend="DDP (NCCL)"; [[ "$DEVICE" == cpu ]] && backend="DDP (gloo, CPU)"
 ((DEEPSPEED_SET)) && backend="DeepSpeed ZeRO${DEEPSPEED:+ ($DEEPSPEED)}"
 opt_text="${prec^^}"; [[ "$compile_on" == true ]] && opt_text+=" + torch.compile"
+lr_text="${LR:-$DEFAULT_LR}"
+if ((DEEPSPEED_SET)); then
+  # Options not typed come from the DeepSpeed JSON; the trainer's start-up lines name them.
+  [[ -n "$LR" ]] || lr_text="DeepSpeed 설정 파일 값 / from the DeepSpeed config"
+  [[ -n "$PRECISION" ]] || prec="DeepSpeed 설정 파일 값 / from the DeepSpeed config"
+  opt_text="DeepSpeed"
+fi
 bool() { if (($1)); then echo true; else echo false; fi; }
 
 cat <<EOF_INFO
@@ -342,7 +349,7 @@ cat <<EOF_INFO
 🧠 모델 / model: ${MODEL_SIZE:-$d_model}
 🔧 하이퍼파라미터 / hyperparameters:
    • 배치 크기 / batch size: ${BATCH:-$DEFAULT_BATCH} (GPU당 / per process) x ${ACCUM:-1} 누적 / accumulation
-   • 학습률 / learning rate: ${LR:-$DEFAULT_LR}
+   • 학습률 / learning rate: $lr_text
    • 최대 시퀀스 길이 / max sequence length: ${SEQ:-$d_seq}
    • Mixed Precision: $prec
    • 모델 컴파일 / torch.compile: $compile_on

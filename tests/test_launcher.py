@@ -257,7 +257,11 @@ def test_dry_run_defaults_and_optional_values(tmp_path):
     assert args[0] == "--test" and "--batch-size" not in args  # defaults stay the trainer's
     assert args[args.index("--resume") + 1] == "auto"
     assert args[-1] == "--deepspeed" or args[args.index("--deepspeed") + 1].startswith("--")
-    assert "배치 크기 / batch size: 4" in res.stdout and "학습률 / learning rate: 1e-4" in res.stdout
+    assert "배치 크기 / batch size: 4" in res.stdout
+    # with --deepspeed, what was not typed comes from the JSON, and the block says so
+    assert "학습률 / learning rate: DeepSpeed 설정 파일 값 / from the DeepSpeed config" in res.stdout
+    plain = run("--dry-run", "--logs-dir", str(tmp_path / "l"), "--output-dir", str(tmp_path / "o"))
+    assert "학습률 / learning rate: 1e-4" in plain.stdout
 
 
 def test_resume_by_checkpoint_name_looks_in_the_output_dir(tmp_path):
