@@ -76,7 +76,6 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
 def _run(cfg, info, notes, log, explicit=frozenset()) -> int:
     from .attention import AttentionBackendError
     from .checkpoint import CheckpointError
-    from .config import ConfigError as _CfgErr
     from .ds_backend import DeepSpeedBackendError
     from .run_state import RunSetupError
     from .trainer import Trainer
@@ -95,10 +94,10 @@ def _run(cfg, info, notes, log, explicit=frozenset()) -> int:
         trainer = Trainer(cfg, info, explicit)
         trainer.setup()
         summary = trainer.train()
-    except (RunSetupError, CheckpointError, _CfgErr, AttentionBackendError, DeepSpeedBackendError) as exc:
+    except (RunSetupError, CheckpointError, ConfigError, AttentionBackendError, DeepSpeedBackendError) as exc:
         # Every rank checks the same options the same way; rank 0 speaks for a bad one.
-        (log.error if info.is_main or not isinstance(exc, _CfgErr) else log.info)("❌ %s", exc)
-        return 2 if isinstance(exc, (_CfgErr, AttentionBackendError)) else 1
+        (log.error if info.is_main or not isinstance(exc, ConfigError) else log.info)("❌ %s", exc)
+        return 2 if isinstance(exc, (ConfigError, AttentionBackendError)) else 1
     except Exception as exc:  # keep the traceback in the detail log, one line on the console
         log.debug("traceback", exc_info=True)
         log.error("❌ %s: %s (full traceback in %s)", type(exc).__name__, exc,

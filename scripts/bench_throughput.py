@@ -101,6 +101,7 @@ def run_peer(args) -> dict:
         model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa")
     missing, unexpected = model.load_state_dict(ours.hf_state_dict(), strict=False)
     assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
+    fpt = ours.flops_per_token(args.seq_len)  # the same shape: one FLOPs count for both sides
     del ours
     tokens = RandomTokens(args.seq_len, args.batch_size)
 
@@ -137,7 +138,6 @@ def run_peer(args) -> dict:
     )
     torch.cuda.reset_peak_memory_stats()
     HFTrainer(model=model, args=targs, train_dataset=DS(), callbacks=[Timer()]).train()
-    fpt = KoEnLM(model_config_from_preset(args.model_size, VOCAB, args.seq_len)).flops_per_token(args.seq_len)
     return _summarize("transformers.Trainer", times[args.warmup:], args, fpt, losses)
 
 

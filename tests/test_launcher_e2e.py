@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from e2e_support import cpu_env, write_corpus
 from koen_sllm.config import repo_root
 
 pytestmark = pytest.mark.slow
@@ -31,12 +30,9 @@ except Exception as exc:  # pragma: no cover - depends on the checkout
 
 
 def launcher_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("KOEN_CONSOLE_LOG", "KOEN_TEST_GPU_COUNT", "KOEN_STOP_TIMEOUT", "CONDA_PREFIX")}
-    if sys.prefix != sys.base_prefix:
-        env["VIRTUAL_ENV"] = sys.prefix
-        env["PATH"] = f"{Path(sys.prefix) / 'bin'}{os.pathsep}{env.get('PATH', '')}"
-    env.update(KOEN_NO_INSTALL="1", KOEN_LOG_PREVIEW_SECONDS="2", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env = cpu_env(KOEN_LOG_PREVIEW_SECONDS="2")
+    for name in ("KOEN_TEST_GPU_COUNT", "KOEN_STOP_TIMEOUT", "CONDA_PREFIX"):
+        env.pop(name, None)
     env.update(extra)
     return env
 
@@ -46,21 +42,10 @@ def run(*args: str, env: dict | None = None, timeout: float = 240) -> subprocess
                           env=env or launcher_env(), timeout=timeout)
 
 
-KO = ["오늘", "날씨가", "좋아서", "공원에", "산책을", "했습니다", "모델을", "학습하고", "데이터를", "정리했다", "한국어", "문장"]
-EN = ["the", "model", "reads", "small", "batches", "of", "text", "and", "learns", "quickly", "every", "day"]
-
-
 def corpus(folder: Path, docs: int = 240) -> Path:
     """A small deterministic Korean/English JSONL corpus (enough for a tokenizer and a few steps)."""
-    rng = random.Random(7)
     folder.mkdir(parents=True)
-    path = folder / "mixed_pretraining.jsonl"
-    with path.open("w", encoding="utf-8") as fh:
-        for i in range(docs):
-            lang, words = ("ko", KO) if i % 5 < 3 else ("en", EN)
-            text = " ".join(" ".join(rng.choice(words) for _ in range(12)) + "." for _ in range(6))
-            fh.write(json.dumps({"text": text, "lang": lang}, ensure_ascii=False) + "\n")
-    return path
+    return write_corpus(folder, docs=docs, seed=7) / "mixed_pretraining.jsonl"
 
 
 def common_args(tmp_path: Path) -> list[str]:
