@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 from koen_sllm.config import repo_root  # noqa: E402
-from koen_sllm.data.pack import encode_jsonl, resolve_num_proc  # noqa: E402
+from koen_sllm.data.pack import AUTO_THREADS_MAX, encode_jsonl, resolve_num_proc  # noqa: E402
 from koen_sllm.tokenizer import KoEnTokenizer, train_tokenizer, train_tokenizer_on_texts  # noqa: E402
 
 DEFAULT_DATA = repo_root().parent / "shared" / "data" / "ko_en_sample.jsonl"
@@ -142,9 +142,11 @@ def main() -> int:
             tok = train_tokenizer(args.data, Path(work) / "tok", 32000, log=lambda _: None)
         print(f"tokenizer: {tok.model_type} {tok.vocab_size:,} pieces")
         result["throughput"] = throughput(args.data, tok, procs, args.repeats)
+        default = "threads" if procs <= AUTO_THREADS_MAX else "processes"
         for name, row in result["throughput"].items():
             if name != "text_mb":
-                print(f"  {name:<16}{row['mb_per_s']:8.2f} MB/s   x{row['speedup']:.2f}   runs {row['runs_s']}")
+                mark = "  <- default (auto)" if name.startswith(default) else ""
+                print(f"  {name:<16}{row['mb_per_s']:8.2f} MB/s   x{row['speedup']:.2f}   runs {row['runs_s']}{mark}")
         result["chars_per_token"] = chars_per_token(tok, docs)
         print("chars/token: " + ", ".join(f"{k} {v:.3f}" for k, v in result["chars_per_token"].items()))
         if args.vocab_sweep:

@@ -159,7 +159,7 @@ def test_parallel_paths_equal_plain_loop(prepared, tmp_path):
     path, docs, data = prepared
     tok = KoEnTokenizer.load(data.tokenizer_dir)
     expected = np.concatenate([np.array(tok.encode(d["text"]) + [EOS_ID]) for d in docs])
-    for backend, procs in (("processes", 2), ("threads", 2), ("processes", 1)):
+    for backend, procs in (("auto", 2), ("processes", 2), ("threads", 2), ("threads", 3), ("processes", 1)):
         chunks = list(encode_jsonl(path, tok, procs, backend, chunk_bytes=512))
         assert len(chunks) > 5
         assert np.array_equal(np.concatenate([c.ids for c in chunks]), expected), backend

@@ -11,11 +11,14 @@ Two parallel paths (measured against a plain loop in docs/data.md):
   SentencePiece model, parses and encodes ~0.5 MB chunks and returns numpy
   arrays; at most 2 x num_proc chunks are in flight, so memory stays bounded
   on any corpus size.
-- "threads": SentencePiece's C++ thread pool on batches in this process; no
-  start-up cost, but JSON parsing and list-to-array conversion stay serial.
-Both give the same ids in the same order as a plain loop over ``encode``. On
-2 cores they are equally fast; "processes" is the default because its serial
-share is ~6% against ~18%, so it keeps scaling on many-core hosts.
+- "threads": SentencePiece's C++ thread pool encodes one chunk (it releases
+  the GIL) while this process parses the next chunk's JSON and converts the
+  previous chunk's ids, so the Python work hides behind the encoding. No
+  start-up or copying cost, but the Python work is still one thread.
+Both give the same ids in the same order as a plain loop over ``encode``.
+"auto" (the default) takes threads up to AUTO_THREADS_MAX workers, where they
+measured faster (no pool start-up, no pickling of ids), and processes beyond,
+where one Python thread would become the limit.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import json
 import multiprocessing as mp
 import os
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -34,8 +38,9 @@ from koen_sllm.data.progress import Progress
 from koen_sllm.tokenizer import EOS_ID, KoEnTokenizer, normalize_text
 
 CHUNK_BYTES = 1 << 19  # ~0.5 MB: enough chunks to balance the workers, few enough to keep IPC cheap
-BACKENDS = ("processes", "threads")
-DEFAULT_BACKEND = "processes"
+BACKENDS = ("auto", "processes", "threads")
+DEFAULT_BACKEND = "auto"
+AUTO_THREADS_MAX = 4  # measured on 2 cores (docs/data.md); the Python share (~7%) caps threads well above that
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -63,9 +68,12 @@ class Encoded:
     chars: np.ndarray
 
 
-def _encode_texts(sp, texts: list[str], dtype: np.dtype, num_threads: int = 1) -> Encoded:
+def _encode_texts(sp, texts: list[str], dtype: np.dtype) -> Encoded:
     texts = [normalize_text(t) for t in texts]
-    ids = sp.encode(texts, num_threads=num_threads) if num_threads > 1 else [sp.encode(t) for t in texts]
+    return _to_arrays(texts, [sp.encode(t) for t in texts], dtype)
+
+
+def _to_arrays(texts: list[str], ids: list[list[int]], dtype: np.dtype) -> Encoded:
     for row in ids:
         row.append(EOS_ID)
     lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
@@ -103,6 +111,20 @@ def _chunks(path: Path, chunk_bytes: int) -> Iterator[list[bytes]]:
             yield lines
 
 
+def _encode_threaded(path: Path, sp, dtype: np.dtype, threads: int, chunk_bytes: int) -> Iterator[Encoded]:
+    """Chunk k is encoded by SentencePiece's threads while chunk k+1 is parsed here."""
+    with ThreadPoolExecutor(1, thread_name_prefix="sp-encode") as encoder:
+        pending = None
+        for lines in _chunks(path, chunk_bytes):
+            texts = [normalize_text(json.loads(line)["text"]) for line in lines]
+            future = encoder.submit(sp.encode, texts, num_threads=threads)
+            if pending is not None:
+                yield _to_arrays(pending[0], pending[1].result(), dtype)
+            pending = (texts, future)
+        if pending is not None:
+            yield _to_arrays(pending[0], pending[1].result(), dtype)
+
+
 def _pool_context():
     # Workers only run SentencePiece and numpy, never torch or CUDA, so fork is
     # safe where it exists and avoids re-importing the package per worker.
@@ -121,10 +143,14 @@ def encode_jsonl(
         raise ValueError(f"backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
     workers = resolve_num_proc(num_proc)
     dtype = token_dtype(tokenizer.vocab_size)
-    if workers == 1 or backend == "threads" or path.stat().st_size <= chunk_bytes:
-        threads = workers if backend == "threads" else 1
+    if backend == "auto":
+        backend = "threads" if workers <= AUTO_THREADS_MAX else "processes"
+    if workers == 1:
         for lines in _chunks(path, chunk_bytes):
-            yield _encode_texts(tokenizer.sp, [json.loads(line)["text"] for line in lines], dtype, threads)
+            yield _encode_texts(tokenizer.sp, [json.loads(line)["text"] for line in lines], dtype)
+        return
+    if backend == "threads" or path.stat().st_size <= chunk_bytes:
+        yield from _encode_threaded(path, tokenizer.sp, dtype, workers, chunk_bytes)
         return
     with _pool_context().Pool(workers, _init_worker, (str(tokenizer.model_file), dtype.str)) as pool:
         pending: deque = deque()
