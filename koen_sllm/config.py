@@ -90,6 +90,7 @@ class TrainConfig:
     compile: Optional[bool] = None  # None -> on for GPU, off on CPU
     attn: str = "auto"
     activation_checkpointing: bool = False
+    ce_chunk_tokens: int = 0  # 0: the whole micro-batch's logits at once
     seed: int = 42
     eval_steps: Optional[int] = None  # None -> 250 (train), end only (test)
     eval_batches: int = 20
@@ -259,6 +260,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _positive("--num-epochs", t.num_epochs)
     _positive("--learning-rate", o.learning_rate)
     _non_negative("--eval-steps", t.eval_steps)
+    _non_negative("--ce-chunk-tokens", t.ce_chunk_tokens)
     _non_negative("--log-steps", t.log_steps)
     _non_negative("--warmup-steps", o.warmup_steps)
     _non_negative("--weight-decay", o.weight_decay)
@@ -324,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-epochs", type=float, default=1.0, help="passes over the data when --max-steps is unset")
     g.add_argument("--attn", default="auto", choices=ATTN_BACKENDS, help="attention backend")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute activations to save memory")
+    g.add_argument("--ce-chunk-tokens", type=int, default=0, metavar="N",
+                   help="output layer + cross-entropy N tokens at a time: the logits are never held whole (0 = off)")
     g.add_argument("--seed", type=int, default=42)
 
     g = p.add_argument_group("data and paths")
@@ -384,7 +388,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[RunConfig, argpars
             mode=ns.mode, model_size=ns.model_size, max_steps=ns.max_steps, num_epochs=ns.num_epochs,
             batch_size=ns.batch_size, grad_accum=ns.grad_accum, global_batch_size=ns.global_batch_size,
             max_seq_length=ns.max_seq_length, precision=ns.precision, compile=ns.compile, attn=ns.attn,
-            activation_checkpointing=ns.activation_checkpointing, seed=ns.seed, eval_steps=ns.eval_steps,
+            activation_checkpointing=ns.activation_checkpointing, ce_chunk_tokens=ns.ce_chunk_tokens,
+            seed=ns.seed, eval_steps=ns.eval_steps,
             eval_batches=ns.eval_batches, log_steps=ns.log_steps, max_bad_steps=ns.max_bad_steps,
             deepspeed=ns.deepspeed, logs_dir=ns.logs_dir, verbose=ns.verbose,
             debug_nan_steps=tuple(ns.debug_nan_steps), debug_kill_step=ns.debug_kill_step,

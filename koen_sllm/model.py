@@ -22,8 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import causal_attention, check_backend, probe_backend
 from .config import ATTN_BACKENDS, ConfigError
-
-IGNORE_INDEX = -100  # target id that contributes nothing to the loss (the HF convention)
+from .losses import IGNORE_INDEX, chunked_linear_cross_entropy
 
 
 @dataclass
@@ -44,6 +43,7 @@ class ModelConfig:
     # Runtime choices: they change speed and memory, never the weights or the output.
     attn_backend: str = "auto"
     activation_checkpointing: bool = False
+    ce_chunk_tokens: int = 0  # >0: output layer + cross-entropy this many tokens at a time (losses.py)
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -61,6 +61,8 @@ class ModelConfig:
             raise ConfigError(f"head_dim {self.head_dim} must be even for rotary embeddings")
         if self.attn_backend not in ATTN_BACKENDS:
             raise ConfigError(f"--attn {self.attn_backend!r} is unknown; choose one of {', '.join(ATTN_BACKENDS)}")
+        if self.ce_chunk_tokens < 0:
+            raise ConfigError(f"--ce-chunk-tokens must be 0 (off) or positive, got {self.ce_chunk_tokens}")
 
     @property
     def hf_architecture(self) -> str:
@@ -285,8 +287,10 @@ class KoEnLM(nn.Module):
 
     def compute_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Final hidden states ``[B, T, C]`` -> mean cross-entropy. The head's matmul may
-        run in bf16 under autocast; the softmax is taken in fp32. Kept separate so a
-        fused/chunked linear + cross-entropy can replace it without touching forward."""
+        run in bf16 under autocast; the softmax is taken in fp32. With ``ce_chunk_tokens``
+        the full logits are never held (same loss, far less memory; losses.py)."""
+        if self.cfg.ce_chunk_tokens:
+            return chunked_linear_cross_entropy(hidden, self.lm_head.weight, targets, self.cfg.ce_chunk_tokens)
         logits = self.lm_head(hidden)
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
                                ignore_index=IGNORE_INDEX)

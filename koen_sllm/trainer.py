@@ -133,7 +133,8 @@ class Trainer:
         """Model, optimizer, schedule (or the DeepSpeed config) and loader; also used by the throughput benchmark."""
         self.plan = getattr(self, "plan", None) or self._batch_plan()
         torch.manual_seed(self.t.seed)  # identical initial weights on every rank
-        mcfg = model_config_from_preset(self.t.model_size, vocab, self.plan.seq_len, attn_backend=self.t.attn)
+        mcfg = model_config_from_preset(self.t.model_size, vocab, self.plan.seq_len, attn_backend=self.t.attn,
+                                       ce_chunk_tokens=self.t.ce_chunk_tokens)
         model = KoEnLM(mcfg).to(self.device)
         if self.t.activation_checkpointing:
             model.set_activation_checkpointing(True)

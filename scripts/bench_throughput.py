@@ -4,6 +4,8 @@
     python scripts/bench_throughput.py --quick                      # a few minutes on one GPU
     python scripts/bench_throughput.py --model-size 350m --batch-size 8 --seq-len 2048
     python scripts/bench_throughput.py --only ours --model-size 1.3b --attn cudnn
+    python scripts/bench_throughput.py --only ours --ce-chunk-tokens 4096 --profile   # a lever, with a kernel breakdown
+    python scripts/bench_throughput.py --curve --data datasets/prepared/mixed_pretraining/train.bin --steps 200
 
 Both sides train the same Llama shape on the same random tokens (vocabulary
 32000) with bf16, torch.compile and fused AdamW, one after the other in this
@@ -11,6 +13,14 @@ process, on whatever GPU is present. "ours" runs koen_sllm.trainer.Trainer's
 own train_step (the code ./run_h100_dual.sh uses); the peer is
 transformers.Trainer on LlamaForCausalLM built from the same config and weights.
 Warm-up steps (compilation) are excluded. Prints a table and writes JSON.
+
+--curve compares learning instead of speed: both sides start from the same
+weights and read the same token file in the same order with the same targets,
+optimizer groups and schedule (this project's, handed to the Trainer), and every
+step's loss is kept; a second run of ours with another seed shows the noise.
+--profile adds where the GPU time of three steps goes (matmuls, attention,
+fused elementwise kernels, optimizer, idle). --liger swaps in liger-kernel's
+Triton kernels (if installed) to measure them as a lever.
 This is a benchmark, not a test: nothing here asserts a speed.
 """
 from __future__ import annotations
@@ -25,11 +35,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from koen_sllm import distributed as D  # noqa: E402
 from koen_sllm.config import parse_args as parse_run_args  # noqa: E402
 from koen_sllm.metrics import peak_flops, peak_memory_gib  # noqa: E402
+from koen_sllm.losses import IGNORE_INDEX  # noqa: E402
+from koen_sllm.optim import build_optimizer, build_scheduler  # noqa: E402
 from koen_sllm.trainer import Trainer  # noqa: E402
 
 VOCAB = 32000
@@ -52,19 +65,61 @@ class RandomTokens:
         return pair
 
 
-def run_ours(args) -> dict:
+class FileTokens:
+    """Consecutive windows of a packed token file, in order, for both trainers alike.
+
+    Window k is tokens [k*T, k*T + T + 1). The last target of every sequence is
+    ignored, because transformers' causal-LM loss shifts the labels inside the
+    model and so never sees it: both sides then score exactly the same targets."""
+
+    def __init__(self, path: Path, seq_len: int, micro_batch: int):
+        from koen_sllm.data.pack import open_tokens
+
+        self.tokens, self.seq_len, self.micro_batch = open_tokens(path), seq_len, micro_batch
+        self.num_windows = (len(self.tokens) - 1) // seq_len
+        if self.num_windows < micro_batch:
+            raise SystemExit(f"{path}: {len(self.tokens):,} tokens are too few for batch {micro_batch} x {seq_len}")
+        self.i, self.num_samples, self.epoch = 0, self.num_windows, 0.0
+
+    def window(self, k: int) -> torch.Tensor:
+        start = (k % self.num_windows) * self.seq_len
+        return torch.from_numpy(self.tokens[start:start + self.seq_len + 1].astype(np.int64))
+
+    def next_batch(self):
+        rows = torch.stack([self.window(self.i + r) for r in range(self.micro_batch)])
+        self.i += self.micro_batch
+        x, y = rows[:, :-1].contiguous(), rows[:, 1:].clone()
+        y[:, -1] = IGNORE_INDEX
+        return (x.pin_memory(), y.pin_memory()) if torch.cuda.is_available() else (x, y)
+
+
+def run_config(args, seed: int):
     argv = ["--train", "--model-size", args.model_size, "--batch-size", str(args.batch_size),
             "--max-seq-length", str(args.seq_len), "--max-steps", str(args.steps + args.warmup),
-            "--attn", args.attn, "--learning-rate", "3e-4", "--bf16"]
+            "--attn", args.attn, "--learning-rate", str(args.lr), "--bf16", "--seed", str(seed),
+            "--ce-chunk-tokens", str(args.ce_chunk_tokens)]
+    if args.warmup_steps is not None:
+        argv += ["--warmup-steps", str(args.warmup_steps)]
     if args.no_compile:
         argv.append("--no-compile")
     cfg, _ = parse_run_args(argv)
     from koen_sllm.config import apply_device_defaults
 
     apply_device_defaults(cfg, torch.cuda.is_available())
-    info = D.init_distributed()
-    tr = Trainer(cfg, info)
-    tr.build(VOCAB, RandomTokens(args.seq_len, args.batch_size))
+    return cfg
+
+
+def token_source(args):
+    return FileTokens(args.data, args.seq_len, args.batch_size) if args.data else RandomTokens(args.seq_len, args.batch_size)
+
+
+def run_ours(args, seed: int = 0, name: str = "koen_sllm") -> dict:
+    tr = Trainer(run_config(args, seed), D.init_distributed())
+    tr.build(VOCAB, token_source(args))
+    if args.liger:
+        from liger_levers import apply_liger
+
+        print(f"liger-kernel: {apply_liger(tr.raw_model, args.liger)}")
     tr.finalize()
     tr.model.train()
     torch.cuda.reset_peak_memory_stats()
@@ -77,9 +132,50 @@ def run_ours(args) -> dict:
         times.append(time.perf_counter() - t0)
         losses.append(float(loss))
     fpt = tr.raw_model.flops_per_token(args.seq_len)
-    res = _summarize("koen_sllm", times[args.warmup:], args, fpt, losses)
+    res = _summarize(name, times[args.warmup:], args, fpt, losses)
+    if args.profile:
+        res["profile"] = profile_steps(tr.train_step, 3)
     del tr
     return res
+
+
+KERNEL_KINDS = (  # first match wins; names of cuBLAS/CUTLASS/cuDNN/Triton kernels on Hopper
+    ("attention", ("cudnn", "fmha", "flash", "attention", "sdpa")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "sm90_", "cublas", "wgmma")),
+    ("optimizer and clipping", ("adam", "multi_tensor", "foreach")),
+    ("cross-entropy", ("cross_entropy", "log_softmax", "logsumexp", "nll")),
+    ("fused elementwise (Triton)", ("triton",)),
+    ("copies and casts", ("copy", "cast", "memcpy", "memset", "fill")),
+)
+
+
+def profile_steps(step_fn, n: int) -> dict:
+    """GPU time per kernel kind over n steps, against their wall time: the rest is the GPU idling."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step_fn()
+        torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - t0) * 1e6
+    kinds: dict[str, float] = {}
+    top: list[tuple[str, float]] = []
+    for ev in prof.key_averages():
+        us = getattr(ev, "self_device_time_total", 0.0) or getattr(ev, "self_cuda_time_total", 0.0)
+        if us <= 0 or ev.key.startswith(("ProfilerStep", "aten::", "cuda")):  # CPU-side rows
+            continue
+        name = ev.key.lower()
+        kind = next((k for k, keys in KERNEL_KINDS if any(w in name for w in keys)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + us
+        top.append((ev.key[:90], us))
+    busy = sum(kinds.values())
+    table = {k: round(100 * v / wall_us, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
+    table["GPU idle"] = round(100 * max(0.0, wall_us - busy) / wall_us, 1)
+    top.sort(key=lambda kv: -kv[1])
+    return {"steps": n, "wall_ms_per_step": wall_us / n / 1e3, "percent_of_wall": table,
+            "top_kernels_ms_per_step": [(k, round(v / n / 1e3, 3)) for k, v in top[:15]]}
 
 
 def run_peer(args) -> dict:
@@ -88,6 +184,7 @@ def run_peer(args) -> dict:
     from koen_sllm.model import KoEnLM, model_config_from_preset
 
     mcfg = model_config_from_preset(args.model_size, VOCAB, args.seq_len)
+    torch.manual_seed(args.seed)  # the initial weights ours starts from (Trainer.build seeds the same way)
     ours = KoEnLM(mcfg)
     hf_cfg = ours.hf_config(2, 3, 0)
     if hf_cfg.get("architectures", [""])[0] != "LlamaForCausalLM":
@@ -103,14 +200,19 @@ def run_peer(args) -> dict:
     assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
     fpt = ours.flops_per_token(args.seq_len)  # the same shape: one FLOPs count for both sides
     del ours
-    tokens = RandomTokens(args.seq_len, args.batch_size)
+    tokens = token_source(args)
+    served = [0]
 
     class DS(torch.utils.data.Dataset):
         def __len__(self):
             return 10**6
 
         def __getitem__(self, i):
-            b = tokens.batches[(i // args.batch_size) % len(tokens.batches)][i % args.batch_size, :-1]
+            if args.data:  # the k-th item asked for is window k, whatever index the sampler picks
+                b = tokens.window(served[0])[:-1]
+                served[0] += 1
+            else:
+                b = tokens.batches[(i // args.batch_size) % len(tokens.batches)][i % args.batch_size, :-1]
             return {"input_ids": b, "labels": b}
 
     times: list[float] = []
@@ -132,12 +234,18 @@ def run_peer(args) -> dict:
     out = Path(args.json).parent / "hf_trainer_tmp"
     targs = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=args.batch_size, max_steps=args.warmup + args.steps,
-        bf16=True, torch_compile=not args.no_compile, optim="adamw_torch_fused", learning_rate=3e-4,
-        logging_steps=1, save_strategy="no", report_to=[], dataloader_pin_memory=True,
+        bf16=True, torch_compile=not args.no_compile, optim="adamw_torch_fused", learning_rate=args.lr,
+        logging_steps=1, save_strategy="no", report_to=[], dataloader_pin_memory=True, seed=args.seed,
         lr_scheduler_type="cosine", warmup_steps=1, weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0,
     )
+    optimizers = (None, None)
+    if args.curve:  # this project's decay groups and schedule, so only model and loop differ
+        cfg = run_config(args, args.seed)
+        opt = build_optimizer(model, cfg.optim, torch.device("cuda"))
+        optimizers = (opt, build_scheduler(opt, cfg.optim, args.steps + args.warmup))
+    model.to("cuda")
     torch.cuda.reset_peak_memory_stats()
-    HFTrainer(model=model, args=targs, train_dataset=DS(), callbacks=[Timer()]).train()
+    HFTrainer(model=model, args=targs, train_dataset=DS(), callbacks=[Timer()], optimizers=optimizers).train()
     return _summarize("transformers.Trainer", times[args.warmup:], args, fpt, losses)
 
 
@@ -147,7 +255,24 @@ def _summarize(name, times, args, fpt, losses) -> dict:
     peak = peak_flops(torch.cuda.get_device_name(), "bf16")
     return {"name": name, "median_step_s": step, "tokens_per_s": tok_s,
             "mfu": tok_s * fpt / peak if peak else None, "peak_mem_gib": peak_memory_gib(torch.device("cuda")),
-            "flops_per_token": fpt, "first_losses": losses[:5], "last_loss": losses[-1] if losses else None}
+            "flops_per_token": fpt, "first_losses": losses[:5], "last_loss": losses[-1] if losses else None,
+            "losses": losses}
+
+
+def compare_curves(ours: list, peer: list, noise: list, window: int = 10) -> dict:
+    """Differences of 10-step running means (one step's loss is noisy on its own), skipping
+    the first window, where both start from the same weights and trivially agree."""
+    n = min(len(ours), len(peer), len(noise))
+
+    def smooth(xs):
+        a = np.asarray(xs[:n], dtype=np.float64)
+        return np.convolve(a, np.ones(window) / window, mode="valid")
+
+    o, p_, s = smooth(ours), smooth(peer), smooth(noise)
+    d_peer, d_noise = np.abs(o - p_), np.abs(o - s)
+    return {"steps": n, "window": window, "ours_vs_peer_mean": float(d_peer.mean()), "ours_vs_peer_max": float(d_peer.max()),
+            "noise_mean": float(d_noise.mean()), "noise_max": float(d_noise.max()),
+            "last20": [float(np.mean(x[n - 20:n])) for x in (ours, peer, noise)]}
 
 
 def main() -> int:
@@ -162,19 +287,35 @@ def main() -> int:
     p.add_argument("--only", choices=("ours", "peer"))
     p.add_argument("--quick", action="store_true", help="15 measured steps after 5 warm-up steps")
     p.add_argument("--json", default="outputs/bench_throughput.json")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (both sides)")
+    p.add_argument("--warmup-steps", type=int, help="learning-rate warm-up (default: the trainer's, 1%% of steps)")
+    p.add_argument("--seed", type=int, default=0, help="initial weights (both sides)")
+    p.add_argument("--ce-chunk-tokens", type=int, default=0, help="ours: chunked output layer + loss (0 = off)")
+    p.add_argument("--liger", help="ours: liger-kernel parts to swap in, comma-separated: rmsnorm,swiglu,rope,flce or all")
+    p.add_argument("--profile", action="store_true", help="ours: GPU time by kernel kind over 3 more steps")
+    p.add_argument("--data", type=Path, help="a packed token file (train.bin) instead of random tokens")
+    p.add_argument("--curve", action="store_true",
+                   help="compare loss curves on --data: ours, the peer, and ours with seed+1 (the noise)")
     args = p.parse_args()
+    if args.curve and not args.data:
+        p.error("--curve needs --data (e.g. datasets/prepared/mixed_pretraining/train.bin)")
     if not torch.cuda.is_available():
         print("❌ bench_throughput.py needs a CUDA GPU", file=sys.stderr)
         return 2
     if args.quick:
         args.steps, args.warmup = 15, 5
+    if args.curve:
+        args.warmup = 0  # every step's loss counts; the median step time still skips compilation
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     results = []
-    for which, fn in (("ours", run_ours), ("peer", run_peer)):
+    runs = [("ours", lambda: run_ours(args, args.seed)), ("peer", lambda: run_peer(args))]
+    if args.curve:
+        runs.append(("ours", lambda: run_ours(args, args.seed + 1, f"koen_sllm seed {args.seed + 1}")))
+    for which, fn in runs:
         if args.only and args.only != which:
             continue
-        results.append(fn(args))
+        results.append(fn())
         gc.collect()
         torch.cuda.empty_cache()
         torch._dynamo.reset()
@@ -184,10 +325,25 @@ def main() -> int:
     for r in results:
         m = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
         print(f"{r['name']:<24}{r['tokens_per_s']:>12,.0f}{m:>8}{r['peak_mem_gib']:>10.1f}{r['median_step_s']:>9.3f}")
-    if len(results) == 2:
+    if len(results) >= 2 and results[1]["name"] == "transformers.Trainer":
         print(f"ratio koen_sllm / transformers.Trainer: {results[0]['tokens_per_s'] / results[1]['tokens_per_s']:.2f}x")
-    Path(args.json).write_text(json.dumps({"device": device, "torch": torch.__version__, "args": vars(args),
-                                           "results": results}, indent=2))
+    for r in results:
+        if "profile" in r:
+            prof = r["profile"]
+            print(f"GPU time of {r['name']}, % of {prof['wall_ms_per_step']:.1f} ms per step: " +
+                  ", ".join(f"{k} {v}" for k, v in prof["percent_of_wall"].items()))
+            for name, ms in prof["top_kernels_ms_per_step"][:8]:
+                print(f"  {ms:8.3f} ms  {name}")
+    report = {"device": device, "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()},
+              "results": results}
+    if args.curve and len(results) == 3:
+        report["curve"] = compare_curves(*(r["losses"] for r in results))
+        c = report["curve"]
+        print(f"loss curves over {c['steps']} steps (10-step means): |ours - peer| mean {c['ours_vs_peer_mean']:.4f} "
+              f"max {c['ours_vs_peer_max']:.4f}; |ours - ours seed+1| (noise) mean {c['noise_mean']:.4f} "
+              f"max {c['noise_max']:.4f}; last 20 steps: ours {c['last20'][0]:.4f}, peer {c['last20'][1]:.4f}, "
+              f"seed+1 {c['last20'][2]:.4f}")
+    Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
 
 

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Throughput levers, one after another on the same GPU: each row is one
+# scripts/bench_throughput.py --only ours run with one change against the baseline.
+#
+#   scripts/bench_levers.sh                         # 350m, batch 8 x 2048, the default lever set
+#   LEVERS="base chunk liger-all" scripts/bench_levers.sh --model-size 1.3b --batch-size 4
+#
+# Levers: base (with a GPU-time profile), chunk (--ce-chunk-tokens 4096),
+# liger-all / liger-nolce (liger-kernel's RMSNorm, SwiGLU, RoPE, with / without its
+# fused linear + cross-entropy; needs liger-kernel), b16-chunk, b32-chunk (larger
+# micro-batches, which the chunked loss makes fit), cdtune (Inductor's coordinate-
+# descent tuning). Each run has its own time limit (LEVER_TIMEOUT, default 300 s), so one
+# failure or hang leaves the others. JSON per run and summary.md go to
+# ${BENCH_DIR:-outputs/bench_levers}. A benchmark: nothing here asserts a speed.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+py="${KOEN_PYTHON:-python3}"
+work="${BENCH_DIR:-$root/outputs/bench_levers}"
+mkdir -p "$work"
+common=(--only ours --quick "$@")
+batch_args() {  # the batch size typed on the command line wins over a lever's
+  local b="$1"; shift
+  for a in "$@"; do [ "$a" = "--batch-size" ] && return 0; done
+  printf '%s\n' --batch-size "$b"
+}
+
+read -r -a levers <<< "${LEVERS:-base chunk liger-all liger-nolce b16-chunk cdtune}"
+
+run_lever() {  # name, one environment assignment (or -), bench options...
+  local name="$1" envs="$2"; shift 2
+  echo "=== $name"
+  local -a cmd=(timeout "${LEVER_TIMEOUT:-300}" "$py" "$root/scripts/bench_throughput.py" "${common[@]}" "$@"
+                --json "$work/$name.json")
+  if [ "$envs" != "-" ]; then cmd=(env "$envs" "${cmd[@]}"); fi
+  if ! "${cmd[@]}" > "$work/$name.log" 2>&1; then
+    echo "    failed or timed out: see $work/$name.log"; tail -n 4 "$work/$name.log" | sed 's/^/    /'
+  else
+    tail -n 12 "$work/$name.log" | grep -E "^(koen_sllm|GPU time|liger)" | sed 's/^/    /' || true
+  fi
+}
+
+for lever in "${levers[@]}"; do
+  case "$lever" in
+    base) run_lever base - --profile ;;
+    chunk) run_lever chunk - --ce-chunk-tokens 4096 --profile ;;
+    liger-all) run_lever liger-all - --liger all ;;
+    liger-nolce) run_lever liger-nolce - --liger rmsnorm,swiglu,rope ;;
+    b16-chunk) mapfile -t b < <(batch_args 16 "$@"); run_lever b16-chunk - "${b[@]}" --ce-chunk-tokens 4096 ;;
+    b32-chunk) mapfile -t b < <(batch_args 32 "$@"); run_lever b32-chunk - "${b[@]}" --ce-chunk-tokens 4096 ;;
+    cdtune) run_lever cdtune "TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1" ;;
+    *) echo "❌ unknown lever $lever" >&2; exit 2 ;;
+  esac
+done
+
+"$py" - "$work" "${levers[@]}" <<'EOF'
+import json, sys
+from pathlib import Path
+work, names = Path(sys.argv[1]), sys.argv[2:]
+rows = ["| lever | batch | tokens/s | MFU | peak GiB | vs base |", "|---|---:|---:|---:|---:|---:|"]
+base = None
+for name in names:
+    path = work / f"{name}.json"
+    if not path.exists():
+        rows.append(f"| {name} | | failed | | | |"); continue
+    rep = json.loads(path.read_text())
+    r = rep["results"][0]
+    base = base or (r["tokens_per_s"] if name == "base" else None)
+    ratio = f"{r['tokens_per_s'] / base:.3f}x" if base else ""
+    mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
+    rows.append(f"| {name} | {rep['args']['batch_size']} | {r['tokens_per_s']:,.0f} | {mfu} | {r['peak_mem_gib']:.1f} | {ratio} |")
+text = "\n".join(rows)
+(work / "summary.md").write_text(text + "\n")
+print(text)
+EOF
