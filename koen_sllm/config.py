@@ -73,6 +73,7 @@ class CheckpointConfig:
     save_steps: int = 500
     save_total_limit: Optional[int] = 3
     save_initial: bool = True
+    save_final: bool = True  # off only for benchmarks: a run then ends without its last checkpoint
     resume: Optional[str] = None  # "auto", "none" or a path; None -> per mode
 
 
@@ -368,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps")
     g.add_argument("--save-total-limit", type=int, default=3, help="keep the newest N checkpoints")
     g.add_argument("--no-save-initial", dest="save_initial", action="store_false", help="skip outputs/initial_model")
+    g.add_argument("--no-save-final", dest="save_final", action="store_false",
+                   help="no checkpoint at the end of the run (benchmarks); periodic and signal saves still happen")
     g.add_argument("--resume", help="'auto' (train default), 'none' (test default) or a checkpoint path")
     g.add_argument("--eval-steps", type=int, help="validate every N steps (default: 250; test mode: at the end)")
     g.add_argument("--eval-batches", type=int, default=20, help="validation batches per language")
@@ -404,7 +407,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[RunConfig, argpars
         ),
         ckpt=CheckpointConfig(
             output_dir=ns.output_dir, save_steps=ns.save_steps, save_total_limit=ns.save_total_limit,
-            save_initial=ns.save_initial, resume=ns.resume,
+            save_initial=ns.save_initial, save_final=ns.save_final, resume=ns.resume,
         ),
     )
     return validate(cfg), ns

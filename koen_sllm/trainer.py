@@ -379,7 +379,9 @@ class Trainer:
         summary.stopped_by_signal = self.stop.agreed
         if self.data.val_files and not summary.stopped_by_signal:  # a preempted run saves first, evaluates never
             self._eval_and_log(sink)
-        if self.step > 0 and (summary.last_checkpoint is None or summary.last_checkpoint.name != f"checkpoint-{self.step}"):
+        final_wanted = cfg.ckpt.save_final or summary.stopped_by_signal
+        if final_wanted and self.step > 0 and (summary.last_checkpoint is None
+                                               or summary.last_checkpoint.name != f"checkpoint-{self.step}"):
             summary.last_checkpoint = save_run_checkpoint(self, f"checkpoint-{self.step}", last_loss=last_loss)
         self.elapsed_before += time.time() - start
         summary.steps, summary.final_loss = self.step, last_loss

@@ -9,7 +9,8 @@
 #
 # Needs prepared data (scripts/run_preprocessing.sh) and, for the ZeRO rows, deepspeed.
 # Work files go to ${BENCH_DIR:-outputs/bench_backends}; a summary table is printed and
-# written to summary.md there. This is a benchmark: nothing here asserts a speed.
+# written to summary.md there. Runs save no checkpoints (--no-save-final); RUN_TIMEOUT
+# (seconds, default 1800) bounds each run. This is a benchmark: nothing here asserts a speed.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -43,10 +44,10 @@ run_one() {  # name, extra trainer options...
   local dir="$work/$name"
   rm -rf "$dir"; mkdir -p "$dir"
   echo "=== $name: $model, batch $batch x $seq, $gpus GPU(s), $steps steps"
-  if ! "$py" -m torch.distributed.run --standalone --nproc_per_node "$gpus" "$root/scripts/train_h100_dual.py" \
+  if ! timeout "${RUN_TIMEOUT:-1800}" "$py" -m torch.distributed.run --standalone --nproc_per_node "$gpus" "$root/scripts/train_h100_dual.py" \
       --train --model-size "$model" --batch-size "$batch" --max-seq-length "$seq" --max-steps "$steps" \
       --dataset-path "$dataset" --output-dir "$dir/out" --logs-dir "$dir/logs" --log-steps 2 \
-      --save-steps 100000 --no-save-initial --eval-batches 2 "$@" > "$dir/console.log" 2>&1; then
+      --save-steps 100000 --no-save-initial --no-save-final --eval-batches 2 "$@" > "$dir/console.log" 2>&1; then
     echo "    failed: see $dir/console.log"; tail -n 5 "$dir/console.log" | sed 's/^/    /'
   fi
 }

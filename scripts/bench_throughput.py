@@ -161,19 +161,25 @@ def profile_steps(step_fn, n: int) -> dict:
         torch.cuda.synchronize()
         wall_us = (time.perf_counter() - t0) * 1e6
     kinds: dict[str, float] = {}
-    top: list[tuple[str, float]] = []
-    for ev in prof.key_averages():
-        us = getattr(ev, "self_device_time_total", 0.0) or getattr(ev, "self_cuda_time_total", 0.0)
-        if us <= 0 or ev.key.startswith(("ProfilerStep", "aten::", "cuda")):  # CPU-side rows
+    per_name: dict[str, float] = {}
+    spans = []
+    for ev in prof.events():  # device-side rows only: each kernel or copy once, with its duration
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
             continue
-        name = ev.key.lower()
-        kind = next((k for k, keys in KERNEL_KINDS if any(w in name for w in keys)), "other")
+        us = ev.time_range.elapsed_us()
+        name = ev.name
+        kind = next((k for k, keys in KERNEL_KINDS if any(w in name.lower() for w in keys)), "other")
         kinds[kind] = kinds.get(kind, 0.0) + us
-        top.append((ev.key[:90], us))
-    busy = sum(kinds.values())
+        per_name[name[:90]] = per_name.get(name[:90], 0.0) + us
+        spans.append((ev.time_range.start, ev.time_range.end))
+    busy, end = 0.0, float("-inf")  # union of kernel intervals: copies on another stream overlap
+    for start, stop in sorted(spans):
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    top = sorted(per_name.items(), key=lambda kv: -kv[1])
     table = {k: round(100 * v / wall_us, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
     table["GPU idle"] = round(100 * max(0.0, wall_us - busy) / wall_us, 1)
-    top.sort(key=lambda kv: -kv[1])
     return {"steps": n, "wall_ms_per_step": wall_us / n / 1e3, "percent_of_wall": table,
             "top_kernels_ms_per_step": [(k, round(v / n / 1e3, 3)) for k, v in top[:15]]}
 
