@@ -128,6 +128,8 @@ class Trainer:
         log.info("steps: %d (%.3f epochs of %s training sequences); precision %s; compile %s; attention %s",
                  self.max_steps, self.max_steps * self.plan.sequences_per_step / max(1, self.loader.num_samples),
                  f"{self.loader.num_samples:,}", self.t.precision, self.t.compile, self.t.attn)
+        if self.model_cfg.ce_chunk_tokens:
+            log.info("output layer + cross-entropy in chunks of %d tokens", self.model_cfg.ce_chunk_tokens)
 
     def build(self, vocab: int, loader) -> None:
         """Model, optimizer, schedule (or the DeepSpeed config) and loader; also used by the throughput benchmark."""

@@ -164,7 +164,8 @@ def profile_steps(step_fn, n: int) -> dict:
     per_name: dict[str, float] = {}
     spans = []
     for ev in prof.events():  # device-side rows only: each kernel or copy once, with its duration
-        if ev.device_type != torch.autograd.DeviceType.CUDA:
+        if ev.device_type != torch.autograd.DeviceType.CUDA or getattr(ev, "is_user_annotation", False) \
+                or "#" in ev.name:  # user annotations ("Optimizer.step#AdamW.step") span kernels counted already
             continue
         us = ev.time_range.elapsed_us()
         name = ev.name
@@ -281,6 +282,31 @@ def compare_curves(ours: list, peer: list, noise: list, window: int = 10) -> dic
             "last20": [float(np.mean(x[n - 20:n])) for x in (ours, peer, noise)]}
 
 
+def plot_curves(results: list, out: Path, title: str) -> None:
+    """Per-step losses (faint) and their 10-step means of each run, on one axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    for r, color in zip(results, ("tab:red", "tab:blue", "tab:gray")):
+        y = np.asarray(r["losses"], dtype=np.float64)
+        x = np.arange(1, len(y) + 1)
+        ax.plot(x, y, color=color, alpha=0.25, linewidth=0.8)
+        if len(y) >= 10:
+            ax.plot(x[9:], np.convolve(y, np.ones(10) / 10, mode="valid"), color=color, linewidth=1.8,
+                    label=f"{r['name']} (10-step mean)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-size", default="350m")
@@ -302,7 +328,15 @@ def main() -> int:
     p.add_argument("--data", type=Path, help="a packed token file (train.bin) instead of random tokens")
     p.add_argument("--curve", action="store_true",
                    help="compare loss curves on --data: ours, the peer, and ours with seed+1 (the noise)")
+    p.add_argument("--plot", type=Path, help="with --curve: draw the curves into this PNG")
+    p.add_argument("--replot", type=Path, metavar="JSON", help="redraw --plot from a saved --curve JSON; no GPU needed")
     args = p.parse_args()
+    if args.replot:
+        report = json.loads(args.replot.read_text())
+        out = args.plot or args.replot.with_suffix(".png")
+        plot_curves(report["results"], out, report.get("title", ""))
+        print(f"wrote {out}")
+        return 0
     if args.curve and not args.data:
         p.error("--curve needs --data (e.g. datasets/prepared/mixed_pretraining/train.bin)")
     if not torch.cuda.is_available():
@@ -349,6 +383,9 @@ def main() -> int:
               f"max {c['ours_vs_peer_max']:.4f}; |ours - ours seed+1| (noise) mean {c['noise_mean']:.4f} "
               f"max {c['noise_max']:.4f}; last 20 steps: ours {c['last20'][0]:.4f}, peer {c['last20'][1]:.4f}, "
               f"seed+1 {c['last20'][2]:.4f}")
+        if args.plot:
+            report["title"] = f"{args.model_size}, batch {args.batch_size} x {args.seq_len}, {args.data.name}, {device}"
+            plot_curves(results, args.plot, report["title"])
     Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
 

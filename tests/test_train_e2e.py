@@ -175,3 +175,34 @@ def test_readme_test_run_through_the_launcher(tmp_path):
         ids = tok("안녕하세요 hello", return_tensors="pt")["input_ids"]
         assert model(ids).logits.shape[-1] == model.config.vocab_size
     assert not same_weights(out / "initial_model", out / "checkpoint-30")
+
+
+def test_no_save_final_keeps_the_periodic_checkpoints_only(tmp_path, dataset):
+    run = tmp_path / "run"
+    train(1, run, dataset, "--train", "--batch-size", "2", "--max-steps", "3", "--save-steps", "2",
+          "--no-save-initial", "--no-save-final")
+    assert latest(run) == "checkpoint-2"
+    assert not (run / "out" / "checkpoint-3").exists()
+    assert sorted(losses(run)) == [1, 2, 3]
+
+
+def test_chunked_loss_option_trains_like_the_plain_loss(tmp_path, dataset):
+    args = ("--train", "--batch-size", "2", "--max-steps", "3", "--no-save-initial", "--no-save-final", "--fp32")
+    train(1, tmp_path / "plain", dataset, *args)
+    proc = train(1, tmp_path / "chunked", dataset, *args, "--ce-chunk-tokens", "24")
+    assert "output layer + cross-entropy in chunks of 24 tokens" in proc.stdout + proc.stderr
+    a, b = losses(tmp_path / "plain"), losses(tmp_path / "chunked")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    assert all(abs(a[s] - b[s]) < 1e-5 for s in a), (a, b)
+
+
+def test_check_resume_script_compares_straight_and_resumed_losses(tmp_path, dataset):
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "check_resume.sh"), "--steps", "4", "--num-gpus", "2", "--dataset-path",
+         str(dataset), "--", "--model-size", "tiny", "--max-seq-length", "64", "--vocab-size", "400",
+         "--num-proc", "1", "--batch-size", "2", "--learning-rate", "2e-3"],
+        capture_output=True, text=True, env=cpu_env(KOEN_PYTHON=sys.executable, CHECK_DIR=str(tmp_path / "check")),
+        timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "largest |difference| over steps 3-4: 0 (bit-identical)" in proc.stdout
+    assert (tmp_path / "check" / "straight" / "out" / "checkpoint-2").is_dir()
