@@ -30,7 +30,7 @@ import shutil
 import time
 from collections import Counter, OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -429,74 +429,3 @@ def check_output_dir(root: Path, need_bytes: int, *, per_checkpoint_bytes: Optio
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
-
-
-# ---------------------------------------------------------------- export
-
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
-# Never shipped in an export: training state, pickles, code, other backends' files.
-_NOT_EXPORTED_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt", ".py")
-
-
-def export_hf(src: Path, dst: Path, dtype: Optional[str] = None, *, overwrite: bool = False) -> Path:
-    """Copy a checkpoint into a clean model directory (config, weights, tokenizer), atomically.
-
-    ``dtype`` ("bf16", "fp16", "fp32") casts floating-point weights and records the
-    dtype in config.json; None copies the weights file unchanged.
-    """
-    src, dst = Path(src), Path(dst)
-    if dtype is not None and dtype not in _DTYPES:
-        raise CheckpointError(f"dtype {dtype!r} is unknown; use one of {', '.join(_DTYPES)}")
-    for need in (CONFIG_FILE, MODEL_FILE):
-        if not (src / need).is_file():
-            raise CheckpointError(f"{src} is not a model directory ({need} is missing); pass a checkpoint directory")
-    if (src / MANIFEST_FILE).exists():
-        ok, why = verify_checkpoint(src)
-        if not ok:
-            raise CheckpointError(f"{src} fails verification ({why}); export another checkpoint")
-    s, d = src.resolve(), dst.resolve()
-    if d == s or s in d.parents or d in s.parents:
-        raise CheckpointError(f"--output {dst} overlaps the checkpoint {src}; choose a separate directory")
-    if dst.exists() and not overwrite and not (dst.is_dir() and not any(dst.iterdir())):
-        raise CheckpointError(f"{dst} already exists; remove it, pass --overwrite or choose another --output")
-    tmp = dst.parent / f".export-{dst.name}-{os.getpid()}"
-    where = tmp
-    try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        remove_path(tmp)
-        tmp.mkdir()
-        config = json.loads((src / CONFIG_FILE).read_text(encoding="utf-8"))
-        where = tmp / MODEL_FILE
-        if dtype is None:
-            shutil.copyfile(src / MODEL_FILE, where)
-        else:
-            target = _DTYPES[dtype]
-            weights = {k: v.to(target) if v.is_floating_point() else v for k, v in load_file(str(src / MODEL_FILE)).items()}
-            save_file(weights, str(where), metadata={"format": "pt"})
-            config["dtype"] = config["torch_dtype"] = _HF_DTYPE_NAMES[target]  # v5 reads dtype, v4 torch_dtype
-        where = tmp / CONFIG_FILE
-        write_text(where, json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for file in _exportable_files(src):
-            where = tmp / file.name
-            shutil.copyfile(file, where)
-        where = tmp
-        sync_tree(tmp, hashes=False)
-        where = dst
-        publish_dir(tmp, dst)
-    except BaseException as exc:
-        if not isinstance(exc, Exception):
-            remove_path(tmp)
-            raise
-        message = io_message(exc, where, dst.parent, "--output", f"{src} is untouched")
-        remove_path(tmp)
-        raise CheckpointError(message) from exc
-    return dst
-
-
-def _exportable_files(src: Path) -> Iterable[Path]:
-    for p in sorted(src.iterdir()):
-        if (p.is_file() and p.name not in _OURS and not p.name.startswith(".")
-                and not p.name.endswith(_NOT_EXPORTED_SUFFIXES)):
-            yield p

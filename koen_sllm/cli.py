@@ -39,7 +39,17 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
         _print_err(str(exc))
         return 2
     if ns.dry_run:
+        if cfg.train.deepspeed is not None:  # show the values the run will use, the JSON's included
+            from .ds_config import apply_ds_options
+
+            try:
+                notes += apply_ds_options(cfg, explicit, int(os.environ.get("WORLD_SIZE", "1")))
+            except ConfigError as exc:
+                _print_err(str(exc))
+                return 2
         if int(os.environ.get("RANK", "0")) == 0:
+            for note in notes:
+                print(f"note: {note}", file=sys.stderr)
             print(cfg.to_json())
         return 0
     if cfg.train.deepspeed is not None:

@@ -24,7 +24,7 @@ import tempfile
 import unicodedata
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 from koen_sllm.atomic_io import hash_file, publish_dir
 
@@ -117,17 +117,15 @@ def train_tokenizer(
     out_dir: PathLike,
     vocab_size: int,
     model_type: str = DEFAULT_MODEL_TYPE,
-    *,
-    max_lines: int = 5_000_000,
-    num_threads: Optional[int] = None,
-    log: Callable[[str], None] = print,
+    **options: Any,
 ) -> "KoEnTokenizer":
-    """Train on ``input_file`` (JSONL with "text", or .txt) and save to ``out_dir``."""
+    """Train on ``input_file`` (JSONL with "text", or .txt) and save to ``out_dir``;
+    ``options`` (max_lines, num_threads, log) as for :func:`train_tokenizer_on_texts`."""
     input_file = Path(input_file)
     if not input_file.is_file():
         raise TokenizerError(f"tokenizer training input {input_file} does not exist")
     return train_tokenizer_on_texts(lambda: _read_texts(input_file), out_dir, vocab_size, model_type,
-                                    max_lines=max_lines, num_threads=num_threads, log=log, name=str(input_file))
+                                    name=str(input_file), **options)
 
 
 def train_tokenizer_on_texts(

@@ -356,6 +356,11 @@ def main() -> int:
         if args.only and args.only != which:
             continue
         results.append(fn())
+        # Written after every run, so a run cut short by a time limit keeps the ones before it.
+        Path(args.json).write_text(json.dumps({"partial": True, "args": {k: str(v) for k, v in vars(args).items()},
+                                               "results": results}, indent=2))
+        print(f"{results[-1]['name']}: {results[-1]['tokens_per_s']:,.0f} tokens/s; losses {results[-1]['losses'][:3]} ...",
+              flush=True)
         gc.collect()
         torch.cuda.empty_cache()
         torch._dynamo.reset()

@@ -13,6 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from koen_sllm import checkpoint as ck
+from koen_sllm import export as koen_export
+from koen_sllm.export import export_hf
 from koen_sllm.checkpoint import CheckpointError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,7 +75,7 @@ def test_export_bf16_loads_with_transformers_offline(run_dir, tmp_path, monkeypa
     import transformers
     from transformers import AutoModelForCausalLM
 
-    dst = ck.export_hf(run_dir / "checkpoint-4", tmp_path / "export" / "koen-bf16", "bf16")
+    dst = export_hf(run_dir / "checkpoint-4", tmp_path / "export" / "koen-bf16", "bf16")
     assert sorted(p.name for p in dst.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model",
                                                      "tokenizer_config.json"]
     config = json.loads((dst / "config.json").read_text())
@@ -95,10 +97,10 @@ def test_export_bf16_loads_with_transformers_offline(run_dir, tmp_path, monkeypa
 
 
 def test_export_without_dtype_copies_weights_unchanged(run_dir, tmp_path):
-    dst = ck.export_hf(run_dir / "checkpoint-4", tmp_path / "plain")
+    dst = export_hf(run_dir / "checkpoint-4", tmp_path / "plain")
     assert (dst / "model.safetensors").read_bytes() == (run_dir / "checkpoint-4" / "model.safetensors").read_bytes()
     assert json.loads((dst / "config.json").read_text()) == llama_config()
-    fp16 = ck.export_hf(dst, tmp_path / "half", "fp16")  # any model directory, even without a manifest
+    fp16 = export_hf(dst, tmp_path / "half", "fp16")  # any model directory, even without a manifest
     assert {t.dtype for t in load_file(str(fp16 / "model.safetensors")).values()} == {torch.float16}
 
 
@@ -107,19 +109,19 @@ def test_export_refuses_bad_sources_and_existing_output(run_dir, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
     with pytest.raises(CheckpointError, match=r"taken already exists; remove it, pass --overwrite"):
-        ck.export_hf(src, tmp_path / "taken")
+        export_hf(src, tmp_path / "taken")
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
-    ck.export_hf(src, tmp_path / "taken", overwrite=True)
+    export_hf(src, tmp_path / "taken", overwrite=True)
     assert not (tmp_path / "taken" / "keep.txt").exists() and (tmp_path / "taken" / "config.json").exists()
     with pytest.raises(CheckpointError, match="overlaps the checkpoint"):
-        ck.export_hf(src, src / "inner")
+        export_hf(src, src / "inner")
     with pytest.raises(CheckpointError, match=r"is not a model directory \(config.json is missing\)"):
-        ck.export_hf(tmp_path, tmp_path / "x")
+        export_hf(tmp_path, tmp_path / "x")
     data = bytearray((src / "model.safetensors").read_bytes())
     data[-3] ^= 0x10
     (src / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"fails verification \(model.safetensors fails its sha256 check"):
-        ck.export_hf(src, tmp_path / "from-corrupt", "bf16")
+        export_hf(src, tmp_path / "from-corrupt", "bf16")
     assert not (tmp_path / "from-corrupt").exists()
 
 
@@ -127,9 +129,9 @@ def test_disk_full_during_export_leaves_nothing(run_dir, tmp_path, monkeypatch):
     def full(tensors, filename, metadata=None):
         raise OSError(errno.ENOSPC, "No space left on device", filename)
 
-    monkeypatch.setattr(ck, "save_file", full)
+    monkeypatch.setattr(koen_export, "save_file", full)
     with pytest.raises(CheckpointError) as err:
-        ck.export_hf(run_dir / "checkpoint-4", tmp_path / "out" / "model", "bf16")
+        export_hf(run_dir / "checkpoint-4", tmp_path / "out" / "model", "bf16")
     tmp = tmp_path / "out" / f".export-model-{os.getpid()}"
     assert str(err.value) == (f"disk full while writing {tmp}/model.safetensors: free space or point --output "
                               f"elsewhere; {run_dir / 'checkpoint-4'} is untouched")

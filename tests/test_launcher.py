@@ -262,6 +262,19 @@ def test_dry_run_defaults_and_optional_values(tmp_path):
     assert "학습률 / learning rate: DeepSpeed 설정 파일 값 / from the DeepSpeed config" in res.stdout
     plain = run("--dry-run", "--logs-dir", str(tmp_path / "l"), "--output-dir", str(tmp_path / "o"))
     assert "학습률 / learning rate: 1e-4" in plain.stdout
+    # ... and the trainer's resolved configuration already holds the JSON's values
+    cfg = _config_from(res.stdout)
+    assert cfg["optim"]["learning_rate"] == 5e-5 and cfg["optim"]["warmup_steps"] == 10
+    assert _config_from(plain.stdout)["optim"]["learning_rate"] == 1e-4
+
+
+def test_dry_run_reports_a_deepspeed_json_that_contradicts_an_option(tmp_path):
+    ds = tmp_path / "my ds.json"
+    ds.write_text('{"optimizer": {"type": "AdamW", "params": {"lr": 5e-5}}}')
+    res = run("--dry-run", "--deepspeed", str(ds), "--learning-rate", "2e-3", "--logs-dir", str(tmp_path / "l"),
+              "--output-dir", str(tmp_path / "o"))
+    assert res.returncode == 2
+    assert "--learning-rate 0.002 conflicts with optimizer.params.lr = 5e-05" in res.stdout + res.stderr
 
 
 def test_resume_by_checkpoint_name_looks_in_the_output_dir(tmp_path):
