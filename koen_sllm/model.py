@@ -189,9 +189,14 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         # v carries the matmul dtype (bf16 under autocast); the norm weights and
         # the fp32 rotation would otherwise promote q and k to fp32.
-        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
+        q, k = self.rotate(q, k, cos, sin, v.dtype)
         out = causal_attention(q, k, v, self.backend)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on ``q, k [B, T, heads, D]`` in fp32, returned in ``dtype``."""
+        return apply_rope(q, cos, sin).to(dtype), apply_rope(k, cos, sin).to(dtype)
 
 
 class MLP(nn.Module):

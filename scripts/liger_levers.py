@@ -22,7 +22,6 @@ def apply_liger(model, parts: str) -> str:
     from liger_kernel.ops.rope import LigerRopeFunction
     from liger_kernel.ops.swiglu import LigerSiLUMulFunction
 
-    from koen_sllm.attention import causal_attention
     from koen_sllm.losses import IGNORE_INDEX
     from koen_sllm.model import MLP, Attention, RMSNorm
 
@@ -40,16 +39,9 @@ def apply_liger(model, parts: str) -> str:
     def swiglu_forward(self, x):
         return self.down_proj(LigerSiLUMulFunction.apply(self.gate_proj(x), self.up_proj(x)))
 
-    def attention_forward(self, x, cos, sin):
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = LigerRopeFunction.apply(q.transpose(1, 2).to(v.dtype), k.transpose(1, 2).to(v.dtype), cos, sin)
-        out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v, self.backend)
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+    def rotate(self, q, k, cos, sin, dtype):  # liger's kernel takes [B, heads, T, D]
+        q, k = LigerRopeFunction.apply(q.transpose(1, 2).to(dtype), k.transpose(1, 2).to(dtype), cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2)
 
     def flce_loss(self, hidden, targets):
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
@@ -64,7 +56,7 @@ def apply_liger(model, parts: str) -> str:
         if "swiglu" in chosen and isinstance(module, MLP):
             module.forward = types.MethodType(swiglu_forward, module)
         if "rope" in chosen and isinstance(module, Attention):
-            module.forward = types.MethodType(attention_forward, module)
+            module.rotate = types.MethodType(rotate, module)
     if "flce" in chosen:
         model.compute_loss = types.MethodType(flce_loss, model)
     return "swapped in " + ", ".join(chosen)
