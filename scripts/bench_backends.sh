@@ -6,6 +6,7 @@
 #   scripts/bench_backends.sh                                  # 350m, 30 steps, 1 GPU, datasets/
 #   scripts/bench_backends.sh --model-size 1.3b --batch-size 4 --num-gpus 2
 #   BACKENDS="ddp zero2" scripts/bench_backends.sh --steps 50
+#   scripts/bench_backends.sh --model-size tiny --max-seq-length 64 -- --vocab-size 400   # after --: trainer options
 #
 # Needs prepared data (scripts/run_preprocessing.sh) and, for the ZeRO rows, deepspeed.
 # Work files go to ${BENCH_DIR:-outputs/bench_backends}; a summary table is printed and
@@ -15,16 +16,17 @@ set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="${KOEN_PYTHON:-python3}"
-model="350m"; batch=8; steps=30; gpus=1; seq=2048; dataset="$root/datasets"
+model="350m"; batch=8; steps=30; gpus=1; seq=2048; dataset="$root/datasets"; extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
+    --) shift; extra=("$@"); break ;;
     --model-size) model="$2"; shift 2 ;;
     --batch-size) batch="$2"; shift 2 ;;
     --steps) steps="$2"; shift 2 ;;
     --num-gpus) gpus="$2"; shift 2 ;;
     --max-seq-length) seq="$2"; shift 2 ;;
     --dataset-path) dataset="$2"; shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "❌ unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -47,7 +49,8 @@ run_one() {  # name, extra trainer options...
   if ! timeout "${RUN_TIMEOUT:-1800}" "$py" -m torch.distributed.run --standalone --nproc_per_node "$gpus" "$root/scripts/train_h100_dual.py" \
       --train --model-size "$model" --batch-size "$batch" --max-seq-length "$seq" --max-steps "$steps" \
       --dataset-path "$dataset" --output-dir "$dir/out" --logs-dir "$dir/logs" --log-steps 2 \
-      --save-steps 100000 --no-save-initial --no-save-final --eval-batches 2 "$@" > "$dir/console.log" 2>&1; then
+      --save-steps 100000 --no-save-initial --no-save-final --eval-batches 2 "$@" ${extra[@]+"${extra[@]}"} \
+      > "$dir/console.log" 2>&1; then
     echo "    failed: see $dir/console.log"; tail -n 5 "$dir/console.log" | sed 's/^/    /'
   fi
 }
