@@ -120,6 +120,8 @@ def _run(cfg, info, notes, log, explicit=frozenset()) -> int:
     log.info("✅ %s", head)
     log.info("   steps: %d | final loss %.4f | bad steps skipped: %d | time %.1f min",
              summary.steps, summary.final_loss, summary.bad_steps, minutes)
+    if summary.loss_spikes:
+        log.info("   loss spikes: %d (warnings above; \"spike\" records in metrics.jsonl)", summary.loss_spikes)
     if trainer.last_val:
         log.info("   validation: %s", " | ".join(f"{k} {v:.4f}" for k, v in sorted(trainer.last_val.items())))
     log.info("   checkpoint: %s", summary.last_checkpoint)

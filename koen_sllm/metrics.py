@@ -104,6 +104,33 @@ class Throughput:
         return self._total_time / measured if measured > 0 and self._total_time > 0 else None
 
 
+class SpikeDetector:
+    """Flags a training loss far above the recent ones (a loss spike), to warn about, never to act on.
+
+    A step is a spike when its loss exceeds the median of the last ``window`` losses by more
+    than ``min_jump`` nats and by more than ``mads`` times their median absolute deviation,
+    so ordinary batch-to-batch noise and the steep early descent do not count. Spikes stay
+    out of the window, so one spike does not hide the next.
+    """
+
+    def __init__(self, window: int = 20, min_jump: float = 1.0, mads: float = 6.0):
+        self.window, self.min_jump, self.mads = window, min_jump, mads
+        self.recent: list[float] = []
+
+    def check(self, loss: float) -> Optional[float]:
+        """The window's median when ``loss`` is a spike, else None (and ``loss`` joins the window)."""
+        if not math.isfinite(loss):
+            return None
+        if len(self.recent) >= self.window // 2:
+            ordered = sorted(self.recent)
+            median = ordered[len(ordered) // 2]
+            mad = sorted(abs(x - median) for x in self.recent)[len(self.recent) // 2]
+            if loss - median > max(self.min_jump, self.mads * mad):
+                return median
+        self.recent = (self.recent + [loss])[-self.window:]
+        return None
+
+
 def format_progress(rec: dict[str, Any], max_steps: int) -> str:
     """The one progress line (docs/architecture.md): the launcher's --status parses it."""
     def num(key, fmt, default="n/a"):

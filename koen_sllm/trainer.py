@@ -27,7 +27,7 @@ from .checkpoint import check_output_dir, estimate_checkpoint_bytes
 from .config import RunConfig, derive_batch_plan
 from .data.loader import TokenLoader, iter_eval_batches
 from .logs import get_logger, progress_bar
-from .metrics import MetricsSink, Throughput, format_progress, mfu, peak_flops, peak_memory_gib
+from .metrics import MetricsSink, SpikeDetector, Throughput, format_progress, mfu, peak_flops, peak_memory_gib
 from .model import KoEnLM, model_config_from_preset
 from .optim import build_optimizer, build_scheduler
 from .prepare import ensure_training_data
@@ -44,6 +44,7 @@ class Summary:
     steps: int = 0
     final_loss: float = float("nan")
     bad_steps: int = 0
+    loss_spikes: int = 0
     stopped_by_signal: bool = False
     last_checkpoint: Optional[Path] = None
 
@@ -296,6 +297,7 @@ class Trainer:
         summary = Summary(last_checkpoint=getattr(self, "last_checkpoint", None))
         sink = MetricsSink(cfg.logs_dir / "metrics.jsonl", cfg.logs_dir / "tensorboard") if info.is_main else None
         meter = Throughput(warmup_steps=2 if t.compile else 1)
+        spikes = SpikeDetector()
         bar = progress_bar(self.max_steps, self.step, info.is_main)
         self.model.train()
         start, consecutive_bad, last_loss = time.time(), 0, float("nan")
@@ -330,6 +332,15 @@ class Trainer:
             self.step += 1
             self.tokens_seen += self.plan.tokens_per_step
             last_loss = loss.item()
+            base = spikes.check(last_loss)
+            if base is not None:
+                summary.loss_spikes += 1
+                (log.warning if info.is_main else log.info)(
+                    "loss spike at step %d: %.4f against a recent median of %.4f; a single one is usually noise, "
+                    "repeated ones call for a lower --learning-rate (or --attn flash, see docs/model.md)",
+                    self.step, last_loss, base)
+                if sink:
+                    sink.write({"type": "spike", "step": self.step, "loss": last_loss, "recent_median": base})
             meter.update(self.plan.tokens_per_step, dt)
             if bar is not None:
                 bar.update(1)

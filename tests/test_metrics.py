@@ -58,3 +58,29 @@ def test_metrics_sink_writes_jsonl(tmp_path):
     rows = [json.loads(l) for l in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
     assert [r["type"] for r in rows] == ["train", "eval"] and rows[0]["loss"] == 2.5
     assert all(math.isfinite(r["time"]) for r in rows)
+
+
+def test_spike_detector_flags_a_jump_but_not_noise_or_descent():
+    import random
+
+    from koen_sllm.metrics import SpikeDetector
+
+    rng = random.Random(0)
+    det = SpikeDetector()
+    descent = [10.0 - 2.0 * i / 100 + rng.gauss(0, 0.1) for i in range(100)]
+    assert [det.check(x) for x in descent] == [None] * 100
+    median = det.check(descent[-1] + 3.0)
+    assert median is not None and abs(median - descent[-1]) < 0.5
+    assert det.check(descent[-1] + 3.0) is not None  # a spike never joins the window, so a second is seen too
+    assert det.check(float("nan")) is None and det.check(descent[-1]) is None
+
+
+def test_spike_detector_waits_for_enough_history():
+    from koen_sllm.metrics import SpikeDetector
+
+    det = SpikeDetector(window=20)
+    assert [det.check(x) for x in (5.0, 5.0, 5.0, 50.0)] == [None] * 4  # too few steps to judge
+    det = SpikeDetector(window=20)
+    for _ in range(10):
+        det.check(5.0)
+    assert det.check(5.9) is None and det.check(6.5) == 5.0  # 1.0 nats is the smallest jump flagged
