@@ -9,7 +9,8 @@
 # liger-all / liger-nolce (liger-kernel's RMSNorm, SwiGLU, RoPE, with / without its
 # fused linear + cross-entropy; needs liger-kernel), b16-chunk, b32-chunk (larger
 # micro-batches, which the chunked loss makes fit), cdtune (Inductor's coordinate-
-# descent tuning). Each run has its own time limit (LEVER_TIMEOUT, default 300 s), so one
+# descent tuning of its Triton kernels), autotune-gemm (Inductor benchmarks Triton matmul
+# templates against cuBLAS; compiles for minutes). Each run has its own time limit (LEVER_TIMEOUT, default 300 s), so one
 # failure or hang leaves the others. JSON per run and summary.md go to
 # ${BENCH_DIR:-outputs/bench_levers}. A benchmark: nothing here asserts a speed.
 set -euo pipefail
@@ -49,6 +50,7 @@ for lever in "${levers[@]}"; do
     b16-chunk) mapfile -t b < <(batch_args 16 "$@"); run_lever b16-chunk - "${b[@]}" --ce-chunk-tokens 4096 ;;
     b32-chunk) mapfile -t b < <(batch_args 32 "$@"); run_lever b32-chunk - "${b[@]}" --ce-chunk-tokens 4096 ;;
     cdtune) run_lever cdtune "TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1" ;;
+    autotune-gemm) run_lever autotune-gemm "TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1" ;;
     *) echo "❌ unknown lever $lever" >&2; exit 2 ;;
   esac
 done
