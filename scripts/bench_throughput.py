@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench_analysis import compare_curves, plot_curves, profile_steps  # noqa: E402
 from koen_sllm import distributed as D  # noqa: E402
 from koen_sllm.config import parse_args as parse_run_args  # noqa: E402
 from koen_sllm.metrics import peak_flops, peak_memory_gib  # noqa: E402
@@ -139,52 +140,6 @@ def run_ours(args, seed: int = 0, name: str = "koen_sllm") -> dict:
     return res
 
 
-KERNEL_KINDS = (  # first match wins; names of cuBLAS/CUTLASS/cuDNN/Triton kernels on Hopper
-    ("attention", ("cudnn", "fmha", "flash", "attention", "sdpa")),
-    ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "sm90_", "cublas", "wgmma")),
-    ("optimizer and clipping", ("adam", "multi_tensor", "foreach")),
-    ("cross-entropy", ("cross_entropy", "log_softmax", "logsumexp", "nll")),
-    ("fused elementwise (Triton)", ("triton",)),
-    ("copies and casts", ("copy", "cast", "memcpy", "memset", "fill")),
-)
-
-
-def profile_steps(step_fn, n: int) -> dict:
-    """GPU time per kernel kind over n steps, against their wall time: the rest is the GPU idling."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            step_fn()
-        torch.cuda.synchronize()
-        wall_us = (time.perf_counter() - t0) * 1e6
-    kinds: dict[str, float] = {}
-    per_name: dict[str, float] = {}
-    spans = []
-    for ev in prof.events():  # device-side rows only: each kernel or copy once, with its duration
-        if ev.device_type != torch.autograd.DeviceType.CUDA or getattr(ev, "is_user_annotation", False) \
-                or "#" in ev.name:  # user annotations ("Optimizer.step#AdamW.step") span kernels counted already
-            continue
-        us = ev.time_range.elapsed_us()
-        name = ev.name
-        kind = next((k for k, keys in KERNEL_KINDS if any(w in name.lower() for w in keys)), "other")
-        kinds[kind] = kinds.get(kind, 0.0) + us
-        per_name[name[:90]] = per_name.get(name[:90], 0.0) + us
-        spans.append((ev.time_range.start, ev.time_range.end))
-    busy, end = 0.0, float("-inf")  # union of kernel intervals: copies on another stream overlap
-    for start, stop in sorted(spans):
-        if stop > end:
-            busy += stop - max(start, end)
-            end = stop
-    top = sorted(per_name.items(), key=lambda kv: -kv[1])
-    table = {k: round(100 * v / wall_us, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
-    table["GPU idle"] = round(100 * max(0.0, wall_us - busy) / wall_us, 1)
-    return {"steps": n, "wall_ms_per_step": wall_us / n / 1e3, "percent_of_wall": table,
-            "top_kernels_ms_per_step": [(k, round(v / n / 1e3, 3)) for k, v in top[:15]]}
-
-
 def run_peer(args) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer as HFTrainer, TrainerCallback, TrainingArguments
 
@@ -264,47 +219,6 @@ def _summarize(name, times, args, fpt, losses) -> dict:
             "mfu": tok_s * fpt / peak if peak else None, "peak_mem_gib": peak_memory_gib(torch.device("cuda")),
             "flops_per_token": fpt, "first_losses": losses[:5], "last_loss": losses[-1] if losses else None,
             "losses": losses}
-
-
-def compare_curves(ours: list, peer: list, noise: list, window: int = 10) -> dict:
-    """Differences of 10-step running means (one step's loss is noisy on its own), skipping
-    the first window, where both start from the same weights and trivially agree."""
-    n = min(len(ours), len(peer), len(noise))
-
-    def smooth(xs):
-        a = np.asarray(xs[:n], dtype=np.float64)
-        return np.convolve(a, np.ones(window) / window, mode="valid")
-
-    o, p_, s = smooth(ours), smooth(peer), smooth(noise)
-    d_peer, d_noise = np.abs(o - p_), np.abs(o - s)
-    return {"steps": n, "window": window, "ours_vs_peer_mean": float(d_peer.mean()), "ours_vs_peer_max": float(d_peer.max()),
-            "noise_mean": float(d_noise.mean()), "noise_max": float(d_noise.max()),
-            "last20": [float(np.mean(x[n - 20:n])) for x in (ours, peer, noise)]}
-
-
-def plot_curves(results: list, out: Path, title: str) -> None:
-    """Per-step losses (faint) and their 10-step means of each run, on one axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 4.8))
-    for r, color in zip(results, ("tab:red", "tab:blue", "tab:gray")):
-        y = np.asarray(r["losses"], dtype=np.float64)
-        x = np.arange(1, len(y) + 1)
-        ax.plot(x, y, color=color, alpha=0.25, linewidth=0.8)
-        if len(y) >= 10:
-            ax.plot(x[9:], np.convolve(y, np.ones(10) / 10, mode="valid"), color=color, linewidth=1.8,
-                    label=f"{r['name']} (10-step mean)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
 
 
 def main() -> int:
