@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -102,6 +103,34 @@ class Throughput:
     def mean_step_time(self) -> Optional[float]:
         measured = self._steps_seen - self.warmup_steps
         return self._total_time / measured if measured > 0 and self._total_time > 0 else None
+
+
+class StepClock:
+    """Wall-clock time per optimizer step, without synchronizing the device for it.
+
+    The loop waits for the device once a step anyway (reading the all-reduced vote), so
+    the time between two consecutive returns from a step is that step's period, the host
+    work in between included; a second synchronize only to read a clock would leave the
+    GPU idle while the host logs and launches the next step. Validation and checkpoint
+    saves run inside ``paused()`` and are left out.
+    """
+
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock
+        self.last = clock()
+
+    def lap(self) -> float:
+        now = self.clock()
+        elapsed, self.last = now - self.last, now
+        return elapsed
+
+    @contextmanager
+    def paused(self):
+        began = self.clock()
+        try:
+            yield
+        finally:
+            self.last += self.clock() - began
 
 
 class SpikeDetector:

@@ -27,7 +27,8 @@ from .checkpoint import check_output_dir, estimate_checkpoint_bytes
 from .config import RunConfig, derive_batch_plan
 from .data.loader import TokenLoader, iter_eval_batches
 from .logs import get_logger, progress_bar
-from .metrics import MetricsSink, SpikeDetector, Throughput, format_progress, mfu, peak_flops, peak_memory_gib
+from .metrics import (MetricsSink, SpikeDetector, StepClock, Throughput, format_progress, mfu, peak_flops,
+                      peak_memory_gib)
 from .model import KoEnLM, model_config_from_preset
 from .optim import build_optimizer, build_scheduler
 from .prepare import ensure_training_data
@@ -298,6 +299,7 @@ class Trainer:
         sink = MetricsSink(cfg.logs_dir / "metrics.jsonl", cfg.logs_dir / "tensorboard") if info.is_main else None
         meter = Throughput(warmup_steps=2 if t.compile else 1)
         spikes = SpikeDetector()
+        clock = StepClock()
         bar = progress_bar(self.max_steps, self.step, info.is_main)
         self.model.train()
         start, consecutive_bad, last_loss = time.time(), 0, float("nan")
@@ -308,11 +310,8 @@ class Trainer:
         while self.step < self.max_steps and not self.stop.agreed:
             if t.debug_kill_step == self.step + 1 and info.is_main:
                 os.kill(os.getpid(), signal.SIGKILL)  # crash-consistency tests: die like a lost node
-            t0 = time.perf_counter()
             loss, grad_norm, applied = self.train_step()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            dt = time.perf_counter() - t0
+            dt = clock.lap()
             self._window_s += dt
             self.step_time_total_s += dt
             if not applied:
@@ -348,9 +347,12 @@ class Trainer:
             if t.log_steps and (self.step % t.log_steps == 0 or self.step == self.max_steps):
                 self._log_step(sink, meter, last_loss, grad_norm, start)
             if t.eval_steps and self.step % t.eval_steps == 0 and self.step < self.max_steps:
-                self._eval_and_log(sink)
+                with clock.paused():
+                    self._eval_and_log(sink)
             if self.step % cfg.ckpt.save_steps == 0 and self.step < self.max_steps:
-                summary.last_checkpoint = save_run_checkpoint(self, f"checkpoint-{self.step}", last_loss=last_loss)
+                with clock.paused():
+                    summary.last_checkpoint = save_run_checkpoint(self, f"checkpoint-{self.step}",
+                                                                  last_loss=last_loss)
         if bar is not None:
             bar.close()
         self.stop.report(log, info.is_main)

@@ -5,7 +5,8 @@
 #   scripts/bench_levers.sh                         # 350m, batch 8 x 2048, the default lever set
 #   LEVERS="base chunk liger-all" scripts/bench_levers.sh --model-size 1.3b --batch-size 4
 #
-# Levers: base (with a GPU-time profile), chunk (--ce-chunk-tokens 4096),
+# Levers: base (with a GPU-time profile), synced (the GPU synchronized around every step,
+# as the training loop did for its clock until it timed step periods instead), chunk (--ce-chunk-tokens 4096),
 # liger-all / liger-nolce (liger-kernel's RMSNorm, SwiGLU, RoPE, with / without its
 # fused linear + cross-entropy; needs liger-kernel), b16-chunk, b32-chunk (larger
 # micro-batches, which the chunked loss makes fit), cdtune (Inductor's coordinate-
@@ -44,6 +45,7 @@ run_lever() {  # name, one environment assignment (or -), bench options...
 for lever in "${levers[@]}"; do
   case "$lever" in
     base) run_lever base - --profile ;;
+    synced) run_lever synced - --sync-each-step ;;
     chunk) run_lever chunk - --ce-chunk-tokens 4096 --profile ;;
     liger-all) run_lever liger-all - --liger all ;;
     liger-nolce) run_lever liger-nolce - --liger rmsnorm,swiglu,rope ;;

@@ -12,7 +12,10 @@ Both sides train the same Llama shape on the same random tokens (vocabulary
 process, on whatever GPU is present. "ours" runs koen_sllm.trainer.Trainer's
 own train_step (the code ./run_h100_dual.sh uses); the peer is
 transformers.Trainer on LlamaForCausalLM built from the same config and weights.
-Warm-up steps (compilation) are excluded. Prints a table and writes JSON.
+Warm-up steps (compilation) are excluded. A step's time is its period (from one
+step's end to the next one's, as a training loop sees it), with no synchronize added
+for the clock; --sync-each-step times each step between two synchronizes instead.
+Prints a table and writes JSON.
 
 --curve compares learning instead of speed: both sides start from the same
 weights and read the same token file in the same order with the same targets,
@@ -125,12 +128,18 @@ def run_ours(args, seed: int = 0, name: str = "koen_sllm") -> dict:
     tr.model.train()
     torch.cuda.reset_peak_memory_stats()
     losses, times = [], []
+    torch.cuda.synchronize()
+    last = time.perf_counter()
     for i in range(args.warmup + args.steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        if args.sync_each_step:
+            torch.cuda.synchronize()
+            last = time.perf_counter()
         loss, _, _ = tr.train_step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        if args.sync_each_step:
+            torch.cuda.synchronize()
+        now = time.perf_counter()  # without the extra sync: the step's period, as the trainer's loop sees it
+        times.append(now - last)
+        last = now
         losses.append(float(loss))
     fpt = tr.raw_model.flops_per_token(args.seq_len)
     res = _summarize(name, times[args.warmup:], args, fpt, losses)
@@ -181,13 +190,19 @@ def run_peer(args) -> dict:
     losses: list[float] = []
 
     class Timer(TrainerCallback):
+        last = None
+
         def on_step_begin(self, *a, **k):
-            torch.cuda.synchronize()
-            self.t0 = time.perf_counter()
+            if args.sync_each_step or self.last is None:
+                torch.cuda.synchronize()
+                self.last = time.perf_counter()
 
         def on_step_end(self, *a, **k):
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.t0)
+            if args.sync_each_step:
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            times.append(now - self.last)
+            self.last = now
 
         def on_log(self, _args, _state, _control, logs=None, **k):
             if logs and "loss" in logs:
@@ -239,6 +254,8 @@ def main() -> int:
     p.add_argument("--ce-chunk-tokens", type=int, default=0, help="ours: chunked output layer + loss (0 = off)")
     p.add_argument("--liger", help="ours: liger-kernel parts to swap in, comma-separated: rmsnorm,swiglu,rope,flce or all")
     p.add_argument("--profile", action="store_true", help="ours: GPU time by kernel kind over 3 more steps")
+    p.add_argument("--sync-each-step", action="store_true",
+                   help="synchronize the GPU around every timed step (the method before step periods were used)")
     p.add_argument("--data", type=Path, help="a packed token file (train.bin) instead of random tokens")
     p.add_argument("--curve", action="store_true",
                    help="compare loss curves on --data: ours, the peer, and ours with seed+1 (the noise)")

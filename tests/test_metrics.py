@@ -84,3 +84,18 @@ def test_spike_detector_waits_for_enough_history():
     for _ in range(10):
         det.check(5.0)
     assert det.check(5.9) is None and det.check(6.5) == 5.0  # 1.0 nats is the smallest jump flagged
+
+
+def test_step_clock_counts_periods_and_leaves_pauses_out():
+    from koen_sllm.metrics import StepClock
+
+    now = [100.0]
+    clock = StepClock(clock=lambda: now[0])
+    now[0] = 100.5
+    assert clock.lap() == 0.5
+    now[0] = 101.25
+    assert clock.lap() == 0.75
+    with clock.paused():
+        now[0] = 111.25  # ten seconds of validation or saving
+    now[0] = 111.5
+    assert clock.lap() == 0.25
