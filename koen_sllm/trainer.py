@@ -40,6 +40,18 @@ from .tokenizer import KoEnTokenizer
 VOCAB_MULTIPLE = 64  # embedding rows padded so matmuls tile evenly on tensor cores
 
 
+def _start_host_copy(t: torch.Tensor):
+    """Start copying a small device tensor to the host; the returned function waits for that
+    copy alone (not for work queued after it) and gives the values as a list."""
+    if not t.is_cuda:
+        return t.tolist
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return lambda: (copied.synchronize(), host.tolist())[1]
+
+
 @dataclass
 class Summary:
     steps: int = 0
@@ -140,6 +152,10 @@ class Trainer:
             self.compiled = torch.compile(self.raw_model) if self.t.compile else self.raw_model
             self.model = D.wrap_model(self.compiled, self.info)
             self.autocast = self._autocast()
+        # The update may be launched before the vote is read only where the optimizer can skip it
+        # on the device (fused AdamW honours found_inf) and no loss scaler decides about it.
+        self.skip_on_device = (self.runner is None and self.scaler is None and self.optimizer is not None
+                               and bool(self.optimizer.defaults.get("fused")))
         self.peak = peak_flops(torch.cuda.get_device_name(self.device), self.t.precision) \
             if self.device.type == "cuda" else None
 
@@ -218,7 +234,16 @@ class Trainer:
         grad_bad = (~torch.isfinite(grad_norm)) if self.scaler is None else torch.zeros((), dtype=torch.bool, device=self.device)
         bad = (~torch.isfinite(loss_sum)) | grad_bad
         votes = torch.stack([loss_sum / accum, bad.float(), torch.tensor(float(self.stop.requested), device=self.device)])
-        votes = D.all_reduce_sum(votes).tolist()
+        votes = D.all_reduce_sum(votes)
+        read_votes = _start_host_copy(votes)
+        if self.skip_on_device:
+            # Launch the update before the host knows the vote, so the GPU need not idle while
+            # the host reads it: the fused kernel skips the update (and its step count) on the
+            # device when any rank voted "bad". The wait below is for the vote's copy only.
+            self.optimizer.found_inf = (votes[1] > 0).float()
+            self.optimizer.step()
+            self.optimizer.found_inf = None
+        votes = read_votes()
         mean_loss, any_bad, any_stop = votes[0] / self.info.world_size, votes[1] > 0, votes[2] > 0
         if any_stop:
             self.stop.agreed = True
@@ -230,7 +255,7 @@ class Trainer:
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
+        elif not self.skip_on_device:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,24 +11,31 @@ from e2e_support import write_corpus
 from koen_sllm import distributed as D
 from koen_sllm.config import apply_device_defaults, parse_args
 from koen_sllm.logs import close_handlers, setup_logging
+from koen_sllm.optim import build_scheduler, param_groups
 from koen_sllm.trainer import Trainer
+
+
+def make_trainer(tmp_path: Path, name: str, *extra: str) -> Trainer:
+    data = tmp_path / "data"
+    if not data.exists():
+        data.mkdir()
+        write_corpus(data)
+    cfg, _ = parse_args(["--train", "--model-size", "tiny", "--max-seq-length", "32", "--batch-size", "2",
+                         "--max-steps", "40", "--log-steps", "5", "--vocab-size", "400", "--num-proc", "1",
+                         "--dataset-path", str(data), "--output-dir", str(tmp_path / name / "out"),
+                         "--logs-dir", str(tmp_path / name / "logs"), "--no-save-initial", "--no-save-final",
+                         "--save-steps", "1000", "--eval-batches", "1", *extra])
+    apply_device_defaults(cfg, False)
+    setup_logging(cfg.logs_dir, 0)
+    tr = Trainer(cfg, D.init_distributed())
+    tr.setup()
+    return tr
 
 
 @pytest.fixture
 def trainer(tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    (tmp_path / "data").mkdir()
-    write_corpus(tmp_path / "data")
-    cfg, _ = parse_args(["--train", "--model-size", "tiny", "--max-seq-length", "32", "--batch-size", "2",
-                         "--max-steps", "40", "--log-steps", "5", "--vocab-size", "400", "--num-proc", "1",
-                         "--dataset-path", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out"),
-                         "--logs-dir", str(tmp_path / "logs"), "--no-save-initial", "--no-save-final",
-                         "--save-steps", "1000", "--eval-batches", "1"])
-    apply_device_defaults(cfg, False)
-    setup_logging(cfg.logs_dir, 0)
-    tr = Trainer(cfg, D.init_distributed())
-    tr.setup()
-    yield tr
+    yield make_trainer(tmp_path, "run")
     close_handlers()
 
 
@@ -44,3 +52,55 @@ def test_a_loss_spike_is_warned_about_and_recorded(trainer, caplog):
     assert 5.7 < spikes[0]["recent_median"] < 5.9
     console = (trainer.cfg.logs_dir / "training_rank_0.log").read_text()
     assert "loss spike at step 30: 9.5000" in console
+
+
+def fused_adamw(tr: Trainer) -> None:
+    """The optimizer the GPU path uses (fused AdamW), here on CPU, with a fresh schedule."""
+    o = tr.cfg.optim
+    tr.optimizer = torch.optim.AdamW(param_groups(tr.raw_model, o.weight_decay), lr=o.learning_rate,
+                                     betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
+    tr.scheduler = build_scheduler(tr.optimizer, o, tr.max_steps)
+
+
+def test_update_launched_before_the_vote_equals_the_classic_order(tmp_path, monkeypatch):
+    """Skipping a bad update inside the fused kernel (found_inf) leaves the same weights and
+    optimizer state as not calling the optimizer at all, good steps included."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    runs = {}
+    try:
+        for name, early in (("classic", False), ("early", True)):
+            tr = make_trainer(tmp_path, name, "--debug-nan-steps", "1,4")
+            fused_adamw(tr)
+            tr.skip_on_device = early
+            flags = [tr.train_step()[2] for _ in range(7)]
+            runs[name] = (flags, tr.raw_model.state_dict(), tr.optimizer.state_dict(), tr.lr)
+    finally:
+        close_handlers()
+    (flags_a, weights_a, opt_a, lr_a), (flags_b, weights_b, opt_b, lr_b) = runs["classic"], runs["early"]
+    assert flags_a == flags_b == [False, True, True, False, True, True, True]
+    assert lr_a == lr_b
+    for key, value in weights_a.items():
+        assert torch.equal(value, weights_b[key]), key
+    for pid, state in opt_a["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, opt_b["state"][pid][key]), (pid, key)
+    assert opt_a["state"][0]["step"].item() == 5  # two of the seven attempts were skipped
+
+
+def test_the_early_update_is_used_exactly_with_a_fused_optimizer(trainer):
+    assert trainer.skip_on_device is False  # CPU: AdamW is not fused there, so the classic order
+    fused_adamw(trainer)
+    trainer.finalize()
+    assert trainer.skip_on_device is True
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: pinned copies and events")
+def test_host_copy_of_the_vote_waits_for_the_copy_only():
+    from koen_sllm.trainer import _start_host_copy
+
+    votes = torch.tensor([2.5, 0.0, 1.0], device="cuda")
+    read = _start_host_copy(votes)
+    big = torch.randn(4096, 4096, device="cuda")
+    for _ in range(5):
+        big = big @ big.T / 4096  # work queued after the copy
+    assert read() == [2.5, 0.0, 1.0]
