@@ -6,7 +6,8 @@
 #   LEVERS="base chunk liger-all" scripts/bench_levers.sh --model-size 1.3b --batch-size 4
 #
 # Levers: base (with a GPU-time profile), synced (the GPU synchronized around every step,
-# as the training loop did for its clock until it timed step periods instead), chunk (--ce-chunk-tokens 4096),
+# as the training loop did for its clock until it timed step periods instead), late-update
+# (the optimizer launched only after the host read the vote, the earlier order), chunk (--ce-chunk-tokens 4096),
 # liger-all / liger-nolce (liger-kernel's RMSNorm, SwiGLU, RoPE, with / without its
 # fused linear + cross-entropy; needs liger-kernel), b16-chunk, b32-chunk (larger
 # micro-batches, which the chunked loss makes fit), cdtune (Inductor's coordinate-
@@ -46,6 +47,7 @@ for lever in "${levers[@]}"; do
   case "$lever" in
     base) run_lever base - --profile ;;
     synced) run_lever synced - --sync-each-step ;;
+    late-update) run_lever late-update - --update-after-vote ;;
     chunk) run_lever chunk - --ce-chunk-tokens 4096 --profile ;;
     liger-all) run_lever liger-all - --liger all ;;
     liger-nolce) run_lever liger-nolce - --liger rmsnorm,swiglu,rope ;;

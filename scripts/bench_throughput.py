@@ -125,6 +125,8 @@ def run_ours(args, seed: int = 0, name: str = "koen_sllm") -> dict:
 
         print(f"liger-kernel: {apply_liger(tr.raw_model, args.liger)}")
     tr.finalize()
+    if args.update_after_vote:
+        tr.skip_on_device = False  # the earlier order: read the vote, then launch the update
     tr.model.train()
     torch.cuda.reset_peak_memory_stats()
     losses, times = [], []
@@ -254,6 +256,8 @@ def main() -> int:
     p.add_argument("--ce-chunk-tokens", type=int, default=0, help="ours: chunked output layer + loss (0 = off)")
     p.add_argument("--liger", help="ours: liger-kernel parts to swap in, comma-separated: rmsnorm,swiglu,rope,flce or all")
     p.add_argument("--profile", action="store_true", help="ours: GPU time by kernel kind over 3 more steps")
+    p.add_argument("--update-after-vote", action="store_true",
+                   help="ours: launch the optimizer only after the host has read the step's vote (the earlier order)")
     p.add_argument("--sync-each-step", action="store_true",
                    help="synchronize the GPU around every timed step (the method before step periods were used)")
     p.add_argument("--data", type=Path, help="a packed token file (train.bin) instead of random tokens")
