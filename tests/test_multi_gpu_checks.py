@@ -38,12 +38,13 @@ def test_multi_gpu_checks_rehearsal_on_two_cpu_processes(tmp_path):
     assert same_batch and float(same_batch.group(2)) < 1e-4, out  # fp32 on CPU: equal up to summation order
     assert "## Launcher" in out and "no checkpoint from --stop found" in out  # that part was not asked for
 
-    # Long enough that --status and --stop land while it runs (tiny steps take ~50 ms here).
-    out = checks(tmp_path, data, "launcher", steps=300)
+    # Long enough that --status and --stop land while it runs (tiny steps take ~50 ms here; the stop
+    # came near step 210 of 300 on the 2-core machine, so 400 leaves room on a slower one).
+    out = checks(tmp_path, data, "launcher", steps=400)
     assert re.search(r"--status: .*training is running: PID \d+", out), out
     assert "per-rank logs: training_rank_0.log, training_rank_1.log" in out
-    stopped = re.search(r"--stop saved checkpoint-(\d+); the resumed run went on to step 300", out)
-    assert stopped and 0 < int(stopped.group(1)) < 300, out
+    stopped = re.search(r"--stop saved checkpoint-(\d+); the resumed run went on to step 400", out)
+    assert stopped and 0 < int(stopped.group(1)) < 400, out
     assert "max |loss difference| 0.00e+00 (bit-identical)" in out, out
     summary = (tmp_path / "checks" / "summary.md").read_text()
     assert summary.startswith("# Multi-GPU checks (2 GPUs)") and "2 GPUs / 1 GPU" in summary  # earlier parts kept
