@@ -53,7 +53,8 @@ INITIAL_MODEL = "initial_model"
 _TMP = ".tmp-"  # a save in progress (or one that crashed)
 _DELETE = ".del-"  # a checkpoint being removed by retention
 _STEP_RE = re.compile(r"^checkpoint-(\d+)$")
-_OURS = frozenset({MODEL_FILE, CONFIG_FILE, TRAINING_INFO_FILE, TRAINER_STATE_FILE, MANIFEST_FILE, LATEST_FILE})
+# The files a checkpoint writes itself; anything else in a model directory (tokenizer files) is copied.
+CHECKPOINT_OWN_FILES = frozenset({MODEL_FILE, CONFIG_FILE, TRAINING_INFO_FILE, TRAINER_STATE_FILE, MANIFEST_FILE, LATEST_FILE})
 _INTACT = "earlier checkpoints are intact"
 
 
@@ -201,7 +202,7 @@ def _tokenizer_files(directory: Path) -> list[Path]:
     if not directory.is_dir():
         raise CheckpointError(f"tokenizer directory {directory} does not exist; pass the folder holding tokenizer.model")
     # Our own files win over same-named ones; hidden files are caches and locks.
-    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name not in _OURS and not p.name.startswith("."))
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name not in CHECKPOINT_OWN_FILES and not p.name.startswith("."))
     if not files:
         raise CheckpointError(f"tokenizer directory {directory} holds no files; pass the folder holding tokenizer.model")
     return files

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from koen_sllm.atomic_io import io_message, publish_dir, remove_path, sync_tree, write_text
-from koen_sllm.checkpoint import _OURS, CONFIG_FILE, MANIFEST_FILE, MODEL_FILE, CheckpointError, verify_checkpoint
+from koen_sllm.checkpoint import (CHECKPOINT_OWN_FILES, CONFIG_FILE, MANIFEST_FILE, MODEL_FILE, CheckpointError,
+                                  verify_checkpoint)
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
@@ -82,6 +83,6 @@ def export_hf(src: Path, dst: Path, dtype: Optional[str] = None, *, overwrite: b
 
 def _exportable_files(src: Path) -> Iterable[Path]:
     for p in sorted(src.iterdir()):
-        if (p.is_file() and p.name not in _OURS and not p.name.startswith(".")
+        if (p.is_file() and p.name not in CHECKPOINT_OWN_FILES and not p.name.startswith(".")
                 and not p.name.endswith(_NOT_EXPORTED_SUFFIXES)):
             yield p

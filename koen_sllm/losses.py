@@ -21,7 +21,8 @@ import torch
 IGNORE_INDEX = -100  # target id that contributes nothing to the loss (the HF convention)
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on ``t`` run in: autocast's when it is on for t's device, else t's own."""
     device = t.device.type
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
@@ -78,4 +79,4 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, tar
         raise ValueError(f"chunk must be positive, got {chunk}")
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     return _ChunkedLinearCE.apply(hidden2d, weight, targets.reshape(-1), int(chunk),
-                                  dtype or _compute_dtype(hidden2d))
+                                  dtype or compute_dtype(hidden2d))

@@ -38,6 +38,7 @@ from .stop import StopRequest
 from .tokenizer import KoEnTokenizer
 
 VOCAB_MULTIPLE = 64  # embedding rows padded so matmuls tile evenly on tensor cores
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _start_host_copy(t: torch.Tensor):
@@ -142,8 +143,7 @@ class Trainer:
 
     def finalize(self) -> None:
         """Compile and wrap after any weights are loaded; the raw module stays for saving."""
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.t.precision, torch.float32)
-        self.raw_model.check_attention(self.device, dtype)  # a bad --attn fails here, not in step 1
+        self.raw_model.check_attention(self.device, PRECISION_DTYPES[self.t.precision])  # a bad --attn fails here, not in step 1
         if self.runner is not None:
             # The engine compiled (with --compile), distributes and casts the model itself; the
             # runner's train()/eval() switch the module's mode, so it stands in for self.model.
@@ -193,8 +193,7 @@ class Trainer:
     def _autocast(self):
         if self.t.precision == "fp32":
             return nullcontext()
-        dtype = torch.bfloat16 if self.t.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return torch.autocast(device_type=self.device.type, dtype=PRECISION_DTYPES[self.t.precision])
 
     # ------------------------------------------------------------ one optimizer step
     def _fetch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,7 +232,10 @@ class Trainer:
         # so every rank takes the same decision without extra round trips.
         grad_bad = (~torch.isfinite(grad_norm)) if self.scaler is None else torch.zeros((), dtype=torch.bool, device=self.device)
         bad = (~torch.isfinite(loss_sum)) | grad_bad
-        votes = torch.stack([loss_sum / accum, bad.float(), torch.tensor(float(self.stop.requested), device=self.device)])
+        # torch.full writes the flag with a kernel; torch.tensor(..., device=cuda) would copy it from
+        # pageable host memory, which can make the host wait for the queued work.
+        stop = torch.full((), float(self.stop.requested), device=self.device)
+        votes = torch.stack([loss_sum / accum, bad.float(), stop])
         votes = D.all_reduce_sum(votes)
         read_votes = _start_host_copy(votes)
         if self.skip_on_device:

@@ -41,16 +41,14 @@ train() {  # name, extra options...
 train straight --save-steps "$half" --resume none "$@"
 train resumed --save-steps 100000 --no-save-final --resume "$work/straight/out/checkpoint-$half" "$@"
 
-"$py" - "$work" "$half" "$steps" <<'EOF'
-import json, sys
+"$py" - "$work" "$half" "$steps" "$root/scripts" <<'EOF'
+import sys
 from pathlib import Path
 work, half, steps = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+sys.path.insert(0, sys.argv[4])
+from multi_gpu_summary import losses  # per-step losses from a run's metrics.jsonl
 
-def losses(name):
-    recs = [json.loads(l) for l in (work / name / "logs" / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    return {r["step"]: r["loss"] for r in recs if r.get("type") == "train" and r["step"] > half}
-
-a, b = losses("straight"), losses("resumed")
+a, b = losses(work / "straight" / "logs"), losses(work / "resumed" / "logs")
 print(f"{'step':>5} {'straight':>12} {'resumed':>12} {'diff':>10}")
 worst = 0.0
 for s in range(half + 1, steps + 1):

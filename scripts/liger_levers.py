@@ -22,7 +22,7 @@ def apply_liger(model, parts: str) -> str:
     from liger_kernel.ops.rope import LigerRopeFunction
     from liger_kernel.ops.swiglu import LigerSiLUMulFunction
 
-    from koen_sllm.losses import IGNORE_INDEX
+    from koen_sllm.losses import IGNORE_INDEX, compute_dtype
     from koen_sllm.model import MLP, Attention, RMSNorm
 
     chosen = PARTS if parts == "all" else tuple(p.strip() for p in parts.split(","))
@@ -32,7 +32,7 @@ def apply_liger(model, parts: str) -> str:
 
     def rmsnorm_forward(self, x):
         shape = x.shape
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+        dtype = compute_dtype(x)
         y = LigerRMSNormFunction.apply(x.reshape(-1, shape[-1]).to(dtype), self.weight, self.eps, 0.0, "llama", False)
         return y.view(shape)
 
@@ -44,7 +44,7 @@ def apply_liger(model, parts: str) -> str:
         return q.transpose(1, 2), k.transpose(1, 2)
 
     def flce_loss(self, hidden, targets):
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
+        dtype = compute_dtype(hidden)
         h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
         return LigerFusedLinearCrossEntropyFunction.apply(
             h, self.lm_head.weight.to(dtype), targets.reshape(-1), None, None, IGNORE_INDEX, 0.0, 0.0, "mean",

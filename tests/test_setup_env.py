@@ -122,12 +122,8 @@ def test_package_from_another_checkout_counts_as_missing(tmp_path):
 def test_torch_outside_the_supported_range_counts_as_missing(tmp_path):
     venv = fake_env(tmp_path)
     # A pyproject whose torch range excludes the installed one, in a copy of the checkout layout.
-    repo = tmp_path / "repo"
-    (repo / "scripts").mkdir(parents=True)
-    shutil.copy(SETUP, repo / "scripts" / "setup_env.sh")
+    repo = _mini_repo(tmp_path)
     (repo / "pyproject.toml").write_text('[project]\ndependencies = [\n  "torch>=99.0",  # a comment\n  "numpy",\n]\n')
-    (repo / "koen_sllm").mkdir()
-    (repo / "koen_sllm" / "__init__.py").write_text("")
     env = clean_env(VIRTUAL_ENV=str(venv), KOEN_NO_INSTALL="1")
     env["PYTHONPATH"] = str(repo)
     (venv / "bin" / "python").write_text(

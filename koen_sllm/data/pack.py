@@ -68,8 +68,13 @@ class Encoded:
     chars: np.ndarray
 
 
-def _encode_texts(sp, texts: list[str], dtype: np.dtype) -> Encoded:
-    texts = [normalize_text(t) for t in texts]
+def _texts(lines: list[bytes]) -> list[str]:
+    """The normalized texts of a chunk of document lines (JSONL written by koen_sllm.prepare)."""
+    return [normalize_text(json.loads(line)["text"]) for line in lines]
+
+
+def _encode_lines_with(sp, lines: list[bytes], dtype: np.dtype) -> Encoded:
+    texts = _texts(lines)
     return _to_arrays(texts, [sp.encode(t) for t in texts], dtype)
 
 
@@ -95,7 +100,7 @@ def _init_worker(model_file: str, dtype: str) -> None:
 
 
 def _encode_lines(lines: list[bytes]) -> Encoded:
-    return _encode_texts(_WORKER["sp"], [json.loads(line)["text"] for line in lines], _WORKER["dtype"])
+    return _encode_lines_with(_WORKER["sp"], lines, _WORKER["dtype"])
 
 
 def _chunks(path: Path, chunk_bytes: int) -> Iterator[list[bytes]]:
@@ -116,7 +121,7 @@ def _encode_threaded(path: Path, sp, dtype: np.dtype, threads: int, chunk_bytes:
     with ThreadPoolExecutor(1, thread_name_prefix="sp-encode") as encoder:
         pending = None
         for lines in _chunks(path, chunk_bytes):
-            texts = [normalize_text(json.loads(line)["text"]) for line in lines]
+            texts = _texts(lines)
             future = encoder.submit(sp.encode, texts, num_threads=threads)
             if pending is not None:
                 yield _to_arrays(pending[0], pending[1].result(), dtype)
@@ -147,7 +152,7 @@ def encode_jsonl(
         backend = "threads" if workers <= AUTO_THREADS_MAX else "processes"
     if workers == 1:
         for lines in _chunks(path, chunk_bytes):
-            yield _encode_texts(tokenizer.sp, [json.loads(line)["text"] for line in lines], dtype)
+            yield _encode_lines_with(tokenizer.sp, lines, dtype)
         return
     if backend == "threads" or path.stat().st_size <= chunk_bytes:
         yield from _encode_threaded(path, tokenizer.sp, dtype, workers, chunk_bytes)
