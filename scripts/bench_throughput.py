@@ -43,7 +43,7 @@ import torch  # noqa: E402
 
 from bench_analysis import compare_curves, plot_curves, profile_steps  # noqa: E402
 from koen_sllm import distributed as D  # noqa: E402
-from koen_sllm.config import parse_args as parse_run_args  # noqa: E402
+from koen_sllm.config import apply_device_defaults, parse_args as parse_run_args  # noqa: E402
 from koen_sllm.metrics import peak_flops, peak_memory_gib  # noqa: E402
 from koen_sllm.losses import IGNORE_INDEX  # noqa: E402
 from koen_sllm.optim import build_optimizer, build_scheduler  # noqa: E402
@@ -107,8 +107,6 @@ def run_config(args, seed: int):
     if args.no_compile:
         argv.append("--no-compile")
     cfg, _ = parse_run_args(argv)
-    from koen_sllm.config import apply_device_defaults
-
     apply_device_defaults(cfg, torch.cuda.is_available())
     return cfg
 
