@@ -92,7 +92,6 @@ class TrainConfig:
     attn: str = "auto"
     activation_checkpointing: bool = False
     ce_chunk_tokens: int = 0  # 0: the whole micro-batch's logits at once
-    fuse_projections: bool = False  # q/k/v and gate/up as one matmul each
     seed: int = 42
     eval_steps: Optional[int] = None  # None -> 250 (train), end only (test)
     eval_batches: int = 20
@@ -330,9 +329,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute activations to save memory")
     g.add_argument("--ce-chunk-tokens", type=int, default=0, metavar="N",
                    help="output layer + cross-entropy N tokens at a time: the logits are never held whole (0 = off)")
-    g.add_argument("--fuse-projections", action=argparse.BooleanOptionalAction, default=False,
-                   help="q/k/v and gate/up projections as one matmul each (same weights and checkpoints; "
-                        "ignored under ZeRO-3)")
     g.add_argument("--seed", type=int, default=42)
 
     g = p.add_argument_group("data and paths")
@@ -396,7 +392,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[RunConfig, argpars
             batch_size=ns.batch_size, grad_accum=ns.grad_accum, global_batch_size=ns.global_batch_size,
             max_seq_length=ns.max_seq_length, precision=ns.precision, compile=ns.compile, attn=ns.attn,
             activation_checkpointing=ns.activation_checkpointing, ce_chunk_tokens=ns.ce_chunk_tokens,
-            fuse_projections=ns.fuse_projections, seed=ns.seed, eval_steps=ns.eval_steps,
+            seed=ns.seed, eval_steps=ns.eval_steps,
             eval_batches=ns.eval_batches, log_steps=ns.log_steps, max_bad_steps=ns.max_bad_steps,
             deepspeed=ns.deepspeed, logs_dir=ns.logs_dir, verbose=ns.verbose,
             debug_nan_steps=tuple(ns.debug_nan_steps), debug_kill_step=ns.debug_kill_step,

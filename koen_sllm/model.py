@@ -44,10 +44,6 @@ class ModelConfig:
     attn_backend: str = "auto"
     activation_checkpointing: bool = False
     ce_chunk_tokens: int = 0  # >0: output layer + cross-entropy this many tokens at a time (losses.py)
-    # q/k/v and gate/up as one matmul each (weights concatenated per step; the parameters and
-    # checkpoints stay transformers'). Off under ZeRO-3, whose hooks gather a weight only when
-    # its own module runs.
-    fuse_projections: bool = False
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -169,20 +165,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x32 * cos + rotated * sin
 
 
-def fused_linear(x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, ...]:
-    """Several bias-free projections of the same input as one matmul: one larger GEMM instead of
-    several narrow ones, and in backward one input gradient instead of a sum of several. The
-    concatenated weight is built per call (under autocast, compile fuses the concatenation
-    with the cast to bf16), so parameters, optimizer state and checkpoints are unchanged."""
-    weight = torch.cat([lin.weight for lin in linears])
-    return F.linear(x, weight).split([lin.out_features for lin in linears], dim=-1)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.backend, self.fused = cfg.attn_backend, cfg.fuse_projections
+        self.backend = cfg.attn_backend
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
@@ -195,13 +182,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-        if self.fused:
-            q, k, v = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(b, t, self.num_heads, self.head_dim)
-        k = k.view(b, t, self.num_kv_heads, self.head_dim)
-        v = v.view(b, t, self.num_kv_heads, self.head_dim)
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         # v carries the matmul dtype (bf16 under autocast); the norm weights and
@@ -222,11 +205,9 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.fused = cfg.fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = fused_linear(x, (self.gate_proj, self.up_proj)) if self.fused else (self.gate_proj(x), self.up_proj(x))
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -282,12 +263,6 @@ class KoEnLM(nn.Module):
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each layer's activations in backward: ~1/3 more compute, far less memory."""
         self.cfg.activation_checkpointing = bool(enabled)
-
-    def set_fused_projections(self, enabled: bool = True) -> None:
-        """q/k/v and gate/up as one matmul each (fused_linear); same weights, same outputs."""
-        self.cfg.fuse_projections = bool(enabled)
-        for layer in self.layers:
-            layer.self_attn.fused = layer.mlp.fused = self.cfg.fuse_projections
 
     def check_attention(self, device: torch.device | str, dtype: torch.dtype) -> None:
         """Probe the configured attention backend with this model's head shapes on

@@ -112,17 +112,13 @@ class Trainer:
                  f"{self.loader.num_samples:,}", self.t.precision, self.t.compile, self.t.attn)
         if self.model_cfg.ce_chunk_tokens:
             log.info("output layer + cross-entropy in chunks of %d tokens", self.model_cfg.ce_chunk_tokens)
-        if self.t.fuse_projections:
-            log.info("q/k/v and gate/up projections fused: %s", "yes" if self.model_cfg.fuse_projections
-                     else "no (ZeRO-3 gathers each projection's weight on its own)")
 
     def build(self, vocab: int, loader) -> None:
         """Model, optimizer, schedule (or the DeepSpeed config) and loader; also used by the throughput benchmark."""
         self.plan = getattr(self, "plan", None) or self._batch_plan()
         torch.manual_seed(self.t.seed)  # identical initial weights on every rank
         mcfg = model_config_from_preset(self.t.model_size, vocab, self.plan.seq_len, attn_backend=self.t.attn,
-                                       ce_chunk_tokens=self.t.ce_chunk_tokens,
-                                       fuse_projections=self.t.fuse_projections)
+                                       ce_chunk_tokens=self.t.ce_chunk_tokens)
         model = KoEnLM(mcfg).to(self.device)
         if self.t.activation_checkpointing:
             model.set_activation_checkpointing(True)
@@ -135,8 +131,6 @@ class Trainer:
         self.ds_config: Optional[dict] = None
         if self.t.deepspeed is not None:  # the engine builds optimizer and schedule; setup() starts it
             self.ds_config = DSB.build_ds_config(self.cfg, self.plan, self.max_steps, self.explicit)
-            if mcfg.fuse_projections and DSB.zero_stage(self.ds_config) == 3:
-                model.set_fused_projections(False)  # ZeRO-3 gathers a weight only when its own module runs
         else:
             self.optimizer = build_optimizer(model, self.cfg.optim, self.device)
             self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.max_steps)

@@ -9,8 +9,7 @@
 # as the training loop did for its clock until it timed step periods instead), late-update
 # (the optimizer launched only after the host read the vote, the earlier order), chunk (--ce-chunk-tokens 4096),
 # liger-all / liger-nolce (liger-kernel's RMSNorm, SwiGLU, RoPE, with / without its
-# fused linear + cross-entropy; needs liger-kernel), fused (--fuse-projections: q/k/v and
-# gate/up as one matmul each), b16, b16-fused, b16-chunk, b32-chunk (larger
+# fused linear + cross-entropy; needs liger-kernel), b16, b16-chunk, b32-chunk (larger
 # micro-batches, which the chunked loss makes fit), cdtune (Inductor's coordinate-
 # descent tuning of its Triton kernels), autotune-gemm (Inductor benchmarks Triton matmul
 # templates against cuBLAS; compiles for minutes). Each run has its own time limit (LEVER_TIMEOUT, default 300 s), so one
@@ -52,9 +51,7 @@ for lever in "${levers[@]}"; do
     chunk) run_lever chunk - --ce-chunk-tokens 4096 --profile ;;
     liger-all) run_lever liger-all - --liger all ;;
     liger-nolce) run_lever liger-nolce - --liger rmsnorm,swiglu,rope ;;
-    fused) run_lever fused - --fuse-projections --profile ;;
     b16) mapfile -t b < <(batch_args 16 "$@"); run_lever b16 - "${b[@]}" ;;
-    b16-fused) mapfile -t b < <(batch_args 16 "$@"); run_lever b16-fused - "${b[@]}" --fuse-projections ;;
     b16-chunk) mapfile -t b < <(batch_args 16 "$@"); run_lever b16-chunk - "${b[@]}" --ce-chunk-tokens 4096 ;;
     b32-chunk) mapfile -t b < <(batch_args 32 "$@"); run_lever b32-chunk - "${b[@]}" --ce-chunk-tokens 4096 ;;
     cdtune) run_lever cdtune "TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1" ;;

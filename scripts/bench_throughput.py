@@ -102,8 +102,6 @@ def run_config(args, seed: int):
             "--max-seq-length", str(args.seq_len), "--max-steps", str(args.steps + args.warmup),
             "--attn", args.attn, "--learning-rate", str(args.lr), "--bf16", "--seed", str(seed),
             "--ce-chunk-tokens", str(args.ce_chunk_tokens)]
-    if args.fuse_projections:
-        argv.append("--fuse-projections")
     if args.warmup_steps is not None:
         argv += ["--warmup-steps", str(args.warmup_steps)]
     if args.no_compile:
@@ -254,7 +252,6 @@ def main() -> int:
     p.add_argument("--warmup-steps", type=int, help="learning-rate warm-up (default: the trainer's, 1%% of steps)")
     p.add_argument("--seed", type=int, default=0, help="initial weights (both sides)")
     p.add_argument("--ce-chunk-tokens", type=int, default=0, help="ours: chunked output layer + loss (0 = off)")
-    p.add_argument("--fuse-projections", action="store_true", help="ours: q/k/v and gate/up as one matmul each")
     p.add_argument("--liger", help="ours: liger-kernel parts to swap in, comma-separated: rmsnorm,swiglu,rope,flce or all")
     p.add_argument("--profile", action="store_true", help="ours: GPU time by kernel kind over 3 more steps")
     p.add_argument("--update-after-vote", action="store_true",

@@ -199,31 +199,6 @@ def test_activation_checkpointing_gives_identical_gradients():
         torch.testing.assert_close(plain[name], ckpt[name], rtol=0, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("qk_norm", [False, True])
-def test_fused_projections_give_the_same_loss_and_gradients(qk_norm):
-    """One matmul for q/k/v and one for gate/up: same parameters (names, shapes), same loss and
-    gradients as the separate projections, to fp32 rounding; switching it off restores the plain path."""
-    x = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(5))
-
-    def run(model):
-        loss = model(x[:, :-1], x[:, 1:])
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    loss_plain, plain = run(tiny(seed=3, qk_norm=qk_norm))
-    fused_model = tiny(seed=3, qk_norm=qk_norm, fuse_projections=True)
-    assert all(layer.self_attn.fused and layer.mlp.fused for layer in fused_model.layers)
-    loss_fused, fused = run(fused_model)
-    torch.testing.assert_close(loss_fused, loss_plain, rtol=1e-6, atol=1e-6)
-    assert fused.keys() == plain.keys()
-    for name in plain:
-        assert plain[name].abs().sum() > 0, name
-        torch.testing.assert_close(fused[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
-    fused_model.set_fused_projections(False)
-    assert not any(layer.self_attn.fused or layer.mlp.fused for layer in fused_model.layers)
-    assert not fused_model.cfg.fuse_projections
-
-
 def test_config_round_trips_through_hf_config():
     for overrides in ({}, {"qk_norm": True, "tie_embeddings": True, "rope_theta": 1e6, "head_dim": 32}):
         model = tiny(**overrides)
