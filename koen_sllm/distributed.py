@@ -103,7 +103,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def wrap_model(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
-    """DDP around the (possibly compiled) model; the model itself stays unaware.
+    """DDP around the model (compiled afterwards, by the trainer); the model itself stays unaware.
 
     gradient_as_bucket_view saves one gradient-sized copy of the parameters.
     """

@@ -149,8 +149,12 @@ class Trainer:
             # runner's train()/eval() switch the module's mode, so it stands in for self.model.
             self.model, self.autocast = self.runner, nullcontext()
         else:
-            self.compiled = torch.compile(self.raw_model) if self.t.compile else self.raw_model
-            self.model = D.wrap_model(self.compiled, self.info)
+            # DDP first, then compile: Dynamo's DDPOptimizer splits the compiled graph at DDP's
+            # gradient buckets, so a bucket's all-reduce starts while the rest of the backward
+            # runs. Compiled inside DDP, one compiled backward would hand DDP every gradient at
+            # once, at its end, and the all-reduce would never overlap compute.
+            wrapped = D.wrap_model(self.raw_model, self.info)
+            self.model = torch.compile(wrapped) if self.t.compile else wrapped
             self.autocast = self._autocast()
         # The update may be launched before the vote is read only where the optimizer can skip it
         # on the device (fused AdamW honours found_inf) and no loss scaler decides about it.

@@ -104,3 +104,27 @@ def test_host_copy_of_the_vote_waits_for_the_copy_only():
     for _ in range(5):
         big = big @ big.T / 4096  # work queued after the copy
     assert read() == [2.5, 0.0, 1.0]
+
+
+def test_compile_wraps_ddp_not_the_other_way_round(tmp_path, monkeypatch):
+    """torch.compile must see DDP (its DDPOptimizer then splits the graph at gradient buckets so
+    all-reduces overlap the backward); compiled inside DDP, every gradient would arrive at once."""
+    calls = []
+
+    class FakeDDP(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *a):
+            return self.module(*a)
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(D, "wrap_model", lambda m, info: calls.append(("wrap", m)) or FakeDDP(m))
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: calls.append(("compile", m)) or m)
+    try:
+        tr = make_trainer(tmp_path, "run", "--compile")
+    finally:
+        close_handlers()
+    assert [name for name, _ in calls] == ["wrap", "compile"]
+    assert calls[0][1] is tr.raw_model and isinstance(calls[1][1], FakeDDP) and tr.model is calls[1][1]
