@@ -92,6 +92,7 @@ class TrainConfig:
     attn: str = "auto"
     activation_checkpointing: bool = False
     ce_chunk_tokens: int = 0  # 0: the whole micro-batch's logits at once
+    bf16_residual: bool = False  # the residual stream in bf16 instead of fp32
     seed: int = 42
     eval_steps: Optional[int] = None  # None -> 250 (train), end only (test)
     eval_batches: int = 20
@@ -177,6 +178,9 @@ def apply_device_defaults(cfg: RunConfig, has_cuda: bool) -> list[str]:
         t.compile = has_cuda
     if not has_cuda and t.precision == "fp16":
         raise ConfigError("--fp16 needs a CUDA GPU (loss scaling is CUDA-only); use --fp32 or bf16 on CPU")
+    if t.bf16_residual and t.precision != "bf16":
+        raise ConfigError(f"--bf16-residual needs bf16 precision, but this run uses {t.precision}; "
+                          "add --bf16 or drop --bf16-residual")
     if t.max_steps is None and t.mode == "test":
         t.max_steps = 10
     if t.log_steps is None:
@@ -329,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute activations to save memory")
     g.add_argument("--ce-chunk-tokens", type=int, default=0, metavar="N",
                    help="output layer + cross-entropy N tokens at a time: the logits are never held whole (0 = off)")
+    g.add_argument("--bf16-residual", action="store_true",
+                   help="keep the residual stream in bf16 (fp32 by default, as transformers): less memory "
+                        "traffic, each residual add rounded to bf16")
     g.add_argument("--seed", type=int, default=42)
 
     g = p.add_argument_group("data and paths")
@@ -392,7 +399,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[RunConfig, argpars
             batch_size=ns.batch_size, grad_accum=ns.grad_accum, global_batch_size=ns.global_batch_size,
             max_seq_length=ns.max_seq_length, precision=ns.precision, compile=ns.compile, attn=ns.attn,
             activation_checkpointing=ns.activation_checkpointing, ce_chunk_tokens=ns.ce_chunk_tokens,
-            seed=ns.seed, eval_steps=ns.eval_steps,
+            bf16_residual=ns.bf16_residual, seed=ns.seed, eval_steps=ns.eval_steps,
             eval_batches=ns.eval_batches, log_steps=ns.log_steps, max_bad_steps=ns.max_bad_steps,
             deepspeed=ns.deepspeed, logs_dir=ns.logs_dir, verbose=ns.verbose,
             debug_nan_steps=tuple(ns.debug_nan_steps), debug_kill_step=ns.debug_kill_step,

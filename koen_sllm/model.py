@@ -44,6 +44,10 @@ class ModelConfig:
     attn_backend: str = "auto"
     activation_checkpointing: bool = False
     ce_chunk_tokens: int = 0  # >0: output layer + cross-entropy this many tokens at a time (losses.py)
+    # A torch dtype name ("bfloat16") for the residual stream, or None to keep the embedding's
+    # (fp32 under autocast, as transformers). Half the bytes for every norm and residual add,
+    # at the cost of rounding each add to bf16 (Megatron's default with bf16 parameters).
+    residual_dtype: Optional[str] = None
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -63,6 +67,8 @@ class ModelConfig:
             raise ConfigError(f"--attn {self.attn_backend!r} is unknown; choose one of {', '.join(ATTN_BACKENDS)}")
         if self.ce_chunk_tokens < 0:
             raise ConfigError(f"--ce-chunk-tokens must be 0 (off) or positive, got {self.ce_chunk_tokens}")
+        if self.residual_dtype not in (None, "bfloat16", "float16", "float32"):
+            raise ConfigError(f"residual_dtype {self.residual_dtype!r} is not a floating torch dtype name")
 
     @property
     def hf_architecture(self) -> str:
@@ -278,6 +284,8 @@ class KoEnLM(nn.Module):
         if t > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {t} exceeds the model's max_seq_len {self.cfg.max_seq_len}")
         x = self.embed_tokens(input_ids)
+        if self.cfg.residual_dtype is not None:
+            x = x.to(getattr(torch, self.cfg.residual_dtype))
         cos, sin = self.rope_cos[:t], self.rope_sin[:t]
         use_ckpt = self.cfg.activation_checkpointing and torch.is_grad_enabled()
         for layer in self.layers:

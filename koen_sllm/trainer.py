@@ -112,13 +112,16 @@ class Trainer:
                  f"{self.loader.num_samples:,}", self.t.precision, self.t.compile, self.t.attn)
         if self.model_cfg.ce_chunk_tokens:
             log.info("output layer + cross-entropy in chunks of %d tokens", self.model_cfg.ce_chunk_tokens)
+        if self.model_cfg.residual_dtype:
+            log.info("residual stream in %s", self.model_cfg.residual_dtype)
 
     def build(self, vocab: int, loader) -> None:
         """Model, optimizer, schedule (or the DeepSpeed config) and loader; also used by the throughput benchmark."""
         self.plan = getattr(self, "plan", None) or self._batch_plan()
         torch.manual_seed(self.t.seed)  # identical initial weights on every rank
         mcfg = model_config_from_preset(self.t.model_size, vocab, self.plan.seq_len, attn_backend=self.t.attn,
-                                       ce_chunk_tokens=self.t.ce_chunk_tokens)
+                                       ce_chunk_tokens=self.t.ce_chunk_tokens,
+                                       residual_dtype="bfloat16" if self.t.bf16_residual else None)
         model = KoEnLM(mcfg).to(self.device)
         if self.t.activation_checkpointing:
             model.set_activation_checkpointing(True)

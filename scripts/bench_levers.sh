@@ -9,7 +9,8 @@
 # as the training loop did for its clock until it timed step periods instead), late-update
 # (the optimizer launched only after the host read the vote, the earlier order), chunk (--ce-chunk-tokens 4096),
 # liger-all / liger-nolce (liger-kernel's RMSNorm, SwiGLU, RoPE, with / without its
-# fused linear + cross-entropy; needs liger-kernel), b16, b16-chunk, b32-chunk (larger
+# fused linear + cross-entropy; needs liger-kernel), bf16-residual (the residual stream in bf16),
+# b16, b16-accum2 (2 micro-batches of 16 per optimizer step), b16-bf16-residual, b16-all (both), b16-chunk, b32-chunk (larger
 # micro-batches, which the chunked loss makes fit), cdtune (Inductor's coordinate-
 # descent tuning of its Triton kernels), autotune-gemm (Inductor benchmarks Triton matmul
 # templates against cuBLAS; compiles for minutes). Each run has its own time limit (LEVER_TIMEOUT, default 300 s), so one
@@ -51,6 +52,10 @@ for lever in "${levers[@]}"; do
     chunk) run_lever chunk - --ce-chunk-tokens 4096 --profile ;;
     liger-all) run_lever liger-all - --liger all ;;
     liger-nolce) run_lever liger-nolce - --liger rmsnorm,swiglu,rope ;;
+    bf16-residual) run_lever bf16-residual - --bf16-residual --profile ;;
+    b16-accum2) mapfile -t b < <(batch_args 16 "$@"); run_lever b16-accum2 - "${b[@]}" --grad-accum 2 ;;
+    b16-bf16-residual) mapfile -t b < <(batch_args 16 "$@"); run_lever b16-bf16-residual - "${b[@]}" --bf16-residual ;;
+    b16-all) mapfile -t b < <(batch_args 16 "$@"); run_lever b16-all - "${b[@]}" --bf16-residual --grad-accum 2 ;;
     b16) mapfile -t b < <(batch_args 16 "$@"); run_lever b16 - "${b[@]}" ;;
     b16-chunk) mapfile -t b < <(batch_args 16 "$@"); run_lever b16-chunk - "${b[@]}" --ce-chunk-tokens 4096 ;;
     b32-chunk) mapfile -t b < <(batch_args 32 "$@"); run_lever b32-chunk - "${b[@]}" --ce-chunk-tokens 4096 ;;
@@ -75,7 +80,9 @@ for name in names:
     base = base or (r["tokens_per_s"] if name == "base" else None)
     ratio = f"{r['tokens_per_s'] / base:.3f}x" if base else ""
     mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
-    rows.append(f"| {name} | {rep['args']['batch_size']} | {r['tokens_per_s']:,.0f} | {mfu} | {r['peak_mem_gib']:.1f} | {ratio} |")
+    accum = int(rep["args"].get("grad_accum", 1))
+    batch = f"{rep['args']['batch_size']}" + (f" x {accum}" if accum > 1 else "")
+    rows.append(f"| {name} | {batch} | {r['tokens_per_s']:,.0f} | {mfu} | {r['peak_mem_gib']:.1f} | {ratio} |")
 text = "\n".join(rows)
 (work / "summary.md").write_text(text + "\n")
 print(text)

@@ -101,7 +101,9 @@ def run_config(args, seed: int):
     argv = ["--train", "--model-size", args.model_size, "--batch-size", str(args.batch_size),
             "--max-seq-length", str(args.seq_len), "--max-steps", str(args.steps + args.warmup),
             "--attn", args.attn, "--learning-rate", str(args.lr), "--bf16", "--seed", str(seed),
-            "--ce-chunk-tokens", str(args.ce_chunk_tokens)]
+            "--ce-chunk-tokens", str(args.ce_chunk_tokens), "--grad-accum", str(args.grad_accum)]
+    if args.bf16_residual:
+        argv.append("--bf16-residual")
     if args.warmup_steps is not None:
         argv += ["--warmup-steps", str(args.warmup_steps)]
     if args.no_compile:
@@ -228,7 +230,7 @@ def run_peer(args) -> dict:
 
 def _summarize(name, times, args, fpt, losses) -> dict:
     step = sorted(times)[len(times) // 2]  # median: robust to a stray slow step
-    tok_s = args.batch_size * args.seq_len / step
+    tok_s = args.batch_size * args.grad_accum * args.seq_len / step
     peak = peak_flops(torch.cuda.get_device_name(), "bf16")
     return {"name": name, "median_step_s": step, "tokens_per_s": tok_s,
             "mfu": tok_s * fpt / peak if peak else None, "peak_mem_gib": peak_memory_gib(torch.device("cuda")),
@@ -252,6 +254,9 @@ def main() -> int:
     p.add_argument("--warmup-steps", type=int, help="learning-rate warm-up (default: the trainer's, 1%% of steps)")
     p.add_argument("--seed", type=int, default=0, help="initial weights (both sides)")
     p.add_argument("--ce-chunk-tokens", type=int, default=0, help="ours: chunked output layer + loss (0 = off)")
+    p.add_argument("--bf16-residual", action="store_true", help="ours: the residual stream in bf16")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="ours: micro-batches per optimizer step (with --only ours; not with --curve)")
     p.add_argument("--liger", help="ours: liger-kernel parts to swap in, comma-separated: rmsnorm,swiglu,rope,flce or all")
     p.add_argument("--profile", action="store_true", help="ours: GPU time by kernel kind over 3 more steps")
     p.add_argument("--update-after-vote", action="store_true",
@@ -272,6 +277,10 @@ def main() -> int:
         return 0
     if args.curve and not args.data:
         p.error("--curve needs --data (e.g. datasets/prepared/mixed_pretraining/train.bin)")
+    if args.grad_accum < 1:
+        p.error(f"--grad-accum must be at least 1, got {args.grad_accum}")
+    if args.grad_accum > 1 and (args.curve or args.only != "ours"):
+        p.error("--grad-accum is for this project's side alone: add --only ours (and no --curve)")
     if not torch.cuda.is_available():
         print("❌ bench_throughput.py needs a CUDA GPU", file=sys.stderr)
         return 2

@@ -56,6 +56,18 @@ def test_fp16_on_cpu_is_refused():
         apply_device_defaults(cfg, has_cuda=False)
 
 
+def test_bf16_residual_needs_bf16():
+    cfg, _ = parse_args(["--bf16-residual"])
+    with pytest.raises(ConfigError, match="--bf16-residual needs bf16 precision, but this run uses fp32"):
+        apply_device_defaults(cfg, has_cuda=False)  # CPU default precision: fp32
+    cfg, _ = parse_args(["--bf16-residual", "--bf16"])
+    apply_device_defaults(cfg, has_cuda=False)
+    assert cfg.train.bf16_residual and cfg.train.precision == "bf16"
+    cfg, _ = parse_args(["--bf16-residual"])
+    apply_device_defaults(cfg, has_cuda=True)
+    assert cfg.train.bf16_residual and cfg.train.precision == "bf16"
+
+
 def test_batch_plan_derives_accumulation():
     cfg, _ = parse_args(["--batch-size", "4", "--global-batch-size", "32", "--max-seq-length", "256"])
     plan = derive_batch_plan(cfg, world_size=2)

@@ -199,6 +199,31 @@ def test_activation_checkpointing_gives_identical_gradients():
         torch.testing.assert_close(plain[name], ckpt[name], rtol=0, atol=0, msg=name)
 
 
+def test_bf16_residual_stream_under_autocast():
+    """residual_dtype='bfloat16': every layer receives and returns a bf16 stream (fp32 by default,
+    as transformers), the parameters stay fp32, and the loss stays close to the fp32 stream's."""
+    x = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(6))
+
+    def run(**overrides):
+        model = tiny(seed=2, **overrides)
+        seen = []
+        for layer in model.layers:
+            layer.register_forward_hook(lambda mod, inp, out: seen.append((inp[0].dtype, out.dtype)))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        assert all(p.dtype == torch.float32 and p.grad is not None for p in model.parameters())
+        return loss.detach(), seen
+
+    loss32, seen32 = run()
+    loss16, seen16 = run(residual_dtype="bfloat16")
+    assert set(seen32) == {(torch.float32, torch.float32)}
+    assert set(seen16) == {(torch.bfloat16, torch.bfloat16)}
+    assert loss16.dtype == torch.float32 and abs(loss16 - loss32) < 0.05
+    with pytest.raises(ConfigError, match="residual_dtype"):
+        tiny(residual_dtype="int8")
+
+
 def test_config_round_trips_through_hf_config():
     for overrides in ({}, {"qk_norm": True, "tie_embeddings": True, "rope_theta": 1e6, "head_dim": 32}):
         model = tiny(**overrides)

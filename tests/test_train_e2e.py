@@ -196,6 +196,16 @@ def test_chunked_loss_option_trains_like_the_plain_loss(tmp_path, dataset):
     assert all(abs(a[s] - b[s]) < 1e-5 for s in a), (a, b)
 
 
+def test_bf16_residual_option_reaches_the_model(tmp_path, dataset):
+    args = ("--train", "--batch-size", "2", "--max-steps", "3", "--no-save-initial", "--no-save-final", "--bf16")
+    train(1, tmp_path / "fp32-stream", dataset, *args)
+    proc = train(1, tmp_path / "bf16-stream", dataset, *args, "--bf16-residual")
+    assert "residual stream in bfloat16" in proc.stdout + proc.stderr
+    a, b = losses(tmp_path / "fp32-stream"), losses(tmp_path / "bf16-stream")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    assert a != b and all(abs(a[s] - b[s]) < 0.1 for s in a), (a, b)  # other rounding, same training
+
+
 def test_compiled_ddp_with_accumulation_trains_like_eager(tmp_path, dataset):
     """torch.compile around DDP (Dynamo splits the graph at DDP's gradient buckets) on two gloo
     processes, with accumulation so no_sync passes through the compiled wrapper: the same losses
