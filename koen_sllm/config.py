@@ -93,6 +93,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     ce_chunk_tokens: int = 0  # 0: the whole micro-batch's logits at once
     bf16_residual: bool = False  # the residual stream in bf16 instead of fp32
+    ddp_bucket_mb: float = 25.0  # DDP's gradient bucket size (its own default)
     seed: int = 42
     eval_steps: Optional[int] = None  # None -> 250 (train), end only (test)
     eval_batches: int = 20
@@ -258,6 +259,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _positive("--global-batch-size", t.global_batch_size)
     _positive("--max-seq-length", t.max_seq_length)
     _positive("--eval-batches", t.eval_batches)
+    if t.ddp_bucket_mb < 1:  # DDP's first bucket is 1 MB; compiled DDP refuses later buckets smaller than it
+        raise ConfigError(f"--ddp-bucket-mb must be at least 1 (DDP's first bucket is 1 MB), got {t.ddp_bucket_mb:g}")
     _positive("--max-bad-steps", t.max_bad_steps)
     _positive("--save-steps", c.save_steps)
     _positive("--save-total-limit", c.save_total_limit)
@@ -369,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp = g.add_mutually_exclusive_group()
     comp.add_argument("--compile", dest="compile", action="store_const", const=True, help="torch.compile (GPU default)")
     comp.add_argument("--no-compile", dest="compile", action="store_const", const=False, help="disable torch.compile")
+    g.add_argument("--ddp-bucket-mb", type=float, default=25.0, metavar="MB",
+                   help="DDP gradient bucket size: each bucket's all-reduce starts when its gradients are ready")
     g.add_argument("--deepspeed", nargs="?", const="", default=None, metavar="CONFIG",
                    help="DeepSpeed ZeRO backend; optional ds_config.json (default: the shipped one)")
 
@@ -399,7 +404,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[RunConfig, argpars
             batch_size=ns.batch_size, grad_accum=ns.grad_accum, global_batch_size=ns.global_batch_size,
             max_seq_length=ns.max_seq_length, precision=ns.precision, compile=ns.compile, attn=ns.attn,
             activation_checkpointing=ns.activation_checkpointing, ce_chunk_tokens=ns.ce_chunk_tokens,
-            bf16_residual=ns.bf16_residual, seed=ns.seed, eval_steps=ns.eval_steps,
+            bf16_residual=ns.bf16_residual, ddp_bucket_mb=ns.ddp_bucket_mb, seed=ns.seed, eval_steps=ns.eval_steps,
             eval_batches=ns.eval_batches, log_steps=ns.log_steps, max_bad_steps=ns.max_bad_steps,
             deepspeed=ns.deepspeed, logs_dir=ns.logs_dir, verbose=ns.verbose,
             debug_nan_steps=tuple(ns.debug_nan_steps), debug_kill_step=ns.debug_kill_step,

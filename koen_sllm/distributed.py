@@ -102,17 +102,18 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def wrap_model(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+def wrap_model(model: torch.nn.Module, info: DistInfo, bucket_mb: float = 25.0) -> torch.nn.Module:
     """DDP around the model (compiled afterwards, by the trainer); the model itself stays unaware.
 
-    gradient_as_bucket_view saves one gradient-sized copy of the parameters.
+    gradient_as_bucket_view saves one gradient-sized copy of the parameters. ``bucket_mb``:
+    smaller buckets start their all-reduce earlier, larger ones make fewer, more efficient calls.
     """
     if not info.is_distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [info.local_rank] if info.device.type == "cuda" else None
-    return DDP(model, device_ids=ids, gradient_as_bucket_view=True)
+    return DDP(model, device_ids=ids, gradient_as_bucket_view=True, bucket_cap_mb=bucket_mb)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -105,8 +105,8 @@ class Trainer:
                  self.t.model_size, f"{self.num_params:,}", vocab, self.tokenizer.vocab_size,
                  self.flops_per_token / 1e9)
         log.info("batch: %s", self.plan.describe())
-        log.info("backend: %s", DSB.describe(self.ds_config) if self.ds_config else "DDP" if info.is_distributed
-                 else "one process")
+        log.info("backend: %s", DSB.describe(self.ds_config) if self.ds_config
+                 else f"DDP, {self.t.ddp_bucket_mb:g} MB gradient buckets" if info.is_distributed else "one process")
         log.info("steps: %d (%.3f epochs of %s training sequences); precision %s; compile %s; attention %s",
                  self.max_steps, self.max_steps * self.plan.sequences_per_step / max(1, self.loader.num_samples),
                  f"{self.loader.num_samples:,}", self.t.precision, self.t.compile, self.t.attn)
@@ -156,7 +156,7 @@ class Trainer:
             # gradient buckets, so a bucket's all-reduce starts while the rest of the backward
             # runs. Compiled inside DDP, one compiled backward would hand DDP every gradient at
             # once, at its end, and the all-reduce would never overlap compute.
-            wrapped = D.wrap_model(self.raw_model, self.info)
+            wrapped = D.wrap_model(self.raw_model, self.info, self.t.ddp_bucket_mb)
             self.model = torch.compile(wrapped) if self.t.compile else wrapped
             self.autocast = self._autocast()
         # The update may be launched before the vote is read only where the optimizer can skip it

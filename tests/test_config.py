@@ -43,6 +43,7 @@ def test_gpu_defaults_and_explicit_options_win():
     (["--no-such-option"], "unrecognized arguments"),
     (["--vocab-size", "100"], "too small"),
     (["--min-lr-ratio", "2"], "must lie in [0, 1]"),
+    (["--ddp-bucket-mb", "0.5"], "--ddp-bucket-mb must be at least 1 (DDP's first bucket is 1 MB), got 0.5"),
 ])
 def test_bad_options_raise_clear_errors(argv, fragment):
     with pytest.raises(ConfigError) as err:

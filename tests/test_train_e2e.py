@@ -213,8 +213,9 @@ def test_compiled_ddp_with_accumulation_trains_like_eager(tmp_path, dataset):
     args = ("--train", "--batch-size", "2", "--grad-accum", "2", "--max-steps", "3", "--no-save-initial",
             "--no-save-final", "--fp32")
     train(2, tmp_path / "eager", dataset, *args)
-    proc = train(2, tmp_path / "compiled", dataset, *args, "--compile")
+    proc = train(2, tmp_path / "compiled", dataset, *args, "--compile", "--ddp-bucket-mb", "1")
     assert "compile True" in proc.stdout + proc.stderr
+    assert "DDP, 1 MB gradient buckets" in proc.stdout + proc.stderr
     a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert sorted(a) == sorted(b) == [1, 2, 3]
     assert all(abs(a[s] - b[s]) < 1e-4 for s in a), (a, b)

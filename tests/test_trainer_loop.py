@@ -120,7 +120,7 @@ def test_compile_wraps_ddp_not_the_other_way_round(tmp_path, monkeypatch):
             return self.module(*a)
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.setattr(D, "wrap_model", lambda m, info: calls.append(("wrap", m)) or FakeDDP(m))
+    monkeypatch.setattr(D, "wrap_model", lambda m, info, mb: calls.append(("wrap", m)) or FakeDDP(m))
     monkeypatch.setattr(torch, "compile", lambda m, **kw: calls.append(("compile", m)) or m)
     try:
         tr = make_trainer(tmp_path, "run", "--compile")
