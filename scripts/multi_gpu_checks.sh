@@ -6,9 +6,12 @@
 #   launcher  ./run_h100_dual.sh --train in the background on N GPUs, --status, --stop (which
 #             saves), a resume to the end, and its losses against a straight launcher run
 #   deepspeed ZeRO-2 against DDP on N GPUs: tokens/s and peak memory per GPU
+#   buckets   DDP on N GPUs with 5 and 100 MB gradient buckets (BUCKETS_MB) against the
+#             default 25 MB of the scaling part (not in the default PARTS)
 #
 #   scripts/multi_gpu_checks.sh                                   # 2 GPUs, 350m, batch 8, datasets/
 #   PARTS="scaling curves" scripts/multi_gpu_checks.sh --steps 200
+#   PARTS="scaling buckets" scripts/multi_gpu_checks.sh --steps 30
 #   scripts/multi_gpu_checks.sh --model-size tiny --max-seq-length 64 --steps 8 -- --vocab-size 400
 #
 # Options after `--` go to every training run. Needs prepared data in --dataset-path
@@ -29,7 +32,7 @@ while [ $# -gt 0 ]; do
     --steps) steps="$2"; shift 2 ;;
     --dataset-path) dataset="$2"; shift 2 ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "❌ unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -103,11 +106,20 @@ part_deepspeed() {
     --dataset-path "$dataset" -- ${extra[@]+"${extra[@]}"} | tail -n 3
 }
 
+part_buckets() {
+  local mb
+  for mb in ${BUCKETS_MB:-5 100}; do
+    BENCH_DIR="$work/buckets-$mb" BACKENDS=ddp RUN_TIMEOUT="$limit" bash "$root/scripts/bench_backends.sh" \
+      --model-size "$model" --batch-size "$batch" --max-seq-length "$seq" --steps "$steps" --num-gpus "$gpus" \
+      --dataset-path "$dataset" -- --ddp-bucket-mb "$mb" ${extra[@]+"${extra[@]}"} | tail -n 1
+  done
+}
+
 for part in "${parts[@]}"; do
   case "$part" in
-    scaling|curves|launcher|deepspeed) echo "=== $part: $model, batch $batch x $seq, $gpus GPUs, $steps steps"
-                                       "part_$part" || echo "    ($part did not finish)" ;;
-    *) echo "❌ unknown part $part (scaling, curves, launcher, deepspeed)" >&2; exit 2 ;;
+    scaling|curves|launcher|deepspeed|buckets) echo "=== $part: $model, batch $batch x $seq, $gpus GPUs, $steps steps"
+                                               "part_$part" || echo "    ($part did not finish)" ;;
+    *) echo "❌ unknown part $part (scaling, curves, launcher, deepspeed, buckets)" >&2; exit 2 ;;
   esac
 done
 

@@ -31,9 +31,11 @@ def checks(tmp_path, data, parts: str, steps: int) -> str:
 def test_multi_gpu_checks_rehearsal_on_two_cpu_processes(tmp_path):
     (tmp_path / "data").mkdir()
     data = write_corpus(tmp_path / "data")
-    parts = "scaling curves" + (" deepspeed" if importlib.util.find_spec("deepspeed") else "")
+    parts = "scaling curves buckets" + (" deepspeed" if importlib.util.find_spec("deepspeed") else "")
     out = checks(tmp_path, data, parts, steps=40)
     assert re.search(r"2 GPUs / 1 GPU: \*\*\d+\.\d\dx\*\*", out), out
+    buckets = re.findall(r"^\| (5|25|100) \| [\d,]+ \| (\d\.\d{3})x \|$", out, re.M)
+    assert [mb for mb, _ in buckets] == ["25", "5", "100"] and buckets[0][1] == "1.000", out
     same_batch = re.search(r"per-step \|loss difference\| mean (\S+), max (\S+);", out)
     assert same_batch and float(same_batch.group(2)) < 1e-4, out  # fp32 on CPU: equal up to summation order
     assert "## Launcher" in out and "no checkpoint from --stop found" in out  # that part was not asked for
