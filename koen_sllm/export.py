@@ -21,7 +21,6 @@ from koen_sllm.checkpoint import (CHECKPOINT_OWN_FILES, CONFIG_FILE, MANIFEST_FI
                                   verify_checkpoint)
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 # Never shipped in an export: training state, pickles, code, other backends' files.
 _NOT_EXPORTED_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt", ".py")
 
@@ -61,7 +60,8 @@ def export_hf(src: Path, dst: Path, dtype: Optional[str] = None, *, overwrite: b
             target = _DTYPES[dtype]
             weights = {k: v.to(target) if v.is_floating_point() else v for k, v in load_file(str(src / MODEL_FILE)).items()}
             save_file(weights, str(where), metadata={"format": "pt"})
-            config["dtype"] = config["torch_dtype"] = _HF_DTYPE_NAMES[target]  # v5 reads dtype, v4 torch_dtype
+            # "torch.bfloat16" -> "bfloat16"; transformers v5 reads dtype, v4 torch_dtype
+            config["dtype"] = config["torch_dtype"] = str(target).removeprefix("torch.")
         where = tmp / CONFIG_FILE
         write_text(where, json.dumps(config, indent=2, sort_keys=True) + "\n")
         for file in _exportable_files(src):

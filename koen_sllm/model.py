@@ -67,7 +67,8 @@ class ModelConfig:
             raise ConfigError(f"--attn {self.attn_backend!r} is unknown; choose one of {', '.join(ATTN_BACKENDS)}")
         if self.ce_chunk_tokens < 0:
             raise ConfigError(f"--ce-chunk-tokens must be 0 (off) or positive, got {self.ce_chunk_tokens}")
-        if self.residual_dtype not in (None, "bfloat16", "float16", "float32"):
+        if self.residual_dtype is not None and not (
+                isinstance(dtype := getattr(torch, self.residual_dtype, None), torch.dtype) and dtype.is_floating_point):
             raise ConfigError(f"residual_dtype {self.residual_dtype!r} is not a floating torch dtype name")
 
     @property

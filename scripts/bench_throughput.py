@@ -55,7 +55,7 @@ VOCAB = 32000
 class RandomTokens:
     """Fixed random token batches: the loader interface without any I/O."""
 
-    def __init__(self, seq_len: int, micro_batch: int, seed: int = 0, device: str = "cpu"):
+    def __init__(self, seq_len: int, micro_batch: int, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
         self.batches = [torch.randint(0, VOCAB, (micro_batch, seq_len + 1), generator=g) for _ in range(4)]
         pin = torch.cuda.is_available()

@@ -107,13 +107,10 @@ def main(work: Path, gpus: int) -> list[str]:
     sized = sorted((float(p.name.split("-", 1)[1]), speed(p / "ddp" / "logs"))
                    for p in work.glob("buckets-*") if re.fullmatch(r"buckets-\d+(\.\d+)?", p.name))
     if sized:
-        ref = many["tokens_per_s"] if many else None
         lines += [f"| bucket MB | tokens/s ({gpus} GPUs) | vs 25 MB (the scaling part) |", "|---:|---:|---:|"]
-        if many:
-            lines.append(f"| 25 | {many['tokens_per_s']:,.0f} | 1.000x |")
-        lines += [f"| {mb:g} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / ref:.3f}x |" if r and ref
-                  else f"| {mb:g} | {r['tokens_per_s']:,.0f} | |" if r else f"| {mb:g} | failed | |"
-                  for mb, r in sized]
+        for mb, r in ([(25.0, many)] if many else []) + sized:
+            ratio = f"{r['tokens_per_s'] / many['tokens_per_s']:.3f}x" if r and many else ""
+            lines.append(f"| {mb:g} | {r['tokens_per_s']:,.0f} | {ratio} |" if r else f"| {mb:g} | failed | |")
     else:
         lines.append("not run or no metrics")
     return lines
