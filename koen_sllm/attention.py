@@ -51,11 +51,14 @@ else:
     _AUTO_CUDA = None
 
 # Kernels that take fewer K/V heads than query heads (enable_gqa) in every torch
-# release that has the flag. cuDNN and memory-efficient gained grouped heads
-# later and unevenly across versions, so they (and auto on CUDA, which may pick
-# cuDNN) get K/V expanded to the full head count instead: always correct, and
-# the copy is small next to the attention itself.
+# release that has the flag. cuDNN takes them since torch 2.8 (pytorch#150337);
+# there, cuDNN and auto on CUDA in bf16/fp16 (which picks cuDNN, else flash) pass
+# the grouped K/V straight through, which saves writing K/V at the full head count
+# and reducing their gradients back. The memory-efficient kernel, and auto in fp32
+# on CUDA (which lands on it), get K/V expanded to the full head count instead.
 _NATIVE_GQA = {"flash", "math"}
+CUDNN_NATIVE_GQA = TorchVersion(torch.__version__) >= (2, 8)  # the throughput benchmark can turn it off
+_HALF = (torch.bfloat16, torch.float16)
 
 _CUDA_KERNEL_NAMES = {
     "cudnn": "cuDNN attention",
@@ -138,10 +141,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
 
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # -> [B, heads, T, D]
     n_rep = q.shape[1] // k.shape[1]
-    native_gqa = _HAS_ENABLE_GQA and (backend in _NATIVE_GQA or (backend == "auto" and not q.is_cuda))
     extra = {}
     if n_rep > 1:
-        if native_gqa:
+        if native_gqa(backend, q.is_cuda, q.dtype):
             extra["enable_gqa"] = True
         else:
             k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
@@ -156,6 +158,15 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
         with sdpa_kernel(kernels):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **extra)
     return out.transpose(1, 2)
+
+
+def native_gqa(backend: str, is_cuda: bool, dtype: torch.dtype) -> bool:
+    """Whether ``backend`` gets K/V with fewer heads than q (enable_gqa) rather than expanded ones."""
+    if not _HAS_ENABLE_GQA:
+        return False
+    if backend in _NATIVE_GQA or (backend == "auto" and not is_cuda):
+        return True
+    return CUDNN_NATIVE_GQA and (backend == "cudnn" or (backend == "auto" and dtype in _HALF))
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:

@@ -18,6 +18,8 @@ from typing import Any, Optional, Sequence
 
 MODEL_SIZES = ("tiny", "125m", "350m", "0.6b", "1.3b")
 ATTN_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "flash-attn")
+# torch.compile modes; "reduce-overhead" replays the compiled forward and backward as CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PRECISIONS = ("bf16", "fp16", "fp32")
 DEFAULT_DATA_FILE = "mixed_pretraining.jsonl"
 
@@ -89,6 +91,7 @@ class TrainConfig:
     max_seq_length: Optional[int] = None  # None -> 2048 on GPU, 128 on CPU
     precision: Optional[str] = None  # None -> bf16 on GPU, fp32 on CPU
     compile: Optional[bool] = None  # None -> on for GPU, off on CPU
+    compile_mode: str = "default"  # torch.compile mode (COMPILE_MODES)
     attn: str = "auto"
     activation_checkpointing: bool = False
     ce_chunk_tokens: int = 0  # 0: the whole micro-batch's logits at once
@@ -177,6 +180,9 @@ def apply_device_defaults(cfg: RunConfig, has_cuda: bool) -> list[str]:
         t.precision = "bf16" if has_cuda else "fp32"
     if t.compile is None:
         t.compile = has_cuda
+    if t.compile_mode != "default" and not t.compile:
+        raise ConfigError(f"--compile-mode {t.compile_mode} needs torch.compile, which is off for this run; "
+                          "add --compile or drop --compile-mode")
     if not has_cuda and t.precision == "fp16":
         raise ConfigError("--fp16 needs a CUDA GPU (loss scaling is CUDA-only); use --fp32 or bf16 on CPU")
     if t.bf16_residual and t.precision != "bf16":
@@ -237,6 +243,10 @@ def derive_batch_plan(cfg: RunConfig, world_size: int) -> BatchPlan:
             )
     else:
         accum = t.grad_accum or 1
+    if accum > 1 and t.compile_mode == "reduce-overhead":
+        raise ConfigError("--compile-mode reduce-overhead cannot accumulate gradients: CUDA graph replays overwrite "
+                          "the gradients of the earlier micro-batches (pytorch#169545); use --grad-accum 1 "
+                          "(a larger --batch-size) or the default compile mode")
     return BatchPlan(t.batch_size, int(t.max_seq_length or CPU_TEST_SEQ_LEN), world_size, accum)
 
 
@@ -372,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp = g.add_mutually_exclusive_group()
     comp.add_argument("--compile", dest="compile", action="store_const", const=True, help="torch.compile (GPU default)")
     comp.add_argument("--no-compile", dest="compile", action="store_const", const=False, help="disable torch.compile")
+    g.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                   help="torch.compile mode; reduce-overhead replays each step as CUDA graphs")
     g.add_argument("--ddp-bucket-mb", type=float, default=25.0, metavar="MB",
                    help="DDP gradient bucket size: each bucket's all-reduce starts when its gradients are ready")
     g.add_argument("--deepspeed", nargs="?", const="", default=None, metavar="CONFIG",
@@ -402,7 +414,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[RunConfig, argpars
         train=TrainConfig(
             mode=ns.mode, model_size=ns.model_size, max_steps=ns.max_steps, num_epochs=ns.num_epochs,
             batch_size=ns.batch_size, grad_accum=ns.grad_accum, global_batch_size=ns.global_batch_size,
-            max_seq_length=ns.max_seq_length, precision=ns.precision, compile=ns.compile, attn=ns.attn,
+            max_seq_length=ns.max_seq_length, precision=ns.precision, compile=ns.compile, compile_mode=ns.compile_mode, attn=ns.attn,
             activation_checkpointing=ns.activation_checkpointing, ce_chunk_tokens=ns.ce_chunk_tokens,
             bf16_residual=ns.bf16_residual, ddp_bucket_mb=ns.ddp_bucket_mb, seed=ns.seed, eval_steps=ns.eval_steps,
             eval_batches=ns.eval_batches, log_steps=ns.log_steps, max_bad_steps=ns.max_bad_steps,

@@ -107,9 +107,11 @@ class Trainer:
         log.info("batch: %s", self.plan.describe())
         log.info("backend: %s", DSB.describe(self.ds_config) if self.ds_config
                  else f"DDP, {self.t.ddp_bucket_mb:g} MB gradient buckets" if info.is_distributed else "one process")
+        compiled = f"on ({self.t.compile_mode})" if self.t.compile and self.t.compile_mode != "default" \
+            else ("on" if self.t.compile else "off")
         log.info("steps: %d (%.3f epochs of %s training sequences); precision %s; compile %s; attention %s",
                  self.max_steps, self.max_steps * self.plan.sequences_per_step / max(1, self.loader.num_samples),
-                 f"{self.loader.num_samples:,}", self.t.precision, self.t.compile, self.t.attn)
+                 f"{self.loader.num_samples:,}", self.t.precision, compiled, self.t.attn)
         if self.model_cfg.ce_chunk_tokens:
             log.info("output layer + cross-entropy in chunks of %d tokens", self.model_cfg.ce_chunk_tokens)
         if self.model_cfg.residual_dtype:
@@ -157,10 +159,12 @@ class Trainer:
             # runs. Compiled inside DDP, one compiled backward would hand DDP every gradient at
             # once, at its end, and the all-reduce would never overlap compute.
             wrapped = D.wrap_model(self.raw_model, self.info, self.t.ddp_bucket_mb)
-            self.model = torch.compile(wrapped) if self.t.compile else wrapped
+            mode = None if self.t.compile_mode == "default" else self.t.compile_mode
+            self.model = torch.compile(wrapped, mode=mode) if self.t.compile else wrapped
             self.autocast = self._autocast()
         # The update may be launched before the vote is read only where the optimizer can skip it
         # on the device (fused AdamW honours found_inf) and no loss scaler decides about it.
+        self.cudagraphs = bool(self.t.compile) and self.t.compile_mode == "reduce-overhead" and self.runner is None
         self.skip_on_device = (self.runner is None and self.scaler is None and self.optimizer is not None
                                and bool(self.optimizer.defaults.get("fused")))
         self.peak = peak_flops(torch.cuda.get_device_name(self.device), self.t.precision) \
@@ -218,6 +222,8 @@ class Trainer:
         """Returns (mean loss over ranks, grad norm, step applied) after one optimizer step."""
         if self.runner is not None:
             return self._engine_step()
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: last step's graph outputs may be reused
         accum = self.plan.grad_accum
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(accum):

@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench_analysis import compare_curves, plot_curves, profile_steps  # noqa: E402
+from koen_sllm import attention as A  # noqa: E402
 from koen_sllm import distributed as D  # noqa: E402
 from koen_sllm.config import apply_device_defaults, parse_args as parse_run_args  # noqa: E402
 from koen_sllm.metrics import peak_flops, peak_memory_gib  # noqa: E402
@@ -108,6 +109,8 @@ def run_config(args, seed: int):
         argv += ["--warmup-steps", str(args.warmup_steps)]
     if args.no_compile:
         argv.append("--no-compile")
+    elif args.compile_mode != "default":
+        argv += ["--compile-mode", args.compile_mode]
     cfg, _ = parse_run_args(argv)
     apply_device_defaults(cfg, torch.cuda.is_available())
     return cfg
@@ -118,6 +121,8 @@ def token_source(args):
 
 
 def run_ours(args, seed: int = 0, name: str = "koen_sllm") -> dict:
+    if args.expand_kv:
+        A.CUDNN_NATIVE_GQA = False  # the earlier path: K/V expanded to the query head count for cuDNN
     tr = Trainer(run_config(args, seed), D.init_distributed())
     tr.build(VOCAB, token_source(args))
     if args.liger:
@@ -152,7 +157,17 @@ def run_ours(args, seed: int = 0, name: str = "koen_sllm") -> dict:
 
 
 def run_peer(args) -> dict:
+    import importlib.util
+
+    import transformers.trainer as hf_trainer
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer as HFTrainer, TrainerCallback, TrainingArguments
+
+    spec = importlib.util.find_spec("datasets")
+    if spec is not None and spec.origin is None:
+        # Without the datasets package, this repository's datasets/ folder (on sys.path for
+        # koen_sllm) imports as an empty namespace package, and the Trainer would look for
+        # datasets.Dataset in it: tell the Trainer there is no datasets package.
+        hf_trainer.is_datasets_available = lambda: False
 
     from koen_sllm.model import KoEnLM, model_config_from_preset
 
@@ -247,6 +262,9 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--attn", default="auto")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--compile-mode", default="default", help="ours: torch.compile mode (reduce-overhead = CUDA graphs)")
+    p.add_argument("--expand-kv", action="store_true",
+                   help="ours: expand K/V to the query head count for cuDNN attention (the earlier path)")
     p.add_argument("--only", choices=("ours", "peer"))
     p.add_argument("--quick", action="store_true", help="15 measured steps after 5 warm-up steps")
     p.add_argument("--json", default="outputs/bench_throughput.json")
@@ -321,6 +339,12 @@ def main() -> int:
                   ", ".join(f"{k} {v}" for k, v in prof["percent_of_wall"].items()))
             for name, ms in prof["top_kernels_ms_per_step"][:8]:
                 print(f"  {ms:8.3f} ms  {name}")
+            gaps = prof["idle_gaps"]
+            print(f"  idle: {gaps['small_gaps_per_step']:g} gaps under {gaps['small_gap_us']:g} us per step "
+                  f"({gaps['small_gaps_ms_per_step']:.2f} ms), {gaps['large_gaps_per_step']:g} longer ones "
+                  f"({gaps['large_gaps_ms_per_step']:.2f} ms); longest:")
+            for us, before, after in gaps["longest"][:5]:
+                print(f"    {us:9.1f} us  after {before}  before {after}")
     report = {"device": device, "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()},
               "results": results}
     if args.curve and len(results) == 3:

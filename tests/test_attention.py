@@ -154,3 +154,62 @@ def test_model_traces_without_graph_breaks(backend):
     loss.backward()
     torch.testing.assert_close(loss, model(x, x))
     assert model.embed_tokens.weight.grad is not None
+
+
+# ---------------------------------------------------------------- grouped K/V: native or expanded
+
+
+@pytest.mark.parametrize("cudnn_gqa,has_flag,backend,is_cuda,dtype,expected", [
+    (True, True, "flash", True, torch.bfloat16, True),
+    (True, True, "math", False, torch.float32, True),
+    (True, True, "math", True, torch.float32, True),
+    (True, True, "auto", False, torch.float32, True),
+    (True, True, "auto", False, torch.bfloat16, True),
+    (True, True, "auto", False, torch.float16, True),
+    (True, True, "cudnn", True, torch.bfloat16, True),
+    (True, True, "auto", True, torch.bfloat16, True),
+    (True, True, "auto", True, torch.float16, True),
+    (True, True, "auto", True, torch.float32, False),
+    (True, True, "efficient", True, torch.bfloat16, False),
+    (True, True, "efficient", True, torch.float32, False),
+    (False, True, "cudnn", True, torch.bfloat16, False),
+    (False, True, "auto", True, torch.bfloat16, False),
+    (False, True, "auto", True, torch.float16, False),
+    (False, True, "auto", False, torch.float32, True),
+    (False, True, "flash", True, torch.bfloat16, True),
+    (False, True, "math", True, torch.float32, True),
+    (True, False, "flash", True, torch.bfloat16, False),
+    (True, False, "math", False, torch.float32, False),
+    (True, False, "auto", False, torch.float32, False),
+    (True, False, "cudnn", True, torch.bfloat16, False),
+    (True, False, "auto", True, torch.bfloat16, False),
+])
+def test_native_gqa_truth_table(monkeypatch, cudnn_gqa, has_flag, backend, is_cuda, dtype, expected):
+    monkeypatch.setattr(A, "CUDNN_NATIVE_GQA", cudnn_gqa)
+    monkeypatch.setattr(A, "_HAS_ENABLE_GQA", has_flag)
+    assert A.native_gqa(backend, is_cuda, dtype) is expected
+
+
+def test_expanded_and_native_kv_give_the_same_attention(monkeypatch):
+    """Both paths of causal_attention (enable_gqa and repeat_kv) run, and agree, for 8/2 heads."""
+    q, k, v = qkv(heads=8, kv_heads=2, t=12, d=16, seed=3)
+    expanded_calls = []
+
+    def spy_repeat_kv(x, n_rep):
+        expanded_calls.append((tuple(x.shape), n_rep))
+        return repeat_kv(x, n_rep)
+
+    monkeypatch.setattr(A, "repeat_kv", spy_repeat_kv)
+    monkeypatch.setattr(A, "_HAS_ENABLE_GQA", True)
+    monkeypatch.setattr(A, "native_gqa", lambda backend, is_cuda, dtype: True)
+    native = causal_attention(q, k, v, "math")
+    assert expanded_calls == []  # enable_gqa: K/V passed with 2 heads
+
+    monkeypatch.setattr(A, "native_gqa", lambda backend, is_cuda, dtype: False)
+    expanded = causal_attention(q, k, v, "math")
+    assert expanded_calls == [((2, 2, 12, 16), 4), ((2, 2, 12, 16), 4)]  # K and V, each to 8 heads
+
+    assert native.shape == expanded.shape == (2, 12, 8, 16)
+    assert torch.allclose(native, expanded, rtol=1e-6, atol=1e-6)
+    k_full, v_full = k.repeat_interleave(4, dim=2), v.repeat_interleave(4, dim=2)
+    torch.testing.assert_close(expanded.double(), reference_attention(q, k_full, v_full), rtol=1e-5, atol=1e-5)

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from koen_sllm.config import (ConfigError, RunConfig, apply_device_defaults, derive_batch_plan,
+from koen_sllm.config import (COMPILE_MODES, ConfigError, RunConfig, apply_device_defaults, derive_batch_plan,
                               parse_args, repo_root)
 
 
@@ -98,3 +98,91 @@ def test_default_paths_resolve_against_repo_root(tmp_path, monkeypatch):
     assert cfg.logs_dir == repo_root() / "logs"
     cfg, _ = parse_args(["--output-dir", "my out"])
     assert cfg.output_dir == tmp_path / "my out"
+
+
+# ---------------------------------------------------------------- torch.compile mode
+
+
+def test_compile_mode_defaults_and_parses():
+    cfg, _ = parse_args([])
+    assert cfg.train.compile_mode == "default"
+    for mode in COMPILE_MODES:
+        cfg, _ = parse_args(["--compile", "--compile-mode", mode])
+        assert cfg.train.compile_mode == mode and cfg.train.compile is True
+    assert COMPILE_MODES == ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def test_unknown_compile_mode_is_refused_by_the_parser():
+    with pytest.raises(ConfigError, match=r"argument --compile-mode: invalid choice: 'turbo'"):
+        parse_args(["--compile-mode", "turbo"])
+
+
+@pytest.mark.parametrize("argv, has_cuda", [
+    (["--compile-mode", "reduce-overhead"], False),  # CPU: compile off by default
+    (["--compile-mode", "max-autotune"], False),
+    (["--compile-mode", "reduce-overhead", "--no-compile"], True),
+    (["--compile-mode", "max-autotune-no-cudagraphs", "--no-compile"], False),
+])
+def test_compile_mode_without_compile_is_refused(argv, has_cuda):
+    cfg, _ = parse_args(argv)
+    with pytest.raises(ConfigError) as err:
+        apply_device_defaults(cfg, has_cuda=has_cuda)
+    msg = str(err.value)
+    assert msg.startswith(f"--compile-mode {cfg.train.compile_mode} needs torch.compile, which is off")
+    assert "add --compile or drop --compile-mode" in msg
+
+
+@pytest.mark.parametrize("argv", [["--no-compile"], [], ["--compile-mode", "default"]])
+def test_default_compile_mode_never_needs_compile(argv):
+    cfg, _ = parse_args(argv)
+    apply_device_defaults(cfg, has_cuda=False)
+    assert cfg.train.compile is False and cfg.train.compile_mode == "default"
+
+
+@pytest.mark.parametrize("argv", [
+    ["--compile-mode", "reduce-overhead"],  # GPU: compile on by default
+    ["--compile", "--compile-mode", "max-autotune"],
+])
+def test_compile_mode_with_compile_on_passes(argv):
+    cfg, _ = parse_args(argv)
+    apply_device_defaults(cfg, has_cuda=True)
+    assert cfg.train.compile is True and cfg.train.compile_mode == argv[-1]
+
+
+def test_compile_mode_with_explicit_compile_passes_on_cpu():
+    cfg, _ = parse_args(["--compile", "--compile-mode", "reduce-overhead"])
+    apply_device_defaults(cfg, has_cuda=False)
+    assert cfg.train.compile is True and cfg.train.compile_mode == "reduce-overhead"
+
+
+@pytest.mark.parametrize("argv", [
+    ["--compile-mode", "reduce-overhead", "--grad-accum", "2"],
+    ["--compile-mode", "reduce-overhead", "--batch-size", "2", "--global-batch-size", "4"],
+])
+def test_reduce_overhead_refuses_gradient_accumulation(argv):
+    cfg, _ = parse_args(argv)
+    apply_device_defaults(cfg, has_cuda=True)
+    with pytest.raises(ConfigError) as err:
+        derive_batch_plan(cfg, world_size=1)
+    msg = str(err.value)
+    assert msg.startswith("--compile-mode reduce-overhead cannot accumulate gradients")
+    assert "--grad-accum 1" in msg
+
+
+@pytest.mark.parametrize("argv, world_size", [
+    (["--compile-mode", "reduce-overhead"], 1),
+    (["--compile-mode", "reduce-overhead", "--grad-accum", "1"], 1),
+    (["--compile-mode", "reduce-overhead", "--batch-size", "2", "--global-batch-size", "4"], 2),
+])
+def test_reduce_overhead_without_accumulation_is_accepted(argv, world_size):
+    cfg, _ = parse_args(argv)
+    apply_device_defaults(cfg, has_cuda=True)
+    plan = derive_batch_plan(cfg, world_size=world_size)
+    assert plan.grad_accum == 1 and plan.world_size == world_size
+
+
+@pytest.mark.parametrize("mode", ["default", "max-autotune", "max-autotune-no-cudagraphs"])
+def test_other_compile_modes_still_accumulate(mode):
+    cfg, _ = parse_args(["--compile-mode", mode, "--batch-size", "2", "--global-batch-size", "4"])
+    apply_device_defaults(cfg, has_cuda=True)
+    assert derive_batch_plan(cfg, world_size=1).grad_accum == 2
