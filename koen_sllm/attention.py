@@ -52,12 +52,18 @@ else:
 
 # Kernels that take fewer K/V heads than query heads (enable_gqa) in every torch
 # release that has the flag. cuDNN takes them since torch 2.8 (pytorch#150337);
-# there, cuDNN and auto on CUDA in bf16/fp16 (which picks cuDNN, else flash) pass
-# the grouped K/V straight through, which saves writing K/V at the full head count
-# and reducing their gradients back. The memory-efficient kernel, and auto in fp32
-# on CUDA (which lands on it), get K/V expanded to the full head count instead.
+# there, on Hopper, cuDNN and auto on CUDA in bf16/fp16 (which picks cuDNN, else
+# flash) pass the grouped K/V straight through, which saves writing K/V at the full
+# head count and reducing their gradients back (1.011x at 350m on an H200, the same
+# loss curve; docs/benchmarks.md). Elsewhere cuDNN gets K/V expanded: on B200 its
+# attention has given wrong results with fewer than 8 K/V heads (pytorch#193893),
+# and no other GPU generation was measured. The memory-efficient kernel, and auto
+# in fp32 on CUDA (which lands on it), always get K/V expanded.
 _NATIVE_GQA = {"flash", "math"}
-CUDNN_NATIVE_GQA = TorchVersion(torch.__version__) >= (2, 8)  # the throughput benchmark can turn it off
+_CUDNN_GQA_TORCH = TorchVersion(torch.__version__) >= (2, 8)
+# Decided by probe_backend() on the training GPU (one GPU kind per process); the
+# throughput benchmark turns it off to measure the expanded path.
+CUDNN_NATIVE_GQA = False
 _HALF = (torch.bfloat16, torch.float16)
 
 _CUDA_KERNEL_NAMES = {
@@ -169,6 +175,11 @@ def native_gqa(backend: str, is_cuda: bool, dtype: torch.dtype) -> bool:
     return CUDNN_NATIVE_GQA and (backend == "cudnn" or (backend == "auto" and dtype in _HALF))
 
 
+def cudnn_takes_grouped_kv(capability: tuple[int, int]) -> bool:
+    """Whether cuDNN attention gets grouped K/V on a GPU of this compute capability: Hopper only."""
+    return _CUDNN_GQA_TORCH and capability[0] == 9
+
+
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """``[B, Hkv, T, D]`` -> ``[B, Hkv * n_rep, T, D]``, each K/V head serving ``n_rep`` query heads."""
     b, h, t, d = x.shape
@@ -199,6 +210,9 @@ def probe_backend(
     """
     check_backend(name)
     device = torch.device(device)
+    if device.type == "cuda":
+        global CUDNN_NATIVE_GQA
+        CUDNN_NATIVE_GQA = cudnn_takes_grouped_kv(torch.cuda.get_device_capability(device))
     if name == "flash-attn" and dtype not in (torch.float16, torch.bfloat16):
         raise AttentionBackendError(
             f"--attn flash-attn needs bf16 or fp16 (got {_dtype_name(dtype)}); use --bf16, or --attn auto/math"

@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from .config import BatchPlan, ConfigError, RunConfig, build_parser, derive_batch_plan
+from .config import BatchPlan, ConfigError, RunConfig, build_parser, derive_batch_plan, resolve_residual
 
 SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "ds_config.json"
 ENGINE_OPTIMIZERS = ("AdamW",)
@@ -217,6 +217,7 @@ def apply_ds_options(cfg: RunConfig, explicit: Iterable[str], world_size: int) -
            o.grad_clip, lambda v: setattr(o, "grad_clip", float(v)), _non_negative, "zero (off) or a positive number")
     m.take("bf16/fp16.enabled", json_precision(ds) or _MISSING, ("precision",), f"--{t.precision}", t.precision,
            lambda v: setattr(t, "precision", v), lambda v: v in ("bf16", "fp16", "fp32"), "bf16, fp16 or fp32")
+    resolve_residual(t)  # the precision is final only now
     return m.notes
 
 

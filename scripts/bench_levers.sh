@@ -9,11 +9,11 @@
 # as the training loop did for its clock until it timed step periods instead), late-update
 # (the optimizer launched only after the host read the vote, the earlier order), chunk (--ce-chunk-tokens 4096),
 # liger-all / liger-nolce (liger-kernel's RMSNorm, SwiGLU, RoPE, with / without its
-# fused linear + cross-entropy; needs liger-kernel), bf16-residual (the residual stream in bf16),
-# expand-kv (K/V expanded to the query head count for cuDNN, the earlier path), cudagraphs
-# (torch.compile mode reduce-overhead: the step replayed as CUDA graphs),
-# b16, b16-accum2 (2 micro-batches of 16 per optimizer step), b16-bf16-residual, b16-all (both),
-# b16-bf16-residual-cudagraphs, b32-bf16-residual, b16-chunk, b32-chunk (larger
+# fused linear + cross-entropy; needs liger-kernel), fp32-residual (the residual stream in fp32,
+# as transformers; bf16 is the default), expand-kv (K/V expanded to the query head count for
+# cuDNN, the earlier path), cudagraphs (torch.compile mode reduce-overhead: the step replayed as
+# CUDA graphs), b16, b16-accum2 (2 micro-batches of 16 per optimizer step), b16-cudagraphs,
+# b32, b16-chunk, b32-chunk (larger
 # micro-batches, which the chunked loss makes fit), cdtune (Inductor's coordinate-
 # descent tuning of its Triton kernels), autotune-gemm (Inductor benchmarks Triton matmul
 # templates against cuBLAS; compiles for minutes). Each run has its own time limit (LEVER_TIMEOUT, default 300 s), so one
@@ -55,15 +55,12 @@ for lever in "${levers[@]}"; do
     chunk) run_lever chunk - --ce-chunk-tokens 4096 --profile ;;
     liger-all) run_lever liger-all - --liger all ;;
     liger-nolce) run_lever liger-nolce - --liger rmsnorm,swiglu,rope ;;
-    bf16-residual) run_lever bf16-residual - --bf16-residual --profile ;;
+    fp32-residual) run_lever fp32-residual - --fp32-residual --profile ;;
     expand-kv) run_lever expand-kv - --expand-kv ;;
     cudagraphs) run_lever cudagraphs - --compile-mode reduce-overhead --profile ;;
     b16-accum2) mapfile -t b < <(batch_args 16 "$@"); run_lever b16-accum2 - "${b[@]}" --grad-accum 2 ;;
-    b16-bf16-residual) mapfile -t b < <(batch_args 16 "$@"); run_lever b16-bf16-residual - "${b[@]}" --bf16-residual ;;
-    b16-all) mapfile -t b < <(batch_args 16 "$@"); run_lever b16-all - "${b[@]}" --bf16-residual --grad-accum 2 ;;
-    b16-bf16-residual-cudagraphs) mapfile -t b < <(batch_args 16 "$@")
-      run_lever b16-bf16-residual-cudagraphs - "${b[@]}" --bf16-residual --compile-mode reduce-overhead ;;
-    b32-bf16-residual) mapfile -t b < <(batch_args 32 "$@"); run_lever b32-bf16-residual - "${b[@]}" --bf16-residual ;;
+    b16-cudagraphs) mapfile -t b < <(batch_args 16 "$@"); run_lever b16-cudagraphs - "${b[@]}" --compile-mode reduce-overhead ;;
+    b32) mapfile -t b < <(batch_args 32 "$@"); run_lever b32 - "${b[@]}" ;;
     b16) mapfile -t b < <(batch_args 16 "$@"); run_lever b16 - "${b[@]}" ;;
     b16-chunk) mapfile -t b < <(batch_args 16 "$@"); run_lever b16-chunk - "${b[@]}" --ce-chunk-tokens 4096 ;;
     b32-chunk) mapfile -t b < <(batch_args 32 "$@"); run_lever b32-chunk - "${b[@]}" --ce-chunk-tokens 4096 ;;

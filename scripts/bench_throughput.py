@@ -103,8 +103,8 @@ def run_config(args, seed: int):
             "--max-seq-length", str(args.seq_len), "--max-steps", str(args.steps + args.warmup),
             "--attn", args.attn, "--learning-rate", str(args.lr), "--bf16", "--seed", str(seed),
             "--ce-chunk-tokens", str(args.ce_chunk_tokens), "--grad-accum", str(args.grad_accum)]
-    if args.bf16_residual:
-        argv.append("--bf16-residual")
+    if args.fp32_residual:
+        argv.append("--fp32-residual")
     if args.warmup_steps is not None:
         argv += ["--warmup-steps", str(args.warmup_steps)]
     if args.no_compile:
@@ -121,15 +121,15 @@ def token_source(args):
 
 
 def run_ours(args, seed: int = 0, name: str = "koen_sllm") -> dict:
-    if args.expand_kv:
-        A.CUDNN_NATIVE_GQA = False  # the earlier path: K/V expanded to the query head count for cuDNN
     tr = Trainer(run_config(args, seed), D.init_distributed())
     tr.build(VOCAB, token_source(args))
     if args.liger:
         from liger_levers import apply_liger
 
         print(f"liger-kernel: {apply_liger(tr.raw_model, args.liger)}")
-    tr.finalize()
+    tr.finalize()  # probes attention, which decides the grouped-K/V path; compiles at the first step
+    if args.expand_kv:
+        A.CUDNN_NATIVE_GQA = False  # the earlier path: K/V expanded to the query head count for cuDNN
     if args.update_after_vote:
         tr.skip_on_device = False  # the earlier order: read the vote, then launch the update
     tr.model.train()
@@ -272,7 +272,8 @@ def main() -> int:
     p.add_argument("--warmup-steps", type=int, help="learning-rate warm-up (default: the trainer's, 1%% of steps)")
     p.add_argument("--seed", type=int, default=0, help="initial weights (both sides)")
     p.add_argument("--ce-chunk-tokens", type=int, default=0, help="ours: chunked output layer + loss (0 = off)")
-    p.add_argument("--bf16-residual", action="store_true", help="ours: the residual stream in bf16")
+    p.add_argument("--fp32-residual", action="store_true",
+                   help="ours: the residual stream in fp32, as transformers (the default is bf16 since 2026-12)")
     p.add_argument("--grad-accum", type=int, default=1,
                    help="ours: micro-batches per optimizer step (with --only ours; not with --curve)")
     p.add_argument("--liger", help="ours: liger-kernel parts to swap in, comma-separated: rmsnorm,swiglu,rope,flce or all")

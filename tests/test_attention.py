@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -213,3 +215,25 @@ def test_expanded_and_native_kv_give_the_same_attention(monkeypatch):
     assert torch.allclose(native, expanded, rtol=1e-6, atol=1e-6)
     k_full, v_full = k.repeat_interleave(4, dim=2), v.repeat_interleave(4, dim=2)
     torch.testing.assert_close(expanded.double(), reference_attention(q, k_full, v_full), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("capability, torch_ok, expected", [
+    ((9, 0), True, True),     # Hopper (H100, H200): measured, grouped K/V go straight in
+    ((10, 0), True, False),   # B200: cuDNN has given wrong results with few K/V heads
+    ((8, 0), True, False),    # A100: not measured, expanded
+    ((12, 0), True, False),
+    ((9, 0), False, False),   # torch before 2.8: cuDNN refuses grouped K/V
+])
+def test_cudnn_takes_grouped_kv_on_hopper_only(monkeypatch, capability, torch_ok, expected):
+    monkeypatch.setattr(A, "_CUDNN_GQA_TORCH", torch_ok)
+    assert A.cudnn_takes_grouped_kv(capability) is expected
+
+
+def test_cudnn_grouped_kv_is_off_until_a_gpu_is_probed(monkeypatch):
+    """Importing the module decides nothing (no CUDA call); a CPU probe leaves the flag alone."""
+    out = subprocess.run([sys.executable, "-c", "import koen_sllm.attention as A; print(A.CUDNN_NATIVE_GQA)"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    monkeypatch.setattr(A, "CUDNN_NATIVE_GQA", True)
+    A.probe_backend("math", "cpu", torch.float32, 4, 2, 8)
+    assert A.CUDNN_NATIVE_GQA is True

@@ -69,6 +69,30 @@ def test_bf16_residual_needs_bf16():
     assert cfg.train.bf16_residual and cfg.train.precision == "bf16"
 
 
+@pytest.mark.parametrize("argv, has_cuda, expected", [
+    ([], True, True),                              # GPU default: bf16, so the stream is bf16 too
+    (["--fp32-residual"], True, False),            # the transformers stream, asked for
+    ([], False, False),                            # CPU default: fp32
+    (["--bf16"], False, True),                     # bf16 on CPU follows bf16
+    (["--fp16"], True, False),                     # fp16 keeps the fp32 stream
+    (["--fp32"], True, False),
+    (["--bf16-residual"], True, True),
+])
+def test_residual_stream_follows_the_precision(argv, has_cuda, expected):
+    cfg, _ = parse_args(argv)
+    apply_device_defaults(cfg, has_cuda=has_cuda)
+    assert cfg.train.bf16_residual is expected
+
+
+def test_residual_options_exclude_each_other_and_survive_json():
+    with pytest.raises(ConfigError, match="--fp32-residual: not allowed with argument --bf16-residual"):
+        parse_args(["--bf16-residual", "--fp32-residual"])
+    cfg, _ = parse_args(["--fp32-residual"])
+    assert cfg.train.bf16_residual is False
+    apply_device_defaults(cfg, has_cuda=True)
+    assert RunConfig.from_dict(json.loads(cfg.to_json())).train.bf16_residual is False
+
+
 def test_batch_plan_derives_accumulation():
     cfg, _ = parse_args(["--batch-size", "4", "--global-batch-size", "32", "--max-seq-length", "256"])
     plan = derive_batch_plan(cfg, world_size=2)

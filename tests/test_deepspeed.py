@@ -144,6 +144,19 @@ def test_equal_values_are_no_conflict(tmp_path):
     assert C.build_ds_config(cfg, plan, 10, explicit)["optimizer"]["params"]["lr"] == 3e-4
 
 
+def test_residual_stream_follows_the_json_precision(tmp_path):
+    """The DeepSpeed JSON may set the precision after the device defaults: the residual stream
+    is decided once it is final (fp16 keeps the fp32 stream), and an explicit bf16 stream
+    under an fp16 JSON is refused in one line."""
+    fp16 = write_json(tmp_path / "fp16.json", {"fp16": {"enabled": True}})
+    cfg, _, _, _ = run_config(["--deepspeed", fp16])
+    assert (cfg.train.precision, cfg.train.bf16_residual) == ("fp16", False)
+    cfg, _, _, _ = run_config(["--deepspeed"])  # the shipped config: bf16
+    assert (cfg.train.precision, cfg.train.bf16_residual) == ("bf16", True)
+    with pytest.raises(C.ConfigError, match="--bf16-residual needs bf16 precision, but this run uses fp16"):
+        run_config(["--deepspeed", fp16, "--bf16-residual"])
+
+
 # ---------------------------------------------------------------- train_batch_size
 
 

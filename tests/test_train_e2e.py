@@ -196,10 +196,11 @@ def test_chunked_loss_option_trains_like_the_plain_loss(tmp_path, dataset):
     assert all(abs(a[s] - b[s]) < 1e-5 for s in a), (a, b)
 
 
-def test_bf16_residual_option_reaches_the_model(tmp_path, dataset):
+def test_bf16_residual_is_the_bf16_default_and_can_be_turned_off(tmp_path, dataset):
     args = ("--train", "--batch-size", "2", "--max-steps", "3", "--no-save-initial", "--no-save-final", "--bf16")
-    train(1, tmp_path / "fp32-stream", dataset, *args)
-    proc = train(1, tmp_path / "bf16-stream", dataset, *args, "--bf16-residual")
+    plain = train(1, tmp_path / "fp32-stream", dataset, *args, "--fp32-residual")
+    assert "residual stream in" not in plain.stdout + plain.stderr
+    proc = train(1, tmp_path / "bf16-stream", dataset, *args)
     assert "residual stream in bfloat16" in proc.stdout + proc.stderr
     a, b = losses(tmp_path / "fp32-stream"), losses(tmp_path / "bf16-stream")
     assert sorted(a) == sorted(b) == [1, 2, 3]
