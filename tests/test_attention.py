@@ -237,3 +237,28 @@ def test_cudnn_grouped_kv_is_off_until_a_gpu_is_probed(monkeypatch):
     monkeypatch.setattr(A, "CUDNN_NATIVE_GQA", True)
     A.probe_backend("math", "cpu", torch.float32, 4, 2, 8)
     assert A.CUDNN_NATIVE_GQA is True
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: cuDNN attention")
+def test_cudnn_grouped_kv_matches_expanded_kv_on_this_gpu(monkeypatch):
+    """On the GPU where cuDNN is handed grouped K/V (Hopper), its output and gradients equal the
+    expanded path's at the 350m preset's heads (16 / 4, dim 64, 2048 tokens) in bf16."""
+    A.probe_backend("cudnn", "cuda", torch.bfloat16, 16, 4, 64)
+    assert A.CUDNN_NATIVE_GQA is A.cudnn_takes_grouped_kv(torch.cuda.get_device_capability())
+    if not A.CUDNN_NATIVE_GQA:
+        pytest.skip("cuDNN gets expanded K/V on this GPU; nothing to compare")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = ((2, 2048, 16, 64), (2, 2048, 4, 64), (2, 2048, 4, 64))
+    base = [torch.randn(s, device="cuda", generator=gen).to(torch.bfloat16) for s in shapes]
+    grad_out = torch.randn((2, 2048, 16, 64), device="cuda", generator=gen).to(torch.bfloat16)
+    results = []
+    for grouped in (True, False):
+        monkeypatch.setattr(A, "CUDNN_NATIVE_GQA", grouped)
+        q, k, v = (t.clone().requires_grad_() for t in base)
+        out = causal_attention(q, k, v, "cudnn")
+        out.backward(grad_out)
+        results.append([out.float(), q.grad.float(), k.grad.float(), v.grad.float()])
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
+        rel = ((a - b).norm() / b.norm()).item()
+        assert rel < 2e-2, f"{name}: relative difference {rel:.2e}"
