@@ -12,7 +12,9 @@
 # fused linear + cross-entropy; needs liger-kernel), fp32-residual (the residual stream in fp32,
 # as transformers; bf16 is the default), expand-kv (K/V expanded to the query head count for
 # cuDNN, the earlier path), cudagraphs (torch.compile mode reduce-overhead: the step replayed as
-# CUDA graphs), b16, b16-accum2 (2 micro-batches of 16 per optimizer step), b16-cudagraphs,
+# CUDA graphs), pageable (batches in pageable host memory: what pinned memory and non-blocking
+# copies save), seq1024-b16 / seq4096-b4 (the same tokens per step in shorter / longer sequences),
+# b16, b16-accum2 (2 micro-batches of 16 per optimizer step), b16-cudagraphs,
 # b32, b16-chunk, b32-chunk (larger
 # micro-batches, which the chunked loss makes fit), cdtune (Inductor's coordinate-
 # descent tuning of its Triton kernels), autotune-gemm (Inductor benchmarks Triton matmul
@@ -37,6 +39,7 @@ read -r -a levers <<< "${LEVERS:-base chunk liger-all liger-nolce b16-chunk cdtu
 run_lever() {  # name, one environment assignment (or -), bench options...
   local name="$1" envs="$2"; shift 2
   echo "=== $name"
+  rm -f "$work/$name.json"  # a failed run must not leave an earlier run's numbers in the summary
   local -a cmd=(timeout "${LEVER_TIMEOUT:-300}" "$py" "$root/scripts/bench_throughput.py" "${common[@]}" "$@"
                 --json "$work/$name.json")
   if [ "$envs" != "-" ]; then cmd=(env "$envs" "${cmd[@]}"); fi
@@ -58,6 +61,9 @@ for lever in "${levers[@]}"; do
     fp32-residual) run_lever fp32-residual - --fp32-residual --profile ;;
     expand-kv) run_lever expand-kv - --expand-kv ;;
     cudagraphs) run_lever cudagraphs - --compile-mode reduce-overhead --profile ;;
+    pageable) run_lever pageable - --pageable-batches ;;
+    seq1024-b16) run_lever seq1024-b16 - --seq-len 1024 --batch-size 16 ;;
+    seq4096-b4) run_lever seq4096-b4 - --seq-len 4096 --batch-size 4 ;;
     b16-accum2) mapfile -t b < <(batch_args 16 "$@"); run_lever b16-accum2 - "${b[@]}" --grad-accum 2 ;;
     b16-cudagraphs) mapfile -t b < <(batch_args 16 "$@"); run_lever b16-cudagraphs - "${b[@]}" --compile-mode reduce-overhead ;;
     b32) mapfile -t b < <(batch_args 32 "$@"); run_lever b32 - "${b[@]}" ;;
@@ -74,7 +80,7 @@ done
 import json, sys
 from pathlib import Path
 work, names = Path(sys.argv[1]), sys.argv[2:]
-rows = ["| lever | batch | tokens/s | MFU | peak GiB | vs base |", "|---|---:|---:|---:|---:|---:|"]
+rows = ["| lever | batch x seq | tokens/s | MFU | peak GiB | vs base |", "|---|---:|---:|---:|---:|---:|"]
 base = None
 for name in names:
     path = work / f"{name}.json"
@@ -86,7 +92,7 @@ for name in names:
     ratio = f"{r['tokens_per_s'] / base:.3f}x" if base else ""
     mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
     accum = int(rep["args"].get("grad_accum", 1))
-    batch = f"{rep['args']['batch_size']}" + (f" x {accum}" if accum > 1 else "")
+    batch = f"{rep['args']['batch_size']}" + (f" (x {accum} accum)" if accum > 1 else "") + f" x {rep['args']['seq_len']}"
     rows.append(f"| {name} | {batch} | {r['tokens_per_s']:,.0f} | {mfu} | {r['peak_mem_gib']:.1f} | {ratio} |")
 text = "\n".join(rows)
 (work / "summary.md").write_text(text + "\n")

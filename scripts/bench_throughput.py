@@ -56,10 +56,10 @@ VOCAB = 32000
 class RandomTokens:
     """Fixed random token batches: the loader interface without any I/O."""
 
-    def __init__(self, seq_len: int, micro_batch: int, seed: int = 0):
+    def __init__(self, seq_len: int, micro_batch: int, seed: int = 0, pin: bool = True):
         g = torch.Generator().manual_seed(seed)
         self.batches = [torch.randint(0, VOCAB, (micro_batch, seq_len + 1), generator=g) for _ in range(4)]
-        pin = torch.cuda.is_available()
+        pin = pin and torch.cuda.is_available()  # pageable: the copy to the GPU holds the host until done
         self.pairs = [tuple(t.contiguous().pin_memory() if pin else t.contiguous() for t in (b[:, :-1], b[:, 1:]))
                       for b in self.batches]
         self.i, self.num_samples, self.epoch = 0, 10**9, 0.0
@@ -117,7 +117,9 @@ def run_config(args, seed: int):
 
 
 def token_source(args):
-    return FileTokens(args.data, args.seq_len, args.batch_size) if args.data else RandomTokens(args.seq_len, args.batch_size)
+    if args.data:
+        return FileTokens(args.data, args.seq_len, args.batch_size)
+    return RandomTokens(args.seq_len, args.batch_size, pin=not args.pageable_batches)
 
 
 def run_ours(args, seed: int = 0, name: str = "koen_sllm") -> dict:
@@ -265,6 +267,8 @@ def main() -> int:
     p.add_argument("--compile-mode", default="default", help="ours: torch.compile mode (reduce-overhead = CUDA graphs)")
     p.add_argument("--expand-kv", action="store_true",
                    help="ours: expand K/V to the query head count for cuDNN attention (the earlier path)")
+    p.add_argument("--pageable-batches", action="store_true",
+                   help="random batches in pageable host memory instead of pinned (the copy then blocks the host)")
     p.add_argument("--only", choices=("ours", "peer"))
     p.add_argument("--quick", action="store_true", help="15 measured steps after 5 warm-up steps")
     p.add_argument("--json", default="outputs/bench_throughput.json")
