@@ -185,6 +185,9 @@ def apply_device_defaults(cfg: RunConfig, has_cuda: bool) -> list[str]:
     if t.compile_mode != "default" and not t.compile:
         raise ConfigError(f"--compile-mode {t.compile_mode} needs torch.compile, which is off for this run; "
                           "add --compile or drop --compile-mode")
+    if t.compile_mode != "default" and t.deepspeed is not None:
+        raise ConfigError(f"--compile-mode {t.compile_mode} is for the DDP path; with --deepspeed the engine "
+                          "compiles the model itself: drop --compile-mode")
     if not has_cuda and t.precision == "fp16":
         raise ConfigError("--fp16 needs a CUDA GPU (loss scaling is CUDA-only); use --fp32 or bf16 on CPU")
     if t.deepspeed is None:  # else the DeepSpeed JSON may still set the precision (apply_ds_options)
@@ -428,7 +431,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[RunConfig, argpars
         train=TrainConfig(
             mode=ns.mode, model_size=ns.model_size, max_steps=ns.max_steps, num_epochs=ns.num_epochs,
             batch_size=ns.batch_size, grad_accum=ns.grad_accum, global_batch_size=ns.global_batch_size,
-            max_seq_length=ns.max_seq_length, precision=ns.precision, compile=ns.compile, compile_mode=ns.compile_mode, attn=ns.attn,
+            max_seq_length=ns.max_seq_length, precision=ns.precision, compile=ns.compile,
+            compile_mode=ns.compile_mode, attn=ns.attn,
             activation_checkpointing=ns.activation_checkpointing, ce_chunk_tokens=ns.ce_chunk_tokens,
             bf16_residual=ns.bf16_residual, ddp_bucket_mb=ns.ddp_bucket_mb, seed=ns.seed, eval_steps=ns.eval_steps,
             eval_batches=ns.eval_batches, log_steps=ns.log_steps, max_bad_steps=ns.max_bad_steps,

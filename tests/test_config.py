@@ -210,3 +210,11 @@ def test_other_compile_modes_still_accumulate(mode):
     cfg, _ = parse_args(["--compile-mode", mode, "--batch-size", "2", "--global-batch-size", "4"])
     apply_device_defaults(cfg, has_cuda=True)
     assert derive_batch_plan(cfg, world_size=1).grad_accum == 2
+
+
+def test_compile_mode_with_deepspeed_is_refused():
+    cfg, _ = parse_args(["--compile-mode", "reduce-overhead", "--deepspeed"])
+    with pytest.raises(ConfigError, match="with --deepspeed the engine compiles the model itself: drop --compile-mode"):
+        apply_device_defaults(cfg, has_cuda=True)
+    cfg, _ = parse_args(["--deepspeed"])
+    apply_device_defaults(cfg, has_cuda=True)  # the default mode is fine
