@@ -107,8 +107,8 @@ class Trainer:
         log.info("batch: %s", self.plan.describe())
         log.info("backend: %s", DSB.describe(self.ds_config) if self.ds_config
                  else f"DDP, {self.t.ddp_bucket_mb:g} MB gradient buckets" if info.is_distributed else "one process")
-        compiled = f"on ({self.t.compile_mode})" if self.t.compile and self.t.compile_mode != "default" \
-            else ("on" if self.t.compile else "off")
+        compiled = "off" if not self.t.compile else "on" if self.t.compile_mode == "default" \
+            else f"on ({self.t.compile_mode})"
         log.info("steps: %d (%.3f epochs of %s training sequences); precision %s; compile %s; attention %s",
                  self.max_steps, self.max_steps * self.plan.sequences_per_step / max(1, self.loader.num_samples),
                  f"{self.loader.num_samples:,}", self.t.precision, compiled, self.t.attn)
@@ -164,7 +164,8 @@ class Trainer:
             self.autocast = self._autocast()
         # The update may be launched before the vote is read only where the optimizer can skip it
         # on the device (fused AdamW honours found_inf) and no loss scaler decides about it.
-        self.cudagraphs = bool(self.t.compile) and self.t.compile_mode == "reduce-overhead" and self.runner is None
+        # The config refuses reduce-overhead without compile and with DeepSpeed.
+        self.cudagraphs = self.t.compile_mode == "reduce-overhead"
         self.skip_on_device = (self.runner is None and self.scaler is None and self.optimizer is not None
                                and bool(self.optimizer.defaults.get("fused")))
         self.peak = peak_flops(torch.cuda.get_device_name(self.device), self.t.precision) \

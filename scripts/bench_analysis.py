@@ -46,39 +46,35 @@ def profile_steps(step_fn, n: int) -> dict:
         kinds[kind] = kinds.get(kind, 0.0) + us
         per_name[name[:90]] = per_name.get(name[:90], 0.0) + us
         spans.append((ev.time_range.start, ev.time_range.end, name[:60]))
-    busy = sum(stop - start for start, stop in _union(spans))
+    intervals = _busy_intervals(spans)
+    busy = sum(stop - start for start, stop, *_ in intervals)
     top = sorted(per_name.items(), key=lambda kv: -kv[1])
     table = {k: round(100 * v / wall_us, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
     table["GPU idle"] = round(100 * max(0.0, wall_us - busy) / wall_us, 1)
     return {"steps": n, "wall_ms_per_step": wall_us / n / 1e3, "percent_of_wall": table,
             "top_kernels_ms_per_step": [(k, round(v / n / 1e3, 3)) for k, v in top[:15]],
-            "idle_gaps": idle_gaps(spans, n)}
+            "idle_gaps": idle_gaps(intervals, n)}
 
 
-def _union(spans) -> list[tuple[float, float]]:
-    """The union of (start, end, ...) intervals, in order: kernels on other streams overlap."""
-    out: list[list[float]] = []
-    for start, stop, *_ in sorted(spans):
+def _busy_intervals(spans) -> list[list]:
+    """The union of (start, end, name) kernel spans in time order, as [start, end, first name,
+    last name] per busy interval (kernels on other streams overlap). Between two intervals the
+    GPU idles, and the names say which kernels bound the gap."""
+    out: list[list] = []
+    for start, stop, name in sorted(spans):
         if out and start <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], stop)
+            if stop >= out[-1][1]:
+                out[-1][1], out[-1][3] = stop, name
         else:
-            out.append([start, stop])
-    return [(a, b) for a, b in out]
+            out.append([start, stop, name, name])
+    return out
 
 
-def idle_gaps(spans, steps: int, small_us: float = 10.0, top: int = 8) -> dict:
+def idle_gaps(busy: list[list], steps: int, small_us: float = 10.0, top: int = 8) -> dict:
     """Where the GPU idles between the first and the last kernel: the gaps shorter than
     ``small_us`` (launch latency between queued kernels, what CUDA graphs shorten) apart from
-    the long ones (the GPU waiting for the host), with the longest named by their neighbours."""
-    spans = sorted(spans)
-    ends_by_time = []  # (gap start, gap end, kernel before, kernel after)
-    last_end, last_name = None, None
-    for start, stop, name in spans:
-        if last_end is not None and start > last_end:
-            ends_by_time.append((last_end, start, last_name, name))
-        if last_end is None or stop >= last_end:
-            last_end, last_name = stop, name
-    gaps = [(b - a, before, after) for a, b, before, after in ends_by_time]
+    the long ones (the GPU waiting for the host), the longest named by their neighbours."""
+    gaps = [(b[0] - a[1], a[3], b[2]) for a, b in zip(busy, busy[1:])]  # (us, kernel before, kernel after)
     small = [g for g in gaps if g[0] < small_us]
     large = sorted((g for g in gaps if g[0] >= small_us), key=lambda g: -g[0])
     per_step = max(1, steps)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import sys
@@ -159,8 +160,6 @@ def run_ours(args, seed: int = 0, name: str = "koen_sllm") -> dict:
 
 
 def run_peer(args) -> dict:
-    import importlib.util
-
     import transformers.trainer as hf_trainer
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer as HFTrainer, TrainerCallback, TrainingArguments
 
