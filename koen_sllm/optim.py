@@ -37,6 +37,24 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **kwargs)
 
 
+def can_clip_in_update(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether gradient clipping can ride inside the update: fused AdamW divides every gradient
+    by its ``grad_scale`` as it reads it (the hook GradScaler unscales through), which saves the
+    separate read-and-write pass over all gradients that ``clip_grad_norm_`` makes."""
+    return bool(optimizer.defaults.get("fused")) and hasattr(torch.nn.utils, "get_total_norm")  # torch >= 2.6
+
+
+def total_grad_norm(model: torch.nn.Module) -> torch.Tensor:
+    """The total 2-norm of all gradients, as ``clip_grad_norm_`` computes it, without clipping."""
+    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+
+
+def clip_divisor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """What to divide every gradient by so their norm is at most ``max_norm``: the inverse of
+    ``clip_grad_norm_``'s factor, with its epsilon; 1 when the norm is already within bounds."""
+    return ((norm.float() + 1e-6) / max_norm).clamp(min=1.0)
+
+
 def default_warmup(max_steps: int) -> int:
     return max(1, min(2000, max_steps // 100))
 

@@ -30,7 +30,7 @@ from .logs import get_logger, progress_bar
 from .metrics import (MetricsSink, SpikeDetector, StepClock, Throughput, format_progress, mfu, peak_flops,
                       peak_memory_gib)
 from .model import KoEnLM, model_config_from_preset
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, can_clip_in_update, clip_divisor, total_grad_norm
 from .prepare import ensure_training_data
 from .run_state import (RunSetupError, check_resume_backend, load_resume_state, resolve_resume_on_main,
                         save_run_checkpoint)
@@ -168,6 +168,9 @@ class Trainer:
         self.cudagraphs = self.t.compile_mode == "reduce-overhead"
         self.skip_on_device = (self.runner is None and self.scaler is None and self.optimizer is not None
                                and bool(self.optimizer.defaults.get("fused")))
+        # With the early update, the clipping happens inside it (optim.can_clip_in_update).
+        self.clip_in_update = (self.skip_on_device and self.cfg.optim.grad_clip > 0
+                               and can_clip_in_update(self.optimizer))
         self.peak = peak_flops(torch.cuda.get_device_name(self.device), self.t.precision) \
             if self.device.type == "cuda" else None
 
@@ -241,10 +244,13 @@ class Trainer:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
+        if self.clip_in_update:
+            norm = total_grad_norm(self.raw_model)  # the update below divides the gradients by clip_divisor
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
         # One small all-reduce carries the loss, the "bad step" vote and the stop vote,
         # so every rank takes the same decision without extra round trips.
-        grad_bad = (~torch.isfinite(grad_norm)) if self.scaler is None else torch.zeros((), dtype=torch.bool, device=self.device)
+        grad_bad = (~torch.isfinite(norm)) if self.scaler is None else torch.zeros((), dtype=torch.bool, device=self.device)
         bad = (~torch.isfinite(loss_sum)) | grad_bad
         # torch.full writes the flag with a kernel; torch.tensor(..., device=cuda) would copy it from
         # pageable host memory, which can make the host wait for the queued work.
@@ -257,8 +263,10 @@ class Trainer:
             # the host reads it: the fused kernel skips the update (and its step count) on the
             # device when any rank voted "bad". The wait below is for the vote's copy only.
             self.optimizer.found_inf = (votes[1] > 0).float()
+            if self.clip_in_update:
+                self.optimizer.grad_scale = clip_divisor(norm, clip)
             self.optimizer.step()
-            self.optimizer.found_inf = None
+            self.optimizer.found_inf = self.optimizer.grad_scale = None
         votes = read_votes()
         mean_loss, any_bad, any_stop = votes[0] / self.info.world_size, votes[1] > 0, votes[2] > 0
         if any_stop:
@@ -267,7 +275,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler:
                 self.scaler.update()
-            return torch.tensor(mean_loss), grad_norm, False
+            return torch.tensor(mean_loss), norm, False
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -275,7 +283,7 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return torch.tensor(mean_loss), grad_norm, True
+        return torch.tensor(mean_loss), norm, True
 
     def _engine_step(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """train_step on DeepSpeed: the engine scales by 1/accumulation, syncs, clips, and skips a

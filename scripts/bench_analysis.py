@@ -23,30 +23,52 @@ KERNEL_KINDS = (  # first match wins; names of cuBLAS/CUTLASS/cuDNN/Triton kerne
 
 
 def profile_steps(step_fn, n: int) -> dict:
-    """GPU time per kernel kind over n steps, against their wall time: the rest is the GPU idling."""
-    from torch.profiler import ProfilerActivity, profile
+    """GPU time per kernel kind over n steps in steady state, against their span: the rest is the GPU idling.
+
+    One extra step runs first inside the profiler and is left out: the synchronize before the
+    profiler drains the GPU's queue, so that step starts on an idle GPU and waits for the host's
+    launch overhead, which in steady state runs while the previous step's kernels still execute."""
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
-        for _ in range(n):
-            step_fn()
+        for i in range(n + 1):
+            with record_function(f"bench step {i}"):
+                step_fn()
         torch.cuda.synchronize()
-        wall_us = (time.perf_counter() - t0) * 1e6
+        host_wall_us = (time.perf_counter() - t0) * 1e6
+    spans, marks = [], {}
+    for ev in prof.events():  # device-side rows only: each kernel or copy once, with its duration
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        if ev.name.startswith("bench step "):  # the GPU span of the kernels one step launched
+            marks[ev.name] = ev.time_range.start
+            continue
+        if getattr(ev, "is_user_annotation", False) or "#" in ev.name:
+            continue  # user annotations ("Optimizer.step#AdamW.step") span kernels counted already
+        spans.append((ev.time_range.start, ev.time_range.end, ev.name))
+    end = max(stop for _, stop, _ in spans)
+    start = marks.get("bench step 1")
+    steady = start is not None
+    if steady:  # from the first kernel of the second step to the last kernel of the last one
+        spans = [(max(a, start), b, name) for a, b, name in spans if b > start]
+        wall_us = end - start
+    else:  # no GPU-side step marks (older profilers): the host's wall time of all n + 1 steps
+        wall_us, n = host_wall_us, n + 1
+    return summarize_kernels(spans, wall_us, n) | {"steady_state": steady}
+
+
+def summarize_kernels(spans, wall_us: float, n: int) -> dict:
+    """Kernel kinds, the longest kernels and the idle gaps of (start, end, name) spans over n steps."""
     kinds: dict[str, float] = {}
     per_name: dict[str, float] = {}
-    spans = []
-    for ev in prof.events():  # device-side rows only: each kernel or copy once, with its duration
-        if ev.device_type != torch.autograd.DeviceType.CUDA or getattr(ev, "is_user_annotation", False) \
-                or "#" in ev.name:  # user annotations ("Optimizer.step#AdamW.step") span kernels counted already
-            continue
-        us = ev.time_range.elapsed_us()
-        name = ev.name
+    for start, stop, name in spans:
+        us = stop - start
         kind = next((k for k, keys in KERNEL_KINDS if any(w in name.lower() for w in keys)), "other")
         kinds[kind] = kinds.get(kind, 0.0) + us
         per_name[name[:90]] = per_name.get(name[:90], 0.0) + us
-        spans.append((ev.time_range.start, ev.time_range.end, name[:60]))
-    intervals = _busy_intervals(spans)
+    intervals = _busy_intervals([(a, b, name[:60]) for a, b, name in spans])
     busy = sum(stop - start for start, stop, *_ in intervals)
     top = sorted(per_name.items(), key=lambda kv: -kv[1])
     table = {k: round(100 * v / wall_us, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
@@ -54,6 +76,27 @@ def profile_steps(step_fn, n: int) -> dict:
     return {"steps": n, "wall_ms_per_step": wall_us / n / 1e3, "percent_of_wall": table,
             "top_kernels_ms_per_step": [(k, round(v / n / 1e3, 3)) for k, v in top[:15]],
             "idle_gaps": idle_gaps(intervals, n)}
+
+
+def trace_steps(step_fn, n: int, path: Path) -> Path:
+    """A gzipped Chrome trace of n steps: kernels, copies, and the host's operator calls and
+    launches, for reading what the host does while the GPU idles. Without Python frames:
+    recording those slows the host several times over, and the GPU then waits for it everywhere."""
+    import gzip
+    import shutil
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step_fn()
+        torch.cuda.synchronize()
+    raw = path.with_suffix("")
+    prof.export_chrome_trace(str(raw))
+    with open(raw, "rb") as src, gzip.open(path, "wb", compresslevel=6) as dst:
+        shutil.copyfileobj(src, dst)
+    raw.unlink()
+    return path
 
 
 def _busy_intervals(spans) -> list[list]:

@@ -18,7 +18,9 @@
 # b32, b16-chunk, b32-chunk (larger
 # micro-batches, which the chunked loss makes fit), cdtune (Inductor's coordinate-
 # descent tuning of its Triton kernels), autotune-gemm (Inductor benchmarks Triton matmul
-# templates against cuBLAS; compiles for minutes). Each run has its own time limit (LEVER_TIMEOUT, default 300 s), so one
+# templates against cuBLAS; compiles for minutes), no-size-asserts (Inductor's generated code
+# without its per-input size checks), clip-separate (clip_grad_norm_'s own pass instead of the
+# clip inside the fused update), cublaslt (matmuls through cuBLASLt). Each run has its own time limit (LEVER_TIMEOUT, default 300 s), so one
 # failure or hang leaves the others. JSON per run and summary.md go to
 # ${BENCH_DIR:-outputs/bench_levers}. A benchmark: nothing here asserts a speed.
 set -euo pipefail
@@ -72,6 +74,9 @@ for lever in "${levers[@]}"; do
     b32-chunk) mapfile -t b < <(batch_args 32 "$@"); run_lever b32-chunk - "${b[@]}" --ce-chunk-tokens 4096 ;;
     cdtune) run_lever cdtune "TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1" ;;
     autotune-gemm) run_lever autotune-gemm "TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1" ;;
+    no-size-asserts) run_lever no-size-asserts "TORCHINDUCTOR_SIZE_ASSERTS=0" ;;
+    clip-separate) run_lever clip-separate - --clip-separate --profile ;;
+    cublaslt) run_lever cublaslt "TORCH_BLAS_PREFER_CUBLASLT=1" --profile ;;
     *) echo "❌ unknown lever $lever" >&2; exit 2 ;;
   esac
 done

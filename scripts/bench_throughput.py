@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench_analysis import compare_curves, plot_curves, profile_steps  # noqa: E402
+from bench_analysis import compare_curves, plot_curves, profile_steps, trace_steps  # noqa: E402
 from koen_sllm import attention as A  # noqa: E402
 from koen_sllm import distributed as D  # noqa: E402
 from koen_sllm.config import apply_device_defaults, parse_args as parse_run_args  # noqa: E402
@@ -135,6 +135,8 @@ def run_ours(args, seed: int = 0, name: str = "koen_sllm") -> dict:
         A.CUDNN_NATIVE_GQA = False  # the earlier path: K/V expanded to the query head count for cuDNN
     if args.update_after_vote:
         tr.skip_on_device = False  # the earlier order: read the vote, then launch the update
+    if args.update_after_vote or args.clip_separate:
+        tr.clip_in_update = False  # clip_grad_norm_ scales the gradients in a pass of its own
     tr.model.train()
     torch.cuda.reset_peak_memory_stats()
     losses, times = [], []
@@ -155,6 +157,8 @@ def run_ours(args, seed: int = 0, name: str = "koen_sllm") -> dict:
     res = _summarize(name, times[args.warmup:], args, fpt, losses)
     if args.profile:
         res["profile"] = profile_steps(tr.train_step, 3)
+    if args.trace:
+        res["trace"] = str(trace_steps(tr.train_step, 2, args.trace))
     del tr
     return res
 
@@ -281,8 +285,12 @@ def main() -> int:
                    help="ours: micro-batches per optimizer step (with --only ours; not with --curve)")
     p.add_argument("--liger", help="ours: liger-kernel parts to swap in, comma-separated: rmsnorm,swiglu,rope,flce or all")
     p.add_argument("--profile", action="store_true", help="ours: GPU time by kernel kind over 3 more steps")
+    p.add_argument("--trace", type=Path, metavar="FILE.json.gz",
+                   help="ours: a gzipped Chrome trace of 2 more steps (kernels, host operators and launches)")
     p.add_argument("--update-after-vote", action="store_true",
                    help="ours: launch the optimizer only after the host has read the step's vote (the earlier order)")
+    p.add_argument("--clip-separate", action="store_true",
+                   help="ours: clip the gradients in their own pass (clip_grad_norm_), not inside the fused update")
     p.add_argument("--sync-each-step", action="store_true",
                    help="synchronize the GPU around every timed step (the method before step periods were used)")
     p.add_argument("--data", type=Path, help="a packed token file (train.bin) instead of random tokens")

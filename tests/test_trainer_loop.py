@@ -87,6 +87,41 @@ def test_update_launched_before_the_vote_equals_the_classic_order(tmp_path, monk
     assert opt_a["state"][0]["step"].item() == 5  # two of the seven attempts were skipped
 
 
+def test_clipping_inside_the_fused_update_matches_clip_grad_norm(tmp_path, monkeypatch):
+    """Dividing the gradients inside fused AdamW (its grad_scale) gives clip_grad_norm_'s weights to
+    rounding and the same reported norm; a bad step is still skipped. The clip is tight enough
+    to act on every step, and a run without it ends elsewhere, so the comparison can fail."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    runs = {}
+    try:
+        for name, clip, inside in (("separate", "0.05", False), ("inside", "0.05", True), ("unclipped", "0", False)):
+            tr = make_trainer(tmp_path, name, "--debug-nan-steps", "3", "--grad-clip", clip)
+            fused_adamw(tr)
+            tr.skip_on_device, tr.clip_in_update = True, inside
+            out = [tr.train_step() for _ in range(5)]
+            runs[name] = ([float(n) for _, n, _ in out], [ok for *_, ok in out], tr.raw_model.state_dict())
+    finally:
+        close_handlers()
+    (norms_s, flags_s, w_s), (norms_i, flags_i, w_i), (_, _, w_u) = runs["separate"], runs["inside"], runs["unclipped"]
+    assert flags_s == flags_i == [True, True, False, True, True]
+    assert norms_i[0] == norms_s[0] > 0.05 * 4  # the same first norm, well above the clip
+    good = [0, 1, 3, 4]
+    assert [norms_i[i] for i in good] == pytest.approx([norms_s[i] for i in good], rel=1e-4)
+    for key, value in w_s.items():
+        torch.testing.assert_close(w_i[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert any(not torch.allclose(w_u[key], value, rtol=1e-3, atol=1e-5) for key, value in w_s.items())
+
+
+def test_clipping_rides_inside_the_update_only_with_a_fused_optimizer(trainer):
+    assert trainer.clip_in_update is False  # CPU: AdamW is not fused, so clip_grad_norm_ clips
+    fused_adamw(trainer)
+    trainer.finalize()
+    assert trainer.clip_in_update is (hasattr(torch.nn.utils, "get_total_norm"))
+    trainer.cfg.optim.grad_clip = 0.0
+    trainer.finalize()
+    assert trainer.clip_in_update is False  # nothing to clip
+
+
 def test_the_early_update_is_used_exactly_with_a_fused_optimizer(trainer):
     assert trainer.skip_on_device is False  # CPU: AdamW is not fused there, so the classic order
     fused_adamw(trainer)
