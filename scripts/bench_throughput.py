@@ -21,8 +21,10 @@ Prints a table and writes JSON.
 weights and read the same token file in the same order with the same targets,
 optimizer groups and schedule (this project's, handed to the Trainer), and every
 step's loss is kept; a second run of ours with another seed shows the noise.
---profile adds where the GPU time of three steps goes (matmuls, attention,
-fused elementwise kernels, optimizer, idle). --liger swaps in liger-kernel's
+--profile adds where the GPU time of three steady-state steps goes (matmuls, attention,
+fused elementwise kernels, optimizer, idle); the profiler slows the host, so its idle share
+is an upper bound. --trace FILE.json.gz writes a Chrome trace of two more steps (open it in
+Perfetto) for reading what the host does while the GPU waits. --liger swaps in liger-kernel's
 Triton kernels (if installed) to measure them as a lever.
 This is a benchmark, not a test: nothing here asserts a speed.
 """
