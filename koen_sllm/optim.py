@@ -37,11 +37,11 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **kwargs)
 
 
-def can_clip_in_update(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether gradient clipping can ride inside the update: fused AdamW divides every gradient
-    by its ``grad_scale`` as it reads it (the hook GradScaler unscales through), which saves the
-    separate read-and-write pass over all gradients that ``clip_grad_norm_`` makes."""
-    return bool(optimizer.defaults.get("fused")) and hasattr(torch.nn.utils, "get_total_norm")  # torch >= 2.6
+# Gradient clipping can ride inside a fused AdamW update: the kernel divides every gradient by
+# its ``grad_scale`` as it reads it (the hook GradScaler unscales through), which saves the
+# separate read-and-write pass over all gradients that ``clip_grad_norm_`` makes. The norm
+# alone comes from ``get_total_norm`` (torch >= 2.6).
+CAN_CLIP_IN_FUSED_UPDATE = hasattr(torch.nn.utils, "get_total_norm")
 
 
 def total_grad_norm(model: torch.nn.Module) -> torch.Tensor:

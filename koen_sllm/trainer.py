@@ -30,7 +30,7 @@ from .logs import get_logger, progress_bar
 from .metrics import (MetricsSink, SpikeDetector, StepClock, Throughput, format_progress, mfu, peak_flops,
                       peak_memory_gib)
 from .model import KoEnLM, model_config_from_preset
-from .optim import build_optimizer, build_scheduler, can_clip_in_update, clip_divisor, total_grad_norm
+from .optim import CAN_CLIP_IN_FUSED_UPDATE, build_optimizer, build_scheduler, clip_divisor, total_grad_norm
 from .prepare import ensure_training_data
 from .run_state import (RunSetupError, check_resume_backend, load_resume_state, resolve_resume_on_main,
                         save_run_checkpoint)
@@ -168,9 +168,8 @@ class Trainer:
         self.cudagraphs = self.t.compile_mode == "reduce-overhead"
         self.skip_on_device = (self.runner is None and self.scaler is None and self.optimizer is not None
                                and bool(self.optimizer.defaults.get("fused")))
-        # With the early update, the clipping happens inside it (optim.can_clip_in_update).
-        self.clip_in_update = (self.skip_on_device and self.cfg.optim.grad_clip > 0
-                               and can_clip_in_update(self.optimizer))
+        # That early update is fused AdamW's, so the clipping can happen inside it too.
+        self.clip_in_update = self.skip_on_device and self.cfg.optim.grad_clip > 0 and CAN_CLIP_IN_FUSED_UPDATE
         self.peak = peak_flops(torch.cuda.get_device_name(self.device), self.t.precision) \
             if self.device.type == "cuda" else None
 

@@ -28,16 +28,7 @@ def profile_steps(step_fn, n: int) -> dict:
     One extra step runs first inside the profiler and is left out: the synchronize before the
     profiler drains the GPU's queue, so that step starts on an idle GPU and waits for the host's
     launch overhead, which in steady state runs while the previous step's kernels still execute."""
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        for i in range(n + 1):
-            with record_function(f"bench step {i}"):
-                step_fn()
-        torch.cuda.synchronize()
-        host_wall_us = (time.perf_counter() - t0) * 1e6
+    prof, host_wall_us = _profiled(step_fn, n + 1, mark_steps=True)
     spans, marks = [], {}
     for ev in prof.events():  # device-side rows only: each kernel or copy once, with its duration
         if ev.device_type != torch.autograd.DeviceType.CUDA:
@@ -84,19 +75,33 @@ def trace_steps(step_fn, n: int, path: Path) -> Path:
     recording those slows the host several times over, and the GPU then waits for it everywhere."""
     import gzip
     import shutil
-    from torch.profiler import ProfilerActivity, profile
 
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            step_fn()
-        torch.cuda.synchronize()
+    prof, _ = _profiled(step_fn, n)
     raw = path.with_suffix("")
     prof.export_chrome_trace(str(raw))
     with open(raw, "rb") as src, gzip.open(path, "wb", compresslevel=6) as dst:
         shutil.copyfileobj(src, dst)
     raw.unlink()
     return path
+
+
+def _profiled(step_fn, n: int, mark_steps: bool = False):
+    """n steps under the profiler (host operators and GPU kernels), started on a drained GPU;
+    returns the profile and the host's wall time in microseconds. ``mark_steps`` wraps each
+    step in a "bench step i" annotation, whose GPU-side span says where step i's kernels start."""
+    from contextlib import nullcontext
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for i in range(n):
+            with record_function(f"bench step {i}") if mark_steps else nullcontext():
+                step_fn()
+        torch.cuda.synchronize()
+        host_wall_us = (time.perf_counter() - t0) * 1e6
+    return prof, host_wall_us
 
 
 def _busy_intervals(spans) -> list[list]:
