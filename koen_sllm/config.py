@@ -98,6 +98,9 @@ class TrainConfig:
     # The residual stream in bf16 instead of fp32. None -> on for bf16 runs: measured 1.03x at
     # 350m and 1.027x at 1.3b with the same 200-step loss curve (docs/benchmarks.md).
     bf16_residual: Optional[bool] = None
+    # bf16 model weights with fp32 master weights in the optimizer (master_adamw.py). None -> on
+    # for bf16 runs on a GPU without gradient accumulation or DeepSpeed (resolve_weights).
+    bf16_weights: Optional[bool] = None
     ddp_bucket_mb: float = 25.0  # DDP's gradient bucket size (its own default)
     seed: int = 42
     eval_steps: Optional[int] = None  # None -> 250 (train), end only (test)
@@ -192,6 +195,7 @@ def apply_device_defaults(cfg: RunConfig, has_cuda: bool) -> list[str]:
         raise ConfigError("--fp16 needs a CUDA GPU (loss scaling is CUDA-only); use --fp32 or bf16 on CPU")
     if t.deepspeed is None:  # else the DeepSpeed JSON may still set the precision (apply_ds_options)
         resolve_residual(t)
+    check_weights(t)  # now, not after the data is prepared (the accumulation is checked by resolve_weights)
     if t.max_steps is None and t.mode == "test":
         t.max_steps = 10
     if t.log_steps is None:
@@ -211,6 +215,32 @@ def resolve_residual(t: TrainConfig) -> None:
                           "add --bf16 or drop --bf16-residual")
     if t.bf16_residual is None:
         t.bf16_residual = t.precision == "bf16"
+
+
+def check_weights(t: TrainConfig) -> None:
+    """--bf16-weights against the precision and the backend."""
+    if not t.bf16_weights:
+        return
+    if t.deepspeed is not None:
+        raise ConfigError("--bf16-weights is for the DDP path; with --deepspeed the engine keeps its own "
+                          "fp32 master weights: drop --bf16-weights")
+    if t.precision != "bf16":
+        raise ConfigError(f"--bf16-weights needs bf16 precision, but this run uses {t.precision}; "
+                          "add --bf16 or drop --bf16-weights")
+
+
+def resolve_weights(t: TrainConfig, grad_accum: int, has_cuda: bool) -> None:
+    """bf16 weights with fp32 masters in the optimizer, by default where they are measured faster
+    (bf16 on a GPU, docs/benchmarks.md) and exact (no accumulation: the gradients are bf16, and
+    a sum over micro-batches would be rounded at every add). Called once the precision and the
+    batch plan are final; idempotent."""
+    check_weights(t)
+    if t.bf16_weights and grad_accum > 1:
+        raise ConfigError(f"--bf16-weights keeps the gradients in bf16, and accumulating {grad_accum} "
+                          "micro-batches would round their sum at every add; use a larger --batch-size "
+                          "instead of accumulation, or --fp32-weights")
+    if t.bf16_weights is None:
+        t.bf16_weights = t.precision == "bf16" and has_cuda and t.deepspeed is None and grad_accum == 1
 
 
 # ---------------------------------------------------------------- derived numbers
@@ -366,6 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "in norms and residual adds, each add rounded to bf16")
     res.add_argument("--fp32-residual", dest="bf16_residual", action="store_const", const=False,
                      help="keep the residual stream in fp32, as transformers does (the default without bf16)")
+    wts = g.add_mutually_exclusive_group()
+    wts.add_argument("--bf16-weights", dest="bf16_weights", action="store_const", const=True,
+                     help="bf16 model weights with fp32 master copies in the optimizer: no weight casts in the "
+                          "forward, half the gradient traffic (default with bf16 on a GPU without --grad-accum)")
+    wts.add_argument("--fp32-weights", dest="bf16_weights", action="store_const", const=False,
+                     help="fp32 model weights cast by autocast, with torch's fused AdamW (the default with "
+                          "gradient accumulation, DeepSpeed, fp16 or fp32)")
     g.add_argument("--seed", type=int, default=42)
 
     g = p.add_argument_group("data and paths")
@@ -434,7 +471,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[RunConfig, argpars
             max_seq_length=ns.max_seq_length, precision=ns.precision, compile=ns.compile,
             compile_mode=ns.compile_mode, attn=ns.attn,
             activation_checkpointing=ns.activation_checkpointing, ce_chunk_tokens=ns.ce_chunk_tokens,
-            bf16_residual=ns.bf16_residual, ddp_bucket_mb=ns.ddp_bucket_mb, seed=ns.seed, eval_steps=ns.eval_steps,
+            bf16_residual=ns.bf16_residual, bf16_weights=ns.bf16_weights, ddp_bucket_mb=ns.ddp_bucket_mb,
+            seed=ns.seed, eval_steps=ns.eval_steps,
             eval_batches=ns.eval_batches, log_steps=ns.log_steps, max_bad_steps=ns.max_bad_steps,
             deepspeed=ns.deepspeed, logs_dir=ns.logs_dir, verbose=ns.verbose,
             debug_nan_steps=tuple(ns.debug_nan_steps), debug_kill_step=ns.debug_kill_step,

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .config import OptimConfig
+from .master_adamw import MasterWeightAdamW
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -30,8 +31,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device,
+                    bf16_weights: bool = False) -> torch.optim.Optimizer:
+    """torch's AdamW (fused on a GPU), or with ``bf16_weights`` the AdamW that keeps fp32 master
+    weights itself (master_adamw.py; the trainer calls its take_master_weights)."""
     kwargs: dict[str, Any] = dict(lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if bf16_weights:
+        return MasterWeightAdamW(param_groups(model, cfg.weight_decay), **kwargs)
     if device.type == "cuda":
         kwargs["fused"] = True  # one kernel for all parameters instead of a loop
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **kwargs)
@@ -44,9 +50,19 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
 CAN_CLIP_IN_FUSED_UPDATE = hasattr(torch.nn.utils, "get_total_norm")
 
 
+def updates_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the update honours ``found_inf`` (skips itself on the device) and ``grad_scale``
+    (divides the gradients as it reads them): torch's fused AdamW and MasterWeightAdamW."""
+    return isinstance(optimizer, MasterWeightAdamW) or bool(optimizer.defaults.get("fused"))
+
+
 def total_grad_norm(model: torch.nn.Module) -> torch.Tensor:
-    """The total 2-norm of all gradients, as ``clip_grad_norm_`` computes it, without clipping."""
-    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    """The total 2-norm of all gradients, as ``clip_grad_norm_`` computes it, without clipping;
+    in fp32 also for bf16 gradients (whose own norms would keep 3 significant digits)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if all(g.dtype == torch.float32 for g in grads):
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)))
 
 
 def clip_divisor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:

@@ -27,6 +27,7 @@ from . import ds_backend as DSB
 from .checkpoint import (CheckpointError, load_model_state, load_trainer_state, resolve_resume,
                          save_checkpoint)
 from .logs import get_logger
+from .master_adamw import full_precision_state
 from .optim import capture_rng, restore_rng
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -96,8 +97,10 @@ def save_run_checkpoint(tr: "Trainer", name: str, *, update_latest: bool = True,
                 state["scaler"] = tr.scaler.state_dict()
         try:
             hf = tr.raw_model.hf_config(tr.tokenizer.bos_id, tr.tokenizer.eos_id, tr.tokenizer.pad_id)
+            # The fp32 masters, where the model runs on bf16 copies of them.
+            model_state = full_precision_state(tr.optimizer, tr.raw_model.hf_state_dict())
             result = save_checkpoint(
-                tr.cfg.output_dir, name, model_state=tr.raw_model.hf_state_dict(), hf_config=hf,
+                tr.cfg.output_dir, name, model_state=model_state, hf_config=hf,
                 tokenizer_dir=tr.data.tokenizer_dir, training_info=info, trainer_state=state,
                 update_latest=update_latest, keep_last=tr.cfg.ckpt.save_total_limit,
             )

@@ -24,13 +24,15 @@ import torch
 from . import distributed as D
 from . import ds_backend as DSB
 from .checkpoint import check_output_dir, estimate_checkpoint_bytes
-from .config import RunConfig, derive_batch_plan
+from .config import RunConfig, derive_batch_plan, resolve_weights
 from .data.loader import TokenLoader, iter_eval_batches
 from .logs import get_logger, progress_bar
 from .metrics import (MetricsSink, SpikeDetector, StepClock, Throughput, format_progress, mfu, peak_flops,
                       peak_memory_gib)
 from .model import KoEnLM, model_config_from_preset
-from .optim import CAN_CLIP_IN_FUSED_UPDATE, build_optimizer, build_scheduler, clip_divisor, total_grad_norm
+from .master_adamw import MasterWeightAdamW
+from .optim import (CAN_CLIP_IN_FUSED_UPDATE, build_optimizer, build_scheduler, clip_divisor, total_grad_norm,
+                    updates_on_device)
 from .prepare import ensure_training_data
 from .run_state import (RunSetupError, check_resume_backend, load_resume_state, resolve_resume_on_main,
                         save_run_checkpoint)
@@ -116,10 +118,13 @@ class Trainer:
             log.info("output layer + cross-entropy in chunks of %d tokens", self.model_cfg.ce_chunk_tokens)
         if self.model_cfg.residual_dtype:
             log.info("residual stream in %s", self.model_cfg.residual_dtype)
+        if self.t.bf16_weights:
+            log.info("weights in bf16, fp32 master weights in the optimizer (--fp32-weights turns this off)")
 
     def build(self, vocab: int, loader) -> None:
         """Model, optimizer, schedule (or the DeepSpeed config) and loader; also used by the throughput benchmark."""
         self.plan = getattr(self, "plan", None) or self._batch_plan()
+        resolve_weights(self.t, self.plan.grad_accum, self.device.type == "cuda")
         torch.manual_seed(self.t.seed)  # identical initial weights on every rank
         mcfg = model_config_from_preset(self.t.model_size, vocab, self.plan.seq_len, attn_backend=self.t.attn,
                                        ce_chunk_tokens=self.t.ce_chunk_tokens,
@@ -137,7 +142,7 @@ class Trainer:
         if self.t.deepspeed is not None:  # the engine builds optimizer and schedule; setup() starts it
             self.ds_config = DSB.build_ds_config(self.cfg, self.plan, self.max_steps, self.explicit)
         else:
-            self.optimizer = build_optimizer(model, self.cfg.optim, self.device)
+            self.optimizer = build_optimizer(model, self.cfg.optim, self.device, bf16_weights=bool(self.t.bf16_weights))
             self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.max_steps)
             self.scaler = torch.amp.GradScaler("cuda") if self.t.precision == "fp16" else None
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
@@ -154,6 +159,8 @@ class Trainer:
             # runner's train()/eval() switch the module's mode, so it stands in for self.model.
             self.model, self.autocast = self.runner, nullcontext()
         else:
+            if isinstance(self.optimizer, MasterWeightAdamW):  # after loading fp32 weights, before DDP's broadcast
+                self.optimizer.take_master_weights()
             # DDP first, then compile: Dynamo's DDPOptimizer splits the compiled graph at DDP's
             # gradient buckets, so a bucket's all-reduce starts while the rest of the backward
             # runs. Compiled inside DDP, one compiled backward would hand DDP every gradient at
@@ -163,12 +170,12 @@ class Trainer:
             self.model = torch.compile(wrapped, mode=mode) if self.t.compile else wrapped
             self.autocast = self._autocast()
         # The update may be launched before the vote is read only where the optimizer can skip it
-        # on the device (fused AdamW honours found_inf) and no loss scaler decides about it.
+        # on the device (it honours found_inf) and no loss scaler decides about it.
         # The config refuses reduce-overhead without compile and with DeepSpeed.
         self.cudagraphs = self.t.compile_mode == "reduce-overhead"
         self.skip_on_device = (self.runner is None and self.scaler is None and self.optimizer is not None
-                               and bool(self.optimizer.defaults.get("fused")))
-        # That early update is fused AdamW's, so the clipping can happen inside it too.
+                               and updates_on_device(self.optimizer))
+        # That early update also honours grad_scale, so the clipping can happen inside it too.
         self.clip_in_update = self.skip_on_device and self.cfg.optim.grad_clip > 0 and CAN_CLIP_IN_FUSED_UPDATE
         self.peak = peak_flops(torch.cuda.get_device_name(self.device), self.t.precision) \
             if self.device.type == "cuda" else None

@@ -20,7 +20,8 @@
 # descent tuning of its Triton kernels), autotune-gemm (Inductor benchmarks Triton matmul
 # templates against cuBLAS; compiles for minutes), no-size-asserts (Inductor's generated code
 # without its per-input size checks), clip-separate (clip_grad_norm_'s own pass instead of the
-# clip inside the fused update), cublaslt (matmuls through cuBLASLt). Each run has its own time limit (LEVER_TIMEOUT, default 300 s), so one
+# clip inside the fused update), cublaslt (matmuls through cuBLASLt), fp32-weights / b16-fp32-weights
+# (fp32 weights cast by autocast with torch's fused AdamW, instead of bf16 weights with fp32 masters). Each run has its own time limit (LEVER_TIMEOUT, default 300 s), so one
 # failure or hang leaves the others. JSON per run and summary.md go to
 # ${BENCH_DIR:-outputs/bench_levers}. A benchmark: nothing here asserts a speed.
 set -euo pipefail
@@ -77,6 +78,8 @@ for lever in "${levers[@]}"; do
     no-size-asserts) run_lever no-size-asserts "TORCHINDUCTOR_SIZE_ASSERTS=0" ;;
     clip-separate) run_lever clip-separate - --clip-separate --profile ;;
     cublaslt) run_lever cublaslt "TORCH_BLAS_PREFER_CUBLASLT=1" --profile ;;
+    fp32-weights) run_lever fp32-weights - --fp32-weights --profile ;;
+    b16-fp32-weights) mapfile -t b < <(batch_args 16 "$@"); run_lever b16-fp32-weights - "${b[@]}" --fp32-weights ;;
     *) echo "❌ unknown lever $lever" >&2; exit 2 ;;
   esac
 done

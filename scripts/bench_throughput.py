@@ -108,6 +108,8 @@ def run_config(args, seed: int):
             "--ce-chunk-tokens", str(args.ce_chunk_tokens), "--grad-accum", str(args.grad_accum)]
     if args.fp32_residual:
         argv.append("--fp32-residual")
+    if args.fp32_weights:
+        argv.append("--fp32-weights")
     if args.warmup_steps is not None:
         argv += ["--warmup-steps", str(args.warmup_steps)]
     if args.no_compile:
@@ -283,6 +285,9 @@ def main() -> int:
     p.add_argument("--ce-chunk-tokens", type=int, default=0, help="ours: chunked output layer + loss (0 = off)")
     p.add_argument("--fp32-residual", action="store_true",
                    help="ours: the residual stream in fp32, as transformers (the default is bf16 since 2026-12)")
+    p.add_argument("--fp32-weights", action="store_true",
+                   help="ours: fp32 weights cast by autocast and torch's fused AdamW (the default is bf16 weights "
+                        "with fp32 masters in the optimizer since 2026-12)")
     p.add_argument("--grad-accum", type=int, default=1,
                    help="ours: micro-batches per optimizer step (with --only ours; not with --curve)")
     p.add_argument("--liger", help="ours: liger-kernel parts to swap in, comma-separated: rmsnorm,swiglu,rope,flce or all")

@@ -66,8 +66,17 @@ try:
         missing.append("koen_sllm(imports-from:" + str(where) + ")")
 except Exception:
     missing.append("koen_sllm")
+def applies(marker):
+    try:
+        from packaging.markers import Marker
+    except ImportError:
+        return True
+    return Marker(marker).evaluate()
 for req in reqs:
-    name, spec = re.match(r"([A-Za-z0-9_.\-]+)\s*(.*)", req).groups()
+    req, _, marker = req.partition(";")
+    if marker.strip() and not applies(marker.strip()):
+        continue
+    name, spec = re.match(r"([A-Za-z0-9_.\-]+)\s*(.*)", req.strip()).groups()
     try:
         importlib.import_module(name.replace("-", "_"))
         version = md.version(name)

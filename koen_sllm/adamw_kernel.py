@@ -1,0 +1,127 @@
+"""One Triton launch that applies AdamW to every bf16 weight of a parameter group from its fp32 master copy.
+
+Per element it reads the bf16 gradient and the fp32 master weight and moments, and writes the
+master weight, the moments and the bf16 weight the next forward uses: 28 bytes, against the
+16 + 4 of fp32 weights (gradient read and written as fp32 by torch's fused AdamW with a
+``grad_scale``) plus the bf16 casts of every weight in the forward and of every gradient in the
+backward. The tensors are not contiguous with each other, so the kernel receives tables of their
+addresses and each program finds its tensor and chunk in a precomputed map (the multi-tensor
+apply of apex and torch's fused optimizers, in Triton).
+
+The arithmetic is torch's AdamW (``torch.optim.AdamW``: decoupled decay, bias corrections, ``eps``
+added after the square root), in fp32. ``found_inf`` skips the whole update on the device, and
+``grad_scale`` divides every gradient as it is read, as in torch's fused kernel.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024  # elements per inner iteration
+CHUNK = 16 * BLOCK  # elements per program: enough work to hide its table lookups
+
+
+@triton.jit
+def _adamw_master_kernel(chunk_tensor, chunk_start, numels,
+                         param_ptrs, grad_ptrs, master_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs,
+                         step_ptr, grad_scale_ptr, found_inf_ptr,
+                         lr, beta1, beta2, eps, weight_decay, log2_beta1, log2_beta2,
+                         HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
+                         BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    if HAS_INF:
+        if tl.load(found_inf_ptr) != 0:
+            return
+    pid = tl.program_id(0)
+    t = tl.load(chunk_tensor + pid)
+    start = tl.load(chunk_start + pid)
+    n = tl.load(numels + t)
+    p_ptr = tl.load(param_ptrs + t).to(tl.pointer_type(tl.bfloat16))
+    g_ptr = tl.load(grad_ptrs + t).to(tl.pointer_type(tl.bfloat16))
+    w_ptr = tl.load(master_ptrs + t).to(tl.pointer_type(tl.float32))
+    m_ptr = tl.load(exp_avg_ptrs + t).to(tl.pointer_type(tl.float32))
+    v_ptr = tl.load(exp_avg_sq_ptrs + t).to(tl.pointer_type(tl.float32))
+
+    step = tl.load(step_ptr)
+    bias_correction1 = 1.0 - tl.exp2(step * log2_beta1)
+    bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp2(step * log2_beta2))
+    step_size = lr / bias_correction1
+    decay = 1.0 - lr * weight_decay
+    if HAS_SCALE:
+        scale = tl.load(grad_scale_ptr)
+    for offset in tl.range(0, CHUNK, BLOCK):
+        idx = start + offset + tl.arange(0, BLOCK)
+        mask = idx < n
+        g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            g = g / scale
+        w = tl.load(w_ptr + idx, mask=mask, other=0.0)
+        m = tl.load(m_ptr + idx, mask=mask, other=0.0)
+        v = tl.load(v_ptr + idx, mask=mask, other=0.0)
+        w = w * decay
+        m = m + (1.0 - beta1) * (g - m)
+        v = v * beta2 + (1.0 - beta2) * g * g
+        w = w - step_size * m / (tl.sqrt(v) / bias_correction2_sqrt + eps)
+        tl.store(w_ptr + idx, w, mask=mask)
+        tl.store(m_ptr + idx, m, mask=mask)
+        tl.store(v_ptr + idx, v, mask=mask)
+        tl.store(p_ptr + idx, w.to(tl.bfloat16, fp_downcast_rounding="rtne"), mask=mask)
+
+
+class ChunkMap:
+    """Which tensor and which offset each program of the kernel handles, for fixed tensor sizes."""
+
+    def __init__(self, numels: Sequence[int], device: torch.device):
+        owner, starts = [], []
+        for i, n in enumerate(numels):
+            for s in range(0, n, CHUNK):
+                owner.append(i)
+                starts.append(s)
+        self.programs = len(owner)
+        self.chunk_tensor = torch.tensor(owner, dtype=torch.int32, device=device)
+        self.chunk_start = torch.tensor(starts, dtype=torch.int64, device=device)
+        self.numels = torch.tensor(list(numels), dtype=torch.int64, device=device)
+
+
+def _log2(beta: float) -> float:
+    return math.log2(beta) if beta > 0 else -math.inf  # beta 0: no momentum, bias correction 1
+
+
+def address_table(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The tensors' addresses as an int64 tensor on ``device``. On a GPU the copy comes from
+    pinned memory without waiting for queued work (the caching host allocator keeps the buffer
+    until the copy is done)."""
+    addresses = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+    if device.type == "cuda":
+        return addresses.pin_memory().to(device, non_blocking=True)
+    return addresses
+
+
+def adamw_master_update(chunks: ChunkMap, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                        masters: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
+                        exp_avg_sqs: Sequence[torch.Tensor], static_tables: Optional[dict], step: torch.Tensor, *,
+                        lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                        grad_scale: Optional[torch.Tensor] = None,
+                        found_inf: Optional[torch.Tensor] = None) -> dict:
+    """One launch over all tensors; ``step`` (fp32, one element) is the already-incremented count.
+    Returns the address tables of the tensors that do not move (weights, masters, moments) so the
+    next call can pass them back as ``static_tables``; the gradients' table is rebuilt every call
+    (gradients are new tensors each step)."""
+    device = step.device
+    if static_tables is None:
+        static_tables = {name: address_table(ts, device) for name, ts in
+                         (("params", params), ("masters", masters), ("exp_avgs", exp_avgs),
+                          ("exp_avg_sqs", exp_avg_sqs))}
+    grad_table = address_table(grads, device)
+    _adamw_master_kernel[(chunks.programs,)](
+        chunks.chunk_tensor, chunks.chunk_start, chunks.numels,
+        static_tables["params"], grad_table, static_tables["masters"], static_tables["exp_avgs"],
+        static_tables["exp_avg_sqs"], step,
+        grad_scale if grad_scale is not None else step, found_inf if found_inf is not None else step,
+        lr, beta1, beta2, eps, weight_decay, _log2(beta1), _log2(beta2),
+        HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, BLOCK=BLOCK, CHUNK=CHUNK,
+    )
+    return static_tables

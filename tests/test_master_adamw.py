@@ -1,0 +1,219 @@
+"""bf16 weights with fp32 master weights in the optimizer: torch's AdamW arithmetic, the skip and
+the clip folded into the update, torch's state layout, and the Triton kernel against the reference."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from koen_sllm.master_adamw import MasterWeightAdamW, full_precision_state
+
+ROOT = Path(__file__).resolve().parents[1]
+HYPER = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 8))
+
+
+def _groups(model):
+    mats = [p for p in model.parameters() if p.ndim == 2]
+    rest = [p for p in model.parameters() if p.ndim < 2]
+    return [{"params": mats, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}]
+
+
+def _grads(model, step: int) -> None:
+    """The same bf16-representable gradients for either model, different every step."""
+    g = torch.Generator().manual_seed(100 + step)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g).to(torch.bfloat16).to(p.dtype)
+
+
+def _pair(seed: int = 0):
+    ref, ours = _model(seed), _model(seed)
+    ref_opt = torch.optim.AdamW(_groups(ref), **HYPER)
+    opt = MasterWeightAdamW(_groups(ours), **HYPER)
+    opt.take_master_weights()
+    return ref, ref_opt, ours, opt
+
+
+def test_the_update_is_torch_adamw_on_the_masters_and_the_weights_are_their_bf16_copies():
+    ref, ref_opt, ours, opt = _pair()
+    assert all(p.dtype == torch.bfloat16 for p in ours.parameters())
+    for step in range(5):
+        _grads(ref, step)
+        _grads(ours, step)
+        ref_opt.step()
+        opt.step()
+    for r, p in zip(ref.parameters(), ours.parameters()):
+        master = opt.masters[p]
+        assert master.dtype == torch.float32
+        torch.testing.assert_close(master, r.detach(), rtol=0, atol=1e-6)
+        assert torch.equal(p.detach(), master.to(torch.bfloat16))
+    assert float(opt.state[next(ours.parameters())]["step"]) == 5
+
+
+def test_found_inf_skips_the_update_and_its_count():
+    _, _, ours, opt = _pair()
+    _grads(ours, 0)
+    opt.step()
+    before = {p: opt.masters[p].clone() for p in ours.parameters()}
+    _grads(ours, 1)
+    opt.found_inf = torch.ones(())
+    opt.step()
+    assert all(torch.equal(before[p], opt.masters[p]) for p in ours.parameters())
+    assert float(opt.state[next(ours.parameters())]["step"]) == 1
+    opt.found_inf = torch.zeros(())
+    opt.step()
+    assert not torch.equal(before[next(ours.parameters())], opt.masters[next(ours.parameters())])
+    assert float(opt.state[next(ours.parameters())]["step"]) == 2
+
+
+def test_grad_scale_divides_every_gradient():
+    ref, ref_opt, ours, opt = _pair()
+    _grads(ref, 0)
+    _grads(ours, 0)
+    for r in ref.parameters():
+        r.grad /= 4.0
+    ref_opt.step()
+    opt.grad_scale = torch.tensor(4.0)
+    opt.step()
+    for r, p in zip(ref.parameters(), ours.parameters()):
+        torch.testing.assert_close(opt.masters[p], r.detach(), rtol=0, atol=1e-6)
+
+
+def test_state_has_torch_adamw_layout_and_resumes_from_either_optimizer():
+    """A torch AdamW checkpoint continues under the master-weight optimizer (and its state loads
+    into torch's AdamW): the same weights as torch's AdamW running on."""
+    ref, ref_opt, _, _ = _pair()
+    for step in range(3):
+        _grads(ref, step)
+        ref_opt.step()
+    saved_weights = {k: v.clone() for k, v in ref.state_dict().items()}
+    saved_state = copy.deepcopy(ref_opt.state_dict())  # a checkpoint, not the live tensors
+
+    resumed = _model(1)
+    resumed.load_state_dict(saved_weights)
+    opt = MasterWeightAdamW(_groups(resumed), **HYPER)
+    opt.load_state_dict(saved_state)
+    opt.take_master_weights()
+    for step in range(3, 5):
+        _grads(ref, step)
+        _grads(resumed, step)
+        ref_opt.step()
+        opt.step()
+    for r, p in zip(ref.parameters(), resumed.parameters()):
+        torch.testing.assert_close(opt.masters[p], r.detach(), rtol=0, atol=1e-6)
+
+    ours_state = opt.state_dict()
+    assert ours_state["state"].keys() == saved_state["state"].keys()
+    assert all(set(v) == {"step", "exp_avg", "exp_avg_sq"} for v in ours_state["state"].values())
+    back = torch.optim.AdamW(_groups(_model()), **HYPER)
+    back.load_state_dict(ours_state)
+    assert float(back.state_dict()["state"][0]["step"]) == 5
+
+
+def test_checkpoints_get_the_fp32_masters_not_the_bf16_weights():
+    _, _, ours, opt = _pair()
+    _grads(ours, 0)
+    opt.step()
+    state = full_precision_state(opt, {k: v.detach() for k, v in ours.state_dict().items()})
+    assert all(v.dtype == torch.float32 for v in state.values())
+    for name, p in ours.named_parameters():
+        assert state[name] is opt.masters[p]
+    plain = torch.optim.AdamW(_model().parameters(), lr=1e-3)
+    sd = {"w": torch.ones(2)}
+    assert full_precision_state(plain, sd) is sd
+
+
+def test_misuse_is_refused_with_a_reason():
+    model = _model()
+    opt = MasterWeightAdamW(_groups(model), **HYPER)
+    with pytest.raises(RuntimeError, match="take_master_weights"):
+        opt.step()
+    opt.take_master_weights()
+    with pytest.raises(RuntimeError, match="already"):
+        opt.take_master_weights()
+    with pytest.raises(TypeError, match="fp32 parameters"):
+        MasterWeightAdamW(torch.nn.Linear(2, 2).to(torch.bfloat16).parameters(), lr=1e-3).take_master_weights()
+
+
+def test_clip_in_the_update_matches_a_separate_clip_with_bf16_gradients():
+    """The trainer's path: the norm in fp32 over bf16 gradients, the clip as grad_scale."""
+    from koen_sllm.optim import clip_divisor, total_grad_norm
+
+    ref, ref_opt, ours, opt = _pair()
+    _grads(ref, 0)
+    _grads(ours, 0)
+    norm = total_grad_norm(ours)
+    assert norm.dtype == torch.float32
+    torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0), rtol=1e-6, atol=0)
+    assert norm > 2.0  # the clip acts
+    ref_opt.step()
+    opt.grad_scale = clip_divisor(norm, 1.0)
+    opt.step()
+    for r, p in zip(ref.parameters(), ours.parameters()):
+        torch.testing.assert_close(opt.masters[p], r.detach(), rtol=0, atol=1e-6)
+
+
+def check_kernel(device: str, exact_bf16: bool) -> None:
+    """The kernel against reference_update over three updates (plain, grad_scale, found_inf) on
+    tensors whose chunks end inside and across tensors. Triton's CPU interpreter rounds fp32 to
+    bf16 towards zero where the GPU rounds to nearest even, so there the bf16 copies may be one
+    bf16 step apart; on a GPU they must be equal."""
+    from koen_sllm.adamw_kernel import CHUNK, ChunkMap, adamw_master_update
+    from koen_sllm.master_adamw import reference_update
+
+    shapes = [(3, CHUNK // 3 + 5), (7,), (CHUNK + 1,)]
+
+    def state():
+        torch.manual_seed(1)
+        masters = [torch.randn(s, device=device) for s in shapes]
+        return ([m.to(torch.bfloat16) for m in masters], masters,
+                [torch.randn(s, device=device) * 0.1 for s in shapes],
+                [torch.rand(s, device=device) * 0.01 for s in shapes])
+
+    a, b = state(), state()
+    start = a[1][0].clone()
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    chunks, tables = ChunkMap([m.numel() for m in a[1]], torch.device(device)), None
+    for i, (scale, inf) in enumerate([(None, None), (3.0, 0.0), (None, 1.0)]):
+        grads = [torch.randn(s, device=device).to(torch.bfloat16) for s in shapes]
+        step = torch.tensor(float(i + 1), device=device)  # the skipped last update leaves everything as it was
+        kw = dict(grad_scale=None if scale is None else torch.tensor(scale, device=device),
+                  found_inf=None if inf is None else torch.tensor(inf, device=device), **hyper)
+        tables = adamw_master_update(chunks, a[0], grads, *a[1:], tables, step, **kw)
+        reference_update(b[0], grads, *b[1:], step, **kw)
+    for name, x, y in zip(("bf16 weights", "masters", "exp_avg", "exp_avg_sq"), a, b):
+        for s, t in zip(x, y):
+            if s.dtype == torch.bfloat16 and not exact_bf16:
+                torch.testing.assert_close(s.float(), t.float(), rtol=2 ** -7, atol=0, msg=name)
+            else:
+                torch.testing.assert_close(s, t, rtol=0, atol=0 if s.dtype == torch.bfloat16 else 2e-6, msg=name)
+    assert not torch.equal(a[1][0], start)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (Linux dev extra)")
+def test_triton_kernel_matches_the_reference_update_in_the_interpreter():
+    """The GPU kernel, run by Triton's CPU interpreter (switched on before triton is imported,
+    hence a child process)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import test_master_adamw as t; "
+            "t.check_kernel('cpu', exact_bf16=False); print('kernel matches the reference')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "kernel matches the reference" in proc.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_kernel_matches_the_reference_update_on_the_gpu():
+    check_kernel("cuda", exact_bf16=True)
