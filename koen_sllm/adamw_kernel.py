@@ -71,57 +71,62 @@ def _adamw_master_kernel(chunk_tensor, chunk_start, numels,
         tl.store(p_ptr + idx, w.to(tl.bfloat16, fp_downcast_rounding="rtne"), mask=mask)
 
 
-class ChunkMap:
-    """Which tensor and which offset each program of the kernel handles, for fixed tensor sizes."""
+class MultiTensorPlan:
+    """One parameter group's launch plan: which tensor and offset each program handles, and the
+    address tables of the tensors that stay put (weights, masters, moments), built once.
 
-    def __init__(self, numels: Sequence[int], device: torch.device):
+    The gradients are new tensors every step, but the caching allocator usually hands out the same
+    addresses in the same order, so their table is copied to the device only when an address
+    changed: in steady state the update costs the host one address read per gradient and a launch
+    (the host works here while the GPU has drained at the step's vote, so its time is GPU idle).
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], masters: Sequence[torch.Tensor],
+                 exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor]):
+        device = masters[0].device
         owner, starts = [], []
-        for i, n in enumerate(numels):
-            for s in range(0, n, CHUNK):
+        for i, m in enumerate(masters):
+            for s in range(0, m.numel(), CHUNK):
                 owner.append(i)
                 starts.append(s)
-        self.programs = len(owner)
+        self.device, self.programs = device, len(owner)
         self.chunk_tensor = torch.tensor(owner, dtype=torch.int32, device=device)
         self.chunk_start = torch.tensor(starts, dtype=torch.int64, device=device)
-        self.numels = torch.tensor(list(numels), dtype=torch.int64, device=device)
+        self.numels = torch.tensor([m.numel() for m in masters], dtype=torch.int64, device=device)
+        self.tables = [_address_table([t.data_ptr() for t in ts], device)
+                       for ts in (params, masters, exp_avgs, exp_avg_sqs)]
+        self._grad_addresses: list[int] = []
+        self._grad_table: Optional[torch.Tensor] = None
+
+    def grad_table(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        addresses = [g.data_ptr() for g in grads]
+        if addresses != self._grad_addresses:
+            self._grad_table, self._grad_addresses = _address_table(addresses, self.device), addresses
+        return self._grad_table
+
+    def update(self, grads: Sequence[torch.Tensor], step: torch.Tensor, *, lr: float, beta1: float, beta2: float,
+               eps: float, weight_decay: float, grad_scale: Optional[torch.Tensor] = None,
+               found_inf: Optional[torch.Tensor] = None) -> None:
+        """One launch over the group; ``step`` (fp32, one element) is the already-incremented count."""
+        params, masters, exp_avgs, exp_avg_sqs = self.tables
+        _adamw_master_kernel[(self.programs,)](
+            self.chunk_tensor, self.chunk_start, self.numels,
+            params, self.grad_table(grads), masters, exp_avgs, exp_avg_sqs, step,
+            grad_scale if grad_scale is not None else step, found_inf if found_inf is not None else step,
+            lr, beta1, beta2, eps, weight_decay, _log2(beta1), _log2(beta2),
+            HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, BLOCK=BLOCK, CHUNK=CHUNK,
+        )
 
 
 def _log2(beta: float) -> float:
     return math.log2(beta) if beta > 0 else -math.inf  # beta 0: no momentum, bias correction 1
 
 
-def address_table(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """The tensors' addresses as an int64 tensor on ``device``. On a GPU the copy comes from
-    pinned memory without waiting for queued work (the caching host allocator keeps the buffer
-    until the copy is done)."""
-    addresses = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+def _address_table(addresses: list[int], device: torch.device) -> torch.Tensor:
+    """Addresses as an int64 tensor on ``device``. On a GPU the copy comes from pinned memory
+    without waiting for queued work (the caching host allocator keeps the buffer until the copy
+    is done)."""
+    table = torch.tensor(addresses, dtype=torch.int64)
     if device.type == "cuda":
-        return addresses.pin_memory().to(device, non_blocking=True)
-    return addresses
-
-
-def adamw_master_update(chunks: ChunkMap, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
-                        masters: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
-                        exp_avg_sqs: Sequence[torch.Tensor], static_tables: Optional[dict], step: torch.Tensor, *,
-                        lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                        grad_scale: Optional[torch.Tensor] = None,
-                        found_inf: Optional[torch.Tensor] = None) -> dict:
-    """One launch over all tensors; ``step`` (fp32, one element) is the already-incremented count.
-    Returns the address tables of the tensors that do not move (weights, masters, moments) so the
-    next call can pass them back as ``static_tables``; the gradients' table is rebuilt every call
-    (gradients are new tensors each step)."""
-    device = step.device
-    if static_tables is None:
-        static_tables = {name: address_table(ts, device) for name, ts in
-                         (("params", params), ("masters", masters), ("exp_avgs", exp_avgs),
-                          ("exp_avg_sqs", exp_avg_sqs))}
-    grad_table = address_table(grads, device)
-    _adamw_master_kernel[(chunks.programs,)](
-        chunks.chunk_tensor, chunks.chunk_start, chunks.numels,
-        static_tables["params"], grad_table, static_tables["masters"], static_tables["exp_avgs"],
-        static_tables["exp_avg_sqs"], step,
-        grad_scale if grad_scale is not None else step, found_inf if found_inf is not None else step,
-        lr, beta1, beta2, eps, weight_decay, _log2(beta1), _log2(beta2),
-        HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, BLOCK=BLOCK, CHUNK=CHUNK,
-    )
-    return static_tables
+        return table.pin_memory().to(device, non_blocking=True)
+    return table

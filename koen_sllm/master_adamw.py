@@ -46,7 +46,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         self.found_inf: Optional[torch.Tensor] = None
         self.grad_scale: Optional[torch.Tensor] = None
         self._step: Optional[torch.Tensor] = None
-        self._kernel_cache: dict[tuple, Any] = {}
+        self._plans: dict[tuple, Any] = {}  # adamw_kernel.MultiTensorPlan per group and parameter set
 
     # ------------------------------------------------------------ weights
     @torch.no_grad()
@@ -110,14 +110,13 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                 reference_update(*lists, self._step, **hyper)
 
     def _kernel_update(self, group_index: int, lists, hyper: dict) -> None:
-        from . import adamw_kernel as K  # Triton: imported where a GPU runs the update
+        from .adamw_kernel import MultiTensorPlan  # Triton: imported where a GPU runs the update
 
-        params = lists[0]
+        params, grads, *state = lists
         key = (group_index, tuple(id(p) for p in params))
-        if key not in self._kernel_cache:  # the tensors that stay put: sizes and addresses once
-            self._kernel_cache[key] = [K.ChunkMap([p.numel() for p in params], params[0].device), None]
-        entry = self._kernel_cache[key]
-        entry[1] = K.adamw_master_update(entry[0], *lists, entry[1], self._step, **hyper)
+        if key not in self._plans:
+            self._plans[key] = MultiTensorPlan(params, *state)
+        self._plans[key].update(grads, self._step, **hyper)
 
 
 @torch.no_grad()

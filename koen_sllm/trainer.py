@@ -273,6 +273,9 @@ class Trainer:
                 self.optimizer.grad_scale = clip_divisor(norm, clip)
             self.optimizer.step()
             self.optimizer.found_inf = self.optimizer.grad_scale = None
+            # The gradients are spent whatever the vote says: release them while the update runs,
+            # not after the wait, when the host's work delays the next step's first kernels.
+            self.optimizer.zero_grad(set_to_none=True)
         votes = read_votes()
         mean_loss, any_bad, any_stop = votes[0] / self.info.world_size, votes[1] > 0, votes[2] > 0
         if any_stop:

@@ -165,10 +165,11 @@ def test_clip_in_the_update_matches_a_separate_clip_with_bf16_gradients():
 
 def check_kernel(device: str, exact_bf16: bool) -> None:
     """The kernel against reference_update over three updates (plain, grad_scale, found_inf) on
-    tensors whose chunks end inside and across tensors. Triton's CPU interpreter rounds fp32 to
+    tensors whose chunks end inside and across tensors, with gradients at new and at reused
+    addresses. Triton's CPU interpreter rounds fp32 to
     bf16 towards zero where the GPU rounds to nearest even, so there the bf16 copies may be one
     bf16 step apart; on a GPU they must be equal."""
-    from koen_sllm.adamw_kernel import CHUNK, ChunkMap, adamw_master_update
+    from koen_sllm.adamw_kernel import CHUNK, MultiTensorPlan
     from koen_sllm.master_adamw import reference_update
 
     shapes = [(3, CHUNK // 3 + 5), (7,), (CHUNK + 1,)]
@@ -183,13 +184,18 @@ def check_kernel(device: str, exact_bf16: bool) -> None:
     a, b = state(), state()
     start = a[1][0].clone()
     hyper = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
-    chunks, tables = ChunkMap([m.numel() for m in a[1]], torch.device(device)), None
+    plan = MultiTensorPlan(*a)
     for i, (scale, inf) in enumerate([(None, None), (3.0, 0.0), (None, 1.0)]):
-        grads = [torch.randn(s, device=device).to(torch.bfloat16) for s in shapes]
+        fresh = [torch.randn(s, device=device).to(torch.bfloat16) for s in shapes]
+        if i == 1:  # new values at the same addresses: the plan's cached gradient table
+            for g, f in zip(grads, fresh):
+                g.copy_(f)
+        else:  # new tensors: a new table
+            grads = fresh
         step = torch.tensor(float(i + 1), device=device)  # the skipped last update leaves everything as it was
         kw = dict(grad_scale=None if scale is None else torch.tensor(scale, device=device),
                   found_inf=None if inf is None else torch.tensor(inf, device=device), **hyper)
-        tables = adamw_master_update(chunks, a[0], grads, *a[1:], tables, step, **kw)
+        plan.update(grads, step, **kw)
         reference_update(b[0], grads, *b[1:], step, **kw)
     for name, x, y in zip(("bf16 weights", "masters", "exp_avg", "exp_avg_sq"), a, b):
         for s, t in zip(x, y):
