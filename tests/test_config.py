@@ -4,7 +4,7 @@ import json
 import pytest
 
 from koen_sllm.config import (COMPILE_MODES, ConfigError, RunConfig, apply_device_defaults, derive_batch_plan,
-                              parse_args, repo_root)
+                              parse_args, repo_root, resolve_weights)
 
 
 def test_defaults_follow_reference_table():
@@ -91,6 +91,38 @@ def test_residual_options_exclude_each_other_and_survive_json():
     assert cfg.train.bf16_residual is False
     apply_device_defaults(cfg, has_cuda=True)
     assert RunConfig.from_dict(json.loads(cfg.to_json())).train.bf16_residual is False
+
+
+@pytest.mark.parametrize("argv, has_cuda, accum, expected", [
+    ([], True, 1, True),                    # bf16 on a GPU, no accumulation: bf16 weights + fp32 masters
+    ([], True, 2, False),                   # accumulation would sum bf16 gradients
+    ([], False, 1, False),                  # CPU default: fp32
+    (["--bf16"], False, 1, False),          # bf16 on CPU: the default stays with fp32 weights
+    (["--bf16", "--bf16-weights"], False, 1, True),
+    (["--fp16"], True, 1, False),
+    (["--fp32-weights"], True, 1, False),
+])
+def test_bf16_weights_default_where_measured_and_exact(argv, has_cuda, accum, expected):
+    cfg, _ = parse_args(argv)
+    apply_device_defaults(cfg, has_cuda=has_cuda)
+    resolve_weights(cfg.train, accum, has_cuda)
+    assert cfg.train.bf16_weights is expected
+    assert RunConfig.from_dict(json.loads(cfg.to_json())).train.bf16_weights is expected
+
+
+@pytest.mark.parametrize("argv, accum, fragment", [
+    (["--bf16-weights", "--fp32"], 1, "--bf16-weights needs bf16 precision, but this run uses fp32"),
+    (["--bf16-weights", "--deepspeed", ""], 1, "--bf16-weights is for the DDP path"),
+    (["--bf16-weights"], 2, "accumulating 2 micro-batches would round their sum"),
+])
+def test_bf16_weights_refused_where_they_cannot_work(argv, accum, fragment):
+    cfg, _ = parse_args(argv)
+    with pytest.raises(ConfigError) as err:
+        apply_device_defaults(cfg, has_cuda=True)
+        resolve_weights(cfg.train, accum, has_cuda=True)
+    assert fragment in str(err.value)
+    with pytest.raises(ConfigError, match="not allowed with argument"):
+        parse_args(["--bf16-weights", "--fp32-weights"])
 
 
 def test_batch_plan_derives_accumulation():

@@ -207,6 +207,37 @@ def test_bf16_residual_is_the_bf16_default_and_can_be_turned_off(tmp_path, datas
     assert a != b and all(abs(a[s] - b[s]) < 0.1 for s in a), (a, b)  # other rounding, same training
 
 
+def test_bf16_weights_resume_bit_exact_keep_fp32_checkpoints_and_train_like_fp32_weights(tmp_path, dataset):
+    """bf16 weights with fp32 masters in the optimizer, two gloo processes: a killed run resumes
+    bit for bit, checkpoints hold the fp32 masters (not bf16 values), a NaN step is skipped on the
+    update's own flag, and the losses follow the fp32-weight run to bf16 rounding."""
+    args = ("--train", "--batch-size", "2", "--max-steps", "8", "--save-steps", "4", "--bf16")
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    proc = train(2, full, dataset, *args, "--bf16-weights")
+    assert "weights in bf16, fp32 master weights in the optimizer" in proc.stdout
+    train(2, crashed, dataset, *args, "--bf16-weights", "--debug-kill-step", "6", expect=None)
+    assert latest(crashed) == "checkpoint-4"
+    resumed = train(2, crashed, dataset, *args, "--bf16-weights")
+    assert "at step 4" in resumed.stdout
+    a, b = losses(full), losses(crashed)
+    assert sorted(a) == sorted(b) == list(range(1, 9)) and [a[s] for s in a] == [b[s] for s in a]
+    assert same_weights(full / "out" / "checkpoint-8", crashed / "out" / "checkpoint-8")
+
+    weights = load_file(str(full / "out" / "checkpoint-8" / "model.safetensors"))
+    w = weights["model.layers.0.mlp.down_proj.weight"]
+    assert w.dtype == torch.float32 and not torch.equal(w, w.to(torch.bfloat16).float())  # the masters
+
+    train(2, tmp_path / "fp32w", dataset, *args, "--fp32-weights")
+    c = losses(tmp_path / "fp32w")
+    assert a != c and all(abs(a[s] - c[s]) < 0.02 for s in a), (a, c)
+    assert a[8] < a[1] - 0.2  # it trained
+
+    nan = train(2, tmp_path / "nan", dataset, *args, "--bf16-weights", "--debug-nan-steps", "3")
+    assert "non-finite loss or gradient at step 3" in nan.stdout and "bad steps skipped: 1" in nan.stdout
+    d = losses(tmp_path / "nan")
+    assert d[1] == a[1] and d[2] == a[2] and all(v == v for v in d.values())
+
+
 def test_compiled_ddp_with_accumulation_trains_like_eager(tmp_path, dataset):
     """torch.compile around DDP (Dynamo splits the graph at DDP's gradient buckets) on two gloo
     processes, with accumulation so no_sync passes through the compiled wrapper: the same losses
