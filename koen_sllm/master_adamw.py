@@ -13,10 +13,10 @@ Two limits, checked by the config: the gradients accumulate in bf16, so gradient
 would round every micro-batch's sum (refused); and DDP averages bf16 buckets.
 
 Checkpoints keep fp32 weights: the saving code passes the model's state dict through
-:func:`full_precision_state`, which puts the master tensors in place of the bf16 weights. The optimizer state has
-torch.optim.AdamW's layout (``step``, ``exp_avg``, ``exp_avg_sq`` per parameter), so a run can
-resume across this switch; it is loaded while the model still holds its fp32 weights, before
-:meth:`MasterWeightAdamW.take_master_weights`.
+:func:`full_precision_state`, which puts the master tensors in place of the bf16 weights. The
+optimizer state has torch.optim.AdamW's layout (``step``, ``exp_avg``, ``exp_avg_sq`` per
+parameter), so a run can resume across this switch; it is loaded while the model still holds its
+fp32 weights, before :meth:`MasterWeightAdamW.take_master_weights`.
 """
 from __future__ import annotations
 
@@ -81,6 +81,13 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         DDP's hooks."""
         by_address = {(p.data_ptr(), p.shape): master for p, master in self.masters.items()}
         return {name: by_address.get((t.data_ptr(), t.shape), t) for name, t in state.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's layout, each parameter with a ``step`` of its own: one shared tensor would be
+        counted once per parameter by torch's AdamW after a resume with --fp32-weights."""
+        sd = super().state_dict()
+        sd["state"] = {k: {**v, "step": v["step"].clone()} if "step" in v else v for k, v in sd["state"].items()}
+        return sd
 
     # ------------------------------------------------------------ update
     @torch.no_grad()

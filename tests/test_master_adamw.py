@@ -115,9 +115,20 @@ def test_state_has_torch_adamw_layout_and_resumes_from_either_optimizer():
     ours_state = opt.state_dict()
     assert ours_state["state"].keys() == saved_state["state"].keys()
     assert all(set(v) == {"step", "exp_avg", "exp_avg_sq"} for v in ours_state["state"].values())
-    back = torch.optim.AdamW(_groups(_model()), **HYPER)
-    back.load_state_dict(ours_state)
-    assert float(back.state_dict()["state"][0]["step"]) == 5
+    steps = [v["step"] for v in ours_state["state"].values()]
+    assert len({id(t) for t in steps}) == len(steps)  # torch's AdamW counts each parameter's own step
+    back_model = _model(2)
+    back_model.load_state_dict({k: opt.masters[p].clone() for (k, p) in zip(ref.state_dict(), resumed.parameters())})
+    back = torch.optim.AdamW(_groups(back_model), **HYPER)
+    back.load_state_dict(copy.deepcopy(ours_state))
+    for step in range(5, 7):
+        _grads(ref, step)
+        _grads(back_model, step)
+        ref_opt.step()
+        back.step()
+    assert float(back.state_dict()["state"][0]["step"]) == 7
+    for r, b in zip(ref.parameters(), back_model.parameters()):
+        torch.testing.assert_close(b.detach(), r.detach(), rtol=0, atol=2e-6)
 
 
 def test_checkpoints_get_the_fp32_masters_not_the_bf16_weights():
