@@ -234,3 +234,43 @@ def test_triton_kernel_matches_the_reference_update_in_the_interpreter():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_triton_kernel_matches_the_reference_update_on_the_gpu():
     check_kernel("cuda", exact_bf16=True)
+
+
+def test_the_model_trains_on_bf16_weights_and_saves_fp32_with_a_tied_head():
+    """KoEnLM with tied embeddings (the 0.6b preset's layout, tiny shape) under bf16 autocast: the
+    losses follow fp32 weights with torch's AdamW to bf16 rounding; the one parameter that serves
+    embedding and head is saved once, as its fp32 master, and loads back."""
+    from koen_sllm.model import KoEnLM, model_config_from_preset
+    from koen_sllm.optim import param_groups
+
+    def run(bf16_weights: bool):
+        torch.manual_seed(0)
+        model = KoEnLM(model_config_from_preset("tiny", 128, 16, tie_embeddings=True))
+        if bf16_weights:
+            opt = MasterWeightAdamW(param_groups(model, 0.1), lr=1e-3)
+            opt.take_master_weights()
+        else:
+            opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3)
+        x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+        losses = []
+        for _ in range(5):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(x, x)
+            loss.backward()
+            assert all(p.grad.dtype == (torch.bfloat16 if bf16_weights else torch.float32) for p in model.parameters())
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+        return model, opt, losses
+
+    model, opt, losses = run(True)
+    _, _, reference = run(False)
+    assert losses[-1] < losses[0] - 0.2
+    assert losses != reference and all(abs(a - b) < 0.02 for a, b in zip(losses, reference)), (losses, reference)
+    assert len(opt.masters) == len(list(model.parameters()))
+    state = full_precision_state(opt, model.hf_state_dict())
+    assert "lm_head.weight" not in state and all(v.dtype == torch.float32 for v in state.values())
+    assert state["model.embed_tokens.weight"] is opt.masters[model.embed_tokens.weight]
+    reloaded = KoEnLM(model_config_from_preset("tiny", 128, 16, tie_embeddings=True))
+    reloaded.load_hf_state_dict(state)
+    assert all(torch.equal(p.detach(), opt.masters[q]) for p, q in zip(reloaded.parameters(), model.parameters()))
