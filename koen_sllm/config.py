@@ -371,6 +371,13 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
+def _bf16_or_fp32(group, what: str, bf16_help: str, fp32_help: str) -> None:
+    """--bf16-<what> / --fp32-<what>, exclusive, into ``bf16_<what>`` (True / False; None when neither)."""
+    pair = group.add_mutually_exclusive_group()
+    pair.add_argument(f"--bf16-{what}", dest=f"bf16_{what}", action="store_const", const=True, help=bf16_help)
+    pair.add_argument(f"--fp32-{what}", dest=f"bf16_{what}", action="store_const", const=False, help=fp32_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="train_h100_dual.py",
@@ -390,19 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute activations to save memory")
     g.add_argument("--ce-chunk-tokens", type=int, default=0, metavar="N",
                    help="output layer + cross-entropy N tokens at a time: the logits are never held whole (0 = off)")
-    res = g.add_mutually_exclusive_group()
-    res.add_argument("--bf16-residual", dest="bf16_residual", action="store_const", const=True,
-                     help="keep the residual stream in bf16 (default with bf16): a third less memory traffic "
-                          "in norms and residual adds, each add rounded to bf16")
-    res.add_argument("--fp32-residual", dest="bf16_residual", action="store_const", const=False,
-                     help="keep the residual stream in fp32, as transformers does (the default without bf16)")
-    wts = g.add_mutually_exclusive_group()
-    wts.add_argument("--bf16-weights", dest="bf16_weights", action="store_const", const=True,
-                     help="bf16 model weights with fp32 master copies in the optimizer: no weight casts in the "
-                          "forward, half the gradient traffic (default with bf16 on a GPU without --grad-accum)")
-    wts.add_argument("--fp32-weights", dest="bf16_weights", action="store_const", const=False,
-                     help="fp32 model weights cast by autocast, with torch's fused AdamW (the default with "
-                          "gradient accumulation, DeepSpeed, fp16 or fp32)")
+    _bf16_or_fp32(g, "residual", "keep the residual stream in bf16 (default with bf16): a third less memory "
+                  "traffic in norms and residual adds, each add rounded to bf16",
+                  "keep the residual stream in fp32, as transformers does (the default without bf16)")
+    _bf16_or_fp32(g, "weights", "bf16 model weights with fp32 master copies in the optimizer: no weight casts "
+                  "in the forward, half the gradient traffic (default with bf16 on a GPU without --grad-accum)",
+                  "fp32 model weights cast by autocast, with torch's fused AdamW (the default with gradient "
+                  "accumulation, DeepSpeed, fp16 or fp32)")
     g.add_argument("--seed", type=int, default=42)
 
     g = p.add_argument_group("data and paths")

@@ -106,24 +106,28 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                 continue
             if any(p.grad.is_sparse for p in params):
                 raise RuntimeError("MasterWeightAdamW does not support sparse gradients")
-            lists = (params, [p.grad for p in params], [self.masters[p] for p in params],
-                     [self.state[p]["exp_avg"] for p in params], [self.state[p]["exp_avg_sq"] for p in params])
+            grads = [p.grad for p in params]
             beta1, beta2 = group["betas"]
             hyper = dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                          weight_decay=group["weight_decay"], grad_scale=self.grad_scale, found_inf=self.found_inf)
             if params[0].is_cuda:
-                self._kernel_update(gi, lists, hyper)
+                self._plan(gi, params).update(grads, self._step, **hyper)
             else:
-                reference_update(*lists, self._step, **hyper)
+                reference_update(params, grads, *self._state_lists(params), self._step, **hyper)
 
-    def _kernel_update(self, group_index: int, lists, hyper: dict) -> None:
+    def _state_lists(self, params: list) -> tuple[list, list, list]:
+        return ([self.masters[p] for p in params], [self.state[p]["exp_avg"] for p in params],
+                [self.state[p]["exp_avg_sq"] for p in params])
+
+    def _plan(self, group_index: int, params: list):
+        """The group's kernel plan, built the first time this set of parameters has gradients:
+        later steps hand it the gradients only."""
         from .adamw_kernel import MultiTensorPlan  # Triton: imported where a GPU runs the update
 
-        params, grads, *state = lists
         key = (group_index, tuple(id(p) for p in params))
         if key not in self._plans:
-            self._plans[key] = MultiTensorPlan(params, *state)
-        self._plans[key].update(grads, self._step, **hyper)
+            self._plans[key] = MultiTensorPlan(params, *self._state_lists(params))
+        return self._plans[key]
 
 
 @torch.no_grad()

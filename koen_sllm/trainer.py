@@ -281,7 +281,8 @@ class Trainer:
         if any_stop:
             self.stop.agreed = True
         if any_bad:
-            self.optimizer.zero_grad(set_to_none=True)
+            if not self.skip_on_device:  # else released above
+                self.optimizer.zero_grad(set_to_none=True)
             if self.scaler:
                 self.scaler.update()
             return torch.tensor(mean_loss), norm, False
@@ -291,7 +292,8 @@ class Trainer:
         elif not self.skip_on_device:
             self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if not self.skip_on_device:
+            self.optimizer.zero_grad(set_to_none=True)
         return torch.tensor(mean_loss), norm, True
 
     def _engine_step(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
