@@ -54,11 +54,13 @@ def summarize_kernels(spans, wall_us: float, n: int) -> dict:
     """Kernel kinds, the longest kernels and the idle gaps of (start, end, name) spans over n steps."""
     kinds: dict[str, float] = {}
     per_name: dict[str, float] = {}
+    launches: dict[str, int] = {}
     for start, stop, name in spans:
         us = stop - start
         kind = next((k for k, keys in KERNEL_KINDS if any(w in name.lower() for w in keys)), "other")
         kinds[kind] = kinds.get(kind, 0.0) + us
         per_name[name[:90]] = per_name.get(name[:90], 0.0) + us
+        launches[name[:90]] = launches.get(name[:90], 0) + 1
     intervals = _busy_intervals([(a, b, name[:60]) for a, b, name in spans])
     busy = sum(stop - start for start, stop, *_ in intervals)
     top = sorted(per_name.items(), key=lambda kv: -kv[1])
@@ -66,6 +68,10 @@ def summarize_kernels(spans, wall_us: float, n: int) -> dict:
     table["GPU idle"] = round(100 * max(0.0, wall_us - busy) / wall_us, 1)
     return {"steps": n, "wall_ms_per_step": wall_us / n / 1e3, "percent_of_wall": table,
             "top_kernels_ms_per_step": [(k, round(v / n / 1e3, 3)) for k, v in top[:15]],
+            # (name, ms per step, launches per step) of the 40 longest: where the launches and
+            # the memory-bound time go, kernel by kernel
+            "kernels": [(k, round(v / n / 1e3, 3), round(launches[k] / n, 1)) for k, v in top[:40]],
+            "launches_per_step": round(len(spans) / n, 1),
             "idle_gaps": idle_gaps(intervals, n)}
 
 

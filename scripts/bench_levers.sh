@@ -21,7 +21,8 @@
 # templates against cuBLAS; compiles for minutes), no-size-asserts (Inductor's generated code
 # without its per-input size checks), clip-separate (clip_grad_norm_'s own pass instead of the
 # clip inside the fused update), cublaslt (matmuls through cuBLASLt), fp32-weights / b16-fp32-weights
-# (fp32 weights cast by autocast with torch's fused AdamW, instead of bf16 weights with fp32 masters). Each run has its own time limit (LEVER_TIMEOUT, default 300 s), so one
+# (fp32 weights cast by autocast with torch's fused AdamW, instead of bf16 weights with fp32 masters),
+# combo-kernels (Inductor launches independent small kernels as one). Each run has its own time limit (LEVER_TIMEOUT, default 300 s), so one
 # failure or hang leaves the others. JSON per run and summary.md go to
 # ${BENCH_DIR:-outputs/bench_levers}. A benchmark: nothing here asserts a speed.
 set -euo pipefail
@@ -80,6 +81,7 @@ for lever in "${levers[@]}"; do
     cublaslt) run_lever cublaslt "TORCH_BLAS_PREFER_CUBLASLT=1" --profile ;;
     fp32-weights) run_lever fp32-weights - --fp32-weights --profile ;;
     b16-fp32-weights) mapfile -t b < <(batch_args 16 "$@"); run_lever b16-fp32-weights - "${b[@]}" --fp32-weights ;;
+    combo-kernels) run_lever combo-kernels "TORCHINDUCTOR_COMBO_KERNELS=1" --profile ;;
     *) echo "❌ unknown lever $lever" >&2; exit 2 ;;
   esac
 done

@@ -30,3 +30,5 @@ def test_kernel_kinds_idle_share_and_gaps():
     assert gaps["large_gaps_per_step"] == 1.0 and gaps["large_gaps_ms_per_step"] == pytest.approx(0.030)
     assert gaps["longest"][0] == (30.0, "triton_poi_fused_mul_silu", "cudnn_generated_sdpa_fprop")
     assert out["top_kernels_ms_per_step"][0] == ("nvjet_sm90_tst_256x128", 0.04)
+    assert out["kernels"][0] == ("nvjet_sm90_tst_256x128", 0.04, 1.0)  # ms and launches per step
+    assert out["launches_per_step"] == 4.0
