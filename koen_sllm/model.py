@@ -2,8 +2,9 @@
 
 RMSNorm, rotary position embeddings (the Hugging Face ``rotate_half`` layout),
 SwiGLU, grouped-query attention, optional tied embeddings and optional per-head
-QK-norm (Qwen3). Parameter names follow ``transformers`` so that
-:meth:`KoEnLM.hf_state_dict` is the identity plus a ``model.`` prefix: every
+QK-norm (Qwen3). Parameter names follow ``transformers``, except that q/k/v and
+gate/up are each one fused matrix (one wide matmul instead of several narrow ones);
+:meth:`KoEnLM.hf_state_dict` splits them and adds the ``model.`` prefix, so every
 checkpoint loads as ``LlamaForCausalLM`` (or ``Qwen3ForCausalLM`` with QK-norm)
 and gives the same logits. The model knows nothing of devices, precision or
 distribution; the trainer owns those.
@@ -177,9 +178,11 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.backend = cfg.attn_backend
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        # q, k and v come out of one product: a wide matmul runs at the full matmul rate where the
+        # narrow k and v ones ran at about two thirds of it (docs/benchmarks.md). transformers'
+        # q_proj, k_proj and v_proj are its row blocks, in that order (see KoEnLM.hf_state_dict).
+        self.qkv_split = [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim]
+        self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.qkv_split), bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -189,9 +192,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x).split(self.qkv_split, dim=-1)
+        q = q.unflatten(-1, (self.num_heads, self.head_dim))
+        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         # v carries the matmul dtype (bf16 under autocast); the norm weights and
@@ -209,12 +213,14 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        # gate and up in one product (transformers' gate_proj and up_proj are its row blocks):
+        # one matmul and one weight gradient fewer per layer.
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -265,7 +271,10 @@ class KoEnLM(nn.Module):
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 p.normal_(0.0, residual_std)
             else:
-                p.normal_(0.0, std)
+                # A fused projection block by block, in transformers' order: the same seed gives
+                # the same weights as separate q/k/v (gate/up) matrices did.
+                for block in p.split([rows for _, rows in self.fused_blocks(name) or [(name, p.shape[0])]]):
+                    block.normal_(0.0, std)
 
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each layer's activations in backward: ~1/3 more compute, far less memory."""
@@ -365,45 +374,73 @@ class KoEnLM(nn.Module):
             d.update(mlp_bias=False, pretraining_tp=1)
         return d
 
-    def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """Weights under transformers' names, detached, contiguous and unshared (ready for
-        safetensors); a tied head is left out, as transformers itself saves it."""
+    def fused_blocks(self, name: str) -> Optional[list[tuple[str, int]]]:
+        """For a fused projection's name in this model's state dict, the transformers names of its
+        row blocks, in order, with their row counts; None for any other name."""
+        c = self.cfg
+        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        for suffix, parts in (("self_attn.qkv_proj.weight", (("self_attn.q_proj.weight", q), ("self_attn.k_proj.weight", kv),
+                                                             ("self_attn.v_proj.weight", kv))),
+                              ("mlp.gate_up_proj.weight", (("mlp.gate_proj.weight", c.intermediate_size),
+                                                           ("mlp.up_proj.weight", c.intermediate_size)))):
+            if name.endswith(suffix):
+                prefix = "model." + name[: -len(suffix)]
+                return [(prefix + part, rows) for part, rows in parts]
+        return None
+
+    def _hf_layout(self) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+        """Each state-dict entry -> the transformers tensors it holds: [(name, shape)], several
+        for a fused projection, none for a tied head (transformers saves it once, as the embedding)."""
         out = {}
         for name, tensor in self.state_dict().items():
             if name == "lm_head.weight":
-                if self.cfg.tie_embeddings:
-                    continue
-                out[name] = tensor.detach().contiguous()
+                out[name] = [] if self.cfg.tie_embeddings else [(name, tuple(tensor.shape))]
+            elif (blocks := self.fused_blocks(name)) is not None:
+                out[name] = [(hf, (rows, *tensor.shape[1:])) for hf, rows in blocks]
             else:
-                out["model." + name] = tensor.detach().contiguous()
+                out[name] = [("model." + name, tuple(tensor.shape))]
+        return out
+
+    def hf_state_dict(self, state: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+        """Weights under transformers' names, detached, contiguous and unshared (ready for
+        safetensors): the fused projections split into q/k/v and gate/up; a tied head left out,
+        as transformers itself saves it. ``state``: this model's own state dict to convert
+        instead of its current weights (the optimizer's fp32 masters, say)."""
+        state = self.state_dict() if state is None else state
+        out = {}
+        for name, parts in self._hf_layout().items():
+            if not parts:
+                continue
+            tensor = state[name].detach()
+            if len(parts) == 1:
+                out[parts[0][0]] = tensor.contiguous()
+            else:  # row blocks of one tensor share its memory, which safetensors refuses: copies
+                for (hf, shape), block in zip(parts, tensor.split([shape[0] for _, shape in parts])):
+                    out[hf] = block.clone()
         return out
 
     @torch.no_grad()
     def load_hf_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
         """Load weights saved by :meth:`hf_state_dict` or by transformers. Every weight must
         be present with the right shape; a tied head may be present or not."""
-        own = {}
-        for name, tensor in sd.items():
-            if name == "lm_head.weight":
-                own[name] = tensor
-            elif name.startswith("model."):
-                own[name[len("model."):]] = tensor
-            else:
-                own[name] = tensor  # reported below as unexpected
-        if self.cfg.tie_embeddings and "lm_head.weight" in own:
-            head = own.pop("lm_head.weight")
-            emb = own.get("embed_tokens.weight")
+        given = dict(sd)
+        if self.cfg.tie_embeddings and "lm_head.weight" in given:
+            head = given.pop("lm_head.weight")
+            emb = given.get("model.embed_tokens.weight")
             if emb is not None and not torch.equal(head.to(emb.dtype), emb):
                 raise ValueError("lm_head.weight differs from embed_tokens.weight, but the config ties them; "
                                  "load with tie_embeddings=False")
-        expected = {k: v for k, v in self.state_dict().items() if not (self.cfg.tie_embeddings and k == "lm_head.weight")}
-        missing = sorted(set(expected) - set(own))
-        unexpected = sorted(set(own) - set(expected))
+        layout = self._hf_layout()
+        expected = {hf: shape for parts in layout.values() for hf, shape in parts}
+        missing = sorted(set(expected) - set(given))
+        unexpected = sorted(set(given) - set(expected))
         if missing or unexpected:
             raise ValueError(f"state dict does not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                              f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-        for name, tensor in own.items():
-            if tuple(tensor.shape) != tuple(expected[name].shape):
-                raise ValueError(f"weight {name}: shape {tuple(tensor.shape)} in the state dict, "
-                                 f"{tuple(expected[name].shape)} in the model (different preset or vocabulary?)")
+        for name, shape in expected.items():
+            if tuple(given[name].shape) != shape:
+                raise ValueError(f"weight {name}: shape {tuple(given[name].shape)} in the state dict, "
+                                 f"{shape} in the model (different preset or vocabulary?)")
+        own = {name: given[parts[0][0]] if len(parts) == 1 else torch.cat([given[hf] for hf, _ in parts])
+               for name, parts in layout.items() if parts}
         self.load_state_dict(own, strict=not self.cfg.tie_embeddings)

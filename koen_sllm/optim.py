@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -17,18 +17,59 @@ from .config import OptimConfig
 from .master_adamw import MasterWeightAdamW
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def _split_by_decay(model: torch.nn.Module) -> tuple[list[tuple[str, torch.nn.Parameter]], list[tuple[str, torch.nn.Parameter]]]:
     decay, no_decay, seen = [], [], set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))  # tied weights appear twice
         is_embedding = "embed" in name or "wte" in name
-        (decay if p.ndim >= 2 and not is_embedding else no_decay).append(p)
+        (decay if p.ndim >= 2 and not is_embedding else no_decay).append((name, p))
+    return decay, no_decay
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = _split_by_decay(model)
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [p for _, p in decay], "weight_decay": weight_decay},
+        {"params": [p for _, p in no_decay], "weight_decay": 0.0},
     ]
+
+
+def param_group_names(model: torch.nn.Module) -> list[list[str]]:
+    """The parameter names of each of :func:`param_groups`' groups, in the optimizer's order."""
+    return [[name for name, _ in group] for group in _split_by_decay(model)]
+
+
+def merge_split_projections(saved: dict[str, Any], group_names: list[list[str]],
+                            blocks_of: Callable[[str], int]) -> dict[str, Any]:
+    """An optimizer state saved while q/k/v and gate/up were separate matrices, in today's layout
+    with each fused: the moments of a fused matrix are its blocks' moments stacked in row order,
+    which is what AdamW's elementwise update would have made of them. ``blocks_of(name)`` is how
+    many saved matrices the parameter ``name`` holds (1 for all but the fused ones). A state in
+    today's layout, or one that fits neither, is returned as it is (torch's own check reports
+    the latter)."""
+    saved_sizes = [len(g["params"]) for g in saved["param_groups"]]
+    if saved_sizes == [len(names) for names in group_names]:
+        return saved
+    if saved_sizes != [sum(blocks_of(n) for n in names) for names in group_names]:
+        return saved
+    state, groups, index = {}, [], 0
+    for group, names in zip(saved["param_groups"], group_names):
+        old_ids, pos, new_ids = list(group["params"]), 0, []
+        for name in names:
+            k = blocks_of(name)
+            parts = [saved["state"][i] for i in old_ids[pos:pos + k] if i in saved["state"]]
+            pos += k
+            if parts:
+                if len(parts) != k:
+                    raise ValueError(f"the saved optimizer state holds only {len(parts)} of {name}'s {k} blocks")
+                state[index] = {key: torch.cat([p[key] for p in parts]) if key in ("exp_avg", "exp_avg_sq")
+                                else parts[0][key] for key in parts[0]}
+            new_ids.append(index)
+            index += 1
+        groups.append({**group, "params": new_ids})
+    return {"state": state, "param_groups": groups}
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device,

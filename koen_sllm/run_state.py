@@ -28,7 +28,7 @@ from .checkpoint import (CheckpointError, load_model_state, load_trainer_state, 
                          save_checkpoint)
 from .logs import get_logger
 from .master_adamw import full_precision_state
-from .optim import capture_rng, restore_rng
+from .optim import capture_rng, merge_split_projections, param_group_names, restore_rng
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import RunConfig
@@ -97,8 +97,10 @@ def save_run_checkpoint(tr: "Trainer", name: str, *, update_latest: bool = True,
                 state["scaler"] = tr.scaler.state_dict()
         try:
             hf = tr.raw_model.hf_config(tr.tokenizer.bos_id, tr.tokenizer.eos_id, tr.tokenizer.pad_id)
-            # The fp32 masters, where the model runs on bf16 copies of them.
-            model_state = full_precision_state(tr.optimizer, tr.raw_model.hf_state_dict())
+            # The fp32 masters, where the model runs on bf16 copies of them (substituted under the
+            # model's own names, before the fused projections are split into transformers' ones).
+            own = full_precision_state(tr.optimizer, tr.raw_model.state_dict())
+            model_state = tr.raw_model.hf_state_dict(own)
             result = save_checkpoint(
                 tr.cfg.output_dir, name, model_state=model_state, hf_config=hf,
                 tokenizer_dir=tr.data.tokenizer_dir, training_info=info, trainer_state=state,
@@ -182,7 +184,10 @@ def load_resume_state(tr: "Trainer", path: Path) -> dict[str, Any]:
             raise RunSetupError(str(exc)) from None
     else:
         tr.raw_model.load_hf_state_dict(load_model_state(path))
-        tr.optimizer.load_state_dict(state["optimizer"])
+        model = tr.raw_model
+        # Checkpoints saved before q/k/v and gate/up were fused hold their moments per matrix.
+        tr.optimizer.load_state_dict(merge_split_projections(
+            state["optimizer"], param_group_names(model), lambda name: len(model.fused_blocks(name) or [name])))
         tr.scheduler.load_state_dict(state["scheduler"])
         if tr.scaler is not None and "scaler" in state:
             tr.scaler.load_state_dict(state["scaler"])

@@ -37,7 +37,8 @@ def apply_liger(model, parts: str) -> str:
         return y.view(shape)
 
     def swiglu_forward(self, x):
-        return self.down_proj(LigerSiLUMulFunction.apply(self.gate_proj(x), self.up_proj(x)))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(LigerSiLUMulFunction.apply(gate.contiguous(), up.contiguous()))
 
     def rotate(self, q, k, cos, sin, dtype):  # liger's kernel takes [B, heads, T, D]
         q, k = LigerRopeFunction.apply(q.transpose(1, 2).to(dtype), k.transpose(1, 2).to(dtype), cos, sin)

@@ -168,7 +168,7 @@ def test_init_is_deterministic_and_scaled():
     layers = a.cfg.num_layers
     big = KoEnLM(model_config_from_preset("tiny", VOCAB, 64, hidden_size=256, intermediate_size=512))
     o = big.layers[0].self_attn.o_proj.weight
-    q = big.layers[0].self_attn.q_proj.weight
+    q = big.layers[0].self_attn.qkv_proj.weight
     assert abs(q.std().item() - 0.02) < 0.002
     assert abs(o.std().item() - 0.02 / math.sqrt(2 * layers)) < 0.001
     assert torch.equal(a.layers[1].input_layernorm.weight, torch.ones(64))

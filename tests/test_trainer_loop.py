@@ -11,7 +11,8 @@ from e2e_support import write_corpus
 from koen_sllm import distributed as D
 from koen_sllm.config import apply_device_defaults, parse_args
 from koen_sllm.logs import close_handlers, setup_logging
-from koen_sllm.optim import build_scheduler, param_groups
+from koen_sllm.optim import build_scheduler, merge_split_projections, param_group_names, param_groups
+from koen_sllm.run_state import load_resume_state, save_run_checkpoint
 from koen_sllm.trainer import Trainer
 
 
@@ -110,6 +111,66 @@ def test_clipping_inside_the_fused_update_matches_clip_grad_norm(tmp_path, monke
     for key, value in w_s.items():
         torch.testing.assert_close(w_i[key], value, rtol=1e-5, atol=1e-6, msg=key)
     assert any(not torch.allclose(w_u[key], value, rtol=1e-3, atol=1e-5) for key, value in w_s.items())
+
+
+def split_projections(saved: dict, model) -> dict:
+    """An optimizer state in the layout of checkpoints saved while q/k/v and gate/up were separate
+    matrices: each fused matrix's moments cut into its blocks, the parameters renumbered."""
+    state, groups, old, new = {}, [], 0, 0
+    for group, names in zip(saved["param_groups"], param_group_names(model)):
+        ids = []
+        for name in names:
+            entry = saved["state"][old]
+            old += 1
+            rows = [r for _, r in model.fused_blocks(name) or []]
+            pieces = [entry] if not rows else [
+                {**entry, "exp_avg": m.clone(), "exp_avg_sq": v.clone()}
+                for m, v in zip(entry["exp_avg"].split(rows), entry["exp_avg_sq"].split(rows))]
+            for piece in pieces:
+                state[new] = piece
+                ids.append(new)
+                new += 1
+        groups.append({**group, "params": ids})
+    return {"state": state, "param_groups": groups}
+
+
+def test_a_checkpoint_from_before_the_fused_projections_resumes_exactly(tmp_path, monkeypatch):
+    """Its optimizer state holds q, k, v, gate and up moments per matrix; resuming stacks them into
+    the fused matrices' moments, and the next step equals the uninterrupted run's."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    try:
+        a = make_trainer(tmp_path, "a")
+        for _ in range(3):
+            a.train_step()
+            a.step += 1
+        path = save_run_checkpoint(a, "checkpoint-3")
+        state_file = path / "trainer_state.pt"
+        state = torch.load(state_file, weights_only=True)
+        assert len(state["optimizer"]["state"]) == len(list(a.raw_model.parameters()))
+        state["optimizer"] = split_projections(state["optimizer"], a.raw_model)
+        assert len(state["optimizer"]["state"]) == len(list(a.raw_model.parameters())) + 3 * a.model_cfg.num_layers
+        torch.save(state, state_file)
+        b = make_trainer(tmp_path, "b")
+        load_resume_state(b, path)
+        want, got = a.optimizer.state_dict(), b.optimizer.state_dict()
+        assert got["param_groups"] == want["param_groups"]
+        for pid, entry in want["state"].items():
+            for key, value in entry.items():
+                assert torch.equal(got["state"][pid][key], value), (pid, key)
+        a.train_step()
+        b.train_step()
+        for key, value in a.raw_model.state_dict().items():
+            assert torch.equal(b.raw_model.state_dict()[key], value), key
+    finally:
+        close_handlers()
+
+
+def test_an_optimizer_state_of_another_model_is_left_to_torch_to_refuse(trainer):
+    saved = trainer.optimizer.state_dict()
+    names = param_group_names(trainer.raw_model)
+    fewer = [group[:-1] for group in names]
+    assert merge_split_projections(saved, fewer, lambda name: 1) is saved  # fits neither layout
+    assert merge_split_projections(saved, names, lambda name: 1) is saved  # today's layout
 
 
 def test_clipping_rides_inside_the_update_only_with_a_fused_optimizer(trainer):
