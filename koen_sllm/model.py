@@ -2,9 +2,9 @@
 
 RMSNorm, rotary position embeddings (the Hugging Face ``rotate_half`` layout),
 SwiGLU, grouped-query attention, optional tied embeddings and optional per-head
-QK-norm (Qwen3). Parameter names follow ``transformers``, except that q/k/v and
-gate/up are each one fused matrix (one wide matmul instead of several narrow ones);
-:meth:`KoEnLM.hf_state_dict` splits them and adds the ``model.`` prefix, so every
+QK-norm (Qwen3). Parameter names follow ``transformers``, except that q/k/v are one
+fused matrix (one wide matmul instead of three, two of them narrow);
+:meth:`KoEnLM.hf_state_dict` splits it and adds the ``model.`` prefix, so every
 checkpoint loads as ``LlamaForCausalLM`` (or ``Qwen3ForCausalLM`` with QK-norm)
 and gives the same logits. The model knows nothing of devices, precision or
 distribution; the trainer owns those.
@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import causal_attention, check_backend, probe_backend
 from .config import ATTN_BACKENDS, ConfigError
 from .losses import IGNORE_INDEX, chunked_linear_cross_entropy
+from .rotary import apply_rope, rope_tables, rotate_qkv
 
 
 @dataclass
@@ -156,23 +157,6 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin ``[max_seq_len, head_dim]`` in fp32, halves duplicated as in HF's rotate_half layout."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.int64).float(), inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [B, T, heads, D]`` by position; computed in fp32 (bf16 angles drift at long range)."""
-    x32 = x.float()
-    x1, x2 = x32.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    return x32 * cos + rotated * sin
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -192,15 +176,19 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.qkv_split, dim=-1)
-        q = q.unflatten(-1, (self.num_heads, self.head_dim))
-        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
-        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        # v carries the matmul dtype (bf16 under autocast); the norm weights and
-        # the fp32 rotation would otherwise promote q and k to fp32.
-        q, k = self.rotate(q, k, cos, sin, v.dtype)
+        qkv = self.qkv_proj(x)
+        if self.q_norm is None:
+            # One operator rotates q and k; its backward writes the fused gradient in one pass
+            # (autograd's own ends in a slow concatenation: rotary.py).
+            q, k, v = rotate_qkv(qkv, cos, sin, self.num_heads, self.num_kv_heads, self.head_dim)
+        else:
+            q, k, v = qkv.split(self.qkv_split, dim=-1)
+            q = self.q_norm(q.unflatten(-1, (self.num_heads, self.head_dim)))
+            k = self.k_norm(k.unflatten(-1, (self.num_kv_heads, self.head_dim)))
+            v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+            # v carries the matmul dtype (bf16 under autocast); the norm weights and
+            # the fp32 rotation would otherwise promote q and k to fp32.
+            q, k = self.rotate(q, k, cos, sin, v.dtype)
         out = causal_attention(q, k, v, self.backend)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
 
@@ -213,14 +201,14 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        # gate and up in one product (transformers' gate_proj and up_proj are its row blocks):
-        # one matmul and one weight gradient fewer per layer.
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        # Separate gate and up, unlike q/k/v: both are wide enough for the matmul units, and a
+        # fused gate/up matrix made the compiled SwiGLU backward 1.8x slower (docs/benchmarks.md).
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -271,8 +259,8 @@ class KoEnLM(nn.Module):
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 p.normal_(0.0, residual_std)
             else:
-                # A fused projection block by block, in transformers' order: the same seed gives
-                # the same weights as separate q/k/v (gate/up) matrices did.
+                # The fused q/k/v block by block, in transformers' order: the same seed gives
+                # the same weights as separate q/k/v matrices did.
                 for block in p.split([rows for _, rows in self.fused_blocks(name) or [(name, p.shape[0])]]):
                     block.normal_(0.0, std)
 
@@ -379,14 +367,11 @@ class KoEnLM(nn.Module):
         row blocks, in order, with their row counts; None for any other name."""
         c = self.cfg
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        for suffix, parts in (("self_attn.qkv_proj.weight", (("self_attn.q_proj.weight", q), ("self_attn.k_proj.weight", kv),
-                                                             ("self_attn.v_proj.weight", kv))),
-                              ("mlp.gate_up_proj.weight", (("mlp.gate_proj.weight", c.intermediate_size),
-                                                           ("mlp.up_proj.weight", c.intermediate_size)))):
-            if name.endswith(suffix):
-                prefix = "model." + name[: -len(suffix)]
-                return [(prefix + part, rows) for part, rows in parts]
-        return None
+        suffix = "self_attn.qkv_proj.weight"
+        if not name.endswith(suffix):
+            return None
+        prefix = "model." + name[: -len(suffix)] + "self_attn."
+        return [(prefix + "q_proj.weight", q), (prefix + "k_proj.weight", kv), (prefix + "v_proj.weight", kv)]
 
     def _hf_layout(self) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
         """Each state-dict entry -> the transformers tensors it holds: [(name, shape)], several
@@ -403,7 +388,7 @@ class KoEnLM(nn.Module):
 
     def hf_state_dict(self, state: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
         """Weights under transformers' names, detached, contiguous and unshared (ready for
-        safetensors): the fused projections split into q/k/v and gate/up; a tied head left out,
+        safetensors): the fused q/k/v matrix split into transformers' three; a tied head left out,
         as transformers itself saves it. ``state``: this model's own state dict to convert
         instead of its current weights (the optimizer's fp32 masters, say)."""
         state = self.state_dict() if state is None else state

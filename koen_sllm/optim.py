@@ -43,8 +43,8 @@ def param_group_names(model: torch.nn.Module) -> list[list[str]]:
 
 def merge_split_projections(saved: dict[str, Any], group_names: list[list[str]],
                             blocks_of: Callable[[str], int]) -> dict[str, Any]:
-    """An optimizer state saved while q/k/v and gate/up were separate matrices, in today's layout
-    with each fused: the moments of a fused matrix are its blocks' moments stacked in row order,
+    """An optimizer state saved while q/k/v were separate matrices, in today's layout
+    with them fused: the moments of a fused matrix are its blocks' moments stacked in row order,
     which is what AdamW's elementwise update would have made of them. ``blocks_of(name)`` is how
     many saved matrices the parameter ``name`` holds (1 for all but the fused ones). A state in
     today's layout, or one that fits neither, is returned as it is (torch's own check reports

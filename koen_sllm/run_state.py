@@ -185,7 +185,7 @@ def load_resume_state(tr: "Trainer", path: Path) -> dict[str, Any]:
     else:
         tr.raw_model.load_hf_state_dict(load_model_state(path))
         model = tr.raw_model
-        # Checkpoints saved before q/k/v and gate/up were fused hold their moments per matrix.
+        # Checkpoints saved before q/k/v were fused hold their moments per matrix.
         tr.optimizer.load_state_dict(merge_split_projections(
             state["optimizer"], param_group_names(model), lambda name: len(model.fused_blocks(name) or [name])))
         tr.scheduler.load_state_dict(state["scheduler"])

@@ -2,7 +2,9 @@
 
 Used by ``scripts/bench_throughput.py --liger rmsnorm,swiglu,rope,flce`` (or ``all``)
 on a GPU with ``liger-kernel`` installed (``pip install liger-kernel``; a pure-Python
-wheel). Only the forward methods of this one model instance are replaced; the
+wheel). Only the forward methods of this one model instance are replaced (the rope part
+replaces ``Attention.rotate``, which only QK-norm models still call: the others rotate q and k
+with ``rotary.rotate_qkv`` on the fused q/k/v output); the
 weights and their names stay as they are. Each kernel keeps the model's numerics:
 RMSNorm in fp32 then cast back before the scale ("llama" casting), RoPE on the
 same cos/sin tables, cross-entropy in fp32 with the head's matmul in bf16.
@@ -37,8 +39,7 @@ def apply_liger(model, parts: str) -> str:
         return y.view(shape)
 
     def swiglu_forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(LigerSiLUMulFunction.apply(gate.contiguous(), up.contiguous()))
+        return self.down_proj(LigerSiLUMulFunction.apply(self.gate_proj(x), self.up_proj(x)))
 
     def rotate(self, q, k, cos, sin, dtype):  # liger's kernel takes [B, heads, T, D]
         q, k = LigerRopeFunction.apply(q.transpose(1, 2).to(dtype), k.transpose(1, 2).to(dtype), cos, sin)

@@ -271,7 +271,7 @@ def test_the_model_trains_on_bf16_weights_and_saves_fp32_with_a_tied_head():
     state = model.hf_state_dict(full_precision_state(opt, model.state_dict()))
     assert "lm_head.weight" not in state and all(v.dtype == torch.float32 for v in state.values())
     assert state["model.embed_tokens.weight"].data_ptr() == opt.masters[model.embed_tokens.weight].data_ptr()
-    assert torch.equal(state["model.layers.0.mlp.up_proj.weight"], opt.masters[model.layers[0].mlp.gate_up_proj.weight][192:])
+    assert torch.equal(state["model.layers.0.self_attn.v_proj.weight"], opt.masters[model.layers[0].self_attn.qkv_proj.weight][96:])
     reloaded = KoEnLM(model_config_from_preset("tiny", 128, 16, tie_embeddings=True))
     reloaded.load_hf_state_dict(state)
     assert all(torch.equal(p.detach(), opt.masters[q]) for p, q in zip(reloaded.parameters(), model.parameters()))

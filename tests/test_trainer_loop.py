@@ -114,8 +114,8 @@ def test_clipping_inside_the_fused_update_matches_clip_grad_norm(tmp_path, monke
 
 
 def split_projections(saved: dict, model) -> dict:
-    """An optimizer state in the layout of checkpoints saved while q/k/v and gate/up were separate
-    matrices: each fused matrix's moments cut into its blocks, the parameters renumbered."""
+    """An optimizer state in the layout of checkpoints saved while q/k/v were separate matrices:
+    the fused matrix's moments cut into its blocks, the parameters renumbered."""
     state, groups, old, new = {}, [], 0, 0
     for group, names in zip(saved["param_groups"], param_group_names(model)):
         ids = []
@@ -135,8 +135,8 @@ def split_projections(saved: dict, model) -> dict:
 
 
 def test_a_checkpoint_from_before_the_fused_projections_resumes_exactly(tmp_path, monkeypatch):
-    """Its optimizer state holds q, k, v, gate and up moments per matrix; resuming stacks them into
-    the fused matrices' moments, and the next step equals the uninterrupted run's."""
+    """Its optimizer state holds the q, k and v moments per matrix; resuming stacks them into the
+    fused matrix's moments, and the next step equals the uninterrupted run's."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     try:
         a = make_trainer(tmp_path, "a")
@@ -148,7 +148,7 @@ def test_a_checkpoint_from_before_the_fused_projections_resumes_exactly(tmp_path
         state = torch.load(state_file, weights_only=True)
         assert len(state["optimizer"]["state"]) == len(list(a.raw_model.parameters()))
         state["optimizer"] = split_projections(state["optimizer"], a.raw_model)
-        assert len(state["optimizer"]["state"]) == len(list(a.raw_model.parameters())) + 3 * a.model_cfg.num_layers
+        assert len(state["optimizer"]["state"]) == len(list(a.raw_model.parameters())) + 2 * a.model_cfg.num_layers
         torch.save(state, state_file)
         b = make_trainer(tmp_path, "b")
         load_resume_state(b, path)

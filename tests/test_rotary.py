@@ -1,0 +1,111 @@
+"""RoPE on the fused q/k/v output: the same values and gradients as autograd through the split
+and rotation, on CPU; the Triton backward kernel in Triton's CPU interpreter and on a GPU."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from koen_sllm.rotary import apply_rope, qkv_rope_grad, rope_tables, rotate_qkv, unrotate
+
+ROOT = Path(__file__).resolve().parents[1]
+B, T, HEADS, KV, DIM = 2, 12, 4, 2, 16
+
+
+def split_and_rotate(qkv, cos, sin):
+    """The plain formulation, differentiated by autograd."""
+    q, k, v = qkv.split([HEADS * DIM, KV * DIM, KV * DIM], dim=-1)
+    q, k, v = q.unflatten(-1, (HEADS, DIM)), k.unflatten(-1, (KV, DIM)), v.unflatten(-1, (KV, DIM))
+    return apply_rope(q, cos, sin).to(qkv.dtype), apply_rope(k, cos, sin).to(qkv.dtype), v
+
+
+def outputs_and_grad(fn, qkv, cos, sin, weights):
+    x = qkv.detach().clone().requires_grad_(True)
+    outs = fn(x, cos, sin)
+    # Each output's gradient reaches the function through a transpose, as the attention's
+    # [B, heads, T, D] gradients do: the backward must read them in any layout.
+    loss = sum((o.transpose(1, 2).float() * w).sum() for o, w in zip(outs, weights))
+    loss.backward()
+    return [o.detach() for o in outs], x.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rotation_matches_autograd_of_the_split_rotation(dtype):
+    g = torch.Generator().manual_seed(0)
+    cos, sin = rope_tables(DIM, 32, 10000.0)
+    cos, sin = cos[:T], sin[:T]
+    qkv = torch.randn(B, T, (HEADS + 2 * KV) * DIM, generator=g).to(dtype)
+    weights = [torch.randn(B, h, T, DIM, generator=g) for h in (HEADS, KV, KV)]
+    fused = lambda x, c, s: rotate_qkv(x, c, s, HEADS, KV, DIM)  # noqa: E731
+    outs_a, grad_a = outputs_and_grad(fused, qkv, cos, sin, weights)
+    outs_b, grad_b = outputs_and_grad(split_and_rotate, qkv, cos, sin, weights)
+    for a, b in zip(outs_a, outs_b):
+        assert a.dtype == dtype and torch.equal(a, b)
+    assert grad_a.dtype == dtype and grad_a.shape == qkv.shape
+    assert torch.equal(grad_a, grad_b)
+    # and the rotation's gradient is not trivially the identity or a plain copy
+    assert not torch.allclose(grad_a[..., :HEADS * DIM].float(),
+                              torch.cat([w.transpose(1, 2) for w in weights[:1]], -1).flatten(2).to(dtype).float())
+
+
+def test_the_fused_rotation_compiles_without_graph_breaks():
+    model_cfg = dict(hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=96)
+    from koen_sllm.model import KoEnLM, model_config_from_preset
+
+    torch.manual_seed(0)
+    model = KoEnLM(model_config_from_preset("tiny", 64, 16, **model_cfg))
+    x = torch.randint(0, 64, (2, 16))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    loss = compiled(x, x)
+    loss.backward()
+    grad = model.layers[0].self_attn.qkv_proj.weight.grad.clone()
+    model.zero_grad()
+    model(x, x).backward()
+    torch.testing.assert_close(grad, model.layers[0].self_attn.qkv_proj.weight.grad)
+
+
+def check_kernel(device: str, dtype: torch.dtype) -> None:
+    """unrotate_into against the torch reference, from gradients in attention's transposed layout."""
+    from koen_sllm.rotary_kernel import unrotate_into
+
+    g = torch.Generator().manual_seed(1)
+    b, t, heads, kv, dim = 3, 40, 4, 2, 64  # 120 rows: not a multiple of the token block
+    cos, sin = (x[:t].to(device) for x in rope_tables(dim, 64, 10000.0))
+    dq, dk, dv = (torch.randn(b, h, t, dim, generator=g).to(device, dtype).transpose(1, 2) for h in (heads, kv, kv))
+    out = torch.full((b, t, (heads + 2 * kv) * dim), float("nan"), device=device, dtype=dtype)
+    unrotate_into(out, dq, dk, dv, cos, sin)
+    want = torch.cat([unrotate(dq, cos, sin).to(dtype).flatten(2), unrotate(dk, cos, sin).to(dtype).flatten(2),
+                      dv.flatten(2)], dim=-1)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    else:  # the interpreter rounds to bf16 toward zero: one bf16 step apart at most
+        torch.testing.assert_close(out.float(), want.float(), rtol=2 ** -7, atol=1e-6)
+    assert torch.equal(out[..., -2 * kv * dim + kv * dim:], want[..., -kv * dim:])  # v copied exactly
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (Linux dev extra)")
+def test_triton_kernel_matches_the_reference_in_the_interpreter():
+    """The GPU kernel in Triton's CPU interpreter (switched on before triton is imported, hence a
+    child process)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    code = (f"import sys, torch; sys.path.insert(0, {str(ROOT / 'tests')!r}); import test_rotary as t; "
+            "t.check_kernel('cpu', torch.float32); t.check_kernel('cpu', torch.bfloat16); print('kernel matches')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "kernel matches" in proc.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_kernel_matches_the_reference_on_the_gpu():
+    check_kernel("cuda", torch.float32)
+    check_kernel("cuda", torch.bfloat16)
+    dq = torch.randn(2, 8, 4, 64, device="cuda", dtype=torch.bfloat16)
+    dk = dv = torch.randn(2, 8, 2, 64, device="cuda", dtype=torch.bfloat16)
+    cos, sin = (x[:8].cuda() for x in rope_tables(64, 8, 10000.0))
+    assert qkv_rope_grad(dq, dk, dv, cos, sin).shape == (2, 8, 512)  # the operator takes the kernel path
