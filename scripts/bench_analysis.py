@@ -22,6 +22,20 @@ KERNEL_KINDS = (  # first match wins; names of cuBLAS/CUTLASS/cuDNN/Triton kerne
 )
 
 
+def cuda_time_ms(fn, repeats: int = 20, warmup: int = 3) -> float:
+    """Mean milliseconds of ``fn()`` on the GPU, by CUDA events around ``repeats`` back-to-back calls."""
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
 def profile_steps(step_fn, n: int) -> dict:
     """GPU time per kernel kind over n steps in steady state, against their span: the rest is the GPU idling.
 

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_analysis import cuda_time_ms  # noqa: E402
 from koen_sllm.model import PRESETS  # noqa: E402
 
 VARIANTS = {  # name -> environment for a process of its own
@@ -77,19 +79,6 @@ def make_step(tokens: int, s: dict, fused: bool):
     return step, flops
 
 
-def time_ms(fn, repeats: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
-
-
 def count_kernels(fn, n: int = 3) -> tuple[float, float]:
     """(kernels, memsets) per call, from the profiler's device-side rows."""
     from torch.profiler import ProfilerActivity, profile
@@ -109,7 +98,7 @@ def measure(args) -> dict:
     out = {}
     for fused in (False, True):
         step, flops = make_step(tokens, s, fused)
-        ms = time_ms(step)
+        ms = cuda_time_ms(step)
         kernels, memsets = count_kernels(step)
         out["fused" if fused else "separate"] = {"ms": ms, "tflops": flops / ms / 1e9,
                                                  "kernels": kernels, "memsets": memsets}

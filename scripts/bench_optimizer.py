@@ -18,22 +18,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_analysis import cuda_time_ms  # noqa: E402
 from koen_sllm.master_adamw import MasterWeightAdamW  # noqa: E402
 from koen_sllm.model import KoEnLM, model_config_from_preset  # noqa: E402
 from koen_sllm.optim import param_groups  # noqa: E402
-
-
-def _time_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
 
 
 def _setup(model_size: str, vocab: int, bf16_weights: bool):
@@ -77,7 +66,7 @@ def main() -> int:
                                ("torch fused AdamW (fp32 weights, grad_scale)", False, 32)):
         model, opt = _setup(args.model_size, args.vocab, bf16)
         n = sum(p.numel() for p in model.parameters())
-        ms = _time_ms(opt.step, args.repeats)
+        ms = cuda_time_ms(opt.step, args.repeats)
         rows.append((name, ms, nbytes * n / ms / 1e6))
         del model, opt
         torch.cuda.empty_cache()
