@@ -7,7 +7,8 @@ width, which evaluates both halves of the rotation and all three sources under m
 element: on an H200 it took 3.0 ms per step where the separate rotations' backward took 0.7
 (docs/benchmarks.md). :func:`rotate_qkv` gives the backward an operator of its own: on a GPU one
 Triton launch per part (q, k, v) writes that part's gradient straight into its columns of the
-fused gradient; elsewhere the same arithmetic runs as torch operations.
+fused gradient; elsewhere the same arithmetic runs as torch operations. The same kernel can run
+the forward too (``FORWARD_ON_GPU``), a lever still to be measured.
 """
 from __future__ import annotations
 
@@ -17,6 +18,12 @@ import torch
 
 # CUDA builds of torch bring triton on Linux; without it the backward runs as torch operations.
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+# How the forward rotation runs on a GPU: "compiled" (torch operations that Inductor fuses: the
+# measured default) or "kernel" (the backward's Triton kernel run forwards, each byte read and
+# written once). The second is a benchmark lever (scripts/bench_throughput.py --rope-forward
+# kernel) until a measurement says it wins.
+FORWARD_ON_GPU = "compiled"
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,18 +62,46 @@ def rotate_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_head
 class _RotateQKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, cos, sin, num_heads, num_kv_heads, head_dim):
-        q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
         ctx.save_for_backward(cos, sin)
-        # v is copied rather than returned as a view of the input (a Function must not hand out
-        # views of its inputs): 0.2 ms per step at 350m, batch 8 on an H200.
-        return (apply_rope(q.unflatten(-1, (num_heads, head_dim)), cos, sin).to(qkv.dtype),
-                apply_rope(k.unflatten(-1, (num_kv_heads, head_dim)), cos, sin).to(qkv.dtype),
-                v.unflatten(-1, (num_kv_heads, head_dim)).clone())
+        if FORWARD_ON_GPU == "kernel" and qkv.is_cuda:
+            return qkv_rope(qkv, cos, sin, num_heads, num_kv_heads, head_dim)
+        return _rotate_split(qkv, cos, sin, num_heads, num_kv_heads, head_dim)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
         cos, sin = ctx.saved_tensors
         return qkv_rope_grad(dq, dk, dv, cos, sin), None, None, None, None, None
+
+
+def _rotate_split(qkv, cos, sin, num_heads, num_kv_heads, head_dim):
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    # v is copied rather than returned as a view of the input (a Function must not hand out
+    # views of its inputs): 0.2 ms per step at 350m, batch 8 on an H200.
+    return (apply_rope(q.unflatten(-1, (num_heads, head_dim)), cos, sin).to(qkv.dtype),
+            apply_rope(k.unflatten(-1, (num_kv_heads, head_dim)), cos, sin).to(qkv.dtype),
+            v.unflatten(-1, (num_kv_heads, head_dim)).clone())
+
+
+@torch.library.custom_op("koen_sllm::qkv_rope", mutates_args=())
+def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
+             head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`rotate_qkv`'s forward as one operator: on a GPU the Triton kernel, elsewhere torch operations."""
+    if not (qkv.is_cuda and _kernel_fits(head_dim) and _HAVE_TRITON):
+        return _rotate_split(qkv, cos, sin, num_heads, num_kv_heads, head_dim)
+    from .rotary_kernel import rotate_from  # Triton: imported where a GPU runs it
+
+    b, t, _ = qkv.shape
+    q = qkv.new_empty(b, t, num_heads, head_dim)
+    k, v = (qkv.new_empty(b, t, num_kv_heads, head_dim) for _ in range(2))
+    rotate_from(qkv, q, k, v, cos, sin)
+    return q, k, v
+
+
+@qkv_rope.register_fake
+def _(qkv, cos, sin, num_heads, num_kv_heads, head_dim):
+    b, t, _ = qkv.shape
+    return (qkv.new_empty(b, t, num_heads, head_dim), qkv.new_empty(b, t, num_kv_heads, head_dim),
+            qkv.new_empty(b, t, num_kv_heads, head_dim))
 
 
 @torch.library.custom_op("koen_sllm::qkv_rope_grad", mutates_args=())

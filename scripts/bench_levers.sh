@@ -23,7 +23,8 @@
 # clip inside the fused update), cublaslt (matmuls through cuBLASLt), fp32-weights / b16-fp32-weights
 # (fp32 weights cast by autocast with torch's fused AdamW, instead of bf16 weights with fp32 masters),
 # combo-kernels (Inductor launches independent small kernels as one), no-workspace (cuBLAS without
-# its workspace, CUBLAS_WORKSPACE_CONFIG=:0:0). Each run has its own time limit (LEVER_TIMEOUT, default 300 s), so one
+# its workspace, CUBLAS_WORKSPACE_CONFIG=:0:0), rope-forward-kernel (the q/k rotation's forward as
+# the Triton kernel its backward uses). Each run has its own time limit (LEVER_TIMEOUT, default 300 s), so one
 # failure or hang leaves the others. JSON per run and summary.md go to
 # ${BENCH_DIR:-outputs/bench_levers}. A benchmark: nothing here asserts a speed.
 set -euo pipefail
@@ -84,6 +85,7 @@ for lever in "${levers[@]}"; do
     b16-fp32-weights) mapfile -t b < <(batch_args 16 "$@"); run_lever b16-fp32-weights - "${b[@]}" --fp32-weights ;;
     combo-kernels) run_lever combo-kernels "TORCHINDUCTOR_COMBO_KERNELS=1" --profile ;;
     no-workspace) run_lever no-workspace "CUBLAS_WORKSPACE_CONFIG=:0:0" --profile ;;
+    rope-forward-kernel) run_lever rope-forward-kernel - --rope-forward kernel --profile ;;
     *) echo "❌ unknown lever $lever" >&2; exit 2 ;;
   esac
 done

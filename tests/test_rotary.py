@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from koen_sllm.rotary import apply_rope, qkv_rope_grad, rope_tables, rotate_qkv, unrotate
+from koen_sllm import rotary
+from koen_sllm.rotary import apply_rope, qkv_rope, qkv_rope_grad, rope_tables, rotate_qkv, unrotate
 
 ROOT = Path(__file__).resolve().parents[1]
 B, T, HEADS, KV, DIM = 2, 12, 4, 2, 16
@@ -53,6 +54,14 @@ def test_fused_rotation_matches_autograd_of_the_split_rotation(dtype):
                               torch.cat([w.transpose(1, 2) for w in weights[:1]], -1).flatten(2).to(dtype).float())
 
 
+def test_the_forward_operator_off_the_gpu_is_the_split_rotation():
+    g = torch.Generator().manual_seed(3)
+    cos, sin = (x[:T] for x in rope_tables(DIM, 32, 10000.0))
+    qkv = torch.randn(B, T, (HEADS + 2 * KV) * DIM, generator=g).bfloat16()
+    for got, want in zip(qkv_rope(qkv, cos, sin, HEADS, KV, DIM), split_and_rotate(qkv, cos, sin)):
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
 def test_the_fused_rotation_compiles_without_graph_breaks():
     model_cfg = dict(hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=96)
     from koen_sllm.model import KoEnLM, model_config_from_preset
@@ -70,8 +79,9 @@ def test_the_fused_rotation_compiles_without_graph_breaks():
 
 
 def check_kernel(device: str, dtype: torch.dtype) -> None:
-    """unrotate_into against the torch reference, from gradients in attention's transposed layout."""
-    from koen_sllm.rotary_kernel import unrotate_into
+    """unrotate_into against the torch reference, from gradients in attention's transposed layout;
+    rotate_from (the forward) against apply_rope, from the fused columns."""
+    from koen_sllm.rotary_kernel import rotate_from, unrotate_into
 
     g = torch.Generator().manual_seed(1)
     b, t, heads, kv, dim = 3, 40, 4, 2, 64  # 120 rows: not a multiple of the token block
@@ -86,6 +96,18 @@ def check_kernel(device: str, dtype: torch.dtype) -> None:
     else:  # the interpreter rounds to bf16 toward zero: one bf16 step apart at most
         torch.testing.assert_close(out.float(), want.float(), rtol=2 ** -7, atol=1e-6)
     assert torch.equal(out[..., -2 * kv * dim + kv * dim:], want[..., -kv * dim:])  # v copied exactly
+
+    qkv = torch.randn(b, t, (heads + 2 * kv) * dim, generator=g).to(device, dtype)
+    q, k, v = (torch.full((b, t, h, dim), float("nan"), device=device, dtype=dtype) for h in (heads, kv, kv))
+    rotate_from(qkv, q, k, v, cos, sin)
+    parts = qkv.split([heads * dim, kv * dim, kv * dim], dim=-1)
+    want_q, want_k = (apply_rope(p.unflatten(-1, (h, dim)), cos, sin).to(dtype) for p, h in zip(parts, (heads, kv)))
+    for got, ref in ((q, want_q), (k, want_k)):
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+        else:
+            torch.testing.assert_close(got.float(), ref.float(), rtol=2 ** -7, atol=1e-6)
+    assert torch.equal(v, parts[2].unflatten(-1, (kv, dim)))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (Linux dev extra)")
@@ -109,3 +131,21 @@ def test_triton_kernel_matches_the_reference_on_the_gpu():
     dk = dv = torch.randn(2, 8, 2, 64, device="cuda", dtype=torch.bfloat16)
     cos, sin = (x[:8].cuda() for x in rope_tables(64, 8, 10000.0))
     assert qkv_rope_grad(dq, dk, dv, cos, sin).shape == (2, 8, 512)  # the operator takes the kernel path
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_forward_kernel_gives_the_compiled_formulations_values_and_gradients(monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    cos, sin = (x[:T].cuda() for x in rope_tables(DIM, 32, 10000.0))
+    qkv = torch.randn(B, T, (HEADS + 2 * KV) * DIM, generator=g).cuda().bfloat16()
+    weights = [torch.randn(B, h, T, DIM, generator=g).cuda() for h in (HEADS, KV, KV)]
+    fused = lambda x, c, s: rotate_qkv(x, c, s, HEADS, KV, DIM)  # noqa: E731
+    runs = {}
+    for mode in ("compiled", "kernel"):
+        monkeypatch.setattr(rotary, "FORWARD_ON_GPU", mode)
+        runs[mode] = outputs_and_grad(fused, qkv, cos, sin, weights)
+    (outs_a, grad_a), (outs_b, grad_b) = runs["compiled"], runs["kernel"]
+    for a, b in zip(outs_a, outs_b):
+        torch.testing.assert_close(b.float(), a.float(), rtol=2 ** -7, atol=1e-6)
+    torch.testing.assert_close(grad_b.float(), grad_a.float(), rtol=2 ** -6, atol=1e-5)
