@@ -245,8 +245,17 @@ class DeepSpeedRunner:
             raise DeepSpeedBackendError(
                 f"{directory} holds ZeRO optimizer shards of {len(shards)} processes, this run has {world}; "
                 f"resume with {len(shards)} processes (the ZeRO partitioning follows the world size)")
-        path, client_state = self.engine.load_checkpoint(
-            str(engine_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        try:
+            path, client_state = self.engine.load_checkpoint(
+                str(engine_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        except RuntimeError as exc:
+            if "q_proj" in str(exc) and "qkv_proj" in str(exc):  # the engine's own module names
+                raise DeepSpeedBackendError(
+                    f"{directory} was saved while q, k and v were separate matrices; the DeepSpeed engine cannot "
+                    "load that state into today's fused q/k/v layout (docs/checkpoints.md): resume it with the "
+                    "version that saved it, or start afresh with --resume none (its model.safetensors still "
+                    "loads for export and generation)") from None
+            raise
         if path is None:
             raise DeepSpeedBackendError(f"DeepSpeed could not load {engine_dir}/{tag}; the checkpoint is incomplete")
         return dict(client_state or {})

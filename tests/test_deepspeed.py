@@ -403,6 +403,27 @@ def test_load_checks_the_engine_files_and_world_size(tmp_path):
     assert r.engine.loaded == (str(tmp_path / B.ENGINE_DIR), B.ENGINE_TAG)
 
 
+def test_an_engine_state_with_separate_q_k_v_is_refused_with_the_reason(tmp_path, monkeypatch):
+    r = stub_runner(1)
+    (tmp_path / B.ENGINE_DIR / B.ENGINE_TAG).mkdir(parents=True)
+
+    def old_layout(*args, **kwargs):  # what torch's load_state_dict says inside the engine
+        raise RuntimeError('Error(s) in loading state_dict for KoEnLM:\n\tMissing key(s) in state_dict: '
+                           '"layers.0.self_attn.qkv_proj.weight". \n\tUnexpected key(s) in state_dict: '
+                           '"layers.0.self_attn.q_proj.weight", "layers.0.self_attn.k_proj.weight".')
+
+    monkeypatch.setattr(r.engine, "load_checkpoint", old_layout)
+    with pytest.raises(B.DeepSpeedBackendError, match="separate matrices.*--resume none"):
+        r.load_from(tmp_path)
+
+    def other_failure(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(r.engine, "load_checkpoint", other_failure)
+    with pytest.raises(RuntimeError, match="out of memory"):  # not mistaken for the layout change
+        r.load_from(tmp_path)
+
+
 def test_resume_refuses_a_checkpoint_of_the_other_backend(tmp_path):
     """The trainer's check before the engine starts: the engine's folder, or trainer_state's "backend"."""
     from types import SimpleNamespace
