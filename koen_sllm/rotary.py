@@ -86,7 +86,7 @@ def _rotate_split(qkv, cos, sin, num_heads, num_kv_heads, head_dim):
 def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
              head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`rotate_qkv`'s forward as one operator: on a GPU the Triton kernel, elsewhere torch operations."""
-    if not (qkv.is_cuda and _kernel_fits(head_dim) and _HAVE_TRITON):
+    if not _kernel_runs(qkv, head_dim):
         return _rotate_split(qkv, cos, sin, num_heads, num_kv_heads, head_dim)
     from .rotary_kernel import rotate_from  # Triton: imported where a GPU runs it
 
@@ -111,7 +111,7 @@ def qkv_rope_grad(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: tor
     rotated q and k and of v (any strides), in ``dq``'s dtype."""
     b, t, heads, dim = dq.shape
     out = dq.new_empty(b, t, (heads + 2 * dk.shape[2]) * dim)
-    if dq.is_cuda and _kernel_fits(dim) and _HAVE_TRITON:
+    if _kernel_runs(dq, dim):
         from .rotary_kernel import unrotate_into  # Triton: imported where a GPU runs it
 
         unrotate_into(out, dq, dk, dv, cos, sin)
@@ -127,7 +127,8 @@ def _(dq, dk, dv, cos, sin):
     return dq.new_empty(b, t, (heads + 2 * dk.shape[2]) * dim)
 
 
-def _kernel_fits(head_dim: int) -> bool:
-    """The Triton kernel loads a head's halves as power-of-two blocks."""
+def _kernel_runs(t: torch.Tensor, head_dim: int) -> bool:
+    """Whether the Triton kernel takes ``t``: on a GPU, with triton, for heads whose halves are
+    power-of-two blocks (how the kernel loads them)."""
     half = head_dim // 2
-    return head_dim % 2 == 0 and half >= 1 and half & (half - 1) == 0
+    return t.is_cuda and _HAVE_TRITON and head_dim % 2 == 0 and half >= 1 and half & (half - 1) == 0

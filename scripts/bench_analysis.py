@@ -42,7 +42,7 @@ def profile_steps(step_fn, n: int) -> dict:
     One extra step runs first inside the profiler and is left out: the synchronize before the
     profiler drains the GPU's queue, so that step starts on an idle GPU and waits for the host's
     launch overhead, which in steady state runs while the previous step's kernels still execute."""
-    prof, host_wall_us = _profiled(step_fn, n + 1, mark_steps=True)
+    prof, host_wall_us = run_profiled(step_fn, n + 1, mark_steps=True)
     spans, marks = [], {}
     for ev in prof.events():  # device-side rows only: each kernel or copy once, with its duration
         if ev.device_type != torch.autograd.DeviceType.CUDA:
@@ -96,7 +96,7 @@ def trace_steps(step_fn, n: int, path: Path) -> Path:
     import gzip
     import shutil
 
-    prof, _ = _profiled(step_fn, n)
+    prof, _ = run_profiled(step_fn, n)
     raw = path.with_suffix("")
     prof.export_chrome_trace(str(raw))
     with open(raw, "rb") as src, gzip.open(path, "wb", compresslevel=6) as dst:
@@ -105,7 +105,7 @@ def trace_steps(step_fn, n: int, path: Path) -> Path:
     return path
 
 
-def _profiled(step_fn, n: int, mark_steps: bool = False):
+def run_profiled(step_fn, n: int, mark_steps: bool = False):
     """n steps under the profiler (host operators and GPU kernels), started on a drained GPU;
     returns the profile and the host's wall time in microseconds. ``mark_steps`` wraps each
     step in a "bench step i" annotation, whose GPU-side span says where step i's kernels start."""

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_analysis import cuda_time_ms  # noqa: E402
+from bench_analysis import cuda_time_ms, run_profiled  # noqa: E402
 from koen_sllm.model import PRESETS  # noqa: E402
 
 VARIANTS = {  # name -> environment for a process of its own
@@ -81,13 +81,7 @@ def make_step(tokens: int, s: dict, fused: bool):
 
 def count_kernels(fn, n: int = 3) -> tuple[float, float]:
     """(kernels, memsets) per call, from the profiler's device-side rows."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            fn()
-        torch.cuda.synchronize()
+    prof, _ = run_profiled(fn, n)
     rows = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     memsets = sum(1 for e in rows if "memset" in e.name.lower())
     return (len(rows) - memsets) / n, memsets / n

@@ -78,6 +78,13 @@ def test_the_fused_rotation_compiles_without_graph_breaks():
     torch.testing.assert_close(grad, model.layers[0].self_attn.qkv_proj.weight.grad)
 
 
+def assert_kernel_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    if got.dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    else:  # the interpreter rounds to bf16 toward zero: one bf16 step apart at most
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-6)
+
+
 def check_kernel(device: str, dtype: torch.dtype) -> None:
     """unrotate_into against the torch reference, from gradients in attention's transposed layout;
     rotate_from (the forward) against apply_rope, from the fused columns."""
@@ -91,10 +98,7 @@ def check_kernel(device: str, dtype: torch.dtype) -> None:
     unrotate_into(out, dq, dk, dv, cos, sin)
     want = torch.cat([unrotate(dq, cos, sin).to(dtype).flatten(2), unrotate(dk, cos, sin).to(dtype).flatten(2),
                       dv.flatten(2)], dim=-1)
-    if dtype == torch.float32:
-        torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
-    else:  # the interpreter rounds to bf16 toward zero: one bf16 step apart at most
-        torch.testing.assert_close(out.float(), want.float(), rtol=2 ** -7, atol=1e-6)
+    assert_kernel_close(out, want)
     assert torch.equal(out[..., -2 * kv * dim + kv * dim:], want[..., -kv * dim:])  # v copied exactly
 
     qkv = torch.randn(b, t, (heads + 2 * kv) * dim, generator=g).to(device, dtype)
@@ -103,10 +107,7 @@ def check_kernel(device: str, dtype: torch.dtype) -> None:
     parts = qkv.split([heads * dim, kv * dim, kv * dim], dim=-1)
     want_q, want_k = (apply_rope(p.unflatten(-1, (h, dim)), cos, sin).to(dtype) for p, h in zip(parts, (heads, kv)))
     for got, ref in ((q, want_q), (k, want_k)):
-        if dtype == torch.float32:
-            torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
-        else:
-            torch.testing.assert_close(got.float(), ref.float(), rtol=2 ** -7, atol=1e-6)
+        assert_kernel_close(got, ref)
     assert torch.equal(v, parts[2].unflatten(-1, (kv, dim)))
 
 
