@@ -23,7 +23,8 @@
 # clip inside the fused update), cublaslt (matmuls through cuBLASLt), fp32-weights / b16-fp32-weights
 # (fp32 weights cast by autocast with torch's fused AdamW, instead of bf16 weights with fp32 masters),
 # combo-kernels (Inductor launches independent small kernels as one), no-workspace (cuBLAS without
-# its workspace, CUBLAS_WORKSPACE_CONFIG=:0:0), rope-forward-kernel (the q/k rotation's forward as
+# its workspace, CUBLAS_WORKSPACE_CONFIG=:0:0), no-workspace-cudagraphs (both: the statically
+# scheduled matmuls without the host time no-workspace adds per launch), rope-forward-kernel (the q/k rotation's forward as
 # the Triton kernel its backward uses). Each run has its own time limit (LEVER_TIMEOUT, default 300 s), so one
 # failure or hang leaves the others. JSON per run and summary.md go to
 # ${BENCH_DIR:-outputs/bench_levers}. A benchmark: nothing here asserts a speed.
@@ -83,6 +84,7 @@ for lever in "${levers[@]}"; do
     cublaslt) run_lever cublaslt "TORCH_BLAS_PREFER_CUBLASLT=1" --profile ;;
     fp32-weights) run_lever fp32-weights - --fp32-weights --profile ;;
     b16-fp32-weights) mapfile -t b < <(batch_args 16 "$@"); run_lever b16-fp32-weights - "${b[@]}" --fp32-weights ;;
+    no-workspace-cudagraphs) run_lever no-workspace-cudagraphs "CUBLAS_WORKSPACE_CONFIG=:0:0" --compile-mode reduce-overhead --profile ;;
     combo-kernels) run_lever combo-kernels "TORCHINDUCTOR_COMBO_KERNELS=1" --profile ;;
     no-workspace) run_lever no-workspace "CUBLAS_WORKSPACE_CONFIG=:0:0" --profile ;;
     rope-forward-kernel) run_lever rope-forward-kernel - --rope-forward kernel --profile ;;
