@@ -37,7 +37,13 @@ mkdir -p "$work"
 common=(--only ours --quick "$@")
 batch_args() {  # the batch size typed on the command line wins over a lever's
   local b="$1"; shift
-  for a in "$@"; do [ "$a" = "--batch-size" ] && return 0; done
+  for a in "$@"; do
+    if [ "$a" = "--batch-size" ]; then
+      # said aloud: a row named b16 that ran another batch is easy to misread
+      echo "    note: --batch-size typed on the command line replaces this lever's batch $b (see the summary's batch column)" >&2
+      return 0
+    fi
+  done
   printf '%s\n' --batch-size "$b"
 }
 
