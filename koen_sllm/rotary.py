@@ -8,7 +8,7 @@ element: on an H200 it took 3.0 ms per step where the separate rotations' backwa
 (docs/benchmarks.md). :func:`rotate_qkv` gives the backward an operator of its own: on a GPU one
 Triton launch per part (q, k, v) writes that part's gradient straight into its columns of the
 fused gradient; elsewhere the same arithmetic runs as torch operations. The same kernel can run
-the forward too (``FORWARD_ON_GPU``): measured 0.992x the compiled forward on an H200, because
+the forward too (``FORWARD_ON_GPU``): with it the whole step measured 0.992x on an H200, because
 the compiled forward already moves its bytes about once and the operator adds host time to each
 layer; kept as a benchmark lever.
 """
@@ -24,7 +24,7 @@ _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 # How the forward rotation runs on a GPU: "compiled" (torch operations that Inductor fuses: the
 # measured default) or "kernel" (the backward's Triton kernel run forwards, each byte read and
 # written once). The second is a benchmark lever (scripts/bench_throughput.py --rope-forward
-# kernel); it measured 0.992x the first (docs/benchmarks.md, fourth round), so it is not the default.
+# kernel); with it the step measured 0.992x (docs/benchmarks.md, fourth round), so it is not the default.
 FORWARD_ON_GPU = "compiled"
 
 
