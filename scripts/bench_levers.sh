@@ -23,8 +23,8 @@
 # clip inside the fused update), cublaslt (matmuls through cuBLASLt), fp32-weights / b16-fp32-weights
 # (fp32 weights cast by autocast with torch's fused AdamW, instead of bf16 weights with fp32 masters),
 # combo-kernels (Inductor launches independent small kernels as one), no-workspace (cuBLAS without
-# its workspace, CUBLAS_WORKSPACE_CONFIG=:0:0), no-workspace-cudagraphs (both: the statically
-# scheduled matmuls without the host time no-workspace adds per launch), rope-forward-kernel (the q/k rotation's forward as
+# its workspace, CUBLAS_WORKSPACE_CONFIG=:0:0), no-workspace-cudagraphs (both
+# together: cuBLAS's statically scheduled matmuls with the step replayed as CUDA graphs), rope-forward-kernel (the q/k rotation's forward as
 # the Triton kernel its backward uses). Each run has its own time limit (LEVER_TIMEOUT, default 300 s), so one
 # failure or hang leaves the others. JSON per run and summary.md go to
 # ${BENCH_DIR:-outputs/bench_levers}. A benchmark: nothing here asserts a speed.
