@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
@@ -66,6 +67,11 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
 
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
+        # Free what still holds the group (a finished trainer's DDP wrapper, in a reference
+        # cycle) while the interpreter is whole: left to interpreter shutdown, a gloo group's
+        # threads can be torn down out of order and the process aborts after a finished run
+        # ("terminate called without an active exception"), which torchrun reports as a failure.
+        gc.collect()
         dist.destroy_process_group()
 
 

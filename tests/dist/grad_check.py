@@ -34,12 +34,8 @@ class SliceLoader:
         return b[:, :-1].contiguous(), b[:, 1:].contiguous()
 
 
-def main(micro: int, accum: int, out: str) -> None:
-    cfg, _ = parse_args(["--train", "--model-size", "tiny", "--batch-size", str(micro), "--grad-accum", str(accum),
-                         "--max-seq-length", str(SEQ), "--max-steps", "1", "--grad-clip", "0", "--no-compile",
-                         "--fp32"])
-    apply_device_defaults(cfg, False)
-    info = D.init_distributed()
+def step_grads(cfg, info, micro: int) -> dict:
+    """One train_step's loss, grad norm and the gradients the optimizer would see."""
     data = torch.randint(0, VOCAB, (GLOBAL_SEQS, SEQ + 1), generator=torch.Generator().manual_seed(0))
     tr = Trainer(cfg, info)
     tr.build(VOCAB, SliceLoader(data, micro, info.rank, info.world_size))
@@ -53,9 +49,19 @@ def main(micro: int, accum: int, out: str) -> None:
     tr.optimizer.step = capture
     loss, grad_norm, applied = tr.train_step()
     assert applied and tr.loader.cursor == GLOBAL_SEQS, (applied, tr.loader.cursor)
+    return {"grads": grads, "loss": float(loss), "grad_norm": float(grad_norm), "world": info.world_size}
+
+
+def main(micro: int, accum: int, out: str) -> None:
+    cfg, _ = parse_args(["--train", "--model-size", "tiny", "--batch-size", str(micro), "--grad-accum", str(accum),
+                         "--max-seq-length", str(SEQ), "--max-steps", "1", "--grad-clip", "0", "--no-compile",
+                         "--fp32"])
+    apply_device_defaults(cfg, False)
+    info = D.init_distributed()
+    result = step_grads(cfg, info, micro)  # the trainer is garbage once this returns; D.cleanup frees it
     if info.is_main:
-        torch.save({"grads": grads, "loss": float(loss), "grad_norm": float(grad_norm),
-                    "world": info.world_size}, out)
+        torch.save(result, out)
+    D.barrier()  # tear down together, as koen_sllm.cli does
     D.cleanup()
 
 
