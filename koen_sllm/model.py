@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import causal_attention, check_backend, probe_backend
 from .config import ATTN_BACKENDS, ConfigError
 from .losses import IGNORE_INDEX, chunked_linear_cross_entropy
-from .rotary import apply_rope, rope_tables, rotate_qkv
+from .rotary import apply_rope, qkv_split, rope_tables, rotate_qkv
 
 
 @dataclass
@@ -165,7 +165,7 @@ class Attention(nn.Module):
         # q, k and v come out of one product: a wide matmul runs at the full matmul rate where the
         # narrow k and v ones ran at about two thirds of it (docs/benchmarks.md). transformers'
         # q_proj, k_proj and v_proj are its row blocks, in that order (see KoEnLM.hf_state_dict).
-        self.qkv_split = [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim]
+        self.qkv_split = qkv_split(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.qkv_split), bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         if cfg.qk_norm:
@@ -365,13 +365,12 @@ class KoEnLM(nn.Module):
     def fused_blocks(self, name: str) -> Optional[list[tuple[str, int]]]:
         """For a fused projection's name in this model's state dict, the transformers names of its
         row blocks, in order, with their row counts; None for any other name."""
-        c = self.cfg
-        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         suffix = "self_attn.qkv_proj.weight"
         if not name.endswith(suffix):
             return None
         prefix = "model." + name[: -len(suffix)] + "self_attn."
-        return [(prefix + "q_proj.weight", q), (prefix + "k_proj.weight", kv), (prefix + "v_proj.weight", kv)]
+        rows = qkv_split(self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim)
+        return [(prefix + part + "_proj.weight", n) for part, n in zip("qkv", rows)]
 
     def _hf_layout(self) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
         """Each state-dict entry -> the transformers tensors it holds: [(name, shape)], several
