@@ -1,4 +1,5 @@
-"""The output layer and cross-entropy, computed a chunk of tokens at a time.
+"""The output layer and cross-entropy: a chunk of tokens at a time, or, on a GPU, with the
+loss and its gradient from one Triton pass.
 
 With a 32k vocabulary the logits of one micro-batch are large: 8 x 2048 tokens
 x 32,000 entries are 1 GiB in bf16, 2 GiB more as fp32 for the softmax, and the
@@ -14,11 +15,20 @@ chunks in fp32.
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import Optional
 
 import torch
 
 IGNORE_INDEX = -100  # target id that contributes nothing to the loss (the HF convention)
+
+# CUDA builds of torch bring triton on Linux; without it the fused loss is not offered.
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+# How the loss runs on a GPU in bf16 when it needs gradients: "compiled" (F.cross_entropy, which
+# Inductor fuses) or "kernel" (fused_linear_cross_entropy: the loss and its gradient in one Triton
+# pass). A benchmark lever until measured (scripts/bench_throughput.py --cross-entropy).
+KERNEL_ON_GPU = "compiled"
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -80,3 +90,81 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, tar
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     return _ChunkedLinearCE.apply(hidden2d, weight, targets.reshape(-1), int(chunk),
                                   dtype or compute_dtype(hidden2d))
+
+
+# ---------------------------------------------------------------- the loss and its gradient at once
+def fused_ce_runs(hidden: torch.Tensor) -> bool:
+    """Whether :func:`fused_linear_cross_entropy` takes the loss of ``hidden`` here: chosen, on a
+    GPU with triton, in bf16 (fp16 would round the tiny per-token gradients to zero without the
+    loss scale applied first), and with gradients wanted (validation keeps the plain loss)."""
+    return (KERNEL_ON_GPU == "kernel" and hidden.is_cuda and _HAVE_TRITON and torch.is_grad_enabled()
+            and compute_dtype(hidden) == torch.bfloat16)
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                               dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Mean cross-entropy of ``hidden [..., C] @ weight[V, C].T`` against ``targets [...]``, the
+    same numbers as the plain path (logits rounded to ``dtype``, fp32 softmax, the logits' gradient
+    rounded to ``dtype``), with the gradient of the logits computed in the forward, over the
+    logits themselves: backward is the head's two matmuls, scaled. On a GPU one Triton kernel
+    does the loss and the gradient (ce_kernel.py); elsewhere torch operations do the same."""
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    return _FusedLinearCE.apply(hidden2d, weight, targets.reshape(-1), dtype or compute_dtype(hidden2d))
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, dtype):
+        with torch.autocast(hidden.device.type, enabled=False):  # the dtype is chosen already
+            h, w = hidden.to(dtype), weight.to(dtype)
+            loss, grad_logits = linear_ce_loss_grad(h, w, targets)
+        ctx.save_for_backward(h, w, grad_logits)
+        ctx.out_dtypes = (hidden.dtype, weight.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, w, grad_logits = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.out_dtypes
+        # grad_out is 1 for a plain backward; scaling the two products, not the logits' gradient,
+        # keeps it from being another pass over the [tokens, vocabulary] tensor.
+        scale = grad_out.to(torch.float32)
+        grad_hidden = (grad_logits @ w).mul_(scale).to(hidden_dtype)
+        grad_weight = (grad_logits.t() @ h).mul_(scale).to(weight_dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+@torch.library.custom_op("koen_sllm::linear_ce_loss_grad", mutates_args=())
+def linear_ce_loss_grad(hidden: torch.Tensor, weight: torch.Tensor,
+                        targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean loss, d loss / d logits)`` for ``logits = hidden [N, C] @ weight [V, C].T``, with
+    targets equal to IGNORE_INDEX not counted; the gradient in the logits' dtype, its storage the
+    logits' own. No counted token gives a nan loss and a zero gradient."""
+    logits = hidden @ weight.t()
+    count = (targets != IGNORE_INDEX).sum().float()
+    scale = (1.0 / count).reshape(1)  # inf when nothing counts; the kernel then writes zeros
+    if logits.is_cuda and _HAVE_TRITON:
+        from .ce_kernel import loss_and_grad_in_place  # Triton: imported where a GPU runs it
+
+        row_loss = loss_and_grad_in_place(logits, targets, scale, IGNORE_INDEX)
+        return row_loss.sum() / count, logits
+    return _loss_grad_reference(logits, targets, count)
+
+
+@linear_ce_loss_grad.register_fake
+def _(hidden, weight, targets):
+    return hidden.new_empty((), dtype=torch.float32), hidden.new_empty(hidden.shape[0], weight.shape[0])
+
+
+def _loss_grad_reference(logits: torch.Tensor, targets: torch.Tensor,
+                         count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's arithmetic as torch operations (CPU, or a GPU without triton)."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    keep = targets != IGNORE_INDEX
+    safe = torch.where(keep, targets, torch.zeros_like(targets))
+    loss = torch.where(keep, lse - x.gather(1, safe[:, None]).squeeze(1), torch.zeros_like(lse)).sum() / count
+    grad = (x - lse[:, None]).exp_()
+    grad.scatter_add_(1, safe[:, None], torch.full_like(lse, -1.0)[:, None])
+    grad.mul_(torch.where(keep, 1.0 / count, 0.0)[:, None])
+    return loss, grad.to(logits.dtype)

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import causal_attention, check_backend, probe_backend
 from .config import ATTN_BACKENDS, ConfigError
-from .losses import IGNORE_INDEX, chunked_linear_cross_entropy
+from .losses import IGNORE_INDEX, chunked_linear_cross_entropy, fused_ce_runs, fused_linear_cross_entropy
 from .rotary import apply_rope, qkv_split, rope_tables, rotate_qkv
 
 
@@ -302,6 +302,8 @@ class KoEnLM(nn.Module):
         the full logits are never held (same loss, far less memory; losses.py)."""
         if self.cfg.ce_chunk_tokens:
             return chunked_linear_cross_entropy(hidden, self.lm_head.weight, targets, self.cfg.ce_chunk_tokens)
+        if fused_ce_runs(hidden):
+            return fused_linear_cross_entropy(hidden, self.lm_head.weight, targets)
         logits = self.lm_head(hidden)
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
                                ignore_index=IGNORE_INDEX)

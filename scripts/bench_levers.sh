@@ -25,7 +25,8 @@
 # combo-kernels (Inductor launches independent small kernels as one), no-workspace (cuBLAS without
 # its workspace, CUBLAS_WORKSPACE_CONFIG=:0:0), no-workspace-cudagraphs (both
 # together: cuBLAS's statically scheduled matmuls with the step replayed as CUDA graphs), rope-forward-kernel (the q/k rotation's forward as
-# the Triton kernel its backward uses). Each run has its own time limit (LEVER_TIMEOUT, default 300 s), so one
+# the Triton kernel its backward uses), ce-kernel / ce-compiled (the loss and its gradient from one Triton
+# pass / F.cross_entropy fused by Inductor). Each run has its own time limit (LEVER_TIMEOUT, default 300 s), so one
 # failure or hang leaves the others. JSON per run and summary.md go to
 # ${BENCH_DIR:-outputs/bench_levers}. A benchmark: nothing here asserts a speed.
 set -euo pipefail
@@ -94,6 +95,8 @@ for lever in "${levers[@]}"; do
     combo-kernels) run_lever combo-kernels "TORCHINDUCTOR_COMBO_KERNELS=1" --profile ;;
     no-workspace) run_lever no-workspace "CUBLAS_WORKSPACE_CONFIG=:0:0" --profile ;;
     rope-forward-kernel) run_lever rope-forward-kernel - --rope-forward kernel --profile ;;
+    ce-kernel) run_lever ce-kernel - --cross-entropy kernel --profile ;;
+    ce-compiled) run_lever ce-compiled - --cross-entropy compiled --profile ;;
     *) echo "❌ unknown lever $lever" >&2; exit 2 ;;
   esac
 done
