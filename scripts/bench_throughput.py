@@ -47,7 +47,7 @@ import torch  # noqa: E402
 from bench_analysis import compare_curves, plot_curves, profile_steps, trace_steps  # noqa: E402
 from koen_sllm import attention as A  # noqa: E402
 from koen_sllm import distributed as D  # noqa: E402
-from koen_sllm import losses  # noqa: E402
+from koen_sllm import losses as LOSS  # noqa: E402
 from koen_sllm import rotary  # noqa: E402
 from koen_sllm.config import apply_device_defaults, parse_args as parse_run_args  # noqa: E402
 from koen_sllm.metrics import peak_flops, peak_memory_gib  # noqa: E402
@@ -140,7 +140,7 @@ def run_ours(args, seed: int = 0, name: str = "koen_sllm") -> dict:
     if args.expand_kv:
         A.CUDNN_NATIVE_GQA = False  # the earlier path: K/V expanded to the query head count for cuDNN
     rotary.FORWARD_ON_GPU = args.rope_forward
-    losses.KERNEL_ON_GPU = args.cross_entropy
+    LOSS.KERNEL_ON_GPU = args.cross_entropy
     if args.update_after_vote:
         tr.skip_on_device = False  # the earlier order: read the vote, then launch the update
     if args.update_after_vote or args.clip_separate:
@@ -281,7 +281,7 @@ def main() -> int:
     p.add_argument("--rope-forward", choices=("compiled", "kernel"), default="compiled",
                    help="ours: the q/k rotation's forward as Inductor-fused torch operations (default) or the "
                         "Triton kernel its backward uses")
-    p.add_argument("--cross-entropy", choices=("compiled", "kernel"), default=losses.KERNEL_ON_GPU,
+    p.add_argument("--cross-entropy", choices=("compiled", "kernel"), default=LOSS.KERNEL_ON_GPU,
                    help="ours: the loss as F.cross_entropy fused by Inductor, or the loss and its gradient "
                         "from one Triton pass (default: the trainer's)")
     p.add_argument("--pageable-batches", action="store_true",
