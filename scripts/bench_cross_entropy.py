@@ -6,8 +6,6 @@ training step runs them:
   (the training step's path without the Triton loss);
 * ``kernel``: ``losses.fused_linear_cross_entropy`` (the loss and the logits' gradient from one
   Triton pass), under torch.compile as in the training step;
-* ``kernel-two-pass``: the same kernel made to read each row twice (its form for rows longer than
-  ``ce_kernel.WHOLE_ROW_MAX``), to show what holding the row in registers saves;
 * ``matmuls``: only the head's three products (logits, the hidden states' gradient, the weight's
   gradient): the floor both paths share, so that "loss's own time" = path - matmuls.
 
@@ -69,6 +67,27 @@ def matmul_step(hidden, weight):
     return step
 
 
+def sweep(hidden, weight, targets) -> list[dict]:
+    """The kernel alone (no matmuls) at each block size and warp count: ms and memory traffic as
+    one read and one write of the logits."""
+    logits = (hidden.detach() @ weight.detach().t()).contiguous()
+    scale = torch.ones(1, device="cuda")
+    saved, out = (ce_kernel.BLOCK_V, ce_kernel.NUM_WARPS), []
+    print(f"{'block':>6s} {'warps':>6s} {'kernel ms':>10s} {'TB/s':>6s}")
+    for block in (1024, 2048, 4096, 8192, 16384):
+        for warps in (2, 4, 8, 16, 32):
+            if block // (32 * warps) < 1:
+                continue
+            ce_kernel.BLOCK_V, ce_kernel.NUM_WARPS = block, warps
+            buf = logits.clone()  # the kernel overwrites its input; the values stay finite
+            ms = cuda_time_ms(lambda: ce_kernel.loss_and_grad_in_place(buf, targets, scale, IGNORE_INDEX))
+            tbs = 2 * logits.numel() * logits.element_size() / ms / 1e9
+            out.append({"block": block, "warps": warps, "ms": ms, "tb_s": tbs})
+            print(f"{block:6d} {warps:6d} {ms:10.3f} {tbs:6.2f}")
+    ce_kernel.BLOCK_V, ce_kernel.NUM_WARPS = saved
+    return out
+
+
 def peak_gib(step) -> float:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -84,6 +103,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--vocab", type=int, default=VOCAB)
+    ap.add_argument("--sweep", action="store_true", help="also time the kernel alone at each block size and warp count")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -92,22 +112,17 @@ def main() -> int:
     tokens, hidden_size = args.batch_size * args.seq_len, PRESETS[args.model_size]["hidden_size"]
     hidden, weight, targets = make_inputs(tokens, hidden_size, args.vocab)
 
-    fused = path_step(torch.compile(fused_linear_cross_entropy), hidden, weight, targets)
     steps = {"compiled": path_step(torch.compile(plain_loss), hidden, weight, targets),
-             "kernel": fused, "kernel-two-pass": fused}
+             "kernel": path_step(torch.compile(fused_linear_cross_entropy), hidden, weight, targets)}
     results, outputs = {}, {}
-    whole_row_max = ce_kernel.WHOLE_ROW_MAX
     for name, step in steps.items():
-        ce_kernel.WHOLE_ROW_MAX = 0 if name == "kernel-two-pass" else whole_row_max  # read at each launch
         loss = step()  # compiles
         outputs[name] = (loss.detach().float(), hidden.grad.float(), weight.grad.float())
         results[name] = {"ms": cuda_time_ms(step), "peak_gib": peak_gib(step)}
-    ce_kernel.WHOLE_ROW_MAX = whole_row_max
     floor = cuda_time_ms(matmul_step(hidden, weight))
     results["matmuls"] = {"ms": floor, "peak_gib": float("nan")}
 
     diffs = [float((a - b).abs().max()) for a, b in zip(outputs["kernel"], outputs["compiled"])]
-    diffs_two = [float((a - b).abs().max()) for a, b in zip(outputs["kernel-two-pass"], outputs["compiled"])]
     print(f"{args.model_size} output layer + loss, {args.batch_size} x {args.seq_len} tokens, vocabulary "
           f"{args.vocab:,}, bf16, {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(f"{'path':10s} {'ms/call':>8s} {'loss own ms':>11s} {'peak GiB':>9s}")
@@ -115,12 +130,12 @@ def main() -> int:
         own = r["ms"] - floor if name != "matmuls" else 0.0
         print(f"{name:10s} {r['ms']:8.3f} {own:11.3f} {r['peak_gib']:9.2f}")
     print(f"kernel vs compiled: {results['compiled']['ms'] / results['kernel']['ms']:.3f}x the speed; largest "
-          f"difference: loss {diffs[0]:.2e}, hidden gradient {diffs[1]:.2e}, weight gradient {diffs[2]:.2e} "
-          f"(two-pass: {diffs_two[0]:.2e}, {diffs_two[1]:.2e}, {diffs_two[2]:.2e})")
+          f"difference: loss {diffs[0]:.2e}, hidden gradient {diffs[1]:.2e}, weight gradient {diffs[2]:.2e}")
+    if args.sweep:
+        results["sweep"] = sweep(hidden, weight, targets)
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": results,
                                          "max_abs_diff": dict(zip(("loss", "hidden_grad", "weight_grad"), diffs)),
-                                         "max_abs_diff_two_pass": dict(zip(("loss", "hidden_grad", "weight_grad"), diffs_two)),
                                          "device": torch.cuda.get_device_name()}, indent=1))
     return 0
 
