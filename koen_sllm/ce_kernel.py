@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_V = 4096  # vocabulary entries per inner step: 16 per thread with 8 warps
+BLOCK_V = 16384  # vocabulary entries per inner step (8 warps: 64 per thread); the fastest in
+# bench_cross_entropy.py --sweep on an H200 (0.64 ms against 0.74 at 4096, 350m, batch 8)
 NUM_WARPS = 8
 
 
