@@ -25,10 +25,11 @@ IGNORE_INDEX = -100  # target id that contributes nothing to the loss (the HF co
 # CUDA builds of torch bring triton on Linux; without it the fused loss is not offered.
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
-# How the loss runs on a GPU in bf16 when it needs gradients: "compiled" (F.cross_entropy, which
-# Inductor fuses) or "kernel" (fused_linear_cross_entropy: the loss and its gradient in one Triton
-# pass). A benchmark lever until measured (scripts/bench_throughput.py --cross-entropy).
-KERNEL_ON_GPU = "compiled"
+# How the loss runs on a GPU in bf16 when it needs gradients: "kernel" (fused_linear_cross_entropy:
+# the loss and its gradient in one Triton pass; the default: 1.008-1.010x per step at 350m, batch 8
+# on an H200, the loss's kernels 1.44 -> 0.66 ms, docs/benchmarks.md fifth round) or "compiled"
+# (F.cross_entropy, which Inductor fuses; scripts/bench_throughput.py --cross-entropy compiled).
+KERNEL_ON_GPU = "kernel"
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -93,12 +94,17 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, tar
 
 
 # ---------------------------------------------------------------- the loss and its gradient at once
+def fused_ce_offered(is_cuda: bool, dtype: torch.dtype) -> bool:
+    """Whether training on this device in this matmul dtype takes its loss from the Triton kernel:
+    chosen, on a GPU with triton, in bf16 (fp16 would round the tiny per-token gradients to zero
+    before the loss scale reached them)."""
+    return KERNEL_ON_GPU == "kernel" and is_cuda and _HAVE_TRITON and dtype == torch.bfloat16
+
+
 def fused_ce_runs(hidden: torch.Tensor) -> bool:
-    """Whether :func:`fused_linear_cross_entropy` takes the loss of ``hidden`` here: chosen, on a
-    GPU with triton, in bf16 (fp16 would round the tiny per-token gradients to zero without the
-    loss scale applied first), and with gradients wanted (validation keeps the plain loss)."""
-    return (KERNEL_ON_GPU == "kernel" and hidden.is_cuda and _HAVE_TRITON and torch.is_grad_enabled()
-            and compute_dtype(hidden) == torch.bfloat16)
+    """Whether :func:`fused_linear_cross_entropy` takes the loss of ``hidden`` here: where it is
+    offered, with gradients wanted (validation keeps the plain loss)."""
+    return torch.is_grad_enabled() and fused_ce_offered(hidden.is_cuda, compute_dtype(hidden))
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

@@ -27,6 +27,7 @@ from .checkpoint import check_output_dir, estimate_checkpoint_bytes
 from .config import RunConfig, derive_batch_plan, resolve_weights
 from .data.loader import TokenLoader, iter_eval_batches
 from .logs import get_logger, progress_bar
+from .losses import fused_ce_offered
 from .metrics import (MetricsSink, SpikeDetector, StepClock, Throughput, format_progress, mfu, peak_flops,
                       peak_memory_gib)
 from .model import KoEnLM, model_config_from_preset
@@ -116,6 +117,8 @@ class Trainer:
                  f"{self.loader.num_samples:,}", self.t.precision, compiled, self.t.attn)
         if self.model_cfg.ce_chunk_tokens:
             log.info("output layer + cross-entropy in chunks of %d tokens", self.model_cfg.ce_chunk_tokens)
+        elif fused_ce_offered(self.device.type == "cuda", PRECISION_DTYPES.get(self.t.precision)):
+            log.info("loss: cross-entropy and its gradient in one Triton pass over the logits")
         if self.model_cfg.residual_dtype:
             log.info("residual stream in %s", self.model_cfg.residual_dtype)
         if self.t.bf16_weights:

@@ -99,8 +99,10 @@ def test_the_fused_loss_is_chosen_only_on_a_gpu_in_bf16_with_gradients(monkeypat
     assert not fused_ce_runs(h.half())  # fp16: tiny gradients would round to zero before the loss scale
     with torch.no_grad():
         assert not fused_ce_runs(h.bfloat16())  # validation keeps the plain loss
+    assert losses.fused_ce_offered(True, torch.bfloat16) and not losses.fused_ce_offered(True, torch.float16)
     monkeypatch.setattr(losses, "KERNEL_ON_GPU", "compiled")
     assert not fused_ce_runs(h.bfloat16())
+    assert not losses.fused_ce_offered(True, torch.bfloat16)
 
 
 def test_the_model_trains_the_same_through_the_fused_loss(monkeypatch):
