@@ -1,21 +1,27 @@
-"""The chunked output layer + cross-entropy against the plain path (CPU)."""
+"""The output layer + cross-entropy against the plain path: in chunks (CPU), and with the logits'
+gradient computed in the forward (losses.fused_linear_cross_entropy: on CPU, its Triton kernel in
+Triton's CPU interpreter and, where there is one, on a GPU)."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import koen_sllm.model as model_mod
+from koen_sllm import losses
 from koen_sllm.config import ConfigError, parse_args
-from koen_sllm.losses import IGNORE_INDEX, chunked_linear_cross_entropy
+from koen_sllm.losses import (IGNORE_INDEX, chunked_linear_cross_entropy, fused_ce_runs, fused_linear_cross_entropy,
+                              linear_ce_loss_grad)
 from koen_sllm.model import KoEnLM, model_config_from_preset
+from triton_interpreter import needs_triton, run_in_interpreter
 
 N, C, V = 300, 32, 500
 
 
-def inputs(seed: int = 0):
+def inputs(seed: int = 0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(N, C, generator=g).requires_grad_()
-    weight = (0.1 * torch.randn(V, C, generator=g)).requires_grad_()
+    hidden = torch.randn(N, C, generator=g).to(dtype).requires_grad_()
+    weight = (0.1 * torch.randn(V, C, generator=g)).to(dtype).requires_grad_()
     targets = torch.randint(0, V, (N,), generator=g)
     targets[::7] = IGNORE_INDEX
     return hidden, weight, targets
@@ -96,3 +102,151 @@ def test_option_is_parsed_and_validated():
         parse_args(["--ce-chunk-tokens", "-1"])
     with pytest.raises(ConfigError, match="--ce-chunk-tokens"):
         model_config_from_preset("tiny", 300, 32, ce_chunk_tokens=-5)
+
+
+# ---------------------------------------------------------------- the loss and its gradient at once
+def test_fused_fp32_equals_the_plain_path():
+    h, w, t = inputs()
+    ref = grads(plain, h, w, t)
+    got = grads(fused_linear_cross_entropy, h, w, t)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_weights_and_bf16_autocast_follow_the_plain_path():
+    h, w, t = inputs(1, torch.bfloat16)
+    ref, got = grads(plain, h, w, t), grads(fused_linear_cross_entropy, h, w, t)
+    assert got[1].dtype == got[2].dtype == torch.bfloat16
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(got[1:], ref[1:]):  # the same bf16 logits' gradient into the same bf16 matmuls
+        torch.testing.assert_close(a, b, rtol=0.02, atol=1e-4)
+
+    h, w, t = inputs(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, got = grads(plain, h, w, t), grads(fused_linear_cross_entropy, h, w, t)
+    assert got[1].dtype == got[2].dtype == torch.float32  # fp32 weights get fp32 gradients back
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(got[1:], ref[1:]):
+        torch.testing.assert_close(a, b, rtol=0.02, atol=1e-4)
+
+
+def test_ignored_targets_do_not_count_and_none_counted_gives_nan_and_zero_gradients():
+    h, w, t = inputs(2)
+    t[:] = IGNORE_INDEX
+    t[5] = 7
+    only = F.cross_entropy(F.linear(h[5:6], w), t[5:6])
+    torch.testing.assert_close(fused_linear_cross_entropy(h, w, t), only)
+    t[5] = IGNORE_INDEX
+    loss, grad = linear_ce_loss_grad(h.detach(), w.detach(), t)
+    assert torch.isnan(loss) and torch.isnan(plain(h, w, t))  # as F.cross_entropy
+    assert torch.count_nonzero(grad) == 0
+
+
+def test_compiled_fused_loss_matches_eager():
+    h, w, t = inputs(4)
+    ref = grads(fused_linear_cross_entropy, h, w, t)
+    got = grads(torch.compile(fused_linear_cross_entropy), h, w, t)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_fused_loss_is_chosen_only_on_a_gpu_in_bf16_with_gradients(monkeypatch):
+    monkeypatch.setattr(losses, "KERNEL_ON_GPU", "kernel")
+    h = torch.zeros(2, 4)
+    assert not fused_ce_runs(h)  # CPU
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(losses, "_HAVE_TRITON", True)
+    assert not fused_ce_runs(h)  # fp32
+    assert fused_ce_runs(h.bfloat16())
+    assert not fused_ce_runs(h.half())  # fp16: tiny gradients would round to zero before the loss scale
+    with torch.no_grad():
+        assert not fused_ce_runs(h.bfloat16())  # validation keeps the plain loss
+    assert losses.fused_ce_offered(True, torch.bfloat16) and not losses.fused_ce_offered(True, torch.float16)
+    monkeypatch.setattr(losses, "KERNEL_ON_GPU", "compiled")
+    assert not fused_ce_runs(h.bfloat16())
+    assert not losses.fused_ce_offered(True, torch.bfloat16)
+
+
+def test_the_model_trains_the_same_through_the_fused_loss(monkeypatch):
+    x = torch.randint(0, 300, (3, 33), generator=torch.Generator().manual_seed(3))
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(model_mod, "fused_ce_runs", lambda hidden: fused)
+        torch.manual_seed(0)
+        model = KoEnLM(model_config_from_preset("tiny", 300, 32))
+        loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-6)
+    for name, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def check_kernel(device: str, dtype: torch.dtype, block: int) -> None:
+    """The Triton kernel against the reference arithmetic: a vocabulary that is not a multiple of
+    the block, ignored rows, a target outside the vocabulary, and nothing counted."""
+    from koen_sllm import ce_kernel
+
+    saved, ce_kernel.BLOCK_V = ce_kernel.BLOCK_V, block
+    try:
+        _check_kernel(ce_kernel, device, dtype)
+    finally:
+        ce_kernel.BLOCK_V = saved
+
+
+def _check_kernel(ce_kernel, device: str, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(5)
+    logits = (4 * torch.randn(37, 301, generator=g)).to(device, dtype)
+    targets = torch.randint(0, 301, (37,), generator=g).to(device)
+    targets[::5] = IGNORE_INDEX
+    count = (targets != IGNORE_INDEX).sum().float()
+    want_loss, want_grad = losses._loss_grad_reference(logits, targets, count)
+    got_grad = logits.clone()
+    row_loss = ce_kernel.loss_and_grad_in_place(got_grad, targets, (1.0 / count).reshape(1), IGNORE_INDEX)
+    torch.testing.assert_close(row_loss.sum() / count, want_loss, rtol=1e-5, atol=1e-5)
+    exact = dtype == torch.float32
+    torch.testing.assert_close(got_grad.float(), want_grad.float(), rtol=1e-4 if exact else 0.01,
+                               atol=1e-7 if exact else 1e-5)
+    assert torch.count_nonzero(got_grad[::5]) == 0  # ignored rows: zero gradient, zero loss
+    assert torch.count_nonzero(row_loss[::5]) == 0
+
+    targets[1] = 301  # outside the vocabulary: that row's loss is nan, nothing else read
+    row_loss = ce_kernel.loss_and_grad_in_place(logits.clone(), targets, (1.0 / count).reshape(1), IGNORE_INDEX)
+    assert torch.isnan(row_loss[1]) and torch.isfinite(row_loss[2:]).all()
+
+    targets[:] = IGNORE_INDEX  # nothing counted: scale 1/0, gradient zero
+    grad = logits.clone()
+    ce_kernel.loss_and_grad_in_place(grad, targets, torch.full((1,), float("inf"), device=device), IGNORE_INDEX)
+    assert torch.count_nonzero(grad) == 0
+
+
+@needs_triton
+def test_loss_kernel_matches_the_reference_in_the_interpreter():
+    run_in_interpreter("test_losses", "t.check_kernel('cpu', torch.float32, 64); t.check_kernel('cpu', torch.bfloat16, 512)")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_loss_kernel_matches_the_reference_on_the_gpu():
+    check_kernel("cuda", torch.float32, 64)
+    check_kernel("cuda", torch.bfloat16, 4096)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_compiled_model_trains_the_same_with_the_kernel(monkeypatch):
+    x = torch.randint(0, 1000, (4, 257), generator=torch.Generator().manual_seed(3)).cuda()
+    results = []
+    for choice in ("compiled", "kernel"):
+        monkeypatch.setattr(losses, "KERNEL_ON_GPU", choice)
+        torch.manual_seed(0)
+        model = KoEnLM(model_config_from_preset("tiny", 1000, 256)).cuda()
+        step = torch.compile(lambda a, b: model(a, b))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = step(x[:, :-1], x[:, 1:])
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-4)
+    for name, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], g, rtol=0.02, atol=1e-4, msg=name)

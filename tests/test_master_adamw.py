@@ -3,18 +3,13 @@ the clip folded into the update, torch's state layout, and the Triton kernel aga
 from __future__ import annotations
 
 import copy
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from triton_interpreter import needs_triton, run_in_interpreter
 
 from koen_sllm.master_adamw import MasterWeightAdamW, full_precision_state
 
-ROOT = Path(__file__).resolve().parents[1]
 HYPER = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
 
 
@@ -217,17 +212,9 @@ def check_kernel(device: str, exact_bf16: bool) -> None:
     assert not torch.equal(a[1][0], start)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (Linux dev extra)")
+@needs_triton
 def test_triton_kernel_matches_the_reference_update_in_the_interpreter():
-    """The GPU kernel, run by Triton's CPU interpreter (switched on before triton is imported,
-    hence a child process)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import test_master_adamw as t; "
-            "t.check_kernel('cpu', exact_bf16=False); print('kernel matches the reference')")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600,
-                          cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "kernel matches the reference" in proc.stdout
+    run_in_interpreter("test_master_adamw", "t.check_kernel('cpu', exact_bf16=False)")
 
 
 @pytest.mark.gpu

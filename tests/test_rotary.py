@@ -2,19 +2,13 @@
 and rotation, on CPU; the Triton backward kernel in Triton's CPU interpreter and on a GPU."""
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from triton_interpreter import needs_triton, run_in_interpreter
 
 from koen_sllm import rotary
 from koen_sllm.rotary import apply_rope, qkv_rope, qkv_rope_grad, rope_tables, rotate_qkv, unrotate
 
-ROOT = Path(__file__).resolve().parents[1]
 B, T, HEADS, KV, DIM = 2, 12, 4, 2, 16
 
 
@@ -111,16 +105,9 @@ def check_kernel(device: str, dtype: torch.dtype) -> None:
     assert torch.equal(v, parts[2].unflatten(-1, (kv, dim)))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (Linux dev extra)")
+@needs_triton
 def test_triton_kernel_matches_the_reference_in_the_interpreter():
-    """The GPU kernel in Triton's CPU interpreter (switched on before triton is imported, hence a
-    child process)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    code = (f"import sys, torch; sys.path.insert(0, {str(ROOT / 'tests')!r}); import test_rotary as t; "
-            "t.check_kernel('cpu', torch.float32); t.check_kernel('cpu', torch.bfloat16); print('kernel matches')")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "kernel matches" in proc.stdout
+    run_in_interpreter("test_rotary", "t.check_kernel('cpu', torch.float32); t.check_kernel('cpu', torch.bfloat16)")
 
 
 @pytest.mark.gpu
