@@ -72,18 +72,24 @@ def test_ignored_targets_do_not_count_and_no_grad_needs_no_gradients():
         chunked_linear_cross_entropy(h, w, t, chunk=0)
 
 
-def test_the_model_trains_the_same_with_a_chunked_loss():
+def model_loss_and_grads(x, chunk: int = 0):
+    torch.manual_seed(0)
+    model = KoEnLM(model_config_from_preset("tiny", 300, 32, ce_chunk_tokens=chunk))
+    loss = model(x[:, :-1], x[:, 1:])
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("path", ["chunked", "fused"])
+def test_the_model_trains_the_same_through_each_loss_path(path, monkeypatch):
     x = torch.randint(0, 300, (3, 33), generator=torch.Generator().manual_seed(3))
-    results = []
-    for chunk in (0, 40):
-        torch.manual_seed(0)
-        model = KoEnLM(model_config_from_preset("tiny", 300, 32, ce_chunk_tokens=chunk))
-        loss = model(x[:, :-1], x[:, 1:])
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-6)
-    for name, g in results[0][1].items():
-        torch.testing.assert_close(results[1][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+    ref = model_loss_and_grads(x)  # the plain path (on CPU the fused loss is not chosen)
+    if path == "fused":
+        monkeypatch.setattr(model_mod, "fused_ce_runs", lambda hidden: True)
+    got = model_loss_and_grads(x, chunk=40 if path == "chunked" else 0)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-6, atol=1e-6)
+    for name, g in ref[1].items():
+        torch.testing.assert_close(got[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_compiled_chunked_loss_matches_eager():
@@ -166,21 +172,6 @@ def test_the_fused_loss_is_chosen_only_on_a_gpu_in_bf16_with_gradients(monkeypat
     monkeypatch.setattr(losses, "KERNEL_ON_GPU", "compiled")
     assert not fused_ce_runs(h.bfloat16())
     assert not losses.fused_ce_offered(True, torch.bfloat16)
-
-
-def test_the_model_trains_the_same_through_the_fused_loss(monkeypatch):
-    x = torch.randint(0, 300, (3, 33), generator=torch.Generator().manual_seed(3))
-    results = []
-    for fused in (False, True):
-        monkeypatch.setattr(model_mod, "fused_ce_runs", lambda hidden: fused)
-        torch.manual_seed(0)
-        model = KoEnLM(model_config_from_preset("tiny", 300, 32))
-        loss = model(x[:, :-1], x[:, 1:])
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-6)
-    for name, g in results[0][1].items():
-        torch.testing.assert_close(results[1][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def check_kernel(device: str, dtype: torch.dtype, block: int) -> None:
