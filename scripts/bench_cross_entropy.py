@@ -10,6 +10,7 @@ training step runs them:
   gradient): the floor both paths share, so that "loss's own time" = path - matmuls.
 
     python scripts/bench_cross_entropy.py --model-size 350m --batch-size 8
+    python scripts/bench_cross_entropy.py --sweep    # also the kernel alone per block size and warp count
 
 Prints milliseconds per call, the loss's own time, peak memory and the largest difference of the
 two paths' loss and gradients. A benchmark: nothing here asserts a speed.
