@@ -40,6 +40,22 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype
 
 
+def _ce_sum_and_grad(logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor,
+                     need_grad: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The summed cross-entropy of fp32 ``logits [N, V]`` over the rows where ``keep``, and (with
+    ``need_grad``) its gradient, softmax - one_hot(target), zero on the other rows, in fp32."""
+    lse = torch.logsumexp(logits, dim=-1)
+    safe = torch.where(keep, targets, torch.zeros_like(targets))
+    picked = logits.gather(1, safe[:, None]).squeeze(1)
+    loss_sum = torch.where(keep, lse - picked, torch.zeros_like(lse)).sum()
+    if not need_grad:
+        return loss_sum, None
+    grad = (logits - lse[:, None]).exp_()
+    grad.scatter_add_(1, safe[:, None], torch.full_like(lse, -1.0)[:, None])
+    grad.mul_(keep[:, None])
+    return loss_sum, grad
+
+
 class _ChunkedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk: int, dtype: torch.dtype):
@@ -54,16 +70,10 @@ class _ChunkedLinearCE(torch.autograd.Function):
             for start in range(0, hidden.shape[0], chunk):
                 h, t, keep = h_all[start:start + chunk], targets[start:start + chunk], valid[start:start + chunk]
                 logits = (h @ w.t()).float()  # rounded to the matmul dtype first, as the plain path is
-                lse = torch.logsumexp(logits, dim=-1)
-                safe = torch.where(keep, t, torch.zeros_like(t))
-                picked = logits.gather(1, safe[:, None]).squeeze(1)
-                loss += torch.where(keep, lse - picked, torch.zeros_like(lse)).sum()
+                loss_sum, grad = _ce_sum_and_grad(logits, t, keep, need_grad)
+                loss += loss_sum
                 if not need_grad:
                     continue
-                # d(sum of losses)/d(logits) = softmax - one_hot(target), zero on ignored rows
-                grad = (logits - lse[:, None]).exp_()
-                grad.scatter_add_(1, safe[:, None], torch.full_like(lse, -1.0)[:, None])
-                grad.mul_(keep[:, None])
                 grad = grad.to(dtype)
                 grad_hidden[start:start + chunk] = (grad @ w).to(hidden.dtype)
                 grad_weight += (grad.t() @ h).float()
@@ -165,12 +175,6 @@ def _(hidden, weight, targets):
 def _loss_grad_reference(logits: torch.Tensor, targets: torch.Tensor,
                          count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel's arithmetic as torch operations (CPU, or a GPU without triton)."""
-    x = logits.float()
-    lse = torch.logsumexp(x, dim=-1)
-    keep = targets != IGNORE_INDEX
-    safe = torch.where(keep, targets, torch.zeros_like(targets))
-    loss = torch.where(keep, lse - x.gather(1, safe[:, None]).squeeze(1), torch.zeros_like(lse)).sum() / count
-    grad = (x - lse[:, None]).exp_()
-    grad.scatter_add_(1, safe[:, None], torch.full_like(lse, -1.0)[:, None])
-    grad.mul_(torch.where(keep, 1.0 / count, 0.0)[:, None])
-    return loss, grad.to(logits.dtype)
+    loss_sum, grad = _ce_sum_and_grad(logits.float(), targets, targets != IGNORE_INDEX)
+    grad.mul_(torch.where(count > 0, 1.0 / count, 0.0))  # nothing counted: a zero gradient, as the kernel's
+    return loss_sum / count, grad.to(logits.dtype)

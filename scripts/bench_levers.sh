@@ -23,11 +23,12 @@
 # clip inside the fused update), cublaslt (matmuls through cuBLASLt), fp32-weights / b16-fp32-weights
 # (fp32 weights cast by autocast with torch's fused AdamW, instead of bf16 weights with fp32 masters),
 # combo-kernels (Inductor launches independent small kernels as one), no-workspace (cuBLAS without
-# its workspace, CUBLAS_WORKSPACE_CONFIG=:0:0), no-workspace-cudagraphs (both
-# together: cuBLAS's statically scheduled matmuls with the step replayed as CUDA graphs), rope-forward-kernel (the q/k rotation's forward as
-# the Triton kernel its backward uses), ce-kernel / ce-compiled (the loss and its gradient from one Triton
-# pass, the default since it was measured / F.cross_entropy fused by Inductor, the earlier path). Each run has its own time limit (LEVER_TIMEOUT, default 300 s), so one
-# failure or hang leaves the others. JSON per run and summary.md go to
+# its workspace, CUBLAS_WORKSPACE_CONFIG=:0:0), no-workspace-cudagraphs (both together: cuBLAS's
+# statically scheduled matmuls with the step replayed as CUDA graphs), rope-forward-kernel (the
+# q/k rotation's forward as the Triton kernel its backward uses), ce-kernel / ce-compiled (the
+# loss and its gradient from one Triton pass, the default since it was measured / F.cross_entropy
+# fused by Inductor, the earlier path). Each run has its own time limit (LEVER_TIMEOUT, default
+# 300 s), so one failure or hang leaves the others. JSON per run and summary.md go to
 # ${BENCH_DIR:-outputs/bench_levers}. A benchmark: nothing here asserts a speed.
 set -euo pipefail
 

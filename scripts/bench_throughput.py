@@ -278,9 +278,9 @@ def main() -> int:
     p.add_argument("--compile-mode", default="default", help="ours: torch.compile mode (reduce-overhead = CUDA graphs)")
     p.add_argument("--expand-kv", action="store_true",
                    help="ours: expand K/V to the query head count for cuDNN attention (the earlier path)")
-    p.add_argument("--rope-forward", choices=("compiled", "kernel"), default="compiled",
-                   help="ours: the q/k rotation's forward as Inductor-fused torch operations (default) or the "
-                        "Triton kernel its backward uses")
+    p.add_argument("--rope-forward", choices=("compiled", "kernel"), default=rotary.FORWARD_ON_GPU,
+                   help="ours: the q/k rotation's forward as Inductor-fused torch operations or the "
+                        "Triton kernel its backward uses (default: the trainer's)")
     p.add_argument("--cross-entropy", choices=("compiled", "kernel"), default=LOSS.KERNEL_ON_GPU,
                    help="ours: the loss as F.cross_entropy fused by Inductor, or the loss and its gradient "
                         "from one Triton pass (default: the trainer's)")
