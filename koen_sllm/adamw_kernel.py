@@ -23,6 +23,7 @@ import triton.language as tl
 
 BLOCK = 1024  # elements per inner iteration
 CHUNK = 16 * BLOCK  # elements per program: enough work to hide its table lookups
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -71,6 +72,23 @@ def _adamw_master_kernel(chunk_tensor, chunk_start, numels,
         tl.store(p_ptr + idx, w.to(tl.bfloat16, fp_downcast_rounding="rtne"), mask=mask)
 
 
+@triton.jit
+def _grad_sumsq_kernel(chunk_tensor, chunk_start, numels, grad_ptrs, out,
+                       BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """out[program] = the sum of squares (fp32) of the program's chunk of bf16 gradients."""
+    pid = tl.program_id(0)
+    t = tl.load(chunk_tensor + pid)
+    start = tl.load(chunk_start + pid)
+    n = tl.load(numels + t)
+    g_ptr = tl.load(grad_ptrs + t).to(tl.pointer_type(tl.bfloat16))
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for offset in tl.range(0, CHUNK, BLOCK):
+        idx = start + offset + tl.arange(0, BLOCK)
+        g = tl.load(g_ptr + idx, mask=idx < n, other=0.0).to(tl.float32)
+        acc += g * g
+    tl.store(out + pid, tl.sum(acc, axis=0))
+
+
 class MultiTensorPlan:
     """One parameter group's launch plan: which tensor and offset each program handles, and the
     address tables of the tensors that stay put (weights, masters, moments), built once.
@@ -82,11 +100,15 @@ class MultiTensorPlan:
     """
 
     def __init__(self, params: Sequence[torch.Tensor], masters: Sequence[torch.Tensor],
-                 exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor]):
+                 exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor], *,
+                 block: int = BLOCK, chunk: int = CHUNK, num_warps: int = NUM_WARPS):
+        if chunk % block:
+            raise ValueError(f"chunk {chunk} must be a multiple of block {block}")
+        self.block, self.chunk, self.num_warps = block, chunk, num_warps
         device = masters[0].device
         owner, starts = [], []
         for i, m in enumerate(masters):
-            for s in range(0, m.numel(), CHUNK):
+            for s in range(0, m.numel(), chunk):
                 owner.append(i)
                 starts.append(s)
         self.device, self.programs = device, len(owner)
@@ -114,8 +136,18 @@ class MultiTensorPlan:
             params, self.grad_table(grads), masters, exp_avgs, exp_avg_sqs, step,
             grad_scale if grad_scale is not None else step, found_inf if found_inf is not None else step,
             lr, beta1, beta2, eps, weight_decay, _log2(beta1), _log2(beta2),
-            HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, BLOCK=BLOCK, CHUNK=CHUNK,
+            HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, BLOCK=self.block, CHUNK=self.chunk,
+            num_warps=self.num_warps,
         )
+
+    def grad_sumsq(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Each program's sum of squared gradients (fp32, one launch): their sum is the squared
+        2-norm of the group's gradients, summed in a fixed order, so the same on every run."""
+        out = torch.empty(self.programs, dtype=torch.float32, device=self.device)
+        _grad_sumsq_kernel[(self.programs,)](self.chunk_tensor, self.chunk_start, self.numels,
+                                             self.grad_table(grads), out, BLOCK=self.block, CHUNK=self.chunk,
+                                             num_warps=self.num_warps)
+        return out
 
 
 def _log2(beta: float) -> float:

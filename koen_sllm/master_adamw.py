@@ -115,6 +115,25 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             else:
                 reference_update(params, grads, *self._state_lists(params), self._step, **hyper)
 
+    @torch.no_grad()
+    def grad_norm(self) -> torch.Tensor:
+        """The 2-norm of all the gradients, in fp32, as ``clip_grad_norm_`` computes it. On a GPU
+        each group's plan reads its gradients in one launch (``_foreach_norm`` takes one per few
+        tensors, at about half the memory bandwidth)."""
+        squares = []
+        for gi, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if params[0].is_cuda:
+                squares.append(self._plan(gi, params).grad_sumsq(grads))
+            else:
+                squares.append(torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)).square())
+        if not squares:
+            return torch.zeros((), dtype=torch.float32, device=self._step.device if self._step is not None else None)
+        return torch.cat(squares).sum().sqrt()
+
     def _state_lists(self, params: list) -> tuple[list, list, list]:
         return ([self.masters[p] for p in params], [self.state[p]["exp_avg"] for p in params],
                 [self.state[p]["exp_avg_sq"] for p in params])

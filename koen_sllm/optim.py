@@ -97,6 +97,17 @@ def updates_on_device(optimizer: torch.optim.Optimizer) -> bool:
     return isinstance(optimizer, MasterWeightAdamW) or bool(optimizer.defaults.get("fused"))
 
 
+def grad_norm_reader(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[], torch.Tensor]:
+    """What computes :func:`total_grad_norm` for this model each step, decided once: a
+    MasterWeightAdamW that updates every trainable parameter reads the gradients itself, in one
+    launch per group on a GPU; otherwise ``total_grad_norm``."""
+    if isinstance(optimizer, MasterWeightAdamW):
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if all(id(p) in held for p in model.parameters() if p.requires_grad):
+            return optimizer.grad_norm
+    return lambda: total_grad_norm(model)
+
+
 def total_grad_norm(model: torch.nn.Module) -> torch.Tensor:
     """The total 2-norm of all gradients, as ``clip_grad_norm_`` computes it, without clipping;
     in fp32 also for bf16 gradients (whose own norms would keep 3 significant digits)."""

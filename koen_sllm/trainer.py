@@ -32,7 +32,7 @@ from .metrics import (MetricsSink, SpikeDetector, StepClock, Throughput, format_
                       peak_memory_gib)
 from .model import KoEnLM, model_config_from_preset
 from .master_adamw import MasterWeightAdamW
-from .optim import (CAN_CLIP_IN_FUSED_UPDATE, build_optimizer, build_scheduler, clip_divisor, total_grad_norm,
+from .optim import (CAN_CLIP_IN_FUSED_UPDATE, build_optimizer, build_scheduler, clip_divisor, grad_norm_reader,
                     updates_on_device)
 from .prepare import ensure_training_data
 from .run_state import (RunSetupError, check_resume_backend, load_resume_state, resolve_resume_on_main,
@@ -180,6 +180,7 @@ class Trainer:
                                and updates_on_device(self.optimizer))
         # That early update also honours grad_scale, so the clipping can happen inside it too.
         self.clip_in_update = self.skip_on_device and self.cfg.optim.grad_clip > 0 and CAN_CLIP_IN_FUSED_UPDATE
+        self.grad_norm = grad_norm_reader(self.raw_model, self.optimizer) if self.clip_in_update else None
         self.peak = peak_flops(torch.cuda.get_device_name(self.device), self.t.precision) \
             if self.device.type == "cuda" else None
 
@@ -254,7 +255,7 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         if self.clip_in_update:
-            norm = total_grad_norm(self.raw_model)  # the update below divides the gradients by clip_divisor
+            norm = self.grad_norm()  # the update below divides the gradients by clip_divisor
         else:
             norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
         # One small all-reduce carries the loss, the "bad step" vote and the stop vote,

@@ -6,6 +6,10 @@ trainer passes them. Prints milliseconds per update, the bytes each moves per up
 bandwidth that makes; checks first that the kernel equals the reference update (bf16 copies exact).
 
     python scripts/bench_optimizer.py --model-size 350m
+    python scripts/bench_optimizer.py --model-size 350m --sweep   # the update's tiling, and the gradient norm
+
+``--sweep`` times the update kernel alone for each block, chunk and warp count, and the gradients'
+2-norm by the plan's one-launch kernel against ``torch._foreach_norm`` (what the trainer used).
 
 A benchmark: nothing here asserts a speed.
 """
@@ -46,6 +50,7 @@ def main() -> int:
     ap.add_argument("--model-size", default="350m")
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--sweep", action="store_true", help="time the kernels per block, chunk and warp count")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("❌ needs a CUDA GPU (the Triton kernel runs there)", file=sys.stderr)
@@ -61,6 +66,8 @@ def main() -> int:
     test_master_adamw.check_kernel("cuda", exact_bf16=True)
     print("kernel equals the reference update (bf16 copies exact)")
 
+    if args.sweep:
+        return sweep(args.model_size, args.vocab, args.repeats)
     rows = []
     for name, bf16, nbytes in (("MasterWeightAdamW (bf16 weights + fp32 masters)", True, 28),
                                ("torch fused AdamW (fp32 weights, grad_scale)", False, 32)):
@@ -74,6 +81,46 @@ def main() -> int:
     for name, ms, gbs in rows:
         print(f"  {name:52s} {ms:7.3f} ms  {gbs:7.0f} GB/s")
     print(f"  ratio torch / ours: {rows[1][1] / rows[0][1]:.3f}x")
+    return 0
+
+
+def sweep(model_size: str, vocab: int, repeats: int) -> int:
+    """The update and the gradient norm alone, per tiling, on the preset's largest group."""
+    from koen_sllm.adamw_kernel import BLOCK, CHUNK, NUM_WARPS, MultiTensorPlan
+
+    model, opt = _setup(model_size, vocab, True)
+    group = max(opt.param_groups, key=lambda g: sum(p.numel() for p in g["params"]))
+    params = group["params"]
+    grads = [p.grad for p in params]
+    state = opt._state_lists(params)
+    n = sum(p.numel() for p in params)
+    step = torch.ones((), device="cuda")
+    hyper = dict(lr=3e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1,
+                 grad_scale=opt.grad_scale, found_inf=opt.found_inf)
+    print(f"{model_size}: the largest group, {len(params)} tensors, {n:,} elements, {torch.cuda.get_device_name()}")
+    print(f"default tiling: block {BLOCK}, chunk {CHUNK}, {NUM_WARPS} warps")
+    print(f"{'block':>6} {'chunk':>7} {'warps':>5}  {'update ms':>9} {'GB/s':>6}  {'norm ms':>8} {'GB/s':>6}")
+    best = None
+    for block in (1024, 2048, 4096):
+        for chunk in (8192, 16384, 32768, 65536):
+            if chunk < block:
+                continue
+            for warps in (2, 4, 8, 16):
+                plan = MultiTensorPlan(params, *state, block=block, chunk=chunk, num_warps=warps)
+                update_ms = cuda_time_ms(lambda: plan.update(grads, step, **hyper), repeats)
+                norm_ms = cuda_time_ms(lambda: plan.grad_sumsq(grads).sum().sqrt(), repeats)
+                print(f"{block:6d} {chunk:7d} {warps:5d}  {update_ms:9.3f} {28 * n / update_ms / 1e6:6.0f}  "
+                      f"{norm_ms:8.3f} {2 * n / norm_ms / 1e6:6.0f}", flush=True)
+                if best is None or update_ms < best[0]:
+                    best = (update_ms, block, chunk, warps)
+    foreach_ms = cuda_time_ms(
+        lambda: torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32))), repeats)
+    plan = MultiTensorPlan(params, *state)
+    ours, theirs = plan.grad_sumsq(grads).sum().sqrt(), torch.linalg.vector_norm(
+        torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)))
+    print(f"torch._foreach_norm + vector_norm: {foreach_ms:.3f} ms ({2 * n / foreach_ms / 1e6:.0f} GB/s); "
+          f"norms {ours.item():.6f} / {theirs.item():.6f} (relative difference {abs(ours - theirs).item() / theirs.item():.1e})")
+    print(f"fastest update: block {best[1]}, chunk {best[2]}, {best[3]} warps: {best[0]:.3f} ms")
     return 0
 
 

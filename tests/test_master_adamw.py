@@ -152,15 +152,20 @@ def test_misuse_is_refused_with_a_reason():
 
 
 def test_clip_in_the_update_matches_a_separate_clip_with_bf16_gradients():
-    """The trainer's path: the norm in fp32 over bf16 gradients, the clip as grad_scale."""
-    from koen_sllm.optim import clip_divisor, total_grad_norm
+    """The trainer's path: the norm in fp32 over bf16 gradients (read by the optimizer, which
+    holds every parameter), the clip as grad_scale."""
+    from koen_sllm.optim import clip_divisor, grad_norm_reader, total_grad_norm
 
     ref, ref_opt, ours, opt = _pair()
     _grads(ref, 0)
     _grads(ours, 0)
-    norm = total_grad_norm(ours)
+    read_norm = grad_norm_reader(ours, opt)
+    assert read_norm == opt.grad_norm
+    norm = read_norm()
     assert norm.dtype == torch.float32
-    torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0), rtol=1e-6, atol=0)
+    expected = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+    torch.testing.assert_close(norm, expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(total_grad_norm(ours), expected, rtol=1e-6, atol=0)
     assert norm > 2.0  # the clip acts
     ref_opt.step()
     opt.grad_scale = clip_divisor(norm, 1.0)
@@ -169,12 +174,27 @@ def test_clip_in_the_update_matches_a_separate_clip_with_bf16_gradients():
         torch.testing.assert_close(opt.masters[p], r.detach(), rtol=0, atol=1e-6)
 
 
+def test_the_norm_comes_from_the_model_where_the_optimizer_lacks_a_parameter():
+    from koen_sllm.optim import grad_norm_reader
+
+    model = _model()
+    opt = MasterWeightAdamW(_groups(model)[:1], **HYPER)  # the LayerNorm's and biases' group left out
+    opt.take_master_weights()
+    _grads(model, 0)
+    read_norm = grad_norm_reader(model, opt)
+    assert read_norm != opt.grad_norm
+    everything = torch.linalg.vector_norm(torch.cat([p.grad.float().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(read_norm(), everything, rtol=1e-6, atol=0)
+    assert opt.grad_norm() < everything
+
+
 def check_kernel(device: str, exact_bf16: bool) -> None:
     """The kernel against reference_update over three updates (plain, grad_scale, found_inf) on
     tensors whose chunks end inside and across tensors, with gradients at new and at reused
     addresses. Triton's CPU interpreter rounds fp32 to
     bf16 towards zero where the GPU rounds to nearest even, so there the bf16 copies may be one
-    bf16 step apart; on a GPU they must be equal."""
+    bf16 step apart; on a GPU they must be equal. Then the gradients' norm kernel, and a fourth
+    update by plans of two tilings, which must agree bit for bit."""
     from koen_sllm.adamw_kernel import CHUNK, MultiTensorPlan
     from koen_sllm.master_adamw import reference_update
 
@@ -210,6 +230,20 @@ def check_kernel(device: str, exact_bf16: bool) -> None:
             else:
                 torch.testing.assert_close(s, t, rtol=0, atol=0 if s.dtype == torch.bfloat16 else 2e-6, msg=name)
     assert not torch.equal(a[1][0], start)
+    # The gradients' norm from the same plan, and from one tiled otherwise (the update's too).
+    expected = torch.linalg.vector_norm(torch.cat([g.float().flatten() for g in grads]))
+    other = MultiTensorPlan(*b, block=512, chunk=2048, num_warps=2)
+    for p in (plan, other):
+        torch.testing.assert_close(p.grad_sumsq(grads).sum().sqrt(), expected, rtol=1e-5, atol=0)
+    for x, y in zip(a, b):  # the same starting state (the reference rounded differently above)
+        for s, t in zip(x, y):
+            t.copy_(s)
+    kw = dict(grad_scale=None, found_inf=None, **hyper)
+    plan.update(grads, torch.tensor(4.0, device=device), **kw)
+    other.update(grads, torch.tensor(4.0, device=device), **kw)
+    for x, y in zip(a, b):
+        for s, t in zip(x, y):
+            torch.testing.assert_close(s, t, rtol=0, atol=0)
 
 
 @needs_triton
