@@ -180,7 +180,7 @@ class Trainer:
                                and updates_on_device(self.optimizer))
         # That early update also honours grad_scale, so the clipping can happen inside it too.
         self.clip_in_update = self.skip_on_device and self.cfg.optim.grad_clip > 0 and CAN_CLIP_IN_FUSED_UPDATE
-        self.grad_norm = grad_norm_reader(self.raw_model, self.optimizer) if self.clip_in_update else None
+        self.grad_norm = grad_norm_reader(self.raw_model, self.optimizer) if self.optimizer is not None else None
         self.peak = peak_flops(torch.cuda.get_device_name(self.device), self.t.precision) \
             if self.device.type == "cuda" else None
 

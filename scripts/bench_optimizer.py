@@ -101,11 +101,13 @@ def sweep(model_size: str, vocab: int, repeats: int) -> int:
     print(f"default tiling: block {BLOCK}, chunk {CHUNK}, {NUM_WARPS} warps")
     print(f"{'block':>6} {'chunk':>7} {'warps':>5}  {'update ms':>9} {'GB/s':>6}  {'norm ms':>8} {'GB/s':>6}")
     best = None
-    for block in (1024, 2048, 4096):
-        for chunk in (8192, 16384, 32768, 65536):
+    for block in (512, 1024, 2048, 4096):
+        for chunk in (2048, 4096, 8192, 16384, 32768):
             if chunk < block:
                 continue
             for warps in (2, 4, 8, 16):
+                if block // (32 * warps) > 16:  # more elements per thread measured 1.7-12x slower
+                    continue
                 plan = MultiTensorPlan(params, *state, block=block, chunk=chunk, num_warps=warps)
                 update_ms = cuda_time_ms(lambda: plan.update(grads, step, **hyper), repeats)
                 norm_ms = cuda_time_ms(lambda: plan.grad_sumsq(grads).sum().sqrt(), repeats)
