@@ -118,8 +118,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def grad_norm(self) -> torch.Tensor:
         """The 2-norm of all the gradients, in fp32, as ``clip_grad_norm_`` computes it. On a GPU
-        each group's plan reads its gradients in one launch (``_foreach_norm`` takes one per few
-        tensors, at about half the memory bandwidth)."""
+        each group's plan reads its gradients in one launch: at 350m on an H200 0.17-0.19 ms
+        against ``_foreach_norm``'s 0.32-0.36 ms in 17 launches (docs/benchmarks.md)."""
         squares = []
         for gi, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
