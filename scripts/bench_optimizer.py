@@ -10,6 +10,9 @@ bandwidth that makes; checks first that the kernel equals the reference update (
 
 ``--sweep`` times the update kernel alone for each block, chunk and warp count, and the gradients'
 2-norm by the plan's one-launch kernel against ``torch._foreach_norm`` (what the trainer used).
+``--overlap`` asks how much of the update could hide behind the next step's forward: the compiled
+forward (batch ``--batch-size`` x 2048) alone, the update alone, and both at once, the update on a
+second stream. The weights change under the forward there, so that run's numbers are for timing only.
 
 A benchmark: nothing here asserts a speed.
 """
@@ -51,6 +54,8 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--sweep", action="store_true", help="time the kernels per block, chunk and warp count")
+    ap.add_argument("--overlap", action="store_true", help="time the update alone, the forward alone, and both at once")
+    ap.add_argument("--batch-size", type=int, default=8, help="sequences of 2048 tokens in --overlap's forward")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("❌ needs a CUDA GPU (the Triton kernel runs there)", file=sys.stderr)
@@ -68,6 +73,8 @@ def main() -> int:
 
     if args.sweep:
         return sweep(args.model_size, args.vocab, args.repeats)
+    if args.overlap:
+        return overlap(args.model_size, args.vocab, args.repeats, args.batch_size)
     rows = []
     for name, bf16, nbytes in (("MasterWeightAdamW (bf16 weights + fp32 masters)", True, 28),
                                ("torch fused AdamW (fp32 weights, grad_scale)", False, 32)):
@@ -123,6 +130,39 @@ def sweep(model_size: str, vocab: int, repeats: int) -> int:
     print(f"torch._foreach_norm + vector_norm: {foreach_ms:.3f} ms ({2 * n / foreach_ms / 1e6:.0f} GB/s); "
           f"norms {ours.item():.6f} / {theirs.item():.6f} (relative difference {abs(ours - theirs).item() / theirs.item():.1e})")
     print(f"fastest update: block {best[1]}, chunk {best[2]}, {best[3]} warps: {best[0]:.3f} ms")
+    return 0
+
+
+def overlap(model_size: str, vocab: int, repeats: int, batch: int) -> int:
+    """The forward and the update, alone and concurrently (the update on a side stream)."""
+    model, opt = _setup(model_size, vocab, True)
+    compiled = torch.compile(model)
+    tokens = torch.randint(0, vocab, (batch, 2048), device="cuda")
+    side = torch.cuda.Stream()
+
+    def forward():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            compiled(tokens, tokens)  # the graph it builds for a backward is dropped at once
+
+    def both():
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            opt.step()
+        forward()
+        torch.cuda.current_stream().wait_stream(side)
+
+    def serial():
+        opt.step()
+        forward()
+
+    forward()  # compile outside the timings
+    fwd_ms, upd_ms = cuda_time_ms(forward, repeats), cuda_time_ms(opt.step, repeats)
+    serial_ms, both_ms = cuda_time_ms(serial, repeats), cuda_time_ms(both, repeats)
+    hidden = (serial_ms - both_ms) / upd_ms
+    print(f"{model_size}, batch {batch} x 2048, {torch.cuda.get_device_name()}")
+    print(f"  forward alone {fwd_ms:.3f} ms, update alone {upd_ms:.3f} ms, one after the other {serial_ms:.3f} ms")
+    print(f"  the update on a second stream during the forward: {both_ms:.3f} ms: "
+          f"{hidden:.0%} of the update hidden ({serial_ms - both_ms:.3f} ms)")
     return 0
 
 
