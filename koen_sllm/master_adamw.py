@@ -100,13 +100,9 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             self._step += 1
         else:  # counted only where the update happens, on the device, as torch's fused AdamW does
             self._step += 1 - self.found_inf.to(self._step.dtype)
-        for gi, group in enumerate(self.param_groups):
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            if any(p.grad.is_sparse for p in params):
+        for gi, group, params, grads in self._groups_with_grads():
+            if any(g.is_sparse for g in grads):
                 raise RuntimeError("MasterWeightAdamW does not support sparse gradients")
-            grads = [p.grad for p in params]
             beta1, beta2 = group["betas"]
             hyper = dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                          weight_decay=group["weight_decay"], grad_scale=self.grad_scale, found_inf=self.found_inf)
@@ -121,11 +117,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         each group's plan reads its gradients in one launch: at 350m on an H200 0.17-0.19 ms
         against ``_foreach_norm``'s 0.32-0.36 ms in 17 launches (docs/benchmarks.md)."""
         squares = []
-        for gi, group in enumerate(self.param_groups):
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
+        for gi, _, params, grads in self._groups_with_grads():
             if params[0].is_cuda:
                 squares.append(self._plan(gi, params).grad_sumsq(grads))
             else:
@@ -133,6 +125,14 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         if not squares:
             return torch.zeros((), dtype=torch.float32, device=self._step.device if self._step is not None else None)
         return torch.cat(squares).sum().sqrt()
+
+    def _groups_with_grads(self):
+        """(index, group, its parameters that have gradients, their gradients) for each group
+        with any: what the update and the norm both read."""
+        for gi, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                yield gi, group, params, [p.grad for p in params]
 
     def _state_lists(self, params: list) -> tuple[list, list, list]:
         return ([self.masters[p] for p in params], [self.state[p]["exp_avg"] for p in params],
