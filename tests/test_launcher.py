@@ -94,15 +94,22 @@ def dead_pid() -> int:
     [
         (["--bogus"], "unknown option '--bogus'"),
         (["stray"], "unknown option 'stray'"),
-        (["--batch-size", "abc"], "--batch-size needs a positive integer, got 'abc'"),
-        (["--batch-size", "0"], "--batch-size needs a positive integer, got '0'"),
-        (["--max-steps", "-3"], "--max-steps needs a positive integer, got '-3'"),
-        (["--num-gpus", "1.5"], "--num-gpus needs a positive integer, got '1.5'"),
-        (["--save-steps=x"], "--save-steps needs a positive integer, got 'x'"),
+        (["--batch-size", "abc"], "--batch-size needs a whole number, got 'abc'"),
+        (["--batch-size", "0"], "--batch-size must be a positive number, got 0"),
+        (["--max-steps", "-3"], "--max-steps must be a positive number, got -3"),
+        (["--num-gpus", "1.5"], "--num-gpus needs a whole number, got '1.5'"),
+        (["--num-gpus", "0"], "--num-gpus needs a whole number from 1"),
+        (["--save-steps=x"], "--save-steps needs a whole number, got 'x'"),
         (["--max-seq-length"], "--max-seq-length needs a value"),
-        (["--learning-rate", "fast"], "--learning-rate needs a positive number, got 'fast'"),
-        (["--learning-rate", "0"], "--learning-rate needs a positive number, got '0'"),
-        (["--learning-rate", "-1e-4"], "--learning-rate needs a positive number, got '-1e-4'"),
+        (["--learning-rate", "fast"], "--learning-rate needs a number, got 'fast'"),
+        (["--learning-rate", "0"], "--learning-rate must be a positive number, got 0"),
+        (["--learning-rate=-1e-4"], "--learning-rate must be a positive number, got -0.0001"),
+        # Values the old launcher let through (non-finite, beyond 64 bits) or did not know.
+        (["--learning-rate", "1e999"], "--learning-rate inf is not a finite number"),
+        (["--learning-rate", "nan"], "--learning-rate nan is not a finite number"),
+        (["--max-steps", "18446744073709551617"], "does not fit a signed 64-bit integer"),
+        (["--global-batch-size", "x"], "--global-batch-size needs a whole number, got 'x'"),
+        (["--batch", "8"], "unknown option '--batch'"),
         (["--fp16", "--fp32"], "--fp16 and --fp32 cannot be combined"),
         (["--test", "--train"], "--test and --train cannot be combined"),
         (["--status", "--train"], "--status cannot be combined with --train"),
@@ -178,26 +185,33 @@ def test_root_wrapper_reaches_the_launcher():
     assert res.returncode == 0 and "--num-gpus" in res.stdout
 
 
-def test_launcher_constants_match_the_run_configuration():
-    text = LAUNCHER.read_text(encoding="utf-8")
+def test_the_shell_launcher_keeps_no_option_list_or_default():
+    """Options are parsed, defaulted and checked in Python alone (koen_sllm/launcher/options.py)."""
+    lines = LAUNCHER.read_text(encoding="utf-8").splitlines()
+    code = "\n".join(line for line in lines if not line.lstrip().startswith("#"))
+    for word in ("--batch-size", "--learning-rate", "--max-steps", "--test", "DEFAULT_", "case "):
+        assert word not in code, f"{word} in {LAUNCHER}"
+    assert len(lines) < 40
 
-    def const(name):
-        return re.search(rf"\b{name}=(\S+)", text).group(1).strip('"')
 
-    assert re.search(r'MODEL_SIZES="([^"]+)"', text).group(1).split() == list(config.MODEL_SIZES)
-    t, o, c = config.TrainConfig(), config.OptimConfig(), config.CheckpointConfig()
-    assert int(const("DEFAULT_BATCH")) == t.batch_size
-    assert float(const("DEFAULT_LR")) == o.learning_rate
-    assert int(const("DEFAULT_SAVE_STEPS")) == c.save_steps
-    assert int(const("CPU_SEQ_LEN")) == config.CPU_TEST_SEQ_LEN
-    assert const("CPU_MODEL") == config.CPU_TEST_MODEL
-    cfg = config.RunConfig()
-    config.apply_device_defaults(cfg, has_cuda=False)
-    assert int(const("DEFAULT_TEST_STEPS")) == cfg.train.max_steps
-    cfg = config.RunConfig()
-    config.apply_device_defaults(cfg, has_cuda=True)
-    assert int(const("GPU_SEQ_LEN")) == cfg.train.max_seq_length
-    assert const("GPU_MODEL") == cfg.train.model_size
+def test_the_options_table_in_docs_matches_the_parser():
+    """docs/launcher.md's two tables list every documented launcher option with the parser's help text."""
+    from koen_sllm.launcher.options import options_table
+
+    doc = (ROOT / "docs" / "launcher.md").read_text(encoding="utf-8")
+    for option, korean, english in options_table():
+        rows = [line for line in doc.splitlines() if line.startswith(f"| `{option}")]
+        assert len(rows) == 2, f"{option}: {len(rows)} rows in docs/launcher.md"
+        assert english in rows[0], f"{option}: the English row does not carry the parser's help: {english!r}"
+        assert korean in rows[1], f"{option}: the Korean row does not carry {korean!r}"
+
+
+def test_every_trainer_option_is_a_launcher_option():
+    from koen_sllm.launcher.options import build_launcher_parser
+
+    launcher = {s for a in build_launcher_parser()._actions for s in a.option_strings}
+    trainer = {s for a in config.build_parser()._actions for s in a.option_strings}
+    assert trainer <= launcher
 
 
 def _command_from(stdout: str) -> list[str]:
@@ -226,7 +240,7 @@ def test_dry_run_prints_the_command_with_options_and_spaced_paths(tmp_path):
     assert "✅ 모든 요구사항 충족" in res.stdout and "📋 학습 정보" in res.stdout
     assert "running 3 CPU processes" in res.stdout or "GPU 확인 완료" in res.stdout
     cmd = _command_from(res.stdout)
-    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3"]
+    assert cmd[1:6] == ["-m", "koen_sllm.launcher.torchrun", "--standalone", "--nproc_per_node", "3"]
     assert Path(cmd[6]) == ROOT / "scripts" / "train_h100_dual.py"
     args = cmd[7:]
 
@@ -241,7 +255,7 @@ def test_dry_run_prints_the_command_with_options_and_spaced_paths(tmp_path):
     assert (after("--save-steps"), after("--grad-accum"), after("--max-seq-length")) == ("3", "2", "64")
     assert (after("--model-size"), after("--resume")) == ("tiny", "none")
     assert {"--fp32", "--no-compile", "--no-save-initial"} <= set(args)
-    assert args[-2:] == ["--warmup-steps", "2"]
+    assert after("--warmup-steps") == "2" and "--dry-run" not in args and "--num-gpus" not in args
     # The trainer's own --dry-run resolved the same options.
     cfg = _config_from(res.stdout)
     assert cfg["train"]["batch_size"] == 8 and cfg["train"]["max_steps"] == 7 and cfg["train"]["mode"] == "train"
@@ -258,10 +272,10 @@ def test_dry_run_defaults_and_optional_values(tmp_path):
     assert args[args.index("--resume") + 1] == "auto"
     assert args[-1] == "--deepspeed" or args[args.index("--deepspeed") + 1].startswith("--")
     assert "배치 크기 / batch size: 4" in res.stdout
-    # with --deepspeed, what was not typed comes from the JSON, and the block says so
-    assert "학습률 / learning rate: DeepSpeed 설정 파일 값 / from the DeepSpeed config" in res.stdout
+    # with --deepspeed, what was not typed comes from the JSON: the block shows the value the run uses
+    assert "학습률 / learning rate: 5e-05" in res.stdout
     plain = run("--dry-run", "--logs-dir", str(tmp_path / "l"), "--output-dir", str(tmp_path / "o"))
-    assert "학습률 / learning rate: 1e-4" in plain.stdout
+    assert "학습률 / learning rate: 0.0001" in plain.stdout
     # ... and the trainer's resolved configuration already holds the JSON's values
     cfg = _config_from(res.stdout)
     assert cfg["optim"]["learning_rate"] == 5e-5 and cfg["optim"]["warmup_steps"] == 10
@@ -289,18 +303,52 @@ def test_resume_by_checkpoint_name_looks_in_the_output_dir(tmp_path):
 # ---------------------------------------------------------------- PID file, --status, --stop
 
 
-def test_second_start_is_refused_while_the_pid_lives(tmp_path, procs):
+def write_pid_record(logs: Path, pid: int, run_id: str = "test-run") -> None:
+    """A PID file as the launcher writes it: the identity of a live process."""
+    from koen_sllm.launcher import pidfile
+
+    pidfile.write_pid_file(logs / "training.pid", pidfile.record_for(pid, run_id, logs_dir=str(logs)))
+
+
+def test_second_start_is_refused_while_the_run_lives(tmp_path, procs):
     logs = tmp_path / "logs"
     logs.mkdir()
     sleeper = procs(["sleep", "60"], start_new_session=True)
-    (logs / "training.pid").write_text(f"{sleeper.pid}\n")
+    write_pid_record(logs, sleeper.pid)
     res = run("--test", "--logs-dir", str(logs), "--output-dir", str(tmp_path / "out"))
     assert res.returncode == 1
     lines = error_lines(res)
     assert len(lines) == 1 and f"PID {sleeper.pid}" in lines[0] and "already" in lines[0]
     assert "sleep 60" in lines[0]
-    assert (logs / "training.pid").read_text().strip() == str(sleeper.pid)  # left alone
+    assert json.loads((logs / "training.pid").read_text())["pid"] == sleeper.pid  # left alone
     assert not (tmp_path / "out").exists() and not (logs / "training_console.log").exists()
+
+
+@pytest.mark.parametrize("content", ["bare", "1\n", "0\n", "reused"])
+def test_stop_never_signals_a_process_the_pid_file_does_not_prove(tmp_path, procs, content):
+    """A bare PID (written by hand or by an older launcher), PID 0 or 1, or a PID now used by
+    another process: --status/--stop call the file stale, remove it and signal nothing."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    stranger = procs(["sleep", "60"], start_new_session=True)
+    if content == "bare":
+        (logs / "training.pid").write_text(f"{stranger.pid}\n")
+    elif content == "reused":  # the record of an earlier process whose PID the stranger now has
+        write_pid_record(logs, stranger.pid)
+        record = json.loads((logs / "training.pid").read_text())
+        record["start_time"] -= 1
+        (logs / "training.pid").write_text(json.dumps(record))
+    else:
+        (logs / "training.pid").write_text(content)
+    res = run("--stop", "--logs-dir", str(logs))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "stale PID file" in res.stdout and "nothing to stop" in res.stdout
+    assert not (logs / "training.pid").exists()
+    time.sleep(0.3)
+    assert stranger.poll() is None, "--stop signalled a process that is not the run"
+    (logs / "training.pid").write_text(f"{stranger.pid}\n")
+    res = run("--status", "--logs-dir", str(logs))
+    assert res.returncode == 3 and "no training is running" in res.stdout and stranger.poll() is None
 
 
 @pytest.mark.parametrize("content", [None, "garbage\n"])
@@ -323,7 +371,7 @@ def test_status_reads_the_latest_progress_line(tmp_path, procs):
     logs = tmp_path / "logs"
     logs.mkdir()
     sleeper = procs(["sleep", "60"], start_new_session=True)
-    (logs / "training.pid").write_text(f"{sleeper.pid}\n")
+    write_pid_record(logs, sleeper.pid)
     older = ("[2025-01-01 10:00:00] step 5/100 | loss 6.0000 | lr 1.00e-04 | grad_norm 1.000 | tok/s 9,999 | "
              "tok/s/gpu 5,000 | mfu 40.0% | mem 10.0 GiB | eta 0:20:00")
     newer = ("[2025-01-01 10:05:00] step 10/100 | loss 5.1234 | lr 1.00e-04 | grad_norm 1.234 | tok/s 12,345 | "
@@ -372,12 +420,13 @@ def _start_fake_run(tmp_path, procs, mode="save"):
     (logs / "training_console.log").write_text("[2025-01-01 10:00:00] step 1/10 | loss 1.0000 | eta 0:00:09\n")
     script = tmp_path / "fake_torchrun.py"
     script.write_text(FAKE_TORCHRUN)
-    parent = procs([sys.executable, str(script), str(tmp_path), mode], start_new_session=True)
+    parent = procs([sys.executable, str(script), str(tmp_path), mode], start_new_session=True,
+                   env=dict(os.environ, KOEN_RUN_ID="test-run"))
     deadline = time.time() + 30
     while not (tmp_path / "ready").exists():
         assert time.time() < deadline and parent.poll() is None, "fake run did not start"
         time.sleep(0.05)
-    (logs / "training.pid").write_text(f"{parent.pid}\n")
+    write_pid_record(logs, parent.pid)
     return logs, parent
 
 
@@ -415,6 +464,8 @@ FAKE_TRAINER = textwrap.dedent("""
         print('{"fake": true}')
         sys.exit(0)
     if os.environ.get("FAKE_EXIT"):
+        if rank == 0:
+            print(time.strftime("[%Y-%m-%d %H:%M:%S] ") + "❌ " + os.environ.get("FAKE_REASON", "failed"), flush=True)
         sys.exit(int(os.environ["FAKE_EXIT"]))
     logs = args[args.index("--logs-dir") + 1]
     stops = []
@@ -476,8 +527,8 @@ def wait_until_dead(pid: int, timeout: float = 30) -> None:
 
 
 def test_background_start_rotates_logs_writes_the_pid_and_prints_commands(fake_checkout):
-    logs = fake_checkout / "logs"
-    logs.mkdir()
+    logs = fake_checkout / "logs" / "test"  # a test run's own folder
+    logs.mkdir(parents=True)
     (logs / "training_console.log").write_text("earlier run\n")
     (logs / "training_detail_rank_0.log").write_text("earlier detail\n")
     (logs / "training.pid").write_text(f"{dead_pid()}\n")  # stale: cleaned with a note
@@ -486,6 +537,7 @@ def test_background_start_rotates_logs_writes_the_pid_and_prints_commands(fake_c
     assert res.returncode == 0, res.stdout + res.stderr
     pid = int(re.search(r"PID: (\d+)", res.stdout).group(1))
     assert "stale PID file" in res.stdout
+    assert "step 1/3" in res.stdout  # it waited for the first step
     assert f"ps -p {pid}" in res.stdout and f"kill {pid}" in res.stdout and "--stop" in res.stdout
     assert f"tail -f '{logs}/training_console.log'" in res.stdout  # quoted: the path has a space
     wait_until_dead(pid)
@@ -499,27 +551,31 @@ def test_background_start_rotates_logs_writes_the_pid_and_prints_commands(fake_c
     assert res.returncode == 3 and "step 3/3" in res.stdout and "Training complete" in res.stdout
 
 
-def test_background_run_that_dies_at_once_is_reported(fake_checkout):
+def test_background_run_that_dies_before_its_first_step_is_reported(fake_checkout):
     res = run("--test", script=fake_checkout / "scripts" / "run_h100_dual.sh",
-              env=fake_env(fake_checkout, FAKE_EXIT="3", KOEN_LOG_PREVIEW_SECONDS="5"))
+              env=fake_env(fake_checkout, FAKE_EXIT="3", FAKE_REASON="no such corpus"))
     assert res.returncode == 1
-    # torchrun reports any failed worker as exit code 1
-    assert "exited within 5 s with code 1" in res.stderr.splitlines()[-1]
-    assert not (fake_checkout / "logs" / "training.pid").exists()
+    last = res.stderr.splitlines()[-1]
+    assert "failed before its first step (exit 3)" in last and "no such corpus" in last
+    assert "started in the background" in res.stdout  # it did start, and then said it failed
+    assert not (fake_checkout / "logs" / "test" / "training.pid").exists()
 
 
-def test_foreground_exit_code_is_the_runs(fake_checkout):
+def test_foreground_exit_code_is_the_workers(fake_checkout):
     script = fake_checkout / "scripts" / "run_h100_dual.sh"
     res = run("--foreground", script=script, env=fake_env(fake_checkout, FAKE_EXIT="5"))
-    assert res.returncode == 1  # torchrun's code for "a worker failed"
-    assert "failed with exit code 1" in res.stderr
-    assert "the run exited with code 1" in (fake_checkout / "logs" / "training_console.log").read_text()
-    assert not (fake_checkout / "logs" / "training.pid").exists()
+    assert res.returncode == 5  # the worker's own code, not torchrun's blanket 1
+    assert "failed with exit code 5" in res.stderr
+    assert "Traceback" not in res.stdout + res.stderr and "ChildFailedError" not in res.stdout + res.stderr
+    logs = fake_checkout / "logs" / "test"
+    assert "the run exited with code 5" in (logs / "training_console.log").read_text()
+    assert "ChildFailedError" in (logs / "training_detail_rank_0.log").read_text()  # the report, kept
+    assert not (logs / "training.pid").exists()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_foreground_signal_asks_the_workers_to_save(fake_checkout, sig):
-    logs = fake_checkout / "logs"
+    logs = fake_checkout / "logs" / "test"
     # A shell started with SIGINT ignored (pytest under a background job or some CI runners) can
     # never trap it; a user's terminal starts the launcher with the default disposition.
     proc = subprocess.Popen(["bash", str(fake_checkout / "scripts" / "run_h100_dual.sh"), "--foreground"],

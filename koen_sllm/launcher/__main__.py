@@ -91,6 +91,7 @@ def _run(opts: options.LaunchOptions) -> int:
 
     checks.still_free(output_dir, files)  # the environment step may have taken minutes
     logs_dir.mkdir(parents=True, exist_ok=True)
+    control.remove_stale(files)
     rotated = rotate_logs(logs_dir)
     if rotated:
         print(f"🗂  이전 로그 {rotated}개를 .1 로 보관 / kept {rotated} earlier log file(s) as *.1 (up to .5)")

@@ -160,6 +160,8 @@ def trainer_arguments(opts: LaunchOptions, output_dir: Path, logs_dir: Path) -> 
             value = inline if eq else (words[i + 1] if i + 1 < len(words) and not words[i + 1].startswith("--")
                                        else None)
             step = 1 if eq or value is None else 2
+            if name == "--resume" and not value:
+                value = "auto"  # a bare --resume, said in full in the command shown
             if value is not None and not (name == "--resume" and value in ("auto", "none")) and value != "":
                 value = str(_resume_path(value, output_dir) or _absolute(value)) if name == "--resume" \
                     else str(_absolute(value))

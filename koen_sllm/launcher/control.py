@@ -61,6 +61,10 @@ def progress_summary(line: str) -> str:
     return out + (f"  ({m.group(1)})" if m else "")
 
 
+def remove_stale(files: JobFiles) -> None:
+    _clean(files)
+
+
 def _clean(files: JobFiles) -> Optional[pidfile.RunProcess]:
     """The live run of this logs folder, or None after removing a stale PID file with a note."""
     state = pidfile.read_pid_file(files.pid)

@@ -32,16 +32,20 @@ class PythonEnv:
 
 def prepare(no_install: bool) -> PythonEnv:
     """Run setup_env.sh's koen_setup_env for the packages training imports; its messages reach the terminal."""
+    import tempfile
+
     setup = repo_root() / "scripts" / "setup_env.sh"
     env = dict(os.environ)
     if no_install:
         env["KOEN_NO_INSTALL"] = "1"
-    script = ('source "$0" && koen_setup_env "" train >&2 && '
-              'printf "python %s\\npythonpath %s\\n%s\\n" "$KOEN_PYTHON" "${KOEN_PYTHONPATH:-}" "$KOEN_ENV_PROBE"')
-    res = subprocess.run(["bash", "-c", script, str(setup)], stdout=subprocess.PIPE, text=True, env=env)
-    if res.returncode != 0:
-        raise EnvironmentFailed()
-    return parse_probe(res.stdout)
+    # setup_env.sh talks to the terminal; its findings go to a file of their own.
+    script = ('source "$0" && koen_setup_env "" train && '
+              'printf "python %s\\npythonpath %s\\n%s\\n" "$KOEN_PYTHON" "${KOEN_PYTHONPATH:-}" "$KOEN_ENV_PROBE" >"$1"')
+    with tempfile.NamedTemporaryFile("r", prefix="koen-env-", suffix=".txt") as found:
+        res = subprocess.run(["bash", "-c", script, str(setup), found.name], env=env)
+        if res.returncode != 0:
+            raise EnvironmentFailed()
+        return parse_probe(found.read())
 
 
 def parse_probe(text: str) -> PythonEnv:

@@ -262,7 +262,9 @@ def help_text() -> str:
         metavar = "" if a.nargs == 0 else f" {a.metavar or a.dest.upper()}" if a.nargs is None else \
             f" [{a.metavar or a.dest.upper()}]"
         lines.append(f"  {opt + metavar:<26}{korean} / {_english(a)}")
-    lines += ["  -h, --help                도움말 / this help", "",
+    lines += ["  -h, --help                도움말 / this help",
+              "  -- ARGS                   (이전 형식) 나머지는 학습 스크립트로 / older form: the rest goes to the trainer",
+              "",
               "학습 스크립트의 모든 옵션도 그대로 받습니다 / every trainer option is accepted as well:"]
     shown = set(KOREAN_HELP)
     for a in parser._actions:  # noqa: SLF001
