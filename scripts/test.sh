@@ -12,5 +12,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/setup_env.sh"
 koen_setup_env dev
 cd "$root"
+# The checkout's package first, whether or not it is installed in this environment.
+export PYTHONPATH="$KOEN_PYTHONPATH"
 # pytest exits 5 when it collects nothing: an empty run is a failure here too.
 exec "$KOEN_PYTHON" -m pytest "$@"
