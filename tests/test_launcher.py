@@ -667,3 +667,73 @@ def test_train_mode_line_names_the_step_count_once(tmp_path, extra, shown):
     assert res.returncode == 0, res.stdout + res.stderr
     mode = [line for line in res.stdout.splitlines() if "mode:" in line]
     assert mode and mode[0].endswith(shown), mode
+
+
+# ---------------------------------------------------------------- environments as they are
+
+
+def _fake_venv(tmp_path: Path, probe_says: str) -> tuple[Path, Path]:
+    """A virtualenv whose python answers the requirement probe with ``probe_says`` and records any pip call."""
+    venv, marker = tmp_path / "other venv", tmp_path / "pip-was-run"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.write_text(textwrap.dedent(f"""\
+        #!/usr/bin/env bash
+        if [[ "$1" == "-m" && "$2" == "pip" ]]; then touch {shlex.quote(str(marker))}; exit 0; fi
+        if [[ "$1" == "-c" ]]; then echo {shlex.quote(probe_says)}; exit 0; fi
+        exec {shlex.quote(sys.executable)} "$@"
+        """))
+    python.chmod(0o755)
+    return venv, marker
+
+
+def test_dry_run_never_installs_anything(tmp_path):
+    venv, marker = _fake_venv(tmp_path, "missing torch")
+    env = launcher_env(VIRTUAL_ENV=str(venv))
+    env.pop("KOEN_NO_INSTALL")
+    res = run("--dry-run", "--logs-dir", str(tmp_path / "l"), "--output-dir", str(tmp_path / "o"), env=env)
+    assert res.returncode == 1
+    assert "missing" in res.stderr and "torch" in res.stderr and "pip install" in res.stderr
+    assert not marker.exists(), "--dry-run ran pip"
+    # The same start without --dry-run does install: the check above can fail.
+    res = run("--logs-dir", str(tmp_path / "l"), "--output-dir", str(tmp_path / "o"), env=env)
+    assert marker.exists()
+    for action in ("--status", "--stop"):
+        marker.unlink(missing_ok=True)
+        run(action, "--logs-dir", str(tmp_path / "l"), env=env)
+        assert not marker.exists()
+
+
+def test_a_python3_that_has_everything_is_used_as_it_is(fake_checkout):
+    """No virtualenv active, no .venv: a python3 on PATH with torch & co (a container image) is used,
+    with or without --no-install, and nothing is created or installed."""
+    env = fake_env(fake_checkout, FAKE_STEPS="1")
+    env.pop("VIRTUAL_ENV", None)
+    bin_dir = fake_checkout / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} \"$@\"\n")
+    (bin_dir / "python3").chmod(0o755)
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    for extra in (["--no-install"], []):
+        if not extra:
+            env.pop("KOEN_NO_INSTALL", None)
+        res = run("--dry-run", *extra, script=fake_checkout / "scripts" / "run_h100_dual.sh", env=env)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "used as is" in res.stdout + res.stderr
+        assert not (fake_checkout / ".venv").exists()
+
+
+# ---------------------------------------------------------------- resume by name
+
+
+def test_resume_of_a_missing_checkpoint_lists_the_ones_that_exist(tmp_path):
+    out = tmp_path / "out"
+    for name in ("checkpoint-10", "checkpoint-20", "initial_model"):
+        (out / name).mkdir(parents=True)
+    (tmp_path / "x.jsonl").write_text("")
+    res = run("--dry-run", "--train", "--resume", "checkpoint-999", "--output-dir", str(out),
+              "--dataset-path", str(tmp_path), "--logs-dir", str(tmp_path / "l"), cwd=tmp_path)
+    assert res.returncode == 2
+    lines = error_lines(res)
+    assert len(lines) == 1 and "checkpoint-999" in lines[0]
+    assert "checkpoint-20, checkpoint-10, initial_model" in lines[0]
