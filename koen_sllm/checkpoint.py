@@ -56,6 +56,15 @@ _STEP_RE = re.compile(r"^checkpoint-(\d+)$")
 # The files a checkpoint writes itself; anything else in a model directory (tokenizer files) is copied.
 CHECKPOINT_OWN_FILES = frozenset({MODEL_FILE, CONFIG_FILE, TRAINING_INFO_FILE, TRAINER_STATE_FILE, MANIFEST_FILE, LATEST_FILE})
 _INTACT = "earlier checkpoints are intact"
+# The Korean halves of the one-line "<Korean> / <English>" errors a user meets at start-up, worded
+# like the launcher's; the English half names the path and the fix.
+KO_NO_CHECKPOINT = "체크포인트가 없습니다"
+KO_BAD_CHECKPOINT = "사용할 수 없는 체크포인트입니다"
+KO_CANNOT_RESUME = "이어서 학습할 수 없습니다"
+KO_NO_OUTPUT_DIR = "출력 폴더를 만들 수 없습니다"
+KO_READ_ONLY = "출력 폴더에 쓸 수 없습니다"
+KO_NO_SPACE = "디스크 공간이 부족합니다"
+_LISTED = 8  # checkpoints named in a --resume error; more would not fit on one line
 
 
 class CheckpointError(RuntimeError):
@@ -315,17 +324,38 @@ def resolve_resume(spec: str, root: Path, log: Callable[[str], None] = _LOG.warn
     if not path.exists() and not path.is_absolute() and (Path(root) / path).exists():
         path = Path(root) / path  # --resume checkpoint-500 means the one under --output-dir
     if not path.exists():
-        raise CheckpointError(f"--resume {spec}: {path} does not exist; pass a checkpoint directory, 'auto' or 'none'")
+        root = Path(root)
+        if not path.is_absolute():  # name the place a bare name was looked for last, or the full path
+            path = root / path if len(path.parts) == 1 else path.resolve()
+        names = checkpoint_names(root)
+        listed = ", ".join(names[:_LISTED]) + (f" (and {len(names) - _LISTED} older)" if len(names) > _LISTED else "")
+        if names:
+            fix = f"checkpoints in {root}: {listed}; pass one of them, 'auto' or 'none'"
+        else:
+            gone = "" if root.is_dir() else " (the folder does not exist)"
+            fix = f"checkpoints in {root}: none{gone}; pass a checkpoint directory, 'auto' or 'none'"
+        raise CheckpointError(f"{KO_NO_CHECKPOINT} / --resume {spec}: {path} does not exist; {fix}")
     if path.is_dir() and not (path / MANIFEST_FILE).exists() and (path / LATEST_FILE).is_file():
         found = _resolve_auto(path, log)
         if found is None:
-            raise CheckpointError(f"--resume {spec}: no valid checkpoint in {path}; pass another one or 'none'")
+            raise CheckpointError(f"{KO_NO_CHECKPOINT} / --resume {spec}: no valid checkpoint in {path}; "
+                                  "pass another one or 'none'")
         return found
     ok, why = verify_checkpoint(path)
     if not ok:
-        raise CheckpointError(f"--resume {spec}: {path} is not a usable checkpoint ({why}); "
+        raise CheckpointError(f"{KO_BAD_CHECKPOINT} / --resume {spec}: {path} is not a usable checkpoint ({why}); "
                               "pass another checkpoint, 'auto' or 'none'")
     return path
+
+
+def checkpoint_names(root: Path) -> list[str]:
+    """The checkpoint directories in ``root`` by name: ``checkpoint-<step>`` newest first, then
+    ``initial_model`` (step 0). Names only, unverified: this is for telling the user what exists."""
+    root = Path(root)
+    names = [p.name for p in _step_dirs(root)]
+    if (root / INITIAL_MODEL).is_dir():
+        names.append(INITIAL_MODEL)
+    return names
 
 
 def _resolve_auto(root: Path, log: Callable[[str], None]) -> Optional[Path]:
@@ -370,8 +400,8 @@ def load_model_state(path: Path) -> dict[str, torch.Tensor]:
 def load_trainer_state(path: Path) -> dict:
     file = Path(path) / TRAINER_STATE_FILE
     if not file.is_file():
-        raise CheckpointError(f"{file} is missing: {path} holds a model only (initial_model or an export); "
-                              "resume from a checkpoint-<step> directory or use --resume none")
+        raise CheckpointError(f"{KO_CANNOT_RESUME} / {file} is missing: {path} holds a model only (initial_model "
+                              "or an export); resume from a checkpoint-<step> directory or use --resume none")
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -408,7 +438,7 @@ def check_output_dir(root: Path, need_bytes: int, *, per_checkpoint_bytes: Optio
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise CheckpointError(f"cannot create output directory {root} ({reason(exc)}); "
+        raise CheckpointError(f"{KO_NO_OUTPUT_DIR} / cannot create output directory {root} ({reason(exc)}); "
                               "pass --output-dir PATH on a writable disk") from exc
     probe = root / f".write-probe-{os.getpid()}"
     try:
@@ -417,14 +447,14 @@ def check_output_dir(root: Path, need_bytes: int, *, per_checkpoint_bytes: Optio
         probe.unlink()
     except OSError as exc:
         remove_path(probe)
-        raise CheckpointError(f"output directory {root} is not writable ({reason(exc)}); "
+        raise CheckpointError(f"{KO_READ_ONLY} / output directory {root} is not writable ({reason(exc)}); "
                               "fix its permissions or pass --output-dir PATH on a writable disk") from exc
     free = shutil.disk_usage(root).free
     if free < need_bytes:
         each = f" (one checkpoint is about {_gib(per_checkpoint_bytes)})" if per_checkpoint_bytes else ""
         raise CheckpointError(
-            f"only {_gib(free)} free on the disk holding {root}, but checkpoints need about {_gib(need_bytes)}{each}; "
-            "free space, lower --save-total-limit or pass --output-dir on a larger disk"
+            f"{KO_NO_SPACE} / only {_gib(free)} free on the disk holding {root}, but checkpoints need about "
+            f"{_gib(need_bytes)}{each}; free space, lower --save-total-limit or pass --output-dir on a larger disk"
         )
 
 

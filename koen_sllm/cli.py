@@ -7,25 +7,107 @@ a one-line reason, 2 a bad option (a DeepSpeed JSON that contradicts one, or
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 from typing import Optional, Sequence
 
-from .config import ConfigError, apply_device_defaults, parse_args
+from .config import ConfigError, apply_device_defaults, derive_batch_plan, parse_args, resolve_weights
 from .ds_config import explicit_options
+
+# The Korean half of a one-line error whose English half names the option or the file.
+_KO_CONFIG = "옵션 오류"
 
 
 def _print_err(msg: str) -> None:
     print(f"❌ {msg}", file=sys.stderr, flush=True)
 
 
+def bilingual(msg: str, korean: str = _KO_CONFIG) -> str:
+    """``<Korean> / <English>``, unless the message already has its Korean half."""
+    return msg if any("\uac00" <= ch <= "\ud7a3" for ch in msg) else f"{korean} / {msg}"
+
+
+def resolve_config(argv: Sequence[str], world_size: int, has_cuda: bool):
+    """Options, then the output folder's recorded run, then the device's defaults: the settings
+    the run will use, with the notes to print. Raises ConfigError (exit 2)."""
+    from .run_record import resolve_with_record
+
+    cfg, ns = parse_args(argv)
+    explicit = explicit_options(argv)  # a DeepSpeed JSON may replace defaults, never these
+    resolution = resolve_with_record(cfg, explicit, world_size)
+    notes = resolution.notes + apply_device_defaults(cfg, has_cuda)
+    return cfg, ns, explicit, notes
+
+
+def resolve_fully(cfg, explicit, notes, world_size: int, has_cuda: bool) -> list[str]:
+    """The values the trainer resolves once the batch plan is known (the DeepSpeed JSON's, the
+    weight precision), so a dry run shows exactly what the run will use. Raises ConfigError."""
+    if cfg.train.deepspeed is not None:
+        from .ds_config import apply_ds_options
+
+        notes = notes + apply_ds_options(cfg, explicit, world_size)
+    plan = derive_batch_plan(cfg, world_size)
+    resolve_weights(cfg.train, plan.grad_accum, has_cuda)
+    return notes
+
+
+def _dry_run(cfg, explicit, notes, world_size: int, has_cuda: bool) -> int:
+    try:
+        notes = resolve_fully(cfg, explicit, notes, world_size, has_cuda)
+    except ConfigError as exc:
+        _print_err(bilingual(str(exc)))
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        print(cfg.to_json())
+    return 0
+
+
+def _take_folders(cfg, info) -> Optional[list]:
+    """One writer per folder: rank 0 locks the output and logs folders for the life of the run
+    (the kernel releases them if it dies). Returns the held locks, or None when a folder is busy
+    (the reason printed by rank 0). Every rank learns the outcome, so none waits at a collective."""
+    from . import distributed as D
+    from .run_lock import FolderBusy, FolderLock
+
+    locks, error = [], None
+    if info.is_main:
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": os.environ.get("KOEN_RUN_ID", ""),
+                 "mode": cfg.train.mode, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                 "command": " ".join(sys.argv)}
+        folders = [(cfg.output_dir, "output folder", "--output-dir")]
+        if cfg.logs_dir != cfg.output_dir:
+            folders.append((cfg.logs_dir, "logs folder", "--logs-dir"))
+        try:
+            for folder, what, option in folders:
+                lock = FolderLock(folder, what, option)
+                lock.acquire(owner)
+                locks.append(lock)
+        except (FolderBusy, OSError) as exc:
+            error = str(exc) if isinstance(exc, FolderBusy) else \
+                f"폴더를 잠글 수 없습니다 / cannot lock {folder} ({exc}); check its permissions or pass another {option}"
+            for lock in locks:
+                lock.release()
+    error = D.broadcast_object(error)
+    if error:
+        if info.is_main:
+            _print_err(error)
+        return None
+    return locks
+
+
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    from .parent_watch import die_with_parent, under_torchrun
+
+    if under_torchrun():
+        die_with_parent()
     try:
-        cfg, ns = parse_args(argv)
-        explicit = explicit_options(argv)  # a DeepSpeed JSON may replace defaults, never these
+        parse_args(argv)  # option errors first, before torch is imported
     except ConfigError as exc:
-        _print_err(f"{exc} (see --help)")
+        _print_err(bilingual(f"{exc} (see --help)"))
         return 2
 
     import torch
@@ -33,38 +115,33 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     from . import distributed as D
     from .logs import close_handlers, setup_logging
 
+    world_size, has_cuda = int(os.environ.get("WORLD_SIZE", "1")), torch.cuda.is_available()
     try:
-        notes = apply_device_defaults(cfg, torch.cuda.is_available())
+        cfg, ns, explicit, notes = resolve_config(argv, world_size, has_cuda)
     except ConfigError as exc:
-        _print_err(str(exc))
+        if int(os.environ.get("RANK", "0")) == 0:
+            _print_err(bilingual(str(exc)))
         return 2
     if ns.dry_run:
-        if cfg.train.deepspeed is not None:  # show the values the run will use, the JSON's included
-            from .ds_config import apply_ds_options
-
-            try:
-                notes += apply_ds_options(cfg, explicit, int(os.environ.get("WORLD_SIZE", "1")))
-            except ConfigError as exc:
-                _print_err(str(exc))
-                return 2
-        if int(os.environ.get("RANK", "0")) == 0:
-            for note in notes:
-                print(f"note: {note}", file=sys.stderr)
-            print(cfg.to_json())
-        return 0
+        return _dry_run(cfg, explicit, notes, world_size, has_cuda)
     if cfg.train.deepspeed is not None:
         from .ds_backend import DeepSpeedUnavailable, require_deepspeed
 
         try:  # now, not after the data is prepared and the model built
             require_deepspeed()
         except DeepSpeedUnavailable as exc:
-            _print_err(str(exc))
+            if int(os.environ.get("RANK", "0")) == 0:
+                _print_err(bilingual(str(exc), "패키지 없음"))
             return 2
 
     try:
         info = D.init_distributed()
     except Exception as exc:
-        _print_err(f"could not join the process group: {exc}")
+        _print_err(f"프로세스 그룹 참여 실패 / could not join the process group: {exc}")
+        return 1
+    locks = _take_folders(cfg, info)
+    if locks is None:
+        D.cleanup()
         return 1
     log = setup_logging(cfg.logs_dir, info.rank, cfg.train.verbose)
     code = 1
@@ -80,7 +157,38 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         close_handlers(log)
         D.cleanup()
+        for lock in locks:
+            lock.release()
     return code
+
+
+def _record_run(cfg, trainer, info, notes, log) -> None:
+    """Keep the settings that now drive the run in its output folder (rank 0), so that a plain
+    ``--train`` resumes it as it was. A failed write costs the next resume its defaults, not
+    this run: a warning, not a stop."""
+    if not info.is_main:
+        return
+    from .config import RunConfig
+    from .optim import default_warmup
+    from .run_record import build_record, read_record, write_record
+
+    resolved = RunConfig.from_dict(cfg.to_dict())
+    resolved.train.max_steps = trainer.max_steps
+    resolved.train.global_batch_size = trainer.plan.sequences_per_step
+    if resolved.optim.warmup_steps is None:
+        resolved.optim.warmup_steps = default_warmup(trainer.max_steps)
+    try:
+        previous = read_record(cfg.output_dir) if trainer.step > 0 else None
+    except ConfigError:
+        previous = None
+    record = build_record(resolved, run_id=os.environ.get("KOEN_RUN_ID") or time.strftime("%Y%m%d-%H%M%S"),
+                          max_steps=trainer.max_steps, global_batch_size=trainer.plan.sequences_per_step,
+                          world_size=info.world_size, command=sys.argv, previous=previous, changes=notes)
+    try:
+        write_record(cfg.output_dir, record)
+    except OSError as exc:
+        log.warning("⚠️  could not write the run record in %s (%s): a later resume needs its options typed "
+                    "again / 실행 기록 저장 실패", cfg.output_dir, exc)
 
 
 def _run(cfg, info, notes, log, explicit=frozenset()) -> int:
@@ -103,6 +211,7 @@ def _run(cfg, info, notes, log, explicit=frozenset()) -> int:
     try:
         trainer = Trainer(cfg, info, explicit)
         trainer.setup()
+        _record_run(cfg, trainer, info, notes, log)
         summary = trainer.train()
     except (RunSetupError, CheckpointError, ConfigError, AttentionBackendError, DeepSpeedBackendError) as exc:
         # Every rank checks the same options the same way; rank 0 speaks for a bad one.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,13 +123,14 @@ class RunConfig:
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     # Paths, resolved against the repository root when relative.
+    # A test run has folders of its own, so it never writes into a training run's checkpoints or logs.
     @property
     def output_dir(self) -> Path:
-        return _resolve(self.ckpt.output_dir, "outputs")
+        return _resolve(self.ckpt.output_dir, "outputs/test" if self.train.mode == "test" else "outputs")
 
     @property
     def logs_dir(self) -> Path:
-        return _resolve(self.train.logs_dir, "logs")
+        return _resolve(self.train.logs_dir, "logs/test" if self.train.mode == "test" else "logs")
 
     @property
     def dataset_path(self) -> Path:
@@ -297,8 +299,43 @@ def derive_batch_plan(cfg: RunConfig, world_size: int) -> BatchPlan:
 # ---------------------------------------------------------------- validation
 
 
+# Every float option as (section, field, flag). nan compares false with everything, so it would
+# slip past the range checks below, and inf overflows the step count or turns the weights into
+# nan: both are refused first. eps has no flag; only a DeepSpeed JSON or a saved config sets it.
+_FLOAT_OPTIONS = (
+    ("optim", "learning_rate", "--learning-rate"), ("optim", "min_lr_ratio", "--min-lr-ratio"),
+    ("optim", "weight_decay", "--weight-decay"), ("optim", "beta1", "--beta1"), ("optim", "beta2", "--beta2"),
+    ("optim", "eps", "eps (AdamW epsilon)"), ("optim", "grad_clip", "--grad-clip"),
+    ("train", "num_epochs", "--num-epochs"), ("data", "val_fraction", "--val-fraction"),
+    ("train", "ddp_bucket_mb", "--ddp-bucket-mb"),
+)
+# Every integer option. argparse hands over Python ints of any size, but steps, seeds and sizes
+# end up in int64 tensors, numpy seeds and the loader's counters, where a larger one would wrap
+# or fail deep inside the run.
+_INT_OPTIONS = (
+    ("train", "batch_size", "--batch-size"), ("train", "max_steps", "--max-steps"),
+    ("train", "grad_accum", "--grad-accum"), ("train", "global_batch_size", "--global-batch-size"),
+    ("train", "max_seq_length", "--max-seq-length"), ("ckpt", "save_steps", "--save-steps"),
+    ("ckpt", "save_total_limit", "--save-total-limit"), ("train", "eval_steps", "--eval-steps"),
+    ("train", "eval_batches", "--eval-batches"), ("train", "log_steps", "--log-steps"),
+    ("train", "max_bad_steps", "--max-bad-steps"), ("data", "vocab_size", "--vocab-size"),
+    ("data", "num_proc", "--num-proc"), ("train", "seed", "--seed"), ("optim", "warmup_steps", "--warmup-steps"),
+    ("train", "ce_chunk_tokens", "--ce-chunk-tokens"), ("train", "debug_kill_step", "--debug-kill-step"),
+)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# AdamW peak rates for these model sizes lie around 1e-4..1e-2; above 1 every update outgrows
+# the weights it changes, so such a value is a typo (a missing "e-"), not a choice.
+MAX_LEARNING_RATE = 1.0
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     t, o, c, d = cfg.train, cfg.optim, cfg.ckpt, cfg.data
+    for section, name, flag in _FLOAT_OPTIONS:
+        _finite(flag, getattr(getattr(cfg, section), name), _default(section, name))
+    for section, name, flag in _INT_OPTIONS:
+        _fits_int64(flag, getattr(getattr(cfg, section), name))
+    for step in t.debug_nan_steps:
+        _fits_int64("--debug-nan-steps", step)
     if t.mode not in ("test", "train"):
         raise ConfigError(f"mode must be 'test' or 'train', got {t.mode!r}")
     if t.model_size is not None and t.model_size not in MODEL_SIZES:
@@ -321,6 +358,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     _positive("--vocab-size", d.vocab_size)
     _positive("--num-epochs", t.num_epochs)
     _positive("--learning-rate", o.learning_rate)
+    if o.learning_rate > MAX_LEARNING_RATE:
+        raise ConfigError(f"--learning-rate {o.learning_rate:g} is above {MAX_LEARNING_RATE:g}; AdamW peak rates "
+                          "for these models are about 1e-4 to 1e-2: pass e.g. --learning-rate 3e-4")
     _non_negative("--eval-steps", t.eval_steps)
     _non_negative("--ce-chunk-tokens", t.ce_chunk_tokens)
     _non_negative("--log-steps", t.log_steps)
@@ -328,6 +368,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _non_negative("--weight-decay", o.weight_decay)
     _non_negative("--grad-clip", o.grad_clip)
     _non_negative("--num-proc", d.num_proc)
+    _non_negative("--seed", t.seed)  # numpy's generators, which shuffle the data, refuse negative seeds
     if t.max_seq_length is not None and t.max_seq_length < 8:
         raise ConfigError(f"--max-seq-length {t.max_seq_length} is too short; use at least 8")
     if d.vocab_size < 300:
@@ -352,6 +393,31 @@ def _positive(name: str, value) -> None:
 def _non_negative(name: str, value) -> None:
     if value is not None and value < 0:
         raise ConfigError(f"{name} must be zero or positive, got {value}")
+
+
+def _default(section: str, name: str) -> Any:
+    klass = {"train": TrainConfig, "data": DataConfig, "optim": OptimConfig, "ckpt": CheckpointConfig}[section]
+    return getattr(klass(), name)
+
+
+def _finite(name: str, value, default) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a number, got {value!r}; "
+                          f"pass e.g. {name.split()[0]} {default:g} (the default)")
+    if not math.isfinite(value):
+        why = " (a number as large as 1e999 overflows to inf)" if math.isinf(value) else ""
+        raise ConfigError(f"{name} {value} is not a finite number{why}; "
+                          f"pass a finite one, e.g. {name.split()[0]} {default:g} (the default)")
+
+
+def _fits_int64(name: str, value) -> None:
+    if value is None or INT64_MIN <= value <= INT64_MAX:
+        return
+    bound = f"at most {INT64_MAX}" if value > 0 else f"at least {INT64_MIN}"
+    raise ConfigError(f"{name} {value} does not fit a signed 64-bit integer; pass a number {bound} "
+                      "(realistic values are far smaller)")
 
 
 # ---------------------------------------------------------------- CLI
@@ -413,15 +479,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out per language")
     g.add_argument("--num-proc", type=int, default=0, help="tokenization processes (0 = all cores)")
     g.add_argument("--strict", action="store_true", help="stop at the first malformed data line")
-    g.add_argument("--output-dir", help="checkpoints (default: outputs/)")
-    g.add_argument("--logs-dir", help="log files (default: logs/)")
+    g.add_argument("--output-dir", help="checkpoints (default: outputs/; test mode: outputs/test/)")
+    g.add_argument("--logs-dir", help="log files, training.pid, metrics.jsonl (default: logs/; test mode: logs/test/)")
 
     g = p.add_argument_group("optimization")
     g.add_argument("--batch-size", type=int, default=4, help="micro-batch per GPU/process, in sequences")
     g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     g.add_argument("--global-batch-size", type=int, help="sequences per optimizer step; derives --grad-accum")
     g.add_argument("--max-seq-length", type=int, help="tokens per sequence (default: 2048 on GPU, 128 on CPU)")
-    g.add_argument("--learning-rate", type=float, default=1e-4)
+    g.add_argument("--learning-rate", type=float, default=1e-4, help="peak learning rate (warm-up, then cosine)")
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a share of the peak (cosine)")
     g.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default: 1%% of steps)")
     g.add_argument("--weight-decay", type=float, default=0.1)
@@ -450,13 +516,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-save-initial", dest="save_initial", action="store_false", help="skip outputs/initial_model")
     g.add_argument("--no-save-final", dest="save_final", action="store_false",
                    help="no checkpoint at the end of the run (benchmarks); periodic and signal saves still happen")
-    g.add_argument("--resume", help="'auto' (train default), 'none' (test default) or a checkpoint path")
+    g.add_argument("--resume", nargs="?", const="auto",
+                   help="'auto' (train default), 'none' (test default), a checkpoint path, or a checkpoint "
+                        "name in --output-dir; bare --resume = auto")
     g.add_argument("--eval-steps", type=int, help="validate every N steps (default: 250; test mode: at the end)")
     g.add_argument("--eval-batches", type=int, default=20, help="validation batches per language")
     g.add_argument("--log-steps", type=int, help="log every N steps (default: 1 in test mode, 10 in train mode)")
     g.add_argument("--max-bad-steps", type=int, default=5, help="stop after N consecutive non-finite steps")
     g.add_argument("--verbose", action="store_true", help="debug-level console output")
-    g.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the resolved configuration (the launcher: also the environment check and the "
+                        "command); start nothing")
     g.add_argument("--debug-nan-steps", type=_int_list, default=(), help=argparse.SUPPRESS)
     g.add_argument("--debug-kill-step", type=int, default=None, help=argparse.SUPPRESS)
     return p

@@ -49,6 +49,9 @@ __all__ = [  # the config half is re-exported so the trainer imports one module
 ]
 
 INSTALL_COMMAND = 'pip install -e ".[deepspeed]"'
+# The Korean halves of the start-up errors when --deepspeed cannot be served ("<Korean> / <English>").
+_KO_MISSING = "DeepSpeed 패키지가 설치되어 있지 않습니다"
+_KO_BROKEN = "DeepSpeed 패키지를 불러올 수 없습니다"
 ENGINE_DIR = "deepspeed"  # inside a checkpoint directory: the engine's own files
 ENGINE_TAG = "zero"
 _SHARD_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
@@ -69,14 +72,14 @@ def require_deepspeed():
     except ImportError as exc:
         missing = getattr(exc, "name", None)
         if missing and missing != "deepspeed" and not missing.startswith("deepspeed."):
-            raise DeepSpeedUnavailable(f"--deepspeed: deepspeed is installed but its dependency {missing!r} is "
-                                       f"missing; install both with: {INSTALL_COMMAND}") from None
-        raise DeepSpeedUnavailable(f"--deepspeed needs the deepspeed package, which is not installed; "
-                                   f"install it with: {INSTALL_COMMAND}") from None
+            raise DeepSpeedUnavailable(f"{_KO_BROKEN} / --deepspeed: deepspeed is installed but its dependency "
+                                       f"{missing!r} is missing; install both with: {INSTALL_COMMAND}") from None
+        raise DeepSpeedUnavailable(f"{_KO_MISSING} / --deepspeed needs the deepspeed package, which is not "
+                                   f"installed; install it with: {INSTALL_COMMAND}") from None
     except Exception as exc:  # a broken install raises anything (CUDA mismatch, bad ops build)
         why = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-        raise DeepSpeedUnavailable(f"--deepspeed: deepspeed is installed but fails to import ({why}); "
-                                   f"reinstall it with: {INSTALL_COMMAND}") from None
+        raise DeepSpeedUnavailable(f"{_KO_BROKEN} / --deepspeed: deepspeed is installed but fails to import "
+                                   f"({why}); reinstall it with: {INSTALL_COMMAND}") from None
     return deepspeed
 
 

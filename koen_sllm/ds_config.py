@@ -21,14 +21,17 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from .config import BatchPlan, ConfigError, RunConfig, build_parser, derive_batch_plan, resolve_residual
+from .config import (MAX_LEARNING_RATE, BatchPlan, ConfigError, RunConfig, build_parser, derive_batch_plan,
+                     resolve_residual)
 
 SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "ds_config.json"
 ENGINE_OPTIMIZERS = ("AdamW",)
 SCHEDULER = "WarmupCosineLR"
 SCHEDULER_KEYS = ("total_num_steps", "warmup_min_ratio", "warmup_num_steps", "cos_min_ratio", "warmup_type")
 ZERO_STAGES = (0, 1, 2, 3)
+DEFAULT_ZERO_STAGE = 2  # what the engine runs when the JSON names no stage
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+OFFLOAD_KEYS = ("offload_optimizer", "offload_param")
 _MISSING = object()
 
 
@@ -120,6 +123,10 @@ def _ratio(v: Any) -> bool:
     return _number(v) and 0 <= v <= 1
 
 
+def _learning_rate(v: Any) -> bool:
+    return _positive(v) and v <= MAX_LEARNING_RATE
+
+
 def _betas(v: Any) -> bool:
     return isinstance(v, (list, tuple)) and len(v) == 2 and all(_number(b) and 0 < b < 1 for b in v)
 
@@ -186,6 +193,7 @@ def apply_ds_options(cfg: RunConfig, explicit: Iterable[str], world_size: int) -
     names as :func:`explicit_options` returns them. Idempotent.
     """
     ds, path, shipped = load_ds_json(cfg.train.deepspeed)
+    check_zero_section(ds, path)  # here, so --dry-run refuses what the engine would refuse at start
     src = "the shipped configs/ds_config.json" if shipped else str(path)
     t, o = cfg.train, cfg.optim
     m = _Merger(cfg, explicit, src, shipped)
@@ -195,7 +203,8 @@ def apply_ds_options(cfg: RunConfig, explicit: Iterable[str], world_size: int) -
     opt = _section(ds, "optimizer", path)
     params = opt.get("params", {}) if isinstance(opt.get("params", {}), dict) else {}
     m.take("optimizer.params.lr", params.get("lr", _MISSING), ("learning_rate",), "--learning-rate",
-           o.learning_rate, lambda v: setattr(o, "learning_rate", float(v)), _positive, "a positive number")
+           o.learning_rate, lambda v: setattr(o, "learning_rate", float(v)), _learning_rate,
+           f"a positive number no larger than {MAX_LEARNING_RATE:g} (AdamW peak rates are about 1e-4 to 1e-2)")
     m.take("optimizer.params.betas", params.get("betas", _MISSING), ("beta1", "beta2"), "--beta1/--beta2",
            (o.beta1, o.beta2), lambda v: (setattr(o, "beta1", float(v[0])), setattr(o, "beta2", float(v[1]))),
            _betas, "two numbers strictly between 0 and 1")
@@ -272,7 +281,7 @@ def build_ds_config(cfg: RunConfig, plan: BatchPlan, max_steps: int, explicit: I
     ds, path, shipped = load_ds_json(cfg.train.deepspeed)
     src = "the shipped configs/ds_config.json" if shipped else str(path)
     merged = copy.deepcopy(cfg)
-    apply_ds_options(merged, explicit, plan.world_size)  # raises on conflicts
+    apply_ds_options(merged, explicit, plan.world_size)  # raises on conflicts and on a bad ZeRO section
     again = derive_batch_plan(merged, plan.world_size)
     if (merged.optim, merged.train.precision, again) != (cfg.optim, cfg.train.precision, plan):
         raise DeepSpeedConfigError(
@@ -286,14 +295,8 @@ def build_ds_config(cfg: RunConfig, plan: BatchPlan, max_steps: int, explicit: I
     out["train_batch_size"] = plan.sequences_per_step
     out["gradient_clipping"] = o.grad_clip
     out.setdefault("steps_per_print", 10**9)  # progress lines are ours; DeepSpeed's would interleave
-    zero = out.setdefault("zero_optimization", {})
-    stage = zero.setdefault("stage", 2)
-    if stage not in ZERO_STAGES or isinstance(stage, bool):
-        raise DeepSpeedConfigError(f"zero_optimization.stage = {json.dumps(stage)} in {src} is invalid; use 1, 2 or 3")
+    out.setdefault("zero_optimization", {}).setdefault("stage", DEFAULT_ZERO_STAGE)
     offload = offload_device(out)
-    if offload not in OFFLOAD_DEVICES:
-        raise DeepSpeedConfigError(f"zero_optimization.offload_optimizer.device = {json.dumps(offload)} in {src} "
-                                   f"is invalid; use {', '.join(OFFLOAD_DEVICES)}")
     opt = out.setdefault("optimizer", {"type": "AdamW"})
     if opt.get("type", "AdamW") not in ENGINE_OPTIMIZERS:
         raise DeepSpeedConfigError(f"optimizer.type = {json.dumps(opt.get('type'))} in {src} is not supported: "
@@ -354,7 +357,34 @@ def offload_device(ds: dict) -> str:
 
 def zero_stage(ds: dict) -> int:
     stage = _get(ds, ("zero_optimization", "stage"))
-    return 2 if stage is _MISSING else int(stage)
+    return DEFAULT_ZERO_STAGE if stage is _MISSING else int(stage)
+
+
+def check_zero_section(ds: dict, where: Path) -> None:
+    """The ZeRO stage (an integer in ZERO_STAGES, not a bool) and the offload devices of the JSON
+    read from ``where``; one line naming the file and the key. DeepSpeed itself would refuse these
+    only once the engine starts, after the data is prepared and the model built."""
+    zero = _section(ds, "zero_optimization", where)
+    stage = zero.get("stage", DEFAULT_ZERO_STAGE)
+    if not isinstance(stage, int) or isinstance(stage, bool) or stage not in ZERO_STAGES:
+        raise DeepSpeedConfigError(f"--deepspeed {where}: zero_optimization.stage is {json.dumps(stage)}; "
+                                   f"use {_one_of(ZERO_STAGES)}")
+    for key in OFFLOAD_KEYS:
+        off = zero.get(key)
+        if off is None:
+            continue
+        if not isinstance(off, dict):
+            raise DeepSpeedConfigError(f"--deepspeed {where}: zero_optimization.{key} is {json.dumps(off)}; "
+                                       f"use an object such as {{\"device\": \"cpu\"}}, or remove it")
+        device = off.get("device", "none")
+        if device not in OFFLOAD_DEVICES:
+            raise DeepSpeedConfigError(f"--deepspeed {where}: zero_optimization.{key}.device is "
+                                       f"{json.dumps(device)}; use {_one_of(OFFLOAD_DEVICES)}")
+
+
+def _one_of(choices: Sequence[Any]) -> str:
+    names = [json.dumps(c) for c in choices]
+    return f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def describe(ds: dict) -> str:

@@ -24,8 +24,8 @@ import torch
 from . import __version__
 from . import distributed as D
 from . import ds_backend as DSB
-from .checkpoint import (CheckpointError, load_model_state, load_trainer_state, resolve_resume,
-                         save_checkpoint)
+from .checkpoint import (KO_CANNOT_RESUME, CheckpointError, check_output_dir, load_model_state, load_trainer_state,
+                         resolve_resume, save_checkpoint)
 from .logs import get_logger
 from .master_adamw import full_precision_state
 from .optim import capture_rng, merge_split_projections, param_group_names, restore_rng
@@ -37,6 +37,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 class RunSetupError(RuntimeError):
     """A failure every rank reports the same way: one line, no traceback."""
+
+
+_KO_OTHER_BACKEND = "다른 백엔드로 저장된 체크포인트입니다"  # "a checkpoint saved by the other backend"
 
 
 def _agree(result: Any) -> Any:
@@ -56,6 +59,26 @@ def resolve_resume_on_main(cfg: "RunConfig", info: D.DistInfo) -> Optional[Path]
         except CheckpointError as exc:
             result = RunSetupError(str(exc))
     return _agree(result)
+
+
+def check_output_dir_on_main(cfg: "RunConfig", info: D.DistInfo, need_bytes: int, per_checkpoint_bytes: int) -> None:
+    """The output folder's writability and free space, checked by rank 0 and agreed by every rank.
+
+    Called by all ranks. Rank 0 alone probes the folder (one writer, one disk), and its outcome
+    is broadcast: were rank 0 to raise on its own, the other ranks would fail at the next
+    collective with a gloo/NCCL "connection closed" that hides the real reason.
+    """
+    result: Any = None
+    if info.is_main:
+        try:
+            check_output_dir(cfg.output_dir, need_bytes, per_checkpoint_bytes=per_checkpoint_bytes)
+        except CheckpointError as exc:
+            result = RunSetupError(str(exc))
+        except Exception as exc:  # anything else (statvfs on a stale mount) must still reach the other ranks
+            why = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+            result = RunSetupError(f"출력 폴더를 확인할 수 없습니다 / cannot check output directory {cfg.output_dir} "
+                                   f"({why}); pass --output-dir PATH on a working disk")
+    _agree(result)
 
 
 def library_versions() -> dict[str, str]:
@@ -173,15 +196,15 @@ def load_resume_state(tr: "Trainer", path: Path) -> dict[str, Any]:
     saved_seqs, now_seqs = state.get("sequences_per_step"), tr.plan.sequences_per_step
     if saved_seqs != now_seqs or state.get("seq_len") != tr.plan.seq_len:
         raise RunSetupError(
-            f"{path} was trained with {saved_seqs} sequences x {state.get('seq_len')} tokens per step; "
-            f"this run has {now_seqs} x {tr.plan.seq_len} ({tr.plan.describe()}); resuming would change "
+            f"{KO_CANNOT_RESUME} / {path} was trained with {saved_seqs} sequences x {state.get('seq_len')} tokens "
+            f"per step; this run has {now_seqs} x {tr.plan.seq_len} ({tr.plan.describe()}); resuming would change "
             f"the data order: keep the global batch, e.g. --global-batch-size {saved_seqs} "
             f"--max-seq-length {state.get('seq_len')}")
     if tr.runner is not None:
         try:
             tr.runner.load_from(path)  # collective: weights, optimizer shards, schedule
         except DSB.DeepSpeedBackendError as exc:
-            raise RunSetupError(str(exc)) from None
+            raise RunSetupError(f"{KO_CANNOT_RESUME} / {exc}") from None
     else:
         tr.raw_model.load_hf_state_dict(load_model_state(path))
         model = tr.raw_model
@@ -212,7 +235,8 @@ def check_resume_backend(tr: "Trainer", path: Path, saved: Optional[str] = None)
     if saved == _backend(tr):
         return
     if saved == "deepspeed":
-        raise RunSetupError(f"{path} was saved by the DeepSpeed backend; resume it with --deepspeed (and the same "
-                            "number of processes), or start afresh with --resume none or another --output-dir")
-    raise RunSetupError(f"{path} was saved by the DDP backend; resume it without --deepspeed, or start afresh "
-                        "with --resume none or another --output-dir")
+        raise RunSetupError(f"{_KO_OTHER_BACKEND} / {path} was saved by the DeepSpeed backend; resume it with "
+                            "--deepspeed (and the same number of processes), or start afresh with --resume none "
+                            "or another --output-dir")
+    raise RunSetupError(f"{_KO_OTHER_BACKEND} / {path} was saved by the DDP backend; resume it without --deepspeed, "
+                        "or start afresh with --resume none or another --output-dir")

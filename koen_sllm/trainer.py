@@ -23,7 +23,7 @@ import torch
 
 from . import distributed as D
 from . import ds_backend as DSB
-from .checkpoint import check_output_dir, estimate_checkpoint_bytes
+from .checkpoint import estimate_checkpoint_bytes
 from .config import RunConfig, derive_batch_plan, resolve_weights
 from .data.loader import TokenLoader, iter_eval_batches
 from .logs import get_logger, progress_bar
@@ -35,8 +35,8 @@ from .master_adamw import MasterWeightAdamW
 from .optim import (CAN_CLIP_IN_FUSED_UPDATE, build_optimizer, build_scheduler, clip_divisor, grad_norm_reader,
                     updates_on_device)
 from .prepare import ensure_training_data
-from .run_state import (RunSetupError, check_resume_backend, load_resume_state, resolve_resume_on_main,
-                        save_run_checkpoint)
+from .run_state import (RunSetupError, check_output_dir_on_main, check_resume_backend, load_resume_state,
+                        resolve_resume_on_main, save_run_checkpoint)
 from .stop import StopRequest
 from .tokenizer import KoEnTokenizer
 
@@ -88,10 +88,9 @@ class Trainer:
                              info.rank, info.world_size, self.t.seed)
         vocab = math.ceil(self.tokenizer.vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
         self.build(vocab, loader)
-        if info.is_main:
-            per_checkpoint = DSB.estimate_ds_checkpoint_bytes if self.ds_config else estimate_checkpoint_bytes
-            check_output_dir(cfg.output_dir, 2 * per_checkpoint(self.num_params))
-        D.barrier()
+        per_checkpoint = (DSB.estimate_ds_checkpoint_bytes if self.ds_config else estimate_checkpoint_bytes)(
+            self.num_params)
+        check_output_dir_on_main(cfg, info, 2 * per_checkpoint, per_checkpoint)  # every rank learns the verdict
         self.last_checkpoint = None
         resume_dir = resolve_resume_on_main(cfg, info)
         if resume_dir is None and cfg.ckpt.save_initial:

@@ -240,6 +240,54 @@ def test_resolve_explicit_paths(tmp_path, monkeypatch):
         ck.resolve_resume(str(root / "checkpoint-2"), root)
 
 
+def test_missing_resume_path_lists_the_checkpoints_that_exist(tmp_path, monkeypatch):
+    root = tmp_path / "o"
+    for name in ("checkpoint-10", "checkpoint-20", "checkpoint-3", "initial_model", "notes", ".tmp-checkpoint-30-1"):
+        (root / name).mkdir(parents=True)
+    (root / "checkpoint-40").write_text("a file, not a checkpoint")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError) as err:
+        ck.resolve_resume("checkpoint-999", root)
+    assert str(err.value) == (
+        f"체크포인트가 없습니다 / --resume checkpoint-999: {root / 'checkpoint-999'} does not exist; checkpoints in "
+        f"{root}: checkpoint-20, checkpoint-10, checkpoint-3, initial_model; pass one of them, 'auto' or 'none'")
+    assert ck.checkpoint_names(root) == ["checkpoint-20", "checkpoint-10", "checkpoint-3", "initial_model"]
+
+
+def test_missing_resume_path_lists_at_most_eight_newest_first(tmp_path):
+    for step in range(1, 12):
+        (tmp_path / f"checkpoint-{step * 10}").mkdir()
+    with pytest.raises(CheckpointError) as err:
+        ck.resolve_resume(str(tmp_path / "checkpoint-999"), tmp_path)
+    msg = str(err.value)
+    assert ("checkpoint-110, checkpoint-100, checkpoint-90, checkpoint-80, checkpoint-70, checkpoint-60, "
+            "checkpoint-50, checkpoint-40 (and 3 older); pass one of them") in msg
+    assert "checkpoint-30," not in msg and "\n" not in msg
+
+
+def test_missing_resume_path_with_no_checkpoints_says_none(tmp_path):
+    with pytest.raises(CheckpointError) as err:
+        ck.resolve_resume("checkpoint-5", tmp_path)
+    assert str(err.value) == (f"체크포인트가 없습니다 / --resume checkpoint-5: {tmp_path / 'checkpoint-5'} does not "
+                              f"exist; checkpoints in {tmp_path}: none; pass a checkpoint directory, 'auto' or 'none'")
+    with pytest.raises(CheckpointError, match=r"checkpoints in .*never: none \(the folder does not exist\); "):
+        ck.resolve_resume("checkpoint-5", tmp_path / "never")
+
+
+def test_resume_errors_are_bilingual_one_liners(tmp_path):
+    root = tmp_path / "run"
+    save(root, "checkpoint-1", 1)
+    (root / "checkpoint-1" / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=r"^사용할 수 없는 체크포인트입니다 / --resume .*checkpoint-1: .* is not a "
+                                              r"usable checkpoint"):
+        ck.resolve_resume(str(root / "checkpoint-1"), root)
+    with pytest.raises(CheckpointError, match=r"^체크포인트가 없습니다 / --resume .*run: no valid checkpoint in "):
+        ck.resolve_resume(str(root), root)  # a run folder with 'latest' but nothing usable in it
+    model_only = save(root, "initial_model", 0, update_latest=False, trainer_state=None)
+    with pytest.raises(CheckpointError, match=r"^이어서 학습할 수 없습니다 / .*trainer_state.pt is missing: "):
+        ck.load_trainer_state(model_only)
+
+
 # ---------------------------------------------------------------- crash safety (SIGKILL mid-save)
 
 KILLER = textwrap.dedent("""
@@ -417,7 +465,8 @@ def test_failure_replacing_latest_keeps_the_old_pointer(tmp_path, monkeypatch):
 
 def test_output_dir_under_a_regular_file_is_refused(tmp_path):
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(CheckpointError, match=r"^cannot create output directory .*afile/out \(Not a directory\); "
+    with pytest.raises(CheckpointError, match=r"^출력 폴더를 만들 수 없습니다 / cannot create output directory "
+                                              r".*afile/out \(Not a directory\); "
                                               r"pass --output-dir PATH on a writable disk$"):
         ck.check_output_dir(tmp_path / "afile" / "out", 0)
 
@@ -442,7 +491,8 @@ def test_failed_write_probe_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(ck, "open", read_only, raising=False)
     with pytest.raises(CheckpointError) as err:
         ck.check_output_dir(tmp_path, 0)
-    assert str(err.value) == (f"output directory {tmp_path} is not writable (Read-only file system); "
+    assert str(err.value) == (f"출력 폴더에 쓸 수 없습니다 / output directory {tmp_path} is not writable "
+                              "(Read-only file system); "
                               "fix its permissions or pass --output-dir PATH on a writable disk")
 
 
@@ -453,8 +503,9 @@ def test_too_little_free_space_is_refused(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError) as err:
         ck.check_output_dir(tmp_path / "out", 3 * need, per_checkpoint_bytes=need)
     assert str(err.value) == (
-        f"only 1.0 GiB free on the disk holding {tmp_path / 'out'}, but checkpoints need about 12.2 GiB "
-        "(one checkpoint is about 4.1 GiB); free space, lower --save-total-limit or pass --output-dir on a larger disk")
+        f"디스크 공간이 부족합니다 / only 1.0 GiB free on the disk holding {tmp_path / 'out'}, but checkpoints need "
+        "about 12.2 GiB (one checkpoint is about 4.1 GiB); free space, lower --save-total-limit or pass --output-dir "
+        "on a larger disk")
     ck.check_output_dir(tmp_path / "out", 1 << 29)  # half a GiB fits
     assert (tmp_path / "out").is_dir() and list((tmp_path / "out").iterdir()) == []
 
@@ -462,3 +513,95 @@ def test_too_little_free_space_is_refused(tmp_path, monkeypatch):
 def test_estimate_checkpoint_bytes():
     assert ck.estimate_checkpoint_bytes(1_000_000) == int(12_000_000 * 1.02) + (64 << 20)
     assert ck.estimate_checkpoint_bytes(1_000_000, with_optimizer=False) == int(4_000_000 * 1.02) + (64 << 20)
+
+
+# ---------------------------------------------------------------- the output folder, agreed by every rank
+
+
+def main_process(rank: int = 0):
+    from koen_sllm.distributed import DistInfo
+
+    return DistInfo(rank, rank, 1, torch.device("cpu"), None)  # no process group: broadcasts return their input
+
+
+def run_config_for(out: Path):
+    from koen_sllm.config import RunConfig
+
+    cfg = RunConfig()
+    cfg.ckpt.output_dir = str(out)
+    return cfg
+
+
+def test_output_dir_check_on_main_raises_one_setup_error(tmp_path, monkeypatch):
+    from koen_sllm.run_state import RunSetupError, check_output_dir_on_main
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: usage(100 << 30, 99 << 30, 1 << 30))
+    need = 3 << 30
+    with pytest.raises(RunSetupError) as err:
+        check_output_dir_on_main(run_config_for(tmp_path / "out"), main_process(), 2 * need, need)
+    assert str(err.value) == (
+        f"디스크 공간이 부족합니다 / only 1.0 GiB free on the disk holding {tmp_path / 'out'}, but checkpoints need "
+        "about 6.0 GiB (one checkpoint is about 3.0 GiB); free space, lower --save-total-limit or pass --output-dir "
+        "on a larger disk")
+    # another rank does not probe the disk: it takes rank 0's answer from the broadcast
+    assert check_output_dir_on_main(run_config_for(tmp_path / "other"), main_process(1), 2 * need, need) is None
+    assert not (tmp_path / "other").exists()
+
+
+def test_output_dir_check_on_main_passes_and_creates_the_folder(tmp_path):
+    from koen_sllm.run_state import check_output_dir_on_main
+
+    out = tmp_path / "a" / "out"
+    assert check_output_dir_on_main(run_config_for(out), main_process(), 1 << 20, 1 << 19) is None
+    assert out.is_dir() and list(out.iterdir()) == []
+
+
+def test_output_dir_check_on_main_refuses_an_unwritable_folder(tmp_path):
+    from koen_sllm.run_state import RunSetupError, check_output_dir_on_main
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(RunSetupError, match=r"^출력 폴더를 만들 수 없습니다 / cannot create output directory "):
+        check_output_dir_on_main(run_config_for(tmp_path / "afile" / "out"), main_process(), 0, 0)
+
+
+def test_output_dir_check_on_main_reports_any_failure_as_a_setup_error(tmp_path, monkeypatch):
+    """A failure check_output_dir does not word itself still goes through the broadcast, not past it."""
+    from koen_sllm.run_state import RunSetupError, check_output_dir_on_main
+
+    def stale(path):
+        raise OSError(errno.ESTALE, "Stale file handle")
+
+    monkeypatch.setattr(ck.shutil, "disk_usage", stale)
+    with pytest.raises(RunSetupError, match=r"^출력 폴더를 확인할 수 없습니다 / cannot check output directory .*out "
+                                            r"\(OSError: \[Errno \d+\] Stale file handle\); pass --output-dir"):
+        check_output_dir_on_main(run_config_for(tmp_path / "out"), main_process(), 0, 0)
+
+
+def test_output_dir_check_on_main_agrees_through_the_broadcast(tmp_path, monkeypatch):
+    """Every rank gets rank 0's outcome: here a stand-in broadcast hands a non-main rank rank 0's error."""
+    from koen_sllm import run_state
+    from koen_sllm.run_state import RunSetupError, check_output_dir_on_main
+
+    sent = RunSetupError("디스크 공간이 부족합니다 / only 1 MiB free")
+    monkeypatch.setattr(run_state.D, "broadcast_object", lambda obj, src=0: sent)
+    with pytest.raises(RunSetupError, match="only 1 MiB free"):
+        check_output_dir_on_main(run_config_for(tmp_path / "out"), main_process(1), 0, 0)
+
+
+def test_resume_with_another_global_batch_is_refused_in_both_languages(tmp_path):
+    from types import SimpleNamespace
+
+    from koen_sllm.config import BatchPlan
+    from koen_sllm.run_state import RunSetupError, load_resume_state
+
+    ckpt = tmp_path / "checkpoint-68"
+    ckpt.mkdir()
+    torch.save({"backend": "ddp", "sequences_per_step": 16, "seq_len": 128}, ckpt / ck.TRAINER_STATE_FILE)
+    tr = SimpleNamespace(ds_config=None, runner=None, plan=BatchPlan(4, 128, 2, 1))
+    with pytest.raises(RunSetupError) as err:
+        load_resume_state(tr, ckpt)
+    msg = str(err.value)
+    assert msg.startswith(f"이어서 학습할 수 없습니다 / {ckpt} was trained with 16 sequences x 128 tokens per step; "
+                          "this run has 8 x 128") and "--global-batch-size 16 --max-seq-length 128" in msg
+    assert "\n" not in msg

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from koen_sllm.config import (COMPILE_MODES, ConfigError, RunConfig, apply_device_defaults, derive_batch_plan,
-                              parse_args, repo_root, resolve_weights)
+                              parse_args, repo_root, resolve_weights, validate)
 
 
 def test_defaults_follow_reference_table():
@@ -49,6 +49,93 @@ def test_bad_options_raise_clear_errors(argv, fragment):
     with pytest.raises(ConfigError) as err:
         parse_args(argv)
     assert fragment in str(err.value)
+
+
+FLOAT_FLAGS = ("--learning-rate", "--min-lr-ratio", "--weight-decay", "--beta1", "--beta2", "--grad-clip",
+               "--num-epochs", "--val-fraction", "--ddp-bucket-mb")
+INT_FLAGS = ("--batch-size", "--max-steps", "--grad-accum", "--global-batch-size", "--max-seq-length", "--save-steps",
+             "--save-total-limit", "--eval-steps", "--eval-batches", "--log-steps", "--max-bad-steps", "--vocab-size",
+             "--num-proc", "--seed", "--warmup-steps", "--ce-chunk-tokens", "--debug-kill-step")
+
+
+@pytest.mark.parametrize("flag", FLOAT_FLAGS)
+@pytest.mark.parametrize("text, shown", [("1e999", "inf"), ("-1e999", "-inf"), ("nan", "nan"), ("inf", "inf")])
+def test_float_options_must_be_finite(flag, text, shown):
+    with pytest.raises(ConfigError) as err:
+        parse_args([f"{flag}={text}"])
+    msg = str(err.value)
+    assert msg.startswith(f"{flag} {shown} is not a finite number"), msg
+    assert f"; pass a finite one, e.g. {flag} " in msg and "(the default)" in msg and "\n" not in msg
+    assert ("overflows to inf" in msg) == (shown != "nan")
+
+
+def test_learning_rate_1e999_names_the_overflow_and_the_default():
+    with pytest.raises(ConfigError) as err:
+        parse_args(["--learning-rate", "1e999"])
+    assert str(err.value) == ("--learning-rate inf is not a finite number (a number as large as 1e999 overflows to "
+                              "inf); pass a finite one, e.g. --learning-rate 0.0001 (the default)")
+
+
+def test_eps_without_a_flag_must_be_finite_too():
+    cfg = RunConfig()
+    cfg.optim.eps = float("nan")
+    with pytest.raises(ConfigError, match=r"^eps \(AdamW epsilon\) nan is not a finite number; pass a finite one, "
+                                          r"e\.g\. eps 1e-08 \(the default\)$"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("value", ["1.5", "3", "100", "1e4"])
+def test_absurd_learning_rate_is_refused(value):
+    with pytest.raises(ConfigError) as err:
+        parse_args(["--learning-rate", value])
+    assert str(err.value) == (f"--learning-rate {float(value):g} is above 1; AdamW peak rates for these models are "
+                              "about 1e-4 to 1e-2: pass e.g. --learning-rate 3e-4")
+
+
+@pytest.mark.parametrize("value", ["1", "1e-2", "3e-4", "1e-6"])
+def test_learning_rates_up_to_one_are_accepted(value):
+    cfg, _ = parse_args(["--learning-rate", value])
+    assert cfg.optim.learning_rate == float(value)
+
+
+@pytest.mark.parametrize("flag", INT_FLAGS)
+@pytest.mark.parametrize("value, bound", [
+    ("18446744073709551617", "at most 9223372036854775807"),  # 2**64 + 1: would wrap to 1 in a uint64
+    ("9223372036854775808", "at most 9223372036854775807"),  # 2**63
+    ("-9223372036854775809", "at least -9223372036854775808"),
+])
+def test_int_options_must_fit_int64(flag, value, bound):
+    with pytest.raises(ConfigError) as err:
+        parse_args([f"{flag}={value}"])
+    assert str(err.value) == (f"{flag} {value} does not fit a signed 64-bit integer; pass a number {bound} "
+                              "(realistic values are far smaller)")
+
+
+def test_every_int_and_float_field_is_checked():
+    """A new numeric option must join the tables that validate walks."""
+    import dataclasses
+
+    from koen_sllm.config import _FLOAT_OPTIONS, _INT_OPTIONS, CheckpointConfig, DataConfig, OptimConfig, TrainConfig
+
+    checked = {(sec, name) for sec, name, _ in _FLOAT_OPTIONS + _INT_OPTIONS}
+    for sec, klass in (("train", TrainConfig), ("data", DataConfig), ("optim", OptimConfig),
+                       ("ckpt", CheckpointConfig)):
+        for f in dataclasses.fields(klass):
+            if f.type in ("int", "float", "Optional[int]", "Optional[float]"):
+                assert (sec, f.name) in checked, f"{sec}.{f.name}"
+
+
+def test_int64_limits_are_accepted_where_the_range_allows():
+    cfg, _ = parse_args(["--max-steps", str(2**63 - 1), "--seed", str(2**63 - 1)])
+    assert cfg.train.max_steps == 2**63 - 1 and cfg.train.seed == 2**63 - 1
+    with pytest.raises(ConfigError, match=r"^--debug-nan-steps 18446744073709551617 does not fit"):
+        parse_args(["--debug-nan-steps", "3,18446744073709551617"])
+
+
+def test_negative_seed_is_refused():
+    # numpy's generators, which shuffle the data, refuse negative seeds; torch would take them
+    with pytest.raises(ConfigError, match=r"^--seed must be zero or positive, got -1$"):
+        parse_args(["--seed=-1"])
 
 
 def test_fp16_on_cpu_is_refused():
@@ -149,9 +236,12 @@ def test_config_round_trips_through_json():
 
 def test_default_paths_resolve_against_repo_root(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg, _ = parse_args([])
+    cfg, _ = parse_args(["--train"])
     assert cfg.output_dir == repo_root() / "outputs"
     assert cfg.logs_dir == repo_root() / "logs"
+    cfg, _ = parse_args([])  # a test run never writes into a training run's folders
+    assert cfg.output_dir == repo_root() / "outputs" / "test"
+    assert cfg.logs_dir == repo_root() / "logs" / "test"
     cfg, _ = parse_args(["--output-dir", "my out"])
     assert cfg.output_dir == tmp_path / "my out"
 

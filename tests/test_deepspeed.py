@@ -199,8 +199,9 @@ def test_inconsistent_train_batch_size_is_an_error(tmp_path, data, fragment):
      "scheduler.params.cosine_min_ratio"),
     ('{"scheduler": {"params": {"warmup_type": "log"}}}', 'warmup_type = "log"'),
     ('{"scheduler": {"params": {"total_num_steps": 99}}}', "pass --max-steps 99"),
-    ('{"zero_optimization": {"stage": 5}}', "zero_optimization.stage = 5"),
-    ('{"zero_optimization": {"offload_optimizer": {"device": "gpu"}}}', 'offload_optimizer.device = "gpu"'),
+    ('{"zero_optimization": {"stage": 5}}', "zero_optimization.stage is 5; use 0, 1, 2 or 3"),
+    ('{"zero_optimization": {"offload_optimizer": {"device": "gpu"}}}',
+     'offload_optimizer.device is "gpu"; use "none", "cpu" or "nvme"'),
     ('{"optimizer": {"params": {"lr": -1}}}', "optimizer.params.lr = -1"),
     ('{"bf16": {"enabled": true}, "fp16": {"enabled": true}}', "both bf16 and fp16"),
 ])
@@ -210,6 +211,66 @@ def test_invalid_user_json_is_one_line_naming_the_problem(tmp_path, text, fragme
         cfg, explicit, plan, _ = run_config(["--deepspeed", spec, "--max-steps", "10"])
         C.build_ds_config(cfg, plan, 10, explicit)
     assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("zero, shown, use", [
+    ({"stage": 7}, "stage is 7", "use 0, 1, 2 or 3"),
+    ({"stage": -1}, "stage is -1", "use 0, 1, 2 or 3"),
+    ({"stage": True}, "stage is true", "use 0, 1, 2 or 3"),  # a bool is an int to Python, not a stage
+    ({"stage": 2.0}, "stage is 2.0", "use 0, 1, 2 or 3"),
+    ({"stage": "2"}, 'stage is "2"', "use 0, 1, 2 or 3"),
+    ({"stage": None}, "stage is null", "use 0, 1, 2 or 3"),
+    ({"offload_optimizer": {"device": "gpu"}}, 'offload_optimizer.device is "gpu"', 'use "none", "cpu" or "nvme"'),
+    ({"stage": 3, "offload_param": {"device": "disk"}}, 'offload_param.device is "disk"',
+     'use "none", "cpu" or "nvme"'),
+    ({"offload_optimizer": "cpu"}, 'offload_optimizer is "cpu"', 'use an object such as {"device": "cpu"}'),
+])
+def test_apply_ds_options_checks_the_zero_section(tmp_path, zero, shown, use):
+    """What --dry-run runs: the stage and offload devices fail here, not when the engine starts."""
+    spec = write_json(tmp_path / "ds.json", {"zero_optimization": zero})
+    cfg, _ = parse_args(["--deepspeed", spec])
+    apply_device_defaults(cfg, False)
+    with pytest.raises(C.DeepSpeedConfigError) as err:
+        C.apply_ds_options(cfg, C.explicit_options(["--deepspeed", spec]), 2)
+    msg = str(err.value)
+    assert msg.startswith(f"--deepspeed {spec}: zero_optimization.{shown}; {use}"), msg
+    assert "\n" not in msg
+
+
+def test_apply_ds_options_stage_7_message(tmp_path):
+    spec = write_json(tmp_path / "ds.json", {"zero_optimization": {"stage": 7}})
+    cfg, _ = parse_args(["--deepspeed", spec])
+    with pytest.raises(C.DeepSpeedConfigError) as err:
+        C.apply_ds_options(cfg, set(), 1)
+    assert str(err.value) == f"--deepspeed {spec}: zero_optimization.stage is 7; use 0, 1, 2 or 3"
+
+
+@pytest.mark.parametrize("zero", [{"stage": 0}, {"stage": 1}, {"stage": 3, "offload_param": {"device": "cpu"}},
+                                  {"offload_optimizer": {"device": "nvme"}}, {"offload_optimizer": None}, {}])
+def test_apply_ds_options_accepts_valid_zero_sections(tmp_path, zero):
+    spec = write_json(tmp_path / "ds.json", {"zero_optimization": zero})
+    cfg, explicit, plan, _ = run_config(["--deepspeed", spec, "--max-steps", "10"])
+    ds = C.build_ds_config(cfg, plan, 10, explicit)
+    assert C.zero_stage(ds) == zero.get("stage", C.DEFAULT_ZERO_STAGE)
+
+
+def test_dry_run_refuses_a_bad_zero_stage(tmp_path, capsys, monkeypatch):
+    from koen_sllm.cli import train_main
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    spec = write_json(tmp_path / "ds.json", {"zero_optimization": {"stage": 7}})
+    code = train_main(["--deepspeed", spec, "--dry-run", "--output-dir", str(tmp_path / "out"),
+                       "--logs-dir", str(tmp_path / "logs")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--deepspeed {spec}: zero_optimization.stage is 7; use 0, 1, 2 or 3" in err, err
+
+
+def test_json_learning_rate_above_one_is_refused(tmp_path):
+    spec = write_json(tmp_path / "ds.json", {"optimizer": {"params": {"lr": 3}}})
+    with pytest.raises(C.DeepSpeedConfigError, match=r"optimizer\.params\.lr = 3 in .* is invalid: it must be a "
+                                                     r"positive number no larger than 1 \(AdamW peak rates"):
+        run_config(["--deepspeed", spec])
 
 
 def test_missing_file_names_it(tmp_path):
@@ -243,7 +304,8 @@ def test_missing_package_error_has_the_install_command(monkeypatch):
     with pytest.raises(B.DeepSpeedUnavailable) as err:
         B.require_deepspeed()
     msg = str(err.value)
-    assert 'pip install -e ".[deepspeed]"' in msg and "not installed" in msg and "\n" not in msg
+    assert msg == ('DeepSpeed 패키지가 설치되어 있지 않습니다 / --deepspeed needs the deepspeed package, which is not '
+                   'installed; install it with: pip install -e ".[deepspeed]"')
     with pytest.raises(B.DeepSpeedUnavailable):  # the runner fails the same way, before touching the model
         B.DeepSpeedRunner(torch.nn.Linear(2, 2), {})
 
@@ -258,7 +320,8 @@ def test_missing_dependency_is_named(monkeypatch):
 
     monkeypatch.delitem(sys.modules, "deepspeed", raising=False)
     monkeypatch.setattr(builtins, "__import__", fake_import)
-    with pytest.raises(B.DeepSpeedUnavailable, match=r"dependency 'hjson' is missing.*pip install -e"):
+    with pytest.raises(B.DeepSpeedUnavailable, match=r"^DeepSpeed 패키지를 불러올 수 없습니다 / --deepspeed: deepspeed "
+                                                     r"is installed but its dependency 'hjson' is missing.*pip install -e"):
         B.require_deepspeed()
 
 
@@ -436,7 +499,8 @@ def test_resume_refuses_a_checkpoint_of_the_other_backend(tmp_path):
     ddp_run, ds_run = SimpleNamespace(ds_config=None), SimpleNamespace(ds_config={"zero_optimization": {}})
     check_resume_backend(ddp_run, ddp_ckpt)
     check_resume_backend(ds_run, ds_ckpt)
-    with pytest.raises(RunSetupError, match="checkpoint-4 was saved by the DDP backend; resume it without --deepspeed"):
+    with pytest.raises(RunSetupError, match="^다른 백엔드로 저장된 체크포인트입니다 / .*checkpoint-4 was saved by the DDP "
+                                            "backend; resume it without --deepspeed"):
         check_resume_backend(ds_run, ddp_ckpt)
     with pytest.raises(RunSetupError, match="checkpoint-8 was saved by the DeepSpeed backend; resume it with --deepspeed"):
         check_resume_backend(ddp_run, ds_ckpt)

@@ -139,9 +139,11 @@ def test_world_size_change_keeps_the_token_position(tmp_path, dataset):
     a, b = losses(full), losses(moved)
     for step in range(5, 9):  # summation order differs across world sizes, so close, not bitwise
         assert b[step] == pytest.approx(a[step], rel=1e-4), step
-    # A different global batch would reorder the data: refused with the fix.
-    refused = train(1, moved, dataset, "--train", "--max-steps", "12", "--batch-size", "2", expect=1)
-    assert "--global-batch-size 4" in refused.stdout + refused.stderr
+    # A different global batch would reorder the data: refused before anything starts, with the fix.
+    refused = train(1, moved, dataset, "--train", "--global-batch-size", "2", expect=1)
+    text = refused.stdout + refused.stderr
+    assert "would change the run: --global-batch-size 2 (the run has 4)" in text and "drop --global-batch-size" in text
+    assert latest(moved) == "checkpoint-8"
 
 
 def test_readme_test_run_through_the_launcher(tmp_path):
