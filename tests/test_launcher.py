@@ -629,8 +629,9 @@ def test_rotation_keeps_five_and_never_overwrites(tmp_path):
     (logs / "training_detail_rank_1.log").write_text("d1")
     (logs / "training_detail_rank_0.log").write_text("")  # empty: nothing to keep
     (logs / "metrics.jsonl").write_text("{}")
-    res = _bash('koen_rotate_logs "$1"', str(logs))
-    assert res.returncode == 0 and res.stdout.strip() == "4"
+    from koen_sllm.launcher.files import rotate_logs
+
+    assert rotate_logs(logs) == 4
     assert [(logs / f"training_console.log.{i}").read_text() for i in range(1, 6)] == \
         ["run6", "run5", "run4", "run3", "run2"]  # run1 (the oldest) dropped
     assert not (logs / "training_console.log").exists()
@@ -644,8 +645,20 @@ def test_rotation_keeps_five_and_never_overwrites(tmp_path):
 def test_progress_summary_parses_the_documented_line():
     line = ("[2025-01-01 10:05:00] step 10/100 | loss 5.1234 | lr 1.00e-04 | grad_norm 1.234 | tok/s 12,345 | "
             "tok/s/gpu 6,172 | mfu n/a | mem 12.3 GiB | eta 0:12:34")
-    res = _bash('koen_progress_summary "$1"', line)
-    assert res.stdout.strip() == "step 10/100 | loss 5.1234 | tok/s 12,345 | ETA 0:12:34  (2025-01-01 10:05:00)"
+    from koen_sllm.launcher.control import progress_summary
+
+    assert progress_summary(line) == "step 10/100 | loss 5.1234 | tok/s 12,345 | ETA 0:12:34  (2025-01-01 10:05:00)"
+
+
+def test_the_sbatch_rotation_matches_the_launchers(tmp_path):
+    """train.sbatch rotates with the shell helper; it must leave what the launcher leaves."""
+    for i in range(1, 6):
+        (tmp_path / f"training_console.log.{i}").write_text(f"run{6 - i}")
+    (tmp_path / "training_console.log").write_text("run6")
+    res = _bash('koen_rotate_file "$1"', str(tmp_path / "training_console.log"))
+    assert res.returncode == 0
+    assert [(tmp_path / f"training_console.log.{i}").read_text() for i in range(1, 6)] == \
+        ["run6", "run5", "run4", "run3", "run2"]
 
 
 def test_scripts_pass_shellcheck():

@@ -27,6 +27,14 @@ def main(argv: list[str]) -> int:
     except ConfigError as exc:
         _print_err(bilingual(str(exc)))
         return 2
+    if cfg.train.deepspeed is not None:  # a missing package stops the start, not the run minutes later
+        from ..ds_backend import DeepSpeedUnavailable, require_deepspeed
+
+        try:
+            require_deepspeed()
+        except DeepSpeedUnavailable as exc:
+            _print_err(bilingual(str(exc), "패키지 없음"))
+            return 2
     print(json.dumps({"config": cfg.to_dict(), "notes": notes, "has_cuda": has_cuda}, ensure_ascii=False))
     return 0
 
