@@ -44,7 +44,6 @@ def launcher_env(**extra: str) -> dict[str, str]:
         env["VIRTUAL_ENV"] = sys.prefix
         env["PATH"] = f"{Path(sys.prefix) / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     env["KOEN_NO_INSTALL"] = "1"
-    env["KOEN_LOG_PREVIEW_SECONDS"] = "1"
     env.update(extra)
     return env
 
@@ -533,7 +532,7 @@ def test_background_start_rotates_logs_writes_the_pid_and_prints_commands(fake_c
     (logs / "training_detail_rank_0.log").write_text("earlier detail\n")
     (logs / "training.pid").write_text(f"{dead_pid()}\n")  # stale: cleaned with a note
     res = run("--test", "--no-install", script=fake_checkout / "scripts" / "run_h100_dual.sh",
-              env=fake_env(fake_checkout, FAKE_STEPS="3", KOEN_LOG_PREVIEW_SECONDS="1"))
+              env=fake_env(fake_checkout, FAKE_STEPS="3"))
     assert res.returncode == 0, res.stdout + res.stderr
     pid = int(re.search(r"PID: (\d+)", res.stdout).group(1))
     assert "stale PID file" in res.stdout

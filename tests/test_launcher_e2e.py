@@ -30,7 +30,7 @@ except Exception as exc:  # pragma: no cover - depends on the checkout
 
 
 def launcher_env(**extra: str) -> dict[str, str]:
-    env = cpu_env(KOEN_LOG_PREVIEW_SECONDS="2")
+    env = cpu_env()
     for name in ("KOEN_TEST_GPU_COUNT", "KOEN_STOP_TIMEOUT", "CONDA_PREFIX"):
         env.pop(name, None)
     env.update(extra)

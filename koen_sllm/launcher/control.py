@@ -102,9 +102,8 @@ def status(all_files: list[JobFiles]) -> int:
         print(f"📋 실시간 로그 / live log: tail -f {shquote(str(files.console))}")
     if running:
         return 0
-    where = all_files[0]
-    print(f"⚪ 실행 중인 학습이 없습니다 / no training is running (logs: {where.logs_dir})")
     newest = max(all_files, key=lambda f: f.console.stat().st_mtime if f.console.exists() else -1)
+    print(f"⚪ 실행 중인 학습이 없습니다 / no training is running (logs: {newest.logs_dir})")
     line = last_progress(newest.console)
     if line:
         print(f"📈 마지막 진행 / last progress: {progress_summary(line)}")
