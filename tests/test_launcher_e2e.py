@@ -92,7 +92,7 @@ def test_foreground_run_rotates_logs_and_writes_per_rank_files(tmp_path):
         assert (logs / f"training_rank_{r}.log").stat().st_size > 0
         assert (logs / f"training_detail_rank_{r}.log").stat().st_size > 0
     console = (logs / "training_console.log").read_text()
-    assert re.search(r"^\[[\d: -]+\] \[launcher\] command: .*torch\.distributed\.run", console, re.M)
+    assert re.search(r"^\[[\d: -]+\] \[launcher\] command: .*koen_sllm\.launcher\.torchrun", console, re.M)
     assert "step 3/3 | loss " in console and "Training complete" in console
     assert "the run exited with code 0" in console
     assert not (logs / "training.pid").exists()
@@ -105,7 +105,7 @@ def test_background_run_status_and_stop_with_a_final_checkpoint(tmp_path):
     res = run("--test", "--max-steps", "100000", "--save-steps", "100000", "--no-save-initial", *common_args(tmp_path))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "started in the background" in res.stdout and "tail -f" in res.stdout
-    pid = int((logs / "training.pid").read_text())
+    pid = json.loads((logs / "training.pid").read_text())["pid"]
     assert f"ps -p {pid}" in res.stdout and f"kill {pid}" in res.stdout
     try:
         console = logs / "training_console.log"

@@ -175,9 +175,11 @@ def trainer_arguments(opts: LaunchOptions, output_dir: Path, logs_dir: Path) -> 
     return out + ["--output-dir", str(output_dir), "--logs-dir", str(logs_dir)]
 
 
-def resolve(penv: PythonEnv, words: list[str], nproc: int) -> dict:
+def resolve(penv: PythonEnv, words: list[str], nproc: int, dry_run: bool = False) -> dict:
     """The trainer's resolution of every setting for ``nproc`` processes (resolve.py)."""
     env = child_env(penv, WORLD_SIZE=str(nproc), RANK="0")
+    if dry_run:
+        env["KOEN_RESOLVE_DRY_RUN"] = "1"
     res = subprocess.run([penv.python, "-m", "koen_sllm.launcher.resolve", *words], capture_output=True,
                          text=True, env=env)
     if res.returncode != 0:

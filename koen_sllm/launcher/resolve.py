@@ -33,8 +33,10 @@ def main(argv: list[str]) -> int:
         try:
             require_deepspeed()
         except DeepSpeedUnavailable as exc:
-            _print_err(bilingual(str(exc), "패키지 없음"))
-            return 2
+            if not os.environ.get("KOEN_RESOLVE_DRY_RUN"):
+                _print_err(bilingual(str(exc), "패키지 없음"))
+                return 2
+            notes.append(f"⚠️  the run would stop here: {exc}")  # a dry run still shows the settings
     print(json.dumps({"config": cfg.to_dict(), "notes": notes, "has_cuda": has_cuda}, ensure_ascii=False))
     return 0
 
