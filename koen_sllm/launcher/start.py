@@ -154,14 +154,27 @@ def _ended_early(launch: Launch, record: pidfile.RunProcess, code: int, seen: li
     if code == 0:
         print("✅ 이미 끝났습니다 / the run already finished (exit 0)")
         return 0
-    reason = next((ln for ln in reversed(seen) if "❌" in ln and "worker rank" not in ln), None)
-    reason = reason or next((ln for ln in reversed(seen) if "❌" in ln), None)
-    if reason:
-        reason = re.sub(r"^\[[^]]*\]\s*", "", reason).lstrip("❌ ").strip()
+    reason = _reason(seen)
     print(f"❌ 학습이 시작 직후 실패했습니다 / the run failed before its first step (exit {code}): "
           f"{reason or 'see the log'} (log: {files.console}; details: {files.detail_log(0)})",
           file=sys.stderr, flush=True)
     return code if code in (1, 2) else 1
+
+
+_RANK0 = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:]{8}\] ❌")
+_PREFIX = re.compile(r"^\[[^]]*\]\s*(?:(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)\s+)?")
+
+
+def _reason(seen: list[str]) -> Optional[str]:
+    """The trainer's one-line reason: rank 0's line first (the other ranks' lines carry a
+    "[rankN] ERROR" prefix and may come last), torchrun's own summary only when nothing else spoke."""
+    errors = [ln for ln in seen if "❌" in ln]
+    for pick in (lambda ln: _RANK0.match(ln) and "worker rank" not in ln, lambda ln: "worker rank" not in ln,
+                 lambda ln: True):
+        found = [ln for ln in errors if pick(ln)]
+        if found:
+            return _PREFIX.sub("", found[-1]).lstrip("❌ ").strip()
+    return None
 
 
 # ---------------------------------------------------------------- foreground
