@@ -749,3 +749,14 @@ def test_resume_of_a_missing_checkpoint_lists_the_ones_that_exist(tmp_path):
     lines = error_lines(res)
     assert len(lines) == 1 and "checkpoint-999" in lines[0]
     assert "checkpoint-20, checkpoint-10, initial_model" in lines[0]
+
+
+def test_the_launcher_process_needs_only_the_standard_library():
+    """It runs before any environment exists: with torch (and numpy) unimportable it still parses,
+    checks and answers --help, --status and --stop."""
+    code = ("import sys; sys.modules.update(torch=None, numpy=None, sentencepiece=None, safetensors=None); "
+            "import koen_sllm.launcher.__main__ as m, koen_sllm.launcher.options as o; "
+            "o.parse(['--train', '--batch-size', '8', '--global-batch-size', '16']); print('ok')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr

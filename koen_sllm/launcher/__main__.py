@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import banner, control, environment, options, start
+from . import banner, checks, control, environment, options, start
 from .files import JobFiles, log_line, rotate_logs, shjoin
 
 
@@ -52,8 +52,6 @@ def main(argv: list[str]) -> int:
 
 
 def _run(opts: options.LaunchOptions) -> int:
-    from . import checks
-
     output_dir, logs_dir = options.folders(opts)
     files = JobFiles(logs_dir)
     data = checks.before_environment(opts, output_dir, files)  # exit 1/2 before anything is installed

@@ -8,7 +8,6 @@ setting (resolve.py), which refuses a resume that would change the run.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -201,7 +200,3 @@ def git_revision() -> str:
     except (OSError, subprocess.SubprocessError):
         return "none"
     return rev + ("+dirty" if dirty else "")
-
-
-def environ_flag(name: str) -> bool:
-    return os.environ.get(name, "0") not in ("", "0")

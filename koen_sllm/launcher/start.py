@@ -225,15 +225,9 @@ def _forward(record: pidfile.RunProcess, count: int) -> None:
     else:
         print("\n⏹  즉시 종료 / stopping now", file=sys.stderr, flush=True)
     targets = signal_workers(record)
-    from .files import log_line as _log
-
-    _log(Path(record.logs_dir) / "training_console.log",
-         f"signal: SIGTERM to workers {' '.join(map(str, targets))} (request {count})")
+    log_line(JobFiles(Path(record.logs_dir)).console,
+             f"signal: SIGTERM to workers {' '.join(map(str, targets))} (request {count})")
 
 
 def run_id_now() -> str:
     return time.strftime("%Y%m%d-%H%M%S-") + os.urandom(3).hex()
-
-
-def pid_of(record: Optional[pidfile.RunProcess]) -> int:
-    return record.pid if record else 0
