@@ -21,8 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-# The tiling measured fastest on an H200 (`scripts/bench_optimizer.py --sweep`, docs/benchmarks.md):
-# 8 elements per thread; 8,192 per program, enough to hide its table lookups (16,384 was 4% slower).
+# The tiling chosen by `scripts/bench_optimizer.py --sweep` (results in docs/benchmarks.md): 8
+# elements per thread; 8,192 per program, enough to amortize each program's table lookups (larger
+# chunks gained nothing).
 BLOCK = 1024  # elements per inner iteration
 CHUNK = 8 * BLOCK  # elements per program
 NUM_WARPS = 4

@@ -54,10 +54,10 @@ else:
 # release that has the flag. cuDNN takes them since torch 2.8 (pytorch#150337);
 # there, on Hopper, cuDNN and auto on CUDA in bf16/fp16 (which picks cuDNN, else
 # flash) pass the grouped K/V straight through, which saves writing K/V at the full
-# head count and reducing their gradients back (1.011x at 350m on an H200, the same
-# loss curve; docs/benchmarks.md). Elsewhere cuDNN gets K/V expanded: on B200 its
+# head count and reducing their gradients back, with the same loss curve
+# (docs/benchmarks.md). Elsewhere cuDNN gets K/V expanded: on B200 its
 # attention has given wrong results with fewer than 8 K/V heads (pytorch#193893),
-# and no other GPU generation was measured. The memory-efficient kernel, and auto
+# and no other GPU generation has been checked. The memory-efficient kernel, and auto
 # in fp32 on CUDA (which lands on it), always get K/V expanded.
 _NATIVE_GQA = {"flash", "math"}
 _CUDNN_GQA_TORCH = TorchVersion(torch.__version__) >= (2, 8)

@@ -5,10 +5,10 @@ One program per token row. The first pass over the row finds its log-sum-exp (an
 sum in fp32); the second pass reads the row again, 64 KB for a 32k vocabulary in bf16, which
 comes back partly from L2, and writes ``(softmax - one_hot(target)) * scale`` in the logits'
 dtype, where the compiled ``F.cross_entropy`` reads the logits twice from memory and writes the
-gradient once (docs/benchmarks.md, fifth round: 0.66 ms per step against 1.44 ms at 350m, batch
-8 on an H200). Holding a whole row in one 32-warp program's registers, to read it only once,
-measured slower there (1.00 ms against 0.76 ms for two passes at the same block of 4,096): two
-programs per SM leave too few loads in flight.
+gradient once, in separate launches (timings in docs/benchmarks.md). A row is not held whole in
+registers to be read only once: a program large enough for it (32 warps) leaves room for two per
+SM, too few loads in flight to keep the memory busy, and each such program loads, reduces and
+stores in sequence with nothing to overlap; many smaller two-pass programs overlap one another.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_V = 16384  # vocabulary entries per inner step (8 warps: 64 per thread); the fastest in
-# bench_cross_entropy.py --sweep on an H200 (0.64 ms against 0.74 at 4096, 350m, batch 8)
+BLOCK_V = 16384  # vocabulary entries per inner step (8 warps: 64 per thread): wide steps keep
+# many loads in flight per program; chosen by bench_cross_entropy.py --sweep (docs/benchmarks.md)
 NUM_WARPS = 8
 
 

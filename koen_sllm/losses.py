@@ -26,9 +26,11 @@ IGNORE_INDEX = -100  # target id that contributes nothing to the loss (the HF co
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 # How the loss runs on a GPU in bf16 when it needs gradients: "kernel" (fused_linear_cross_entropy:
-# the loss and its gradient in one Triton pass; the default: 1.008-1.010x per step at 350m, batch 8
-# on an H200, the loss's kernels 1.44 -> 0.66 ms, docs/benchmarks.md fifth round) or "compiled"
-# (F.cross_entropy, which Inductor fuses; scripts/bench_throughput.py --cross-entropy compiled).
+# the loss and its gradient in one Triton pass) or "compiled" (F.cross_entropy, which Inductor
+# fuses; scripts/bench_throughput.py --cross-entropy compiled). The kernel is the default because
+# the loss is memory-bound: one launch that writes each row's gradient while the row is partly
+# still in L2 moves fewer bytes than a forward and a backward that each read the logits from memory
+# (timings in docs/benchmarks.md).
 KERNEL_ON_GPU = "kernel"
 
 

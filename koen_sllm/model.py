@@ -162,8 +162,9 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.backend = cfg.attn_backend
-        # q, k and v come out of one product: a wide matmul runs at the full matmul rate where the
-        # narrow k and v ones ran at about two thirds of it (docs/benchmarks.md). transformers'
+        # q, k and v come out of one product: a wide matmul runs at the full matmul rate, where
+        # narrow k and v products fall well short of it (their weight gradients need cuBLAS's
+        # split-K and its extra reductions; docs/benchmarks.md). transformers'
         # q_proj, k_proj and v_proj are its row blocks, in that order (see KoEnLM.hf_state_dict).
         self.qkv_split = qkv_split(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.qkv_split), bias=False)
@@ -201,8 +202,10 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        # Separate gate and up, unlike q/k/v: both are wide enough for the matmul units, and a
-        # fused gate/up matrix made the compiled SwiGLU backward 1.8x slower (docs/benchmarks.md).
+        # Separate gate and up, unlike q/k/v: both are wide enough for the matmul units, and the
+        # gradient of a fused gate/up output is a concatenation, which Inductor lowers as one
+        # masked kernel over the fused width; the compiled SwiGLU backward then loses more than
+        # the fused matmul gains (docs/benchmarks.md).
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)

@@ -4,13 +4,13 @@ q/k/v projection's output with a backward that writes the fused gradient in one 
 Autograd's own backward of "split the fused output, rotate q and k" ends in a concatenation of
 the q, k and v gradients. torch.compile lowers that as one pointwise kernel over the fused
 width, which evaluates both halves of the rotation and all three sources under masks for every
-element: on an H200 it took 3.0 ms per step where the separate rotations' backward took 0.7
-(docs/benchmarks.md). :func:`rotate_qkv` gives the backward an operator of its own: on a GPU one
-Triton launch per part (q, k, v) writes that part's gradient straight into its columns of the
-fused gradient; elsewhere the same arithmetic runs as torch operations. The same kernel can run
-the forward too (``FORWARD_ON_GPU``): with it the whole step measured 0.992x on an H200, because
-the compiled forward already moves its bytes about once and the operator adds host time to each
-layer; kept as a benchmark lever.
+element, far more work than the separate rotations' backward does (docs/benchmarks.md).
+:func:`rotate_qkv` gives the backward an operator of its own: on a GPU one Triton launch per part
+(q, k, v) writes that part's gradient straight into its columns of the fused gradient; elsewhere
+the same arithmetic runs as torch operations. The same kernel can run the forward too
+(``FORWARD_ON_GPU``), but not by default: the compiled forward already moves its bytes about
+once, so there is little to gain, and the operator, a Python call outside Inductor's graph, adds
+host time to each layer; kept as a benchmark lever.
 """
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ import torch
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 # How the forward rotation runs on a GPU: "compiled" (torch operations that Inductor fuses: the
-# measured default) or "kernel" (the backward's Triton kernel run forwards, each byte read and
-# written once). The second is a benchmark lever (scripts/bench_throughput.py --rope-forward
-# kernel); with it the step measured 0.992x (docs/benchmarks.md, fourth round), so it is not the default.
+# default) or "kernel" (the backward's Triton kernel run forwards, each byte read and written
+# once). The second is a benchmark lever (scripts/bench_throughput.py --rope-forward kernel), not
+# the default: the compiled forward moves its bytes about once already, and the kernel's operator
+# adds host work per layer that the step does not win back (docs/benchmarks.md).
 FORWARD_ON_GPU = "compiled"
 
 
@@ -82,8 +83,8 @@ class _RotateQKV(torch.autograd.Function):
 
 def _rotate_split(qkv, cos, sin, num_heads, num_kv_heads, head_dim):
     q, k, v = qkv.split(qkv_split(num_heads, num_kv_heads, head_dim), dim=-1)
-    # v is copied rather than returned as a view of the input (a Function must not hand out
-    # views of its inputs): 0.2 ms per step at 350m, batch 8 on an H200.
+    # v is copied rather than returned as a view of the input: a Function must not hand out
+    # views of its inputs. The copy is one read and one write of v.
     return (apply_rope(q.unflatten(-1, (num_heads, head_dim)), cos, sin).to(qkv.dtype),
             apply_rope(k.unflatten(-1, (num_kv_heads, head_dim)), cos, sin).to(qkv.dtype),
             v.unflatten(-1, (num_kv_heads, head_dim)).clone())

@@ -113,7 +113,7 @@ def sweep(model_size: str, vocab: int, repeats: int) -> int:
             if chunk < block:
                 continue
             for warps in (2, 4, 8, 16):
-                if block // (32 * warps) > 16:  # more elements per thread measured 1.7-12x slower
+                if block // (32 * warps) > 16:  # more elements per thread: far slower (docs/benchmarks.md)
                     continue
                 plan = MultiTensorPlan(params, *state, block=block, chunk=chunk, num_warps=warps)
                 update_ms = cuda_time_ms(lambda: plan.update(grads, step, **hyper), repeats)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import stat
 
 import numpy as np
 import pytest
@@ -16,7 +18,9 @@ from koen_sllm.data.pack import encode_jsonl, open_tokens, token_dtype
 from koen_sllm.prepare import ensure_training_data, find_dataset_files
 from koen_sllm.tokenizer import EOS_ID, KoEnTokenizer
 
-SAMPLE = repo_root().parent / "shared" / "data" / "ko_en_sample.jsonl"
+SHARED = repo_root().parent / "shared"
+SAMPLE = SHARED / "data" / "ko_en_sample.jsonl"
+needs_sample = pytest.mark.skipif(not SAMPLE.is_file(), reason=f"sample data not found at {SAMPLE}")
 
 
 def _docs(n_ko=80, n_en=60):
@@ -262,14 +266,54 @@ def test_eval_batches_deterministic_sharded_and_even(token_file):
     assert len(list(iter_eval_batches(token_file, 10, 3, 1, 2, max_batches=4))) == 4
 
 
-@pytest.mark.skipif(not SAMPLE.is_file(), reason=f"sample data not found at {SAMPLE}")
-def test_sample_data_end_to_end(tmp_path):
-    data = ensure_training_data(SAMPLE, mode="test", vocab_size=8000, val_fraction=0.01, num_proc=2, strict=True,
-                                work_dir=tmp_path, log=lambda _: None)
-    assert str(data.prepared_dir).startswith(str(tmp_path))  # the shared folder is read-only
+def _tree(root) -> dict:
+    """Every path under ``root`` with its kind, size and modification time (links not followed)."""
+    found = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            st = os.lstat(path)
+            found[os.path.relpath(path, root)] = (stat.S_IFMT(st.st_mode), st.st_size, st.st_mtime_ns)
+    return found
+
+
+@pytest.fixture(scope="module")
+def sample_prepared(tmp_path_factory):
+    """The shared sample prepared under a temporary folder, and ../shared's listing from before.
+
+    Preparation puts its output beside the data when it can write there, else under the work
+    folder. The sample is therefore read through a link in the temporary folder, so that "beside
+    the data" is temporary as well, whether ../shared is writable or not."""
+    root = tmp_path_factory.mktemp("sample")
+    link = root / "data" / SAMPLE.name
+    link.parent.mkdir()
+    try:
+        link.symlink_to(SAMPLE)
+    except OSError:  # no symbolic links on this filesystem: a copy in the temporary folder serves
+        shutil.copyfile(SAMPLE, link)
+    before = _tree(SHARED)
+    data = ensure_training_data(link, mode="test", vocab_size=8000, val_fraction=0.01, num_proc=2, strict=True,
+                                work_dir=root / "work", log=lambda _: None)
+    return root, data, before
+
+
+@needs_sample
+def test_sample_data_end_to_end(sample_prepared):
+    root, data, _ = sample_prepared
+    assert data.prepared_dir == root / "data" / "prepared" / "ko_en_sample"
     meta = data.meta
     assert meta["ingest"]["docs"] == 2811 and set(data.val_files) == {"ko", "en"}
     assert sum(s["docs"] for s in meta["splits"].values()) == 2811
     loader = TokenLoader(data.train_file, 128, 4, seed=0)
     x, _ = loader.next_batch()
     assert int(x.max()) < meta["vocab_size"] and loader.num_samples == (meta["splits"]["train"]["tokens"] - 1) // 128
+
+
+@needs_sample
+def test_preparing_the_sample_writes_nothing_under_shared(sample_prepared):
+    root, data, before = sample_prepared
+    after = _tree(SHARED)
+    assert after == before, {"new": sorted(after.keys() - before.keys()), "gone": sorted(before.keys() - after.keys()),
+                             "changed": sorted(k for k in after.keys() & before.keys() if after[k] != before[k])}
+    for path in (data.prepared_dir, data.tokenizer_dir, data.train_file, *data.val_files.values()):
+        assert root.resolve() in path.resolve().parents, path

@@ -17,7 +17,7 @@ Two parallel paths (measured against a plain loop in docs/data.md):
   start-up or copying cost, but the Python work is still one thread.
 Both give the same ids in the same order as a plain loop over ``encode``.
 "auto" (the default) takes threads up to AUTO_THREADS_MAX workers, where they
-measured faster (no pool start-up, no pickling of ids), and processes beyond,
+cost less (no pool start-up, no pickling of ids), and processes beyond,
 where one Python thread would become the limit.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ from koen_sllm.tokenizer import EOS_ID, KoEnTokenizer, normalize_text
 CHUNK_BYTES = 1 << 19  # ~0.5 MB: enough chunks to balance the workers, few enough to keep IPC cheap
 BACKENDS = ("auto", "processes", "threads")
 DEFAULT_BACKEND = "auto"
-AUTO_THREADS_MAX = 4  # measured on 2 cores (docs/data.md); the Python share (~7%) caps threads well above that
+AUTO_THREADS_MAX = 4  # beyond it the one Python thread that parses and converts limits threads (docs/data.md)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
