@@ -79,6 +79,14 @@ def _active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def rank() -> int:
+    return dist.get_rank() if _active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if _active() else 1
+
+
 def barrier() -> None:
     if _active():
         dist.barrier()

@@ -26,7 +26,7 @@ import re
 import socket
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -39,6 +39,9 @@ from .ds_config import (  # noqa: F401 - re-exported: the backend's whole API li
     load_ds_json, offload_device, zero_stage,
 )
 from .optim import build_scheduler, param_groups
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .engines import StepOutcome
 
 __all__ = [  # the config half is re-exported so the trainer imports one module
     "SHIPPED_CONFIG", "DeepSpeedConfigError", "apply_ds_options", "build_ds_config", "describe",
@@ -115,7 +118,8 @@ class DeepSpeedRunner:
 
     Per optimizer step, for each of ``gradient_accumulation_steps`` micro-batches
     ``loss = runner.forward_backward(x, y, last_micro)``, then
-    ``grad_norm, applied = runner.step()``. ``ds_config`` comes from
+    ``outcome = runner.step(mean_loss, stop_requested)`` (the trainer's engine verbs,
+    engines/__init__.py; ``optimizer_step()`` is the engine's step alone). ``ds_config`` comes from
     :func:`build_ds_config`. ``model`` is the raw module (not compiled, not
     wrapped): with ``compile=True`` the engine compiles it, so the parameter names
     in checkpoints stay the model's own.
@@ -183,14 +187,41 @@ class DeepSpeedRunner:
             self.engine.step()  # not a boundary: only advances the engine's micro-step counter
         return loss.detach()
 
-    def step(self) -> tuple[Optional[float], bool]:
+    # The engine verbs the trainer's step uses (engines/__init__.py).
+    name = "deepspeed"
+
+    def prepare(self) -> None:
+        """Nothing left to do once the engine has started: it compiled and wrapped the model itself."""
+
+    def begin_step(self) -> None:
+        pass
+
+    def step(self, mean_loss: torch.Tensor, stop_requested: bool) -> "StepOutcome":
+        """The engine scales by 1/accumulation, syncs, clips, and skips a non-finite update on every
+        rank alike; one all-reduce then carries the loss and the votes, as on DDP."""
+        from .engines import StepOutcome
+
+        norm, applied = self.optimizer_step()
+        flags = torch.tensor([float(not applied), float(stop_requested)], device=mean_loss.device)
+        votes = D.all_reduce_sum(torch.cat([mean_loss.reshape(1), flags])).tolist()
+        loss, any_bad, any_stop = votes[0] / D.world_size(), votes[1] > 0, votes[2] > 0
+        if any_bad and applied:  # the engine all-reduces its overflow check, so this means a bug
+            raise DeepSpeedBackendError("ranks disagree on skipping this step; the weights have diverged: "
+                                        "resume from the last checkpoint")
+        grad_norm = torch.tensor(float("nan") if norm is None else norm)
+        return StepOutcome(torch.tensor(loss), grad_norm, not any_bad, any_stop)
+
+    def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.forward(x, y)  # through the engine: ZeRO-3 gathers the weights
+
+    def optimizer_step(self) -> tuple[Optional[float], bool]:
         """The optimizer step after the last micro-batch: (global grad norm before clipping, applied).
 
         The engine skips the update (applied False) when the gradients are not
         finite; every rank gets the same answer because the check is all-reduced.
         """
         if not self.engine.is_gradient_accumulation_boundary():
-            raise DeepSpeedBackendError("step() called before the last micro-batch of the step; "
+            raise DeepSpeedBackendError("the optimizer step was called before the last micro-batch of the step; "
                                         "pass last_micro=True to the final forward_backward")
         self.engine.step()
         applied = bool(self.engine.was_step_applied())

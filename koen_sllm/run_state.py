@@ -5,10 +5,13 @@ a training run must put in it (weights, optimizer, schedule, per-rank RNG,
 data position, metadata) and makes every rank agree on the outcome, so a
 failed save on rank 0 never leaves the other ranks waiting at a collective.
 
-With --deepspeed the engine holds weights, optimizer and schedule: every rank
-writes its part through ds_backend.save_checkpoint_collective and reads it back
-with runner.load_from; trainer_state.pt keeps step, data position and RNG, and
-names the backend, so neither backend resumes the other's checkpoint.
+It takes the engine (engines/__init__.py) and plain values, never the trainer:
+the trainer hands over its own state as a dict (Trainer.state_dict) and takes
+it back (Trainer.load_state_dict). With --deepspeed the engine holds weights,
+optimizer and schedule: every rank writes its part through
+ds_backend.save_checkpoint_collective and reads it back with runner.load_from;
+trainer_state.pt keeps step, data position and RNG, and names the backend, so
+neither backend resumes the other's checkpoint.
 """
 from __future__ import annotations
 
@@ -27,12 +30,10 @@ from . import ds_backend as DSB
 from .checkpoint import (KO_CANNOT_RESUME, CheckpointError, check_output_dir, load_model_state, load_trainer_state,
                          resolve_resume, save_checkpoint)
 from .logs import get_logger
-from .master_adamw import full_precision_state
-from .optim import capture_rng, merge_split_projections, param_group_names, restore_rng
+from .optim import capture_rng, merge_split_projections, param_group_names
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import RunConfig
-    from .trainer import Trainer
 
 
 class RunSetupError(RuntimeError):
@@ -102,137 +103,97 @@ def git_commit() -> Optional[str]:
         return None
 
 
-def save_run_checkpoint(tr: "Trainer", name: str, *, update_latest: bool = True, with_state: bool = True,
-                        last_loss: Optional[float] = None) -> Path:
-    """Called by every rank; rank 0 writes (with DeepSpeed, every rank writes its shard).
-    Returns the checkpoint path on every rank."""
-    rank_states = D.gather_objects({"rng": capture_rng()}) if with_state else None
+@dataclasses.dataclass
+class CheckpointTarget:
+    """Where and how a run saves: plain values, so the checkpoint layer never reads the trainer."""
+    output_dir: Path
+    tokenizer_dir: Path
+    hf_config: dict[str, Any]
+    keep_last: Optional[int]
+
+
+def save_run_checkpoint(engine: Any, target: CheckpointTarget, name: str, *, training_info: Optional[dict],
+                        trainer_state: Optional[dict], update_latest: bool = True, log: Any = None) -> Path:
+    """Called by every rank with the same arguments (``training_info`` and ``trainer_state`` matter
+    on rank 0 only; ``trainer_state`` None saves the model alone). Rank 0 writes; with DeepSpeed every
+    rank writes its shard. Returns the checkpoint path on every rank."""
+    rank_states = D.gather_objects({"rng": capture_rng()}) if trainer_state is not None else None
+    if trainer_state is not None and rank_states is not None:
+        trainer_state = {**trainer_state, "backend": engine.name, "rng_per_rank": [s["rng"] for s in rank_states]}
     t0 = time.time()
-    if tr.runner is not None:
-        return _save_with_engine(tr, name, update_latest, with_state, last_loss, rank_states, t0)
+    if engine.name == "deepspeed":
+        path = _save_with_deepspeed(engine, target, name, training_info, trainer_state, update_latest)
+    else:
+        path = _save_on_main(engine, target, name, training_info, trainer_state, update_latest)
+    if log is not None and D.rank() == 0:
+        log.info("checkpoint saved / 체크포인트 저장: %s (%.1fs)", path, time.time() - t0)
+    return path
+
+
+def _save_on_main(engine: Any, target: CheckpointTarget, name: str, info: Optional[dict],
+                  state: Optional[dict], update_latest: bool) -> Path:
     result: Any = None
-    if tr.info.is_main:
-        info = _training_info(tr, last_loss)
-        state = _trainer_state(tr, info, rank_states) if with_state else None
+    if D.rank() == 0:
         if state is not None:
-            state["optimizer"], state["scheduler"] = tr.optimizer.state_dict(), tr.scheduler.state_dict()
-            if tr.scaler is not None:
-                state["scaler"] = tr.scaler.state_dict()
+            state = {**state, **engine.state_dict()}  # optimizer, schedule, loss scaler
         try:
-            hf = tr.raw_model.hf_config(tr.tokenizer.bos_id, tr.tokenizer.eos_id, tr.tokenizer.pad_id)
             # The fp32 masters, where the model runs on bf16 copies of them (substituted under the
             # model's own names, before the fused projections are split into transformers' ones).
-            own = full_precision_state(tr.optimizer, tr.raw_model.state_dict())
-            model_state = tr.raw_model.hf_state_dict(own)
+            model_state = engine.raw_model.hf_state_dict(engine.weights_for_saving())
             result = save_checkpoint(
-                tr.cfg.output_dir, name, model_state=model_state, hf_config=hf,
-                tokenizer_dir=tr.data.tokenizer_dir, training_info=info, trainer_state=state,
-                update_latest=update_latest, keep_last=tr.cfg.ckpt.save_total_limit,
+                target.output_dir, name, model_state=model_state, hf_config=target.hf_config,
+                tokenizer_dir=target.tokenizer_dir, training_info=info, trainer_state=state,
+                update_latest=update_latest, keep_last=target.keep_last,
             )
-            tr.log.info("checkpoint saved / 체크포인트 저장: %s (%.1fs)", result, time.time() - t0)
         except CheckpointError as exc:
             result = RunSetupError(str(exc))
     return _agree(result)
 
 
-def _save_with_engine(tr: "Trainer", name: str, update_latest: bool, with_state: bool,
-                      last_loss: Optional[float], rank_states: Optional[list], t0: float) -> Path:
-    """The DeepSpeed save: collective, equally atomic; no optimizer/scheduler in trainer_state
-    (they are in the engine's files, partitioned by rank)."""
-    info = state = hf = None
-    if tr.info.is_main:
-        info = _training_info(tr, last_loss)
-        state = _trainer_state(tr, info, rank_states) if with_state else None
-        hf = tr.raw_model.hf_config(tr.tokenizer.bos_id, tr.tokenizer.eos_id, tr.tokenizer.pad_id)
+def _save_with_deepspeed(engine: Any, target: CheckpointTarget, name: str, info: Optional[dict],
+                         state: Optional[dict], update_latest: bool) -> Path:
+    """Collective and equally atomic; no optimizer/scheduler in trainer_state (they are in the
+    engine's files, partitioned by rank)."""
     try:
-        path = DSB.save_checkpoint_collective(
-            tr.runner, tr.cfg.output_dir, name, hf_config=hf, tokenizer_dir=tr.data.tokenizer_dir,
-            training_info=info, trainer_state=state, update_latest=update_latest,
-            keep_last=tr.cfg.ckpt.save_total_limit)
+        return DSB.save_checkpoint_collective(
+            engine, target.output_dir, name, hf_config=target.hf_config, tokenizer_dir=target.tokenizer_dir,
+            training_info=info, trainer_state=state, update_latest=update_latest, keep_last=target.keep_last)
     except CheckpointError as exc:  # raised with the same message on every rank
         raise RunSetupError(str(exc)) from None
-    if tr.info.is_main:
-        tr.log.info("checkpoint saved / 체크포인트 저장: %s (%.1fs)", path, time.time() - t0)
-    return path
 
 
-def _backend(tr: "Trainer") -> str:
-    return "deepspeed" if tr.ds_config is not None else "ddp"
-
-
-def _training_info(tr: "Trainer", last_loss: Optional[float]) -> dict[str, Any]:
-    info = {
-        "step": tr.step, "tokens_seen": tr.tokens_seen, "train_loss": last_loss,
-        "val": dict(tr.last_val), "lr": tr.lr if tr.step else 0.0,
-        "elapsed_s": round(tr.elapsed_before + (time.time() - getattr(tr, "_start_time", time.time())), 1),
-        "world_size": tr.info.world_size, "batch_plan": {
-            "micro_batch": tr.plan.micro_batch, "seq_len": tr.plan.seq_len,
-            "world_size": tr.plan.world_size, "grad_accum": tr.plan.grad_accum,
-            "tokens_per_step": tr.plan.tokens_per_step},
-        "max_steps": tr.max_steps, "model": dataclasses.asdict(tr.model_cfg),
-        "num_params": tr.num_params, "config": tr.cfg.to_dict(), "backend": _backend(tr),
-        "data": {k: tr.data.meta.get(k) for k in ("input_hash", "tokenizer_hash") if k in tr.data.meta},
-        "used_dummy_data": bool(tr.data.used_dummy), "versions": library_versions(), "git_commit": git_commit(),
-        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    if tr.ds_config is not None:
-        info["deepspeed_config"] = tr.ds_config  # the complete engine config that trained
-    return info
-
-
-def _trainer_state(tr: "Trainer", info: dict[str, Any], rank_states: list) -> dict[str, Any]:
-    return {
-        "backend": _backend(tr), "step": tr.step, "tokens_seen": tr.tokens_seen, "elapsed_s": info["elapsed_s"],
-        "loader": tr.loader.state_dict(), "rng_per_rank": [s["rng"] for s in rank_states],
-        "sequences_per_step": tr.plan.sequences_per_step, "seq_len": tr.plan.seq_len,
-        "world_size": tr.info.world_size,
-    }
-
-
-def load_resume_state(tr: "Trainer", path: Path) -> dict[str, Any]:
-    """Restore weights, optimizer, schedule, RNG and data position from `path` on every rank."""
+def load_resume_state(engine: Any, path: Path, plan: Any) -> dict[str, Any]:
+    """Restore the engine's weights, optimizer and schedule from ``path`` on every rank; return the
+    saved trainer state (step, tokens, data position, per-rank RNG) for the trainer to take back."""
     state = load_trainer_state(path)
-    check_resume_backend(tr, path, state.get("backend"))
-    saved_seqs, now_seqs = state.get("sequences_per_step"), tr.plan.sequences_per_step
-    if saved_seqs != now_seqs or state.get("seq_len") != tr.plan.seq_len:
+    check_resume_backend(engine.name, path, state.get("backend"))
+    saved_seqs, now_seqs = state.get("sequences_per_step"), plan.sequences_per_step
+    if saved_seqs != now_seqs or state.get("seq_len") != plan.seq_len:
         raise RunSetupError(
             f"{KO_CANNOT_RESUME} / {path} was trained with {saved_seqs} sequences x {state.get('seq_len')} tokens "
-            f"per step; this run has {now_seqs} x {tr.plan.seq_len} ({tr.plan.describe()}); resuming would change "
+            f"per step; this run has {now_seqs} x {plan.seq_len} ({plan.describe()}); resuming would change "
             f"the data order: keep the global batch, e.g. --global-batch-size {saved_seqs} "
             f"--max-seq-length {state.get('seq_len')}")
-    if tr.runner is not None:
+    if engine.name == "deepspeed":
         try:
-            tr.runner.load_from(path)  # collective: weights, optimizer shards, schedule
+            engine.load_from(path)  # collective: weights, optimizer shards, schedule
         except DSB.DeepSpeedBackendError as exc:
             raise RunSetupError(f"{KO_CANNOT_RESUME} / {exc}") from None
     else:
-        tr.raw_model.load_hf_state_dict(load_model_state(path))
-        model = tr.raw_model
+        model = engine.raw_model
+        model.load_hf_state_dict(load_model_state(path))
         # Checkpoints saved before q/k/v were fused hold their moments per matrix.
-        tr.optimizer.load_state_dict(merge_split_projections(
+        engine.load_state_dict(state, optimizer_state=merge_split_projections(
             state["optimizer"], param_group_names(model), lambda name: len(model.fused_blocks(name) or [name])))
-        tr.scheduler.load_state_dict(state["scheduler"])
-        if tr.scaler is not None and "scaler" in state:
-            tr.scaler.load_state_dict(state["scaler"])
-    tr.loader.load_state_dict(state["loader"])
-    tr.step, tr.tokens_seen = int(state["step"]), int(state["tokens_seen"])
-    tr.elapsed_before = float(state.get("elapsed_s", 0.0))
-    rng = state.get("rng_per_rank") or []
-    if tr.info.rank < len(rng):
-        restore_rng(rng[tr.info.rank])
-    if state.get("world_size") != tr.info.world_size:
-        tr.log.warning("resuming %d-process state with %d processes: same global batch, data continues at the "
-                       "same token position", state.get("world_size"), tr.info.world_size)
-    tr.last_checkpoint = path
     return state
 
 
-def check_resume_backend(tr: "Trainer", path: Path, saved: Optional[str] = None) -> None:
-    """Refuse a checkpoint of the other backend: its optimizer state is stored in another form.
-    ``saved`` is trainer_state's "backend"; without it the engine's folder tells them apart,
-    which is cheap enough to check before the engine starts."""
+def check_resume_backend(backend: str, path: Path, saved: Optional[str] = None) -> None:
+    """Refuse a checkpoint of the other backend (``backend``: "ddp" or "deepspeed"): its optimizer
+    state is stored in another form. ``saved`` is trainer_state's "backend"; without it the engine's
+    folder tells them apart, which is cheap enough to check before the engine starts."""
     saved = saved or ("deepspeed" if DSB.has_engine_state(path) else "ddp")
-    if saved == _backend(tr):
+    if saved == backend:
         return
     if saved == "deepspeed":
         raise RunSetupError(f"{_KO_OTHER_BACKEND} / {path} was saved by the DeepSpeed backend; resume it with "

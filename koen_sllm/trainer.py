@@ -1,20 +1,21 @@
-"""The training loop: build, step (accumulation, clipping, AdamW), validate, log, save, stop.
+"""The training loop: build, step, validate, log, save, stop.
 
 It receives a validated RunConfig and a DistInfo; it parses no CLI. Every
 collective below is reached by all ranks in the same order.
 
-Two backends share the loop: DDP (the default) and, with --deepspeed, a
-DeepSpeed engine behind ds_backend.DeepSpeedRunner, which owns accumulation,
-clipping, precision, the optimizer and the skip on non-finite gradients. The
-data loader, schedule, votes, logs and checkpoint layout are the same for both.
+The step runs on an engine (engines/__init__.py): DDP (engines/ddp.py, the
+default) or, with --deepspeed, the DeepSpeed runner. The engine owns the
+optimizer, schedule, precision, clipping and the rank-agreed skip of a
+non-finite step; the loader, votes' outcome, logs and checkpoint layout here
+are the same for both.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -26,34 +27,21 @@ from . import ds_backend as DSB
 from .checkpoint import estimate_checkpoint_bytes
 from .config import RunConfig, derive_batch_plan, resolve_weights
 from .data.loader import TokenLoader, iter_eval_batches
+from .engines.ddp import PRECISION_DTYPES, DDPEngine
 from .logs import get_logger, progress_bar
 from .losses import fused_ce_offered
 from .metrics import (MetricsSink, SpikeDetector, StepClock, Throughput, format_progress, mfu, peak_flops,
                       peak_memory_gib)
 from .model import KoEnLM, model_config_from_preset
-from .master_adamw import MasterWeightAdamW
-from .optim import (CAN_CLIP_IN_FUSED_UPDATE, build_optimizer, build_scheduler, clip_divisor, grad_norm_reader,
-                    updates_on_device)
+from .optim import restore_rng
 from .prepare import ensure_training_data
-from .run_state import (RunSetupError, check_output_dir_on_main, check_resume_backend, load_resume_state,
-                        resolve_resume_on_main, save_run_checkpoint)
+from .run_state import (CheckpointTarget, RunSetupError, check_output_dir_on_main, check_resume_backend,
+                        git_commit, library_versions, load_resume_state, resolve_resume_on_main,
+                        save_run_checkpoint)
 from .stop import StopRequest
 from .tokenizer import KoEnTokenizer
 
 VOCAB_MULTIPLE = 64  # embedding rows padded so matmuls tile evenly on tensor cores
-PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def _start_host_copy(t: torch.Tensor):
-    """Start copying a small device tensor to the host; the returned function waits for that
-    copy alone (not for work queued after it) and gives the values as a list."""
-    if not t.is_cuda:
-        return t.tolist
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record()
-    return lambda: (copied.synchronize(), host.tolist())[1]
 
 
 @dataclass
@@ -74,7 +62,7 @@ class Trainer:
         self.t, self.device = cfg.train, info.device
         self.explicit = set(explicit)
         self.stop = StopRequest()
-        self.runner: Optional[DSB.DeepSpeedRunner] = None  # the DeepSpeed engine, when --deepspeed
+        self.engine: Any = None  # DDPEngine, or the DeepSpeed runner once started (engines/__init__.py)
 
     # ------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -94,13 +82,13 @@ class Trainer:
         self.last_checkpoint = None
         resume_dir = resolve_resume_on_main(cfg, info)
         if resume_dir is None and cfg.ckpt.save_initial:
-            self.last_checkpoint = save_run_checkpoint(self, "initial_model", update_latest=False, with_state=False)
+            self.last_checkpoint = self.save_checkpoint("initial_model", update_latest=False, with_state=False)
         if self.ds_config is not None:  # after the initial save (the engine may cast to bf16), before resuming
             if resume_dir is not None:
-                check_resume_backend(self, resume_dir)  # cheap, and before the engine's slow start
-            self.runner = DSB.DeepSpeedRunner(self.raw_model, self.ds_config, compile=bool(self.t.compile))
+                check_resume_backend("deepspeed", resume_dir)  # cheap, and before the engine's slow start
+            self.engine = DSB.DeepSpeedRunner(self.raw_model, self.ds_config, compile=bool(self.t.compile))
         if resume_dir is not None:
-            st = load_resume_state(self, resume_dir)
+            st = self.resume_from(resume_dir)
             log.info("resumed from %s at step %d (%s tokens seen)", resume_dir, st["step"], f"{st['tokens_seen']:,}")
         self.finalize()
         log.info("model: %s preset, %s parameters, vocab %d (tokenizer %d), %.3g GFLOPs/token",
@@ -139,47 +127,23 @@ class Trainer:
         self.flops_per_token = model.flops_per_token(self.plan.seq_len)
         self.max_steps = self.t.max_steps or max(
             1, math.ceil(self.t.num_epochs * loader.num_samples / self.plan.sequences_per_step))
-        self.optimizer = self.scheduler = self.scaler = None
         self.ds_config: Optional[dict] = None
         if self.t.deepspeed is not None:  # the engine builds optimizer and schedule; setup() starts it
             self.ds_config = DSB.build_ds_config(self.cfg, self.plan, self.max_steps, self.explicit)
+            self.engine = None
         else:
-            self.optimizer = build_optimizer(model, self.cfg.optim, self.device, bf16_weights=bool(self.t.bf16_weights))
-            self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.max_steps)
-            self.scaler = torch.amp.GradScaler("cuda") if self.t.precision == "fp16" else None
+            self.engine = DDPEngine(model, self.cfg, self.info, self.plan.grad_accum, self.max_steps)
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
+        self._started_at: Optional[float] = None  # when train() began, for the elapsed time saved
         self.attempts = 0  # optimizer-step attempts in this process, skipped ones included
         self.data_wait_s, self._window_s = 0.0, 0.0  # for data_wait_frac, per log window
         self.data_wait_total_s, self.step_time_total_s = 0.0, 0.0
         self.last_val: dict[str, float] = {}
 
     def finalize(self) -> None:
-        """Compile and wrap after any weights are loaded; the raw module stays for saving."""
+        """Compile and wrap after any weights are loaded (the engine's prepare); the raw module stays for saving."""
         self.raw_model.check_attention(self.device, PRECISION_DTYPES[self.t.precision])  # a bad --attn fails here, not in step 1
-        if self.runner is not None:
-            # The engine compiled (with --compile), distributes and casts the model itself; the
-            # runner's train()/eval() switch the module's mode, so it stands in for self.model.
-            self.model, self.autocast = self.runner, nullcontext()
-        else:
-            if isinstance(self.optimizer, MasterWeightAdamW):  # after loading fp32 weights, before DDP's broadcast
-                self.optimizer.take_master_weights()
-            # DDP first, then compile: Dynamo's DDPOptimizer splits the compiled graph at DDP's
-            # gradient buckets, so a bucket's all-reduce starts while the rest of the backward
-            # runs. Compiled inside DDP, one compiled backward would hand DDP every gradient at
-            # once, at its end, and the all-reduce would never overlap compute.
-            wrapped = D.wrap_model(self.raw_model, self.info, self.t.ddp_bucket_mb)
-            mode = None if self.t.compile_mode == "default" else self.t.compile_mode
-            self.model = torch.compile(wrapped, mode=mode) if self.t.compile else wrapped
-            self.autocast = self._autocast()
-        # The update may be launched before the vote is read only where the optimizer can skip it
-        # on the device (it honours found_inf) and no loss scaler decides about it.
-        # The config refuses reduce-overhead without compile and with DeepSpeed.
-        self.cudagraphs = self.t.compile_mode == "reduce-overhead"
-        self.skip_on_device = (self.runner is None and self.scaler is None and self.optimizer is not None
-                               and updates_on_device(self.optimizer))
-        # That early update also honours grad_scale, so the clipping can happen inside it too.
-        self.clip_in_update = self.skip_on_device and self.cfg.optim.grad_clip > 0 and CAN_CLIP_IN_FUSED_UPDATE
-        self.grad_norm = grad_norm_reader(self.raw_model, self.optimizer) if self.optimizer is not None else None
+        self.engine.prepare()
         self.peak = peak_flops(torch.cuda.get_device_name(self.device), self.t.precision) \
             if self.device.type == "cuda" else None
 
@@ -193,7 +157,7 @@ class Trainer:
     @property
     def lr(self) -> float:
         """The learning rate of the next optimizer step (the one logged and saved)."""
-        return self.runner.lr if self.runner is not None else self.scheduler.get_last_lr()[0]
+        return self.engine.lr
 
     def _prepare_data(self):
         """Rank 0 prepares (or finds cached) data; the others wait and receive the result."""
@@ -214,11 +178,6 @@ class Trainer:
             raise result
         return result
 
-    def _autocast(self):
-        if self.t.precision == "fp32":
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=PRECISION_DTYPES[self.t.precision])
-
     # ------------------------------------------------------------ one optimizer step
     def _fetch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next micro-batch on the device; host time spent here is time the GPU may wait
@@ -232,105 +191,93 @@ class Trainer:
         return x, y
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """Returns (mean loss over ranks, grad norm, step applied) after one optimizer step."""
-        if self.runner is not None:
-            return self._engine_step()
-        if self.cudagraphs:
-            torch.compiler.cudagraph_mark_step_begin()  # a new step: last step's graph outputs may be reused
-        accum = self.plan.grad_accum
+        """One optimizer step on whichever engine: (mean loss over ranks, grad norm, step applied)."""
+        engine, accum = self.engine, self.plan.grad_accum
+        nan = self.attempts + 1 in self.t.debug_nan_steps
+        engine.begin_step()
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(accum):
             x, y = self._fetch()
-            with D.grad_sync(self.model, micro == accum - 1):
-                with self.autocast:
-                    loss = self.model(x, y)
-                if self.attempts + 1 in self.t.debug_nan_steps:
-                    loss = loss * float("nan")
-                scaled = loss / accum  # gradients average over the whole step, not each micro-batch
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            loss_sum += loss.detach().float()
+            loss_sum += engine.forward_backward(x, y, micro == accum - 1, nan_loss=nan).float()
         self.attempts += 1
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        if self.clip_in_update:
-            norm = self.grad_norm()  # the update below divides the gradients by clip_divisor
-        else:
-            norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
-        # One small all-reduce carries the loss, the "bad step" vote and the stop vote,
-        # so every rank takes the same decision without extra round trips.
-        grad_bad = (~torch.isfinite(norm)) if self.scaler is None else torch.zeros((), dtype=torch.bool, device=self.device)
-        bad = (~torch.isfinite(loss_sum)) | grad_bad
-        # torch.full writes the flag with a kernel; torch.tensor(..., device=cuda) would copy it from
-        # pageable host memory, which can make the host wait for the queued work.
-        stop = torch.full((), float(self.stop.requested), device=self.device)
-        votes = torch.stack([loss_sum / accum, bad.float(), stop])
-        votes = D.all_reduce_sum(votes)
-        read_votes = _start_host_copy(votes)
-        if self.skip_on_device:
-            # Launch the update before the host knows the vote, so the GPU need not idle while
-            # the host reads it: the fused kernel skips the update (and its step count) on the
-            # device when any rank voted "bad". The wait below is for the vote's copy only.
-            self.optimizer.found_inf = (votes[1] > 0).float()
-            if self.clip_in_update:
-                self.optimizer.grad_scale = clip_divisor(norm, clip)
-            self.optimizer.step()
-            self.optimizer.found_inf = self.optimizer.grad_scale = None
-            # The gradients are spent whatever the vote says: release them while the update runs,
-            # not after the wait, when the host's work delays the next step's first kernels.
-            self.optimizer.zero_grad(set_to_none=True)
-        votes = read_votes()
-        mean_loss, any_bad, any_stop = votes[0] / self.info.world_size, votes[1] > 0, votes[2] > 0
-        if any_stop:
+        outcome = engine.step(loss_sum / accum, self.stop.requested)
+        if outcome.stop:
             self.stop.agreed = True
-        if any_bad:
-            if not self.skip_on_device:  # else released above
-                self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler:
-                self.scaler.update()
-            return torch.tensor(mean_loss), norm, False
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        elif not self.skip_on_device:
-            self.optimizer.step()
-        self.scheduler.step()
-        if not self.skip_on_device:
-            self.optimizer.zero_grad(set_to_none=True)
-        return torch.tensor(mean_loss), norm, True
+        return outcome.loss, outcome.grad_norm, outcome.applied
 
-    def _engine_step(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """train_step on DeepSpeed: the engine scales by 1/accumulation, syncs, clips, and skips a
-        non-finite update on every rank alike; the same one all-reduce carries the loss and votes."""
-        accum, nan = self.plan.grad_accum, self.attempts + 1 in self.t.debug_nan_steps
-        loss_sum = torch.zeros((), device=self.device)
-        for micro in range(accum):
-            x, y = self._fetch()
-            loss_sum += self.runner.forward_backward(x, y, micro == accum - 1, nan_loss=nan).float()
-        self.attempts += 1
-        norm, applied = self.runner.step()
-        flags = torch.tensor([float(not applied), float(self.stop.requested)], device=self.device)
-        votes = D.all_reduce_sum(torch.cat([(loss_sum / accum).reshape(1), flags])).tolist()
-        mean_loss, any_bad, any_stop = votes[0] / self.info.world_size, votes[1] > 0, votes[2] > 0
-        if any_stop:
-            self.stop.agreed = True
-        if any_bad and applied:  # the engine all-reduces its overflow check, so this means a bug
-            raise RunSetupError(f"ranks disagree on skipping step {self.step + 1}; the weights have diverged: "
-                                "resume from the last checkpoint")
-        grad_norm = torch.tensor(float("nan") if norm is None else norm)
-        return torch.tensor(mean_loss), grad_norm, not any_bad
+    # ------------------------------------------------------------ state, as data for the checkpoint layer
+    def state_dict(self) -> dict[str, Any]:
+        """What the trainer itself must restore to continue exactly (the engine saves the rest)."""
+        return {
+            "step": self.step, "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed_s(),
+            "loader": self.loader.state_dict(), "sequences_per_step": self.plan.sequences_per_step,
+            "seq_len": self.plan.seq_len, "world_size": self.info.world_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state["loader"])
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        rng = state.get("rng_per_rank") or []
+        if self.info.rank < len(rng):
+            restore_rng(rng[self.info.rank])
+        if state.get("world_size") != self.info.world_size:
+            self.log.warning("resuming %d-process state with %d processes: same global batch, data continues at "
+                             "the same token position", state.get("world_size"), self.info.world_size)
+
+    def elapsed_s(self) -> float:
+        started = self._started_at if self._started_at is not None else time.time()
+        return round(self.elapsed_before + (time.time() - started), 1)
+
+    def training_info(self, last_loss: Optional[float]) -> dict[str, Any]:
+        """The metadata every checkpoint carries (training_info.json)."""
+        plan = self.plan
+        info = {
+            "step": self.step, "tokens_seen": self.tokens_seen, "train_loss": last_loss,
+            "val": dict(self.last_val), "lr": self.lr if self.step else 0.0, "elapsed_s": self.elapsed_s(),
+            "world_size": self.info.world_size, "batch_plan": {
+                "micro_batch": plan.micro_batch, "seq_len": plan.seq_len, "world_size": plan.world_size,
+                "grad_accum": plan.grad_accum, "tokens_per_step": plan.tokens_per_step},
+            "max_steps": self.max_steps, "model": dataclasses.asdict(self.model_cfg),
+            "num_params": self.num_params, "config": self.cfg.to_dict(), "backend": self.engine.name,
+            "data": {k: self.data.meta.get(k) for k in ("input_hash", "tokenizer_hash") if k in self.data.meta},
+            "used_dummy_data": bool(self.data.used_dummy), "versions": library_versions(),
+            "git_commit": git_commit(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        if self.ds_config is not None:
+            info["deepspeed_config"] = self.ds_config  # the complete engine config that trained
+        return info
+
+    def save_checkpoint(self, name: str, *, update_latest: bool = True, with_state: bool = True,
+                        last_loss: Optional[float] = None) -> Path:
+        """Every rank calls it; returns the checkpoint path on every rank."""
+        main = self.info.is_main
+        target = CheckpointTarget(
+            output_dir=self.cfg.output_dir, tokenizer_dir=self.data.tokenizer_dir, keep_last=self.cfg.ckpt.save_total_limit,
+            hf_config=self.raw_model.hf_config(self.tokenizer.bos_id, self.tokenizer.eos_id, self.tokenizer.pad_id))
+        return save_run_checkpoint(
+            self.engine, target, name, update_latest=update_latest, log=self.log,
+            training_info=self.training_info(last_loss) if main else None,
+            trainer_state=(self.state_dict() if main else {}) if with_state else None)
+
+    def resume_from(self, path: Path) -> dict[str, Any]:
+        """Weights, optimizer and schedule into the engine; step, data position and RNG into the trainer."""
+        state = load_resume_state(self.engine, path, self.plan)
+        self.load_state_dict(state)
+        self.last_checkpoint = path
+        return state
 
     # ------------------------------------------------------------ validation
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        self.model.eval()
+        self.engine.eval()
         out: dict[str, float] = {}
         totals = [0.0, 0.0]
         for lang, path in sorted(self.data.val_files.items()):
             acc = torch.zeros(2, device=self.device, dtype=torch.float64)
             for x, y in iter_eval_batches(path, self.plan.seq_len, self.plan.micro_batch, self.info.rank,
                                           self.info.world_size, self.t.eval_batches):
-                loss = self._eval_loss(x.to(self.device), y.to(self.device))
+                loss = self.engine.eval_loss(x.to(self.device), y.to(self.device))
                 acc += torch.stack([loss.double() * y.numel(), torch.tensor(float(y.numel()), device=self.device,
                                                                             dtype=torch.float64)])
             acc = D.all_reduce_sum(acc)
@@ -346,14 +293,8 @@ class Trainer:
             totals[1] += acc[1].item()
         if totals[1]:
             out["val_loss"] = totals[0] / totals[1]
-        self.model.train()
+        self.engine.train()
         return out
-
-    def _eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.runner is not None:
-            return self.runner.forward(x, y)  # through the engine: ZeRO-3 gathers the weights
-        with self.autocast:
-            return self.raw_model(x, y)
 
     # ------------------------------------------------------------ the loop
     def train(self) -> Summary:
@@ -364,9 +305,9 @@ class Trainer:
         spikes = SpikeDetector()
         clock = StepClock()
         bar = progress_bar(self.max_steps, self.step, info.is_main)
-        self.model.train()
+        self.engine.train()
         start, consecutive_bad, last_loss = time.time(), 0, float("nan")
-        self._start_time = start
+        self._started_at = start
         log.info("training starts / 학습 시작: step %d -> %d", self.step, self.max_steps)
         # Only the voted flag ends the loop: a signal landing between one rank's vote and its
         # loop test must not let that rank leave while the others start another step.
@@ -414,8 +355,7 @@ class Trainer:
                     self._eval_and_log(sink)
             if self.step % cfg.ckpt.save_steps == 0 and self.step < self.max_steps:
                 with clock.paused():
-                    summary.last_checkpoint = save_run_checkpoint(self, f"checkpoint-{self.step}",
-                                                                  last_loss=last_loss)
+                    summary.last_checkpoint = self.save_checkpoint(f"checkpoint-{self.step}", last_loss=last_loss)
         if bar is not None:
             bar.close()
         self.stop.report(log, info.is_main)
@@ -427,7 +367,7 @@ class Trainer:
         final_wanted = cfg.ckpt.save_final or summary.stopped_by_signal
         if final_wanted and self.step > 0 and (summary.last_checkpoint is None
                                                or summary.last_checkpoint.name != f"checkpoint-{self.step}"):
-            summary.last_checkpoint = save_run_checkpoint(self, f"checkpoint-{self.step}", last_loss=last_loss)
+            summary.last_checkpoint = self.save_checkpoint(f"checkpoint-{self.step}", last_loss=last_loss)
         self.elapsed_before += time.time() - start
         summary.steps, summary.final_loss = self.step, last_loss
         if sink:

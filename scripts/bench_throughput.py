@@ -141,11 +141,12 @@ def run_ours(args, seed: int = 0, name: str = "koen_sllm") -> dict:
         A.CUDNN_NATIVE_GQA = False  # the earlier path: K/V expanded to the query head count for cuDNN
     rotary.FORWARD_ON_GPU = args.rope_forward
     LOSS.KERNEL_ON_GPU = args.cross_entropy
+    levers = tr.engine.levers  # the DDP engine's switches (engines/ddp.py)
     if args.update_after_vote:
-        tr.skip_on_device = False  # the earlier order: read the vote, then launch the update
+        levers.early_update = False  # the earlier order: read the vote, then launch the update
     if args.update_after_vote or args.clip_separate:
-        tr.clip_in_update = False  # clip_grad_norm_ scales the gradients in a pass of its own
-    tr.model.train()
+        levers.clip_in_update = False  # clip_grad_norm_ scales the gradients in a pass of its own
+    tr.engine.train()
     torch.cuda.reset_peak_memory_stats()
     losses, times = [], []
     torch.cuda.synchronize()

@@ -598,9 +598,9 @@ def test_resume_with_another_global_batch_is_refused_in_both_languages(tmp_path)
     ckpt = tmp_path / "checkpoint-68"
     ckpt.mkdir()
     torch.save({"backend": "ddp", "sequences_per_step": 16, "seq_len": 128}, ckpt / ck.TRAINER_STATE_FILE)
-    tr = SimpleNamespace(ds_config=None, runner=None, plan=BatchPlan(4, 128, 2, 1))
+    engine = SimpleNamespace(name="ddp")
     with pytest.raises(RunSetupError) as err:
-        load_resume_state(tr, ckpt)
+        load_resume_state(engine, ckpt, BatchPlan(4, 128, 2, 1))
     msg = str(err.value)
     assert msg.startswith(f"이어서 학습할 수 없습니다 / {ckpt} was trained with 16 sequences x 128 tokens per step; "
                           "this run has 8 x 128") and "--global-batch-size 16 --max-seq-length 128" in msg

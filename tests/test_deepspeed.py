@@ -443,10 +443,10 @@ def test_runner_keeps_micro_batches_in_step_with_the_engine():
     r = stub_runner(3)
     assert r.forward_backward(None, None, False).item() == 2.0
     r.forward_backward(None, None, False)
-    with pytest.raises(B.DeepSpeedBackendError, match="step\\(\\) called before the last micro-batch"):
-        stub_runner(2).step()
+    with pytest.raises(B.DeepSpeedBackendError, match="optimizer step was called before the last micro-batch"):
+        stub_runner(2).optimizer_step()
     r.forward_backward(None, None, True)
-    assert r.step() == (0.5, True) and r.engine.steps == 1
+    assert r.optimizer_step() == (0.5, True) and r.engine.steps == 1
     with pytest.raises(B.DeepSpeedBackendError, match="gradient_accumulation_steps is 3"):
         r.forward_backward(None, None, True)  # a new step starts: this is not its last micro-batch
 
@@ -489,23 +489,20 @@ def test_an_engine_state_with_separate_q_k_v_is_refused_with_the_reason(tmp_path
 
 def test_resume_refuses_a_checkpoint_of_the_other_backend(tmp_path):
     """The trainer's check before the engine starts: the engine's folder, or trainer_state's "backend"."""
-    from types import SimpleNamespace
-
     from koen_sllm.run_state import RunSetupError, check_resume_backend
 
     ddp_ckpt, ds_ckpt = tmp_path / "checkpoint-4", tmp_path / "checkpoint-8"
     ddp_ckpt.mkdir()
     (ds_ckpt / B.ENGINE_DIR / B.ENGINE_TAG).mkdir(parents=True)
-    ddp_run, ds_run = SimpleNamespace(ds_config=None), SimpleNamespace(ds_config={"zero_optimization": {}})
-    check_resume_backend(ddp_run, ddp_ckpt)
-    check_resume_backend(ds_run, ds_ckpt)
+    check_resume_backend("ddp", ddp_ckpt)
+    check_resume_backend("deepspeed", ds_ckpt)
     with pytest.raises(RunSetupError, match="^다른 백엔드로 저장된 체크포인트입니다 / .*checkpoint-4 was saved by the DDP "
                                             "backend; resume it without --deepspeed"):
-        check_resume_backend(ds_run, ddp_ckpt)
+        check_resume_backend("deepspeed", ddp_ckpt)
     with pytest.raises(RunSetupError, match="checkpoint-8 was saved by the DeepSpeed backend; resume it with --deepspeed"):
-        check_resume_backend(ddp_run, ds_ckpt)
+        check_resume_backend("ddp", ds_ckpt)
     with pytest.raises(RunSetupError, match="saved by the DeepSpeed backend"):  # the saved key decides when given
-        check_resume_backend(ddp_run, ddp_ckpt, "deepspeed")
+        check_resume_backend("ddp", ddp_ckpt, "deepspeed")
 
 
 # ---------------------------------------------------------------- a real engine, where installed
@@ -547,7 +544,7 @@ def test_real_engine_trains_saves_and_resumes_on_cpu(tmp_path, ds_world, precisi
         out = []
         for s in range(first, last):
             loss = sum(runner.forward_backward(data[s, m, :, :-1], data[s, m, :, 1:], m == 1).item() for m in range(2))
-            norm, applied = runner.step()
+            norm, applied = runner.optimizer_step()
             assert applied and norm > 0
             out.append(loss / 2)
         return out
@@ -601,7 +598,7 @@ def run(r, first, last, nan_step=-1):
         xs = torch.randint(0, 256, (2, 2, 2, 33), generator=torch.Generator().manual_seed(100 + s))[info.rank]
         loss = sum(r.forward_backward(xs[m, :, :-1], xs[m, :, 1:], m == 1, nan_loss=s == nan_step).item()
                    for m in range(2)) / 2
-        norm, applied = r.step()
+        norm, applied = r.optimizer_step()
         rec.append([loss, applied])
     return rec
 

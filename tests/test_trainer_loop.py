@@ -12,7 +12,6 @@ from koen_sllm import distributed as D
 from koen_sllm.config import apply_device_defaults, parse_args
 from koen_sllm.logs import close_handlers, setup_logging
 from koen_sllm.optim import build_scheduler, merge_split_projections, param_group_names, param_groups
-from koen_sllm.run_state import load_resume_state, save_run_checkpoint
 from koen_sllm.trainer import Trainer
 
 
@@ -56,11 +55,13 @@ def test_a_loss_spike_is_warned_about_and_recorded(trainer, caplog):
 
 
 def fused_adamw(tr: Trainer) -> None:
-    """The optimizer the GPU path uses (fused AdamW), here on CPU, with a fresh schedule."""
-    o = tr.cfg.optim
-    tr.optimizer = torch.optim.AdamW(param_groups(tr.raw_model, o.weight_decay), lr=o.learning_rate,
-                                     betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
-    tr.scheduler = build_scheduler(tr.optimizer, o, tr.max_steps)
+    """The optimizer the GPU path uses (fused AdamW), here on CPU, with a fresh schedule; the
+    engine's levers are decided again for it."""
+    o, engine = tr.cfg.optim, tr.engine
+    engine.optimizer = torch.optim.AdamW(param_groups(tr.raw_model, o.weight_decay), lr=o.learning_rate,
+                                         betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
+    engine.scheduler = build_scheduler(engine.optimizer, o, tr.max_steps)
+    engine.decide_levers()
 
 
 def test_update_launched_before_the_vote_equals_the_classic_order(tmp_path, monkeypatch):
@@ -72,9 +73,9 @@ def test_update_launched_before_the_vote_equals_the_classic_order(tmp_path, monk
         for name, early in (("classic", False), ("early", True)):
             tr = make_trainer(tmp_path, name, "--debug-nan-steps", "1,4")
             fused_adamw(tr)
-            tr.skip_on_device = early
+            tr.engine.levers.early_update, tr.engine.levers.clip_in_update = early, False
             flags = [tr.train_step()[2] for _ in range(7)]
-            runs[name] = (flags, tr.raw_model.state_dict(), tr.optimizer.state_dict(), tr.lr)
+            runs[name] = (flags, tr.raw_model.state_dict(), tr.engine.optimizer.state_dict(), tr.lr)
     finally:
         close_handlers()
     (flags_a, weights_a, opt_a, lr_a), (flags_b, weights_b, opt_b, lr_b) = runs["classic"], runs["early"]
@@ -98,7 +99,7 @@ def test_clipping_inside_the_fused_update_matches_clip_grad_norm(tmp_path, monke
         for name, clip, inside in (("separate", "0.05", False), ("inside", "0.05", True), ("unclipped", "0", False)):
             tr = make_trainer(tmp_path, name, "--debug-nan-steps", "3", "--grad-clip", clip)
             fused_adamw(tr)
-            tr.skip_on_device, tr.clip_in_update = True, inside
+            tr.engine.levers.early_update, tr.engine.levers.clip_in_update = True, inside
             out = [tr.train_step() for _ in range(5)]
             runs[name] = ([float(n) for _, n, _ in out], [ok for *_, ok in out], tr.raw_model.state_dict())
     finally:
@@ -143,7 +144,7 @@ def test_a_checkpoint_from_before_the_fused_projections_resumes_exactly(tmp_path
         for _ in range(3):
             a.train_step()
             a.step += 1
-        path = save_run_checkpoint(a, "checkpoint-3")
+        path = a.save_checkpoint("checkpoint-3")
         state_file = path / "trainer_state.pt"
         state = torch.load(state_file, weights_only=True)
         assert len(state["optimizer"]["state"]) == len(list(a.raw_model.parameters()))
@@ -151,8 +152,8 @@ def test_a_checkpoint_from_before_the_fused_projections_resumes_exactly(tmp_path
         assert len(state["optimizer"]["state"]) == len(list(a.raw_model.parameters())) + 2 * a.model_cfg.num_layers
         torch.save(state, state_file)
         b = make_trainer(tmp_path, "b")
-        load_resume_state(b, path)
-        want, got = a.optimizer.state_dict(), b.optimizer.state_dict()
+        b.resume_from(path)
+        want, got = a.engine.optimizer.state_dict(), b.engine.optimizer.state_dict()
         assert got["param_groups"] == want["param_groups"]
         for pid, entry in want["state"].items():
             for key, value in entry.items():
@@ -166,7 +167,7 @@ def test_a_checkpoint_from_before_the_fused_projections_resumes_exactly(tmp_path
 
 
 def test_an_optimizer_state_of_another_model_is_left_to_torch_to_refuse(trainer):
-    saved = trainer.optimizer.state_dict()
+    saved = trainer.engine.optimizer.state_dict()
     names = param_group_names(trainer.raw_model)
     fewer = [group[:-1] for group in names]
     assert merge_split_projections(saved, fewer, lambda name: 1) is saved  # fits neither layout
@@ -174,28 +175,26 @@ def test_an_optimizer_state_of_another_model_is_left_to_torch_to_refuse(trainer)
 
 
 def test_clipping_rides_inside_the_update_only_with_a_fused_optimizer(trainer):
-    assert trainer.clip_in_update is False  # CPU: AdamW is not fused, so clip_grad_norm_ clips
+    assert trainer.engine.levers.clip_in_update is False  # CPU: AdamW is not fused, so clip_grad_norm_ clips
     fused_adamw(trainer)
-    trainer.finalize()
-    assert trainer.clip_in_update is (hasattr(torch.nn.utils, "get_total_norm"))
+    assert trainer.engine.levers.clip_in_update is (hasattr(torch.nn.utils, "get_total_norm"))
     trainer.cfg.optim.grad_clip = 0.0
-    trainer.finalize()
-    assert trainer.clip_in_update is False  # nothing to clip
+    trainer.engine.decide_levers()
+    assert trainer.engine.levers.clip_in_update is False  # nothing to clip
 
 
 def test_the_early_update_is_used_exactly_with_a_fused_optimizer(trainer):
-    assert trainer.skip_on_device is False  # CPU: AdamW is not fused there, so the classic order
+    assert trainer.engine.levers.early_update is False  # CPU: AdamW is not fused there, so the classic order
     fused_adamw(trainer)
-    trainer.finalize()
-    assert trainer.skip_on_device is True
+    assert trainer.engine.levers.early_update is True
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: pinned copies and events")
 def test_host_copy_of_the_vote_waits_for_the_copy_only():
-    from koen_sllm.trainer import _start_host_copy
+    from koen_sllm.engines import start_host_copy
 
     votes = torch.tensor([2.5, 0.0, 1.0], device="cuda")
-    read = _start_host_copy(votes)
+    read = start_host_copy(votes)
     big = torch.randn(4096, 4096, device="cuda")
     for _ in range(5):
         big = big @ big.T / 4096  # work queued after the copy
@@ -223,4 +222,4 @@ def test_compile_wraps_ddp_not_the_other_way_round(tmp_path, monkeypatch):
     finally:
         close_handlers()
     assert [name for name, _ in calls] == ["wrap", "compile"]
-    assert calls[0][1] is tr.raw_model and isinstance(calls[1][1], FakeDDP) and tr.model is calls[1][1]
+    assert calls[0][1] is tr.raw_model and isinstance(calls[1][1], FakeDDP) and tr.engine.model is calls[1][1]

@@ -46,7 +46,7 @@ def step_grads(cfg, info, micro: int) -> dict:
         for name, p in tr.raw_model.named_parameters():
             grads[name] = p.grad.detach().clone()
 
-    tr.optimizer.step = capture
+    tr.engine.optimizer.step = capture
     loss, grad_norm, applied = tr.train_step()
     assert applied and tr.loader.cursor == GLOBAL_SEQS, (applied, tr.loader.cursor)
     return {"grads": grads, "loss": float(loss), "grad_norm": float(grad_norm), "world": info.world_size}
