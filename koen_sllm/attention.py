@@ -61,9 +61,6 @@ else:
 # in fp32 on CUDA (which lands on it), always get K/V expanded.
 _NATIVE_GQA = {"flash", "math"}
 _CUDNN_GQA_TORCH = TorchVersion(torch.__version__) >= (2, 8)
-# Decided by probe_backend() on the training GPU (one GPU kind per process); the
-# throughput benchmark turns it off to measure the expanded path.
-CUDNN_NATIVE_GQA = False
 _HALF = (torch.bfloat16, torch.float16)
 
 _CUDA_KERNEL_NAMES = {
@@ -135,7 +132,8 @@ def check_backend(name: str) -> None:
         )
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto",
+                     cudnn_grouped: bool = False) -> torch.Tensor:
     """Causal attention over ``q [B, T, H, D]``, ``k, v [B, T, Hkv, D]`` -> ``[B, T, H, D]``.
 
     ``H`` must be a multiple of ``Hkv`` (grouped-query attention). The softmax
@@ -149,7 +147,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
     n_rep = q.shape[1] // k.shape[1]
     extra = {}
     if n_rep > 1:
-        if native_gqa(backend, q.is_cuda, q.dtype):
+        if native_gqa(backend, q.is_cuda, q.dtype, cudnn_grouped):
             extra["enable_gqa"] = True
         else:
             k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
@@ -166,13 +164,15 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
     return out.transpose(1, 2)
 
 
-def native_gqa(backend: str, is_cuda: bool, dtype: torch.dtype) -> bool:
-    """Whether ``backend`` gets K/V with fewer heads than q (enable_gqa) rather than expanded ones."""
+def native_gqa(backend: str, is_cuda: bool, dtype: torch.dtype, cudnn_grouped: bool = False) -> bool:
+    """Whether ``backend`` gets K/V with fewer heads than q (enable_gqa) rather than expanded ones.
+    ``cudnn_grouped``: cuDNN takes them grouped on this GPU (the model's cudnn_grouped_kv, decided
+    by :func:`cudnn_takes_grouped_kv` unless an option says otherwise)."""
     if not _HAS_ENABLE_GQA:
         return False
     if backend in _NATIVE_GQA or (backend == "auto" and not is_cuda):
         return True
-    return CUDNN_NATIVE_GQA and (backend == "cudnn" or (backend == "auto" and dtype in _HALF))
+    return cudnn_grouped and (backend == "cudnn" or (backend == "auto" and dtype in _HALF))
 
 
 def cudnn_takes_grouped_kv(capability: tuple[int, int]) -> bool:
@@ -202,17 +202,16 @@ def probe_backend(
     num_heads: int,
     num_kv_heads: int,
     head_dim: int,
+    cudnn_grouped: bool = False,
 ) -> None:
-    """Run one tiny forward + backward through ``name`` with these shapes; raise a clear error if it fails.
+    """Run one tiny forward + backward through ``name`` with these shapes, on the path training will
+    take (``cudnn_grouped`` as in :func:`causal_attention`); raise a clear error if it fails.
 
     ``dtype`` is what attention will see during training: the autocast dtype
     (bf16/fp16) or float32 without autocast.
     """
     check_backend(name)
     device = torch.device(device)
-    if device.type == "cuda":
-        global CUDNN_NATIVE_GQA
-        CUDNN_NATIVE_GQA = cudnn_takes_grouped_kv(torch.cuda.get_device_capability(device))
     if name == "flash-attn" and dtype not in (torch.float16, torch.bfloat16):
         raise AttentionBackendError(
             f"--attn flash-attn needs bf16 or fp16 (got {_dtype_name(dtype)}); use --bf16, or --attn auto/math"
@@ -223,7 +222,7 @@ def probe_backend(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            causal_attention(q, k, v, name).float().sum().backward()
+            causal_attention(q, k, v, name, cudnn_grouped).float().sum().backward()
         except (RuntimeError, ValueError, NotImplementedError) as exc:
             # PyTorch explains each rejected kernel in a warning; the error itself says only "no kernel".
             reasons = list(dict.fromkeys(_first_line(w.message) for w in caught if _first_line(w.message)))

@@ -102,6 +102,10 @@ class TrainConfig:
     # bf16 model weights with fp32 master weights in the optimizer (master_adamw.py). None -> on
     # for bf16 runs on a GPU without gradient accumulation or DeepSpeed (resolve_weights).
     bf16_weights: Optional[bool] = None
+    # Kernel choices (model.ModelConfig), defaults chosen by measurement (docs/benchmarks.md).
+    loss_kernel: bool = True  # the loss and its gradient in one Triton pass on a GPU in bf16
+    rope_kernel: bool = False  # the rotation's forward through its Triton kernel on a GPU
+    cudnn_grouped_kv: Optional[bool] = None  # None: on where cuDNN takes grouped K/V (Hopper)
     ddp_bucket_mb: float = 25.0  # DDP's gradient bucket size (its own default)
     seed: int = 42
     eval_steps: Optional[int] = None  # None -> 250 (train), end only (test)
@@ -505,6 +509,17 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--no-compile", dest="compile", action="store_const", const=False, help="disable torch.compile")
     g.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                    help="torch.compile mode; reduce-overhead replays each step as CUDA graphs")
+    pair = g.add_mutually_exclusive_group()
+    pair.add_argument("--loss-kernel", dest="loss_kernel", action="store_true", default=True,
+                      help="the loss and its gradient in one Triton pass on a GPU in bf16 (the default)")
+    pair.add_argument("--no-loss-kernel", dest="loss_kernel", action="store_false",
+                      help="F.cross_entropy compiled by Inductor instead of the loss kernel")
+    pair = g.add_mutually_exclusive_group()
+    pair.add_argument("--rope-kernel", dest="rope_kernel", action="store_true", default=False,
+                      help="RoPE's forward through its Triton kernel on a GPU (default: compiled torch operations)")
+    pair.add_argument("--no-rope-kernel", dest="rope_kernel", action="store_false", help=argparse.SUPPRESS)
+    g.add_argument("--cudnn-grouped-kv", choices=("auto", "on", "off"), default="auto",
+                   help="cuDNN attention takes grouped K/V as they are (auto: on Hopper GPUs) or expanded")
     g.add_argument("--ddp-bucket-mb", type=float, default=25.0, metavar="MB",
                    help="DDP gradient bucket size: each bucket's all-reduce starts when its gradients are ready")
     g.add_argument("--deepspeed", nargs="?", const="", default=None, metavar="CONFIG",
@@ -543,6 +558,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[RunConfig, argpars
             compile_mode=ns.compile_mode, attn=ns.attn,
             activation_checkpointing=ns.activation_checkpointing, ce_chunk_tokens=ns.ce_chunk_tokens,
             bf16_residual=ns.bf16_residual, bf16_weights=ns.bf16_weights, ddp_bucket_mb=ns.ddp_bucket_mb,
+            loss_kernel=ns.loss_kernel, rope_kernel=ns.rope_kernel,
+            cudnn_grouped_kv={"auto": None, "on": True, "off": False}[ns.cudnn_grouped_kv],
             seed=ns.seed, eval_steps=ns.eval_steps,
             eval_batches=ns.eval_batches, log_steps=ns.log_steps, max_bad_steps=ns.max_bad_steps,
             deepspeed=ns.deepspeed, logs_dir=ns.logs_dir, verbose=ns.verbose,

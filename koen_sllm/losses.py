@@ -25,13 +25,12 @@ IGNORE_INDEX = -100  # target id that contributes nothing to the loss (the HF co
 # CUDA builds of torch bring triton on Linux; without it the fused loss is not offered.
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
-# How the loss runs on a GPU in bf16 when it needs gradients: "kernel" (fused_linear_cross_entropy:
-# the loss and its gradient in one Triton pass) or "compiled" (F.cross_entropy, which Inductor
-# fuses; scripts/bench_throughput.py --cross-entropy compiled). The kernel is the default because
-# the loss is memory-bound: one launch that writes each row's gradient while the row is partly
-# still in L2 moves fewer bytes than a forward and a backward that each read the logits from memory
+# Whether the loss runs on a GPU in bf16 through the Triton kernel (fused_linear_cross_entropy: the
+# loss and its gradient in one pass) or F.cross_entropy, which Inductor fuses, is the model's
+# ``loss_kernel`` option (--loss-kernel / --no-loss-kernel). The kernel is the default because the
+# loss is memory-bound: one launch that writes each row's gradient while the row is partly still in
+# L2 moves fewer bytes than a forward and a backward that each read the logits from memory
 # (timings in docs/benchmarks.md).
-KERNEL_ON_GPU = "kernel"
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -106,17 +105,17 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, tar
 
 
 # ---------------------------------------------------------------- the loss and its gradient at once
-def fused_ce_offered(is_cuda: bool, dtype: torch.dtype) -> bool:
+def fused_ce_offered(is_cuda: bool, dtype: torch.dtype, enabled: bool = True) -> bool:
     """Whether training on this device in this matmul dtype takes its loss from the Triton kernel:
-    chosen, on a GPU with triton, in bf16 (fp16 would round the tiny per-token gradients to zero
-    before the loss scale reached them)."""
-    return KERNEL_ON_GPU == "kernel" and is_cuda and _HAVE_TRITON and dtype == torch.bfloat16
+    ``enabled`` (the model's loss_kernel), on a GPU with triton, in bf16 (fp16 would round the tiny
+    per-token gradients to zero before the loss scale reached them)."""
+    return enabled and is_cuda and _HAVE_TRITON and dtype == torch.bfloat16
 
 
-def fused_ce_runs(hidden: torch.Tensor) -> bool:
+def fused_ce_runs(hidden: torch.Tensor, enabled: bool = True) -> bool:
     """Whether :func:`fused_linear_cross_entropy` takes the loss of ``hidden`` here: where it is
     offered, with gradients wanted (validation keeps the plain loss)."""
-    return torch.is_grad_enabled() and fused_ce_offered(hidden.is_cuda, compute_dtype(hidden))
+    return torch.is_grad_enabled() and fused_ce_offered(hidden.is_cuda, compute_dtype(hidden), enabled)
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import causal_attention, check_backend, probe_backend
+from .attention import causal_attention, check_backend, cudnn_takes_grouped_kv, probe_backend
 from .config import ATTN_BACKENDS, ConfigError
 from .losses import IGNORE_INDEX, chunked_linear_cross_entropy, fused_ce_runs, fused_linear_cross_entropy
 from .rotary import apply_rope, qkv_split, rope_tables, rotate_qkv
@@ -50,6 +50,12 @@ class ModelConfig:
     # (fp32 under autocast, as transformers). Half the bytes for every norm and residual add,
     # at the cost of rounding each add to bf16 (Megatron's default with bf16 parameters).
     residual_dtype: Optional[str] = None
+    # Kernel choices, each decided by measurement (docs/benchmarks.md) and set by a run option.
+    loss_kernel: bool = True  # the loss and its gradient in one Triton pass on a GPU in bf16 (losses.py)
+    rope_kernel: bool = False  # the rotation's forward through the Triton kernel on a GPU (rotary.py)
+    # cuDNN attention takes grouped K/V as they are (attention.py); None: decided by check_attention
+    # for the GPU it runs on, False elsewhere.
+    cudnn_grouped_kv: Optional[bool] = None
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -162,6 +168,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.backend = cfg.attn_backend
+        self.cfg = cfg  # shared with the model: check_attention settles cudnn_grouped_kv after construction
         # q, k and v come out of one product: a wide matmul runs at the full matmul rate, where
         # narrow k and v products fall well short of it (their weight gradients need cuBLAS's
         # split-K and its extra reductions; docs/benchmarks.md). transformers'
@@ -181,7 +188,8 @@ class Attention(nn.Module):
         if self.q_norm is None:
             # One operator rotates q and k; its backward writes the fused gradient in one pass
             # (autograd's own ends in a slow concatenation: rotary.py).
-            q, k, v = rotate_qkv(qkv, cos, sin, self.num_heads, self.num_kv_heads, self.head_dim)
+            q, k, v = rotate_qkv(qkv, cos, sin, self.num_heads, self.num_kv_heads, self.head_dim,
+                                 self.cfg.rope_kernel)
         else:
             q, k, v = qkv.split(self.qkv_split, dim=-1)
             q = self.q_norm(q.unflatten(-1, (self.num_heads, self.head_dim)))
@@ -190,7 +198,7 @@ class Attention(nn.Module):
             # v carries the matmul dtype (bf16 under autocast); the norm weights and
             # the fp32 rotation would otherwise promote q and k to fp32.
             q, k = self.rotate(q, k, cos, sin, v.dtype)
-        out = causal_attention(q, k, v, self.backend)
+        out = causal_attention(q, k, v, self.backend, bool(self.cfg.cudnn_grouped_kv))
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -274,8 +282,10 @@ class KoEnLM(nn.Module):
     def check_attention(self, device: torch.device | str, dtype: torch.dtype) -> None:
         """Probe the configured attention backend with this model's head shapes on
         ``device`` in ``dtype`` (the autocast dtype, or fp32); raises AttentionBackendError."""
-        c = self.cfg
-        probe_backend(c.attn_backend, device, dtype, c.num_heads, c.num_kv_heads, c.head_dim)
+        c, device = self.cfg, torch.device(device)
+        if c.cudnn_grouped_kv is None:  # one GPU kind per process: decided once, for this one
+            c.cudnn_grouped_kv = device.type == "cuda" and cudnn_takes_grouped_kv(torch.cuda.get_device_capability(device))
+        probe_backend(c.attn_backend, device, dtype, c.num_heads, c.num_kv_heads, c.head_dim, bool(c.cudnn_grouped_kv))
 
     # ------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -305,7 +315,7 @@ class KoEnLM(nn.Module):
         the full logits are never held (same loss, far less memory; losses.py)."""
         if self.cfg.ce_chunk_tokens:
             return chunked_linear_cross_entropy(hidden, self.lm_head.weight, targets, self.cfg.ce_chunk_tokens)
-        if fused_ce_runs(hidden):
+        if fused_ce_runs(hidden, self.cfg.loss_kernel):
             return fused_linear_cross_entropy(hidden, self.lm_head.weight, targets)
         logits = self.lm_head(hidden)
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),

@@ -8,7 +8,7 @@ element, far more work than the separate rotations' backward does (docs/benchmar
 :func:`rotate_qkv` gives the backward an operator of its own: on a GPU one Triton launch per part
 (q, k, v) writes that part's gradient straight into its columns of the fused gradient; elsewhere
 the same arithmetic runs as torch operations. The same kernel can run the forward too
-(``FORWARD_ON_GPU``), but not by default: the compiled forward already moves its bytes about
+(``kernel=True``: the model's rope_kernel option, --rope-kernel), but not by default: the compiled forward already moves its bytes about
 once, so there is little to gain, and the operator, a Python call outside Inductor's graph, adds
 host time to each layer; kept as a benchmark lever.
 """
@@ -21,12 +21,6 @@ import torch
 # CUDA builds of torch bring triton on Linux; without it the backward runs as torch operations.
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
-# How the forward rotation runs on a GPU: "compiled" (torch operations that Inductor fuses: the
-# default) or "kernel" (the backward's Triton kernel run forwards, each byte read and written
-# once). The second is a benchmark lever (scripts/bench_throughput.py --rope-forward kernel), not
-# the default: the compiled forward moves its bytes about once already, and the kernel's operator
-# adds host work per layer that the step does not win back (docs/benchmarks.md).
-FORWARD_ON_GPU = "compiled"
 
 
 def qkv_split(num_heads: int, num_kv_heads: int, head_dim: int) -> list[int]:
@@ -61,24 +55,27 @@ def unrotate(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 
 def rotate_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
-               head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               head_dim: int, kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``qkv [B, T, (heads + 2 kv_heads) x D]`` -> rotated q ``[B, T, heads, D]``, rotated k and v
-    ``[B, T, kv_heads, D]``, in ``qkv``'s dtype (the rotation itself in fp32)."""
-    return _RotateQKV.apply(qkv, cos, sin, num_heads, num_kv_heads, head_dim)
+    ``[B, T, kv_heads, D]``, in ``qkv``'s dtype (the rotation itself in fp32). ``kernel``: the forward
+    through the Triton kernel on a GPU (the default keeps it to torch operations Inductor fuses: the
+    compiled forward already moves its bytes about once, and the kernel's operator adds host work
+    per layer that the step does not win back)."""
+    return _RotateQKV.apply(qkv, cos, sin, num_heads, num_kv_heads, head_dim, kernel)
 
 
 class _RotateQKV(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qkv, cos, sin, num_heads, num_kv_heads, head_dim):
+    def forward(ctx, qkv, cos, sin, num_heads, num_kv_heads, head_dim, kernel):
         ctx.save_for_backward(cos, sin)
-        if FORWARD_ON_GPU == "kernel" and qkv.is_cuda:
+        if kernel and qkv.is_cuda:
             return qkv_rope(qkv, cos, sin, num_heads, num_kv_heads, head_dim)
         return _rotate_split(qkv, cos, sin, num_heads, num_kv_heads, head_dim)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
         cos, sin = ctx.saved_tensors
-        return qkv_rope_grad(dq, dk, dv, cos, sin), None, None, None, None, None
+        return qkv_rope_grad(dq, dk, dv, cos, sin), None, None, None, None, None, None
 
 
 def _rotate_split(qkv, cos, sin, num_heads, num_kv_heads, head_dim):

@@ -73,6 +73,9 @@ ADJUSTABLE = (
     ("train", "activation_checkpointing", "--activation-checkpointing"),
     ("train", "ce_chunk_tokens", "--ce-chunk-tokens"),
     ("train", "ddp_bucket_mb", "--ddp-bucket-mb"),
+    ("train", "loss_kernel", "--loss-kernel/--no-loss-kernel"),
+    ("train", "rope_kernel", "--rope-kernel"),
+    ("train", "cudnn_grouped_kv", "--cudnn-grouped-kv"),
 )
 _BATCH_DESTS = ("batch_size", "grad_accum", "global_batch_size")
 

@@ -104,7 +104,7 @@ class Trainer:
                  f"{self.loader.num_samples:,}", self.t.precision, compiled, self.t.attn)
         if self.model_cfg.ce_chunk_tokens:
             log.info("output layer + cross-entropy in chunks of %d tokens", self.model_cfg.ce_chunk_tokens)
-        elif fused_ce_offered(self.device.type == "cuda", PRECISION_DTYPES.get(self.t.precision)):
+        elif fused_ce_offered(self.device.type == "cuda", PRECISION_DTYPES.get(self.t.precision), self.t.loss_kernel):
             log.info("loss: cross-entropy and its gradient in one Triton pass over the logits")
         if self.model_cfg.residual_dtype:
             log.info("residual stream in %s", self.model_cfg.residual_dtype)
@@ -118,7 +118,9 @@ class Trainer:
         torch.manual_seed(self.t.seed)  # identical initial weights on every rank
         mcfg = model_config_from_preset(self.t.model_size, vocab, self.plan.seq_len, attn_backend=self.t.attn,
                                        ce_chunk_tokens=self.t.ce_chunk_tokens,
-                                       residual_dtype="bfloat16" if self.t.bf16_residual else None)
+                                       residual_dtype="bfloat16" if self.t.bf16_residual else None,
+                                       loss_kernel=self.t.loss_kernel, rope_kernel=self.t.rope_kernel,
+                                       cudnn_grouped_kv=self.t.cudnn_grouped_kv)
         model = KoEnLM(mcfg).to(self.device)
         if self.t.activation_checkpointing:
             model.set_activation_checkpointing(True)

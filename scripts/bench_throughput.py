@@ -45,11 +45,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench_analysis import compare_curves, plot_curves, profile_steps, trace_steps  # noqa: E402
-from koen_sllm import attention as A  # noqa: E402
 from koen_sllm import distributed as D  # noqa: E402
-from koen_sllm import losses as LOSS  # noqa: E402
-from koen_sllm import rotary  # noqa: E402
-from koen_sllm.config import apply_device_defaults, parse_args as parse_run_args  # noqa: E402
+from koen_sllm.config import TrainConfig as RunDefaults, apply_device_defaults, parse_args as parse_run_args  # noqa: E402
 from koen_sllm.metrics import peak_flops, peak_memory_gib  # noqa: E402
 from koen_sllm.losses import IGNORE_INDEX  # noqa: E402
 from koen_sllm.optim import build_optimizer, build_scheduler  # noqa: E402
@@ -118,6 +115,13 @@ def run_config(args, seed: int):
         argv.append("--no-compile")
     elif args.compile_mode != "default":
         argv += ["--compile-mode", args.compile_mode]
+    # The kernel levers through the run's own options, the path users take.
+    if args.expand_kv:
+        argv += ["--cudnn-grouped-kv", "off"]  # the earlier path: K/V expanded to the query head count
+    if args.rope_forward == "kernel":
+        argv.append("--rope-kernel")
+    if args.cross_entropy == "compiled":
+        argv.append("--no-loss-kernel")
     cfg, _ = parse_run_args(argv)
     apply_device_defaults(cfg, torch.cuda.is_available())
     return cfg
@@ -137,10 +141,6 @@ def run_ours(args, seed: int = 0, name: str = "koen_sllm") -> dict:
 
         print(f"liger-kernel: {apply_liger(tr.raw_model, args.liger)}")
     tr.finalize()  # probes attention, which decides the grouped-K/V path; compiles at the first step
-    if args.expand_kv:
-        A.CUDNN_NATIVE_GQA = False  # the earlier path: K/V expanded to the query head count for cuDNN
-    rotary.FORWARD_ON_GPU = args.rope_forward
-    LOSS.KERNEL_ON_GPU = args.cross_entropy
     levers = tr.engine.levers  # the DDP engine's switches (engines/ddp.py)
     if args.update_after_vote:
         levers.early_update = False  # the earlier order: read the vote, then launch the update
@@ -279,10 +279,13 @@ def main() -> int:
     p.add_argument("--compile-mode", default="default", help="ours: torch.compile mode (reduce-overhead = CUDA graphs)")
     p.add_argument("--expand-kv", action="store_true",
                    help="ours: expand K/V to the query head count for cuDNN attention (the earlier path)")
-    p.add_argument("--rope-forward", choices=("compiled", "kernel"), default=rotary.FORWARD_ON_GPU,
+    defaults = RunDefaults()
+    p.add_argument("--rope-forward", choices=("compiled", "kernel"),
+                   default="kernel" if defaults.rope_kernel else "compiled",
                    help="ours: the q/k rotation's forward as Inductor-fused torch operations or the "
                         "Triton kernel its backward uses (default: the trainer's)")
-    p.add_argument("--cross-entropy", choices=("compiled", "kernel"), default=LOSS.KERNEL_ON_GPU,
+    p.add_argument("--cross-entropy", choices=("compiled", "kernel"),
+                   default="kernel" if defaults.loss_kernel else "compiled",
                    help="ours: the loss as F.cross_entropy fused by Inductor, or the loss and its gradient "
                         "from one Triton pass (default: the trainer's)")
     p.add_argument("--pageable-batches", action="store_true",

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -187,9 +185,8 @@ def test_model_traces_without_graph_breaks(backend):
     (True, False, "auto", True, torch.bfloat16, False),
 ])
 def test_native_gqa_truth_table(monkeypatch, cudnn_gqa, has_flag, backend, is_cuda, dtype, expected):
-    monkeypatch.setattr(A, "CUDNN_NATIVE_GQA", cudnn_gqa)
     monkeypatch.setattr(A, "_HAS_ENABLE_GQA", has_flag)
-    assert A.native_gqa(backend, is_cuda, dtype) is expected
+    assert A.native_gqa(backend, is_cuda, dtype, cudnn_gqa) is expected
 
 
 def test_expanded_and_native_kv_give_the_same_attention(monkeypatch):
@@ -203,11 +200,11 @@ def test_expanded_and_native_kv_give_the_same_attention(monkeypatch):
 
     monkeypatch.setattr(A, "repeat_kv", spy_repeat_kv)
     monkeypatch.setattr(A, "_HAS_ENABLE_GQA", True)
-    monkeypatch.setattr(A, "native_gqa", lambda backend, is_cuda, dtype: True)
+    monkeypatch.setattr(A, "native_gqa", lambda backend, is_cuda, dtype, grouped: True)
     native = causal_attention(q, k, v, "math")
     assert expanded_calls == []  # enable_gqa: K/V passed with 2 heads
 
-    monkeypatch.setattr(A, "native_gqa", lambda backend, is_cuda, dtype: False)
+    monkeypatch.setattr(A, "native_gqa", lambda backend, is_cuda, dtype, grouped: False)
     expanded = causal_attention(q, k, v, "math")
     assert expanded_calls == [((2, 2, 12, 16), 4), ((2, 2, 12, 16), 4)]  # K and V, each to 8 heads
 
@@ -229,14 +226,19 @@ def test_cudnn_takes_grouped_kv_on_hopper_only(monkeypatch, capability, torch_ok
     assert A.cudnn_takes_grouped_kv(capability) is expected
 
 
-def test_cudnn_grouped_kv_is_off_until_a_gpu_is_probed(monkeypatch):
-    """Importing the module decides nothing (no CUDA call); a CPU probe leaves the flag alone."""
-    out = subprocess.run([sys.executable, "-c", "import koen_sllm.attention as A; print(A.CUDNN_NATIVE_GQA)"],
-                         capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
-    monkeypatch.setattr(A, "CUDNN_NATIVE_GQA", True)
-    A.probe_backend("math", "cpu", torch.float32, 4, 2, 8)
-    assert A.CUDNN_NATIVE_GQA is True
+def test_cudnn_grouped_kv_is_decided_for_the_device_the_model_runs_on():
+    """Unset, the model's choice is settled by its attention check: never on CPU; an explicit
+    choice (--cudnn-grouped-kv on/off) is left as it is."""
+    from koen_sllm.model import KoEnLM, model_config_from_preset
+
+    model = KoEnLM(model_config_from_preset("tiny", 300, 32))
+    assert model.cfg.cudnn_grouped_kv is None
+    model.check_attention("cpu", torch.float32)
+    assert model.cfg.cudnn_grouped_kv is False
+    assert model.layers[0].self_attn.cfg is model.cfg  # every layer reads the settled value
+    forced = KoEnLM(model_config_from_preset("tiny", 300, 32, cudnn_grouped_kv=True))
+    forced.check_attention("cpu", torch.float32)
+    assert forced.cfg.cudnn_grouped_kv is True
 
 
 @pytest.mark.gpu
@@ -244,19 +246,17 @@ def test_cudnn_grouped_kv_is_off_until_a_gpu_is_probed(monkeypatch):
 def test_cudnn_grouped_kv_matches_expanded_kv_on_this_gpu(monkeypatch):
     """On the GPU where cuDNN is handed grouped K/V (Hopper), its output and gradients equal the
     expanded path's at the 350m preset's heads (16 / 4, dim 64, 2048 tokens) in bf16."""
-    A.probe_backend("cudnn", "cuda", torch.bfloat16, 16, 4, 64)
-    assert A.CUDNN_NATIVE_GQA is A.cudnn_takes_grouped_kv(torch.cuda.get_device_capability())
-    if not A.CUDNN_NATIVE_GQA:
+    if not A.cudnn_takes_grouped_kv(torch.cuda.get_device_capability()):
         pytest.skip("cuDNN gets expanded K/V on this GPU; nothing to compare")
+    A.probe_backend("cudnn", "cuda", torch.bfloat16, 16, 4, 64, cudnn_grouped=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     shapes = ((2, 2048, 16, 64), (2, 2048, 4, 64), (2, 2048, 4, 64))
     base = [torch.randn(s, device="cuda", generator=gen).to(torch.bfloat16) for s in shapes]
     grad_out = torch.randn((2, 2048, 16, 64), device="cuda", generator=gen).to(torch.bfloat16)
     results = []
     for grouped in (True, False):
-        monkeypatch.setattr(A, "CUDNN_NATIVE_GQA", grouped)
         q, k, v = (t.clone().requires_grad_() for t in base)
-        out = causal_attention(q, k, v, "cudnn")
+        out = causal_attention(q, k, v, "cudnn", grouped)
         out.backward(grad_out)
         results.append([out.float(), q.grad.float(), k.grad.float(), v.grad.float()])
     for name, a, b in zip(("out", "dq", "dk", "dv"), *results):

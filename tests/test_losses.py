@@ -85,7 +85,7 @@ def test_the_model_trains_the_same_through_each_loss_path(path, monkeypatch):
     x = torch.randint(0, 300, (3, 33), generator=torch.Generator().manual_seed(3))
     ref = model_loss_and_grads(x)  # the plain path (on CPU the fused loss is not chosen)
     if path == "fused":
-        monkeypatch.setattr(model_mod, "fused_ce_runs", lambda hidden: True)
+        monkeypatch.setattr(model_mod, "fused_ce_runs", lambda hidden, enabled: enabled)
     got = model_loss_and_grads(x, chunk=40 if path == "chunked" else 0)
     torch.testing.assert_close(got[0], ref[0], rtol=1e-6, atol=1e-6)
     for name, g in ref[1].items():
@@ -158,7 +158,6 @@ def test_compiled_fused_loss_matches_eager():
 
 
 def test_the_fused_loss_is_chosen_only_on_a_gpu_in_bf16_with_gradients(monkeypatch):
-    monkeypatch.setattr(losses, "KERNEL_ON_GPU", "kernel")
     h = torch.zeros(2, 4)
     assert not fused_ce_runs(h)  # CPU
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
@@ -169,9 +168,22 @@ def test_the_fused_loss_is_chosen_only_on_a_gpu_in_bf16_with_gradients(monkeypat
     with torch.no_grad():
         assert not fused_ce_runs(h.bfloat16())  # validation keeps the plain loss
     assert losses.fused_ce_offered(True, torch.bfloat16) and not losses.fused_ce_offered(True, torch.float16)
-    monkeypatch.setattr(losses, "KERNEL_ON_GPU", "compiled")
-    assert not fused_ce_runs(h.bfloat16())
-    assert not losses.fused_ce_offered(True, torch.bfloat16)
+    assert not fused_ce_runs(h.bfloat16(), enabled=False)  # --no-loss-kernel
+    assert not losses.fused_ce_offered(True, torch.bfloat16, enabled=False)
+
+
+def test_the_loss_kernel_is_a_run_option_that_reaches_the_model(tmp_path):
+    """--no-loss-kernel / --rope-kernel / --cudnn-grouped-kv travel from the command line to the
+    model's configuration, the path benchmarks take too."""
+    from koen_sllm.config import parse_args
+
+    cfg, _ = parse_args([])
+    assert (cfg.train.loss_kernel, cfg.train.rope_kernel, cfg.train.cudnn_grouped_kv) == (True, False, None)
+    cfg, _ = parse_args(["--no-loss-kernel", "--rope-kernel", "--cudnn-grouped-kv", "off"])
+    assert (cfg.train.loss_kernel, cfg.train.rope_kernel, cfg.train.cudnn_grouped_kv) == (False, True, False)
+    mcfg = model_config_from_preset("tiny", 1000, 64, loss_kernel=cfg.train.loss_kernel,
+                                    rope_kernel=cfg.train.rope_kernel, cudnn_grouped_kv=cfg.train.cudnn_grouped_kv)
+    assert (mcfg.loss_kernel, mcfg.rope_kernel, mcfg.cudnn_grouped_kv) == (False, True, False)
 
 
 def check_kernel(device: str, dtype: torch.dtype, block: int) -> None:
@@ -229,10 +241,9 @@ def test_loss_kernel_matches_the_reference_on_the_gpu():
 def test_the_compiled_model_trains_the_same_with_the_kernel(monkeypatch):
     x = torch.randint(0, 1000, (4, 257), generator=torch.Generator().manual_seed(3)).cuda()
     results = []
-    for choice in ("compiled", "kernel"):
-        monkeypatch.setattr(losses, "KERNEL_ON_GPU", choice)
+    for kernel in (False, True):
         torch.manual_seed(0)
-        model = KoEnLM(model_config_from_preset("tiny", 1000, 256)).cuda()
+        model = KoEnLM(model_config_from_preset("tiny", 1000, 256, loss_kernel=kernel)).cuda()
         step = torch.compile(lambda a, b: model(a, b))
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = step(x[:, :-1], x[:, 1:])

@@ -6,7 +6,6 @@ import pytest
 import torch
 from triton_interpreter import needs_triton, run_in_interpreter
 
-from koen_sllm import rotary
 from koen_sllm.rotary import apply_rope, qkv_rope, qkv_rope_grad, rope_tables, rotate_qkv, unrotate
 
 B, T, HEADS, KV, DIM = 2, 12, 4, 2, 16
@@ -128,10 +127,9 @@ def test_the_forward_kernel_gives_the_compiled_formulations_values_and_gradients
     cos, sin = (x[:T].cuda() for x in rope_tables(DIM, 32, 10000.0))
     qkv = torch.randn(B, T, (HEADS + 2 * KV) * DIM, generator=g).cuda().bfloat16()
     weights = [torch.randn(B, h, T, DIM, generator=g).cuda() for h in (HEADS, KV, KV)]
-    fused = lambda x, c, s: rotate_qkv(x, c, s, HEADS, KV, DIM)  # noqa: E731
     runs = {}
     for mode in ("compiled", "kernel"):
-        monkeypatch.setattr(rotary, "FORWARD_ON_GPU", mode)
+        fused = lambda x, c, s, k=mode == "kernel": rotate_qkv(x, c, s, HEADS, KV, DIM, k)  # noqa: E731
         runs[mode] = outputs_and_grad(fused, qkv, cos, sin, weights)
     (outs_a, grad_a), (outs_b, grad_b) = runs["compiled"], runs["kernel"]
     for a, b in zip(outs_a, outs_b):
