@@ -13,7 +13,7 @@ import time
 from typing import Optional, Sequence
 
 from .config import ConfigError, apply_device_defaults, derive_batch_plan, parse_args, resolve_weights
-from .ds_config import explicit_options
+from .config import explicit_options
 
 # The Korean half of a one-line error whose English half names the option or the file.
 _KO_CONFIG = "옵션 오류"
@@ -44,7 +44,7 @@ def resolve_fully(cfg, explicit, notes, world_size: int, has_cuda: bool) -> list
     """The values the trainer resolves once the batch plan is known (the DeepSpeed JSON's, the
     weight precision), so a dry run shows exactly what the run will use. Raises ConfigError."""
     if cfg.train.deepspeed is not None:
-        from .ds_config import apply_ds_options
+        from .engines.deepspeed_config import apply_ds_options
 
         notes = notes + apply_ds_options(cfg, explicit, world_size)
     plan = derive_batch_plan(cfg, world_size)
@@ -125,7 +125,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     if ns.dry_run:
         return _dry_run(cfg, explicit, notes, world_size, has_cuda)
     if cfg.train.deepspeed is not None:
-        from .ds_backend import DeepSpeedUnavailable, require_deepspeed
+        from .engines.deepspeed import DeepSpeedUnavailable, require_deepspeed
 
         try:  # now, not after the data is prepared and the model built
             require_deepspeed()
@@ -194,7 +194,7 @@ def _record_run(cfg, trainer, info, notes, log) -> None:
 def _run(cfg, info, notes, log, explicit=frozenset()) -> int:
     from .attention import AttentionBackendError
     from .checkpoint import CheckpointError
-    from .ds_backend import DeepSpeedBackendError
+    from .engines.deepspeed import DeepSpeedBackendError
     from .run_state import RunSetupError
     from .trainer import Trainer
 

@@ -547,6 +547,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def explicit_options(argv: Optional[Sequence[str]]) -> set[str]:
+    """Destination names (``learning_rate``, ``precision``, ...) of the options on the command line.
+
+    The parsed Namespace cannot tell ``--learning-rate 1e-4`` from the default
+    1e-4, so the same parser runs again with every default replaced by one
+    marker object: whatever does not hold the marker was typed by the user.
+    """
+    parser, unset = build_parser(), object()
+    parser.set_defaults(**{dest: unset for dest in vars(parser.parse_args([]))})
+    return {dest for dest, value in vars(parser.parse_args(list(argv or []))).items() if value is not unset}
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[RunConfig, argparse.Namespace]:
     """Parse CLI options into a validated RunConfig (device defaults not yet applied)."""
     ns = build_parser().parse_args(argv)

@@ -212,7 +212,7 @@ def resolve_with_record(cfg: RunConfig, explicit: Iterable[str], world_size: int
                         fresh_command: str = "./run_h100_dual.sh") -> Resolution:
     """Apply the output folder's recorded settings to ``cfg`` (before device defaults).
 
-    ``explicit``: the destinations typed on the command line (ds_config.explicit_options).
+    ``explicit``: the destinations typed on the command line (config.explicit_options).
     Raises RunMismatch (a ConfigError) for a start that would damage or silently change the run.
     """
     explicit = set(explicit)

@@ -9,7 +9,7 @@ It takes the engine (engines/__init__.py) and plain values, never the trainer:
 the trainer hands over its own state as a dict (Trainer.state_dict) and takes
 it back (Trainer.load_state_dict). With --deepspeed the engine holds weights,
 optimizer and schedule: every rank writes its part through
-ds_backend.save_checkpoint_collective and reads it back with runner.load_from;
+engines/deepspeed.py's save_checkpoint_collective and reads it back with runner.load_from;
 trainer_state.pt keeps step, data position and RNG, and names the backend, so
 neither backend resumes the other's checkpoint.
 """
@@ -26,7 +26,7 @@ import torch
 
 from . import __version__
 from . import distributed as D
-from . import ds_backend as DSB
+from .engines import deepspeed as DSB
 from .checkpoint import (KO_CANNOT_RESUME, CheckpointError, check_output_dir, load_model_state, load_trainer_state,
                          resolve_resume, save_checkpoint)
 from .logs import get_logger

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Optional
 import torch
 
 from . import distributed as D
-from . import ds_backend as DSB
+from .engines import deepspeed as DSB
 from .checkpoint import estimate_checkpoint_bytes
 from .config import RunConfig, derive_batch_plan, resolve_weights
 from .data.loader import TokenLoader, iter_eval_batches
@@ -56,7 +56,7 @@ class Summary:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, info: D.DistInfo, explicit: Iterable[str] = ()):
-        """``explicit``: the options typed on the command line (ds_config.explicit_options); --deepspeed
+        """``explicit``: the options typed on the command line (config.explicit_options); --deepspeed
         needs them to tell a default (the JSON may replace it) from a choice (the JSON may not contradict it)."""
         self.cfg, self.info, self.log = cfg, info, get_logger()
         self.t, self.device = cfg.train, info.device

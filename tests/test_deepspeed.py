@@ -18,10 +18,10 @@ import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here may reach a hub
 
-from koen_sllm import ds_backend as B  # noqa: E402
-from koen_sllm import ds_config as C  # noqa: E402
+from koen_sllm.engines import deepspeed as B  # noqa: E402
+from koen_sllm.engines import deepspeed_config as C  # noqa: E402
 from koen_sllm.checkpoint import CheckpointError, read_latest, verify_checkpoint  # noqa: E402
-from koen_sllm.config import apply_device_defaults, derive_batch_plan, parse_args  # noqa: E402
+from koen_sllm.config import apply_device_defaults, derive_batch_plan, explicit_options, parse_args  # noqa: E402
 from koen_sllm.model import KoEnLM, model_config_from_preset  # noqa: E402
 
 
@@ -29,7 +29,7 @@ def run_config(argv: list[str], world: int = 2, has_cuda: bool = True):
     """(cfg, explicit, plan) as the trainer would build them for ``argv``."""
     cfg, _ = parse_args(argv)
     apply_device_defaults(cfg, has_cuda)
-    explicit = C.explicit_options(argv)
+    explicit = explicit_options(argv)
     notes = C.apply_ds_options(cfg, explicit, world)
     return cfg, explicit, derive_batch_plan(cfg, world), notes
 
@@ -44,10 +44,10 @@ def write_json(path: Path, data) -> str:
 
 def test_explicit_options_names_only_what_was_typed():
     argv = ["--train", "--learning-rate", "1e-4", "--fp32", "--global-batch-size", "8", "--deepspeed"]
-    assert C.explicit_options(argv) == {"mode", "learning_rate", "precision", "global_batch_size", "deepspeed"}
-    assert C.explicit_options([]) == set()
+    assert explicit_options(argv) == {"mode", "learning_rate", "precision", "global_batch_size", "deepspeed"}
+    assert explicit_options([]) == set()
     # the value equal to the default still counts as given
-    assert C.explicit_options(["--batch-size", "4"]) == {"batch_size"}
+    assert explicit_options(["--batch-size", "4"]) == {"batch_size"}
 
 
 # ---------------------------------------------------------------- the shipped config
@@ -231,7 +231,7 @@ def test_apply_ds_options_checks_the_zero_section(tmp_path, zero, shown, use):
     cfg, _ = parse_args(["--deepspeed", spec])
     apply_device_defaults(cfg, False)
     with pytest.raises(C.DeepSpeedConfigError) as err:
-        C.apply_ds_options(cfg, C.explicit_options(["--deepspeed", spec]), 2)
+        C.apply_ds_options(cfg, explicit_options(["--deepspeed", spec]), 2)
     msg = str(err.value)
     assert msg.startswith(f"--deepspeed {spec}: zero_optimization.{shown}; {use}"), msg
     assert "\n" not in msg
@@ -571,7 +571,9 @@ def test_real_engine_trains_saves_and_resumes_on_cpu(tmp_path, ds_world, precisi
 TWO_RANK_SCRIPT = r'''
 import json, sys, torch
 from pathlib import Path
-from koen_sllm import distributed as D, ds_backend as B
+from koen_sllm import distributed as D
+from koen_sllm.config import explicit_options
+from koen_sllm.engines import deepspeed as B
 from koen_sllm.config import apply_device_defaults, derive_batch_plan, parse_args
 from koen_sllm.model import KoEnLM, model_config_from_preset
 
@@ -581,7 +583,7 @@ argv = ["--deepspeed", "--fp32", "--batch-size", "2", "--grad-accum", "2", "--ma
         "--learning-rate", "1e-3", "--warmup-steps", "2"]
 cfg, _ = parse_args(argv)
 apply_device_defaults(cfg, False)
-explicit = B.explicit_options(argv)
+explicit = explicit_options(argv)
 B.apply_ds_options(cfg, explicit, info.world_size)
 plan = derive_batch_plan(cfg, info.world_size)
 ds = B.build_ds_config(cfg, plan, 8, explicit)

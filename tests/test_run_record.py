@@ -8,7 +8,7 @@ import pytest
 
 from koen_sllm import run_record as R
 from koen_sllm.config import ConfigError, parse_args
-from koen_sllm.ds_config import explicit_options
+from koen_sllm.config import explicit_options
 
 
 def _started(out: Path, argv: list[str], *, step: int, max_steps: int = 200, world: int = 2) -> dict:

@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
         _print_err(bilingual(str(exc)))
         return 2
     if cfg.train.deepspeed is not None:  # a missing package stops the start, not the run minutes later
-        from ..ds_backend import DeepSpeedUnavailable, require_deepspeed
+        from ..engines.deepspeed import DeepSpeedUnavailable, require_deepspeed
 
         try:
             require_deepspeed()

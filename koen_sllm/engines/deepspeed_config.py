@@ -1,6 +1,6 @@
 """The DeepSpeed JSON and the run's options, merged into one consistent configuration.
 
-Kept apart from ds_backend.py (the engine) because this part needs neither
+Kept apart from engines/deepspeed.py (the engine) because this part needs neither
 deepspeed nor a process group: it is pure dictionary work, cheap to test.
 
 Precedence, per value (docs/deepspeed.md has the table):
@@ -21,10 +21,9 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from .config import (MAX_LEARNING_RATE, BatchPlan, ConfigError, RunConfig, build_parser, derive_batch_plan,
-                     resolve_residual)
+from ..config import MAX_LEARNING_RATE, BatchPlan, ConfigError, RunConfig, derive_batch_plan, resolve_residual
 
-SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "ds_config.json"
+SHIPPED_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "ds_config.json"
 ENGINE_OPTIMIZERS = ("AdamW",)
 SCHEDULER = "WarmupCosineLR"
 SCHEDULER_KEYS = ("total_num_steps", "warmup_min_ratio", "warmup_num_steps", "cos_min_ratio", "warmup_type")
@@ -37,21 +36,6 @@ _MISSING = object()
 
 class DeepSpeedConfigError(ConfigError):
     """The DeepSpeed JSON is unreadable, invalid, or disagrees with an explicit option."""
-
-
-# ---------------------------------------------------------------- which options were given
-
-
-def explicit_options(argv: Optional[Sequence[str]]) -> set[str]:
-    """Destination names (``learning_rate``, ``precision``, ...) of the options on the command line.
-
-    The parsed Namespace cannot tell ``--learning-rate 1e-4`` from the default
-    1e-4, so the same parser runs again with every default replaced by one
-    marker object: whatever does not hold the marker was typed by the user.
-    """
-    parser, unset = build_parser(), object()
-    parser.set_defaults(**{dest: unset for dest in vars(parser.parse_args([]))})
-    return {dest for dest, value in vars(parser.parse_args(list(argv or []))).items() if value is not unset}
 
 
 # ---------------------------------------------------------------- reading the JSON
@@ -190,7 +174,7 @@ def apply_ds_options(cfg: RunConfig, explicit: Iterable[str], world_size: int) -
 
     Call it before :func:`koen_sllm.config.derive_batch_plan`, because the JSON
     may set the micro-batch and the accumulation. ``explicit`` holds destination
-    names as :func:`explicit_options` returns them. Idempotent.
+    names as :func:`config.explicit_options` returns them. Idempotent.
     """
     ds, path, shipped = load_ds_json(cfg.train.deepspeed)
     check_zero_section(ds, path)  # here, so --dry-run refuses what the engine would refuse at start
@@ -317,7 +301,7 @@ def build_ds_config(cfg: RunConfig, plan: BatchPlan, max_steps: int, explicit: I
 
 
 def _scheduler_section(sched: Any, cfg: RunConfig, max_steps: int, src: str) -> dict:
-    from .optim import default_warmup
+    from ..optim import default_warmup
 
     sched = copy.deepcopy(sched) if isinstance(sched, dict) else {}
     if sched.get("type", SCHEDULER) != SCHEDULER:

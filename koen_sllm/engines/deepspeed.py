@@ -31,21 +31,21 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 import torch.distributed as dist
 
-from . import distributed as D
-from .checkpoint import CheckpointError, save_checkpoint
-from .config import OptimConfig
-from .ds_config import (  # noqa: F401 - re-exported: the backend's whole API lives here
-    SHIPPED_CONFIG, DeepSpeedConfigError, apply_ds_options, build_ds_config, describe, explicit_options,
+from .. import distributed as D
+from ..checkpoint import CheckpointError, save_checkpoint
+from ..config import OptimConfig
+from .deepspeed_config import (  # noqa: F401 - re-exported: the backend's whole API lives here
+    SHIPPED_CONFIG, DeepSpeedConfigError, apply_ds_options, build_ds_config, describe,
     load_ds_json, offload_device, zero_stage,
 )
-from .optim import build_scheduler, param_groups
+from ..optim import build_scheduler, param_groups
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .engines import StepOutcome
+    from . import StepOutcome
 
 __all__ = [  # the config half is re-exported so the trainer imports one module
     "SHIPPED_CONFIG", "DeepSpeedConfigError", "apply_ds_options", "build_ds_config", "describe",
-    "explicit_options", "load_ds_json", "offload_device", "zero_stage",
+    "load_ds_json", "offload_device", "zero_stage",
     "INSTALL_COMMAND", "ENGINE_DIR", "ENGINE_TAG", "DeepSpeedUnavailable", "DeepSpeedBackendError",
     "require_deepspeed", "estimate_ds_checkpoint_bytes", "DeepSpeedRunner", "has_engine_state",
     "save_checkpoint_collective",
@@ -199,7 +199,7 @@ class DeepSpeedRunner:
     def step(self, mean_loss: torch.Tensor, stop_requested: bool) -> "StepOutcome":
         """The engine scales by 1/accumulation, syncs, clips, and skips a non-finite update on every
         rank alike; one all-reduce then carries the loss and the votes, as on DDP."""
-        from .engines import StepOutcome
+        from . import StepOutcome
 
         norm, applied = self.optimizer_step()
         flags = torch.tensor([float(not applied), float(stop_requested)], device=mean_loss.device)
