@@ -124,7 +124,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     same numbers as the plain path (logits rounded to ``dtype``, fp32 softmax, the logits' gradient
     rounded to ``dtype``), with the gradient of the logits computed in the forward, over the
     logits themselves: backward is the head's two matmuls, scaled. On a GPU one Triton kernel
-    does the loss and the gradient (ce_kernel.py); elsewhere torch operations do the same."""
+    does the loss and the gradient (kernels/cross_entropy.py); elsewhere torch operations do the same."""
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     return _FusedLinearCE.apply(hidden2d, weight, targets.reshape(-1), dtype or compute_dtype(hidden2d))
 
@@ -161,7 +161,7 @@ def linear_ce_loss_grad(hidden: torch.Tensor, weight: torch.Tensor,
     count = (targets != IGNORE_INDEX).sum().float()
     scale = (1.0 / count).reshape(1)  # inf when nothing counts; the kernel then writes zeros
     if logits.is_cuda and _HAVE_TRITON:
-        from .ce_kernel import loss_and_grad_in_place  # Triton: imported where a GPU runs it
+        from .kernels.cross_entropy import loss_and_grad_in_place  # Triton: imported where a GPU runs it
 
         row_loss = loss_and_grad_in_place(logits, targets, scale, IGNORE_INDEX)
         return row_loss.sum() / count, logits

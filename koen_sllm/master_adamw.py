@@ -4,7 +4,7 @@ With fp32 parameters under autocast, every step casts every weight to bf16 in th
 produces bf16 weight gradients and casts them to fp32, and the optimizer reads and writes
 fp32 gradients. Keeping the model's parameters in bf16 and the fp32 copy here (Megatron's
 and DeepSpeed's "master weights") removes those casts and halves the gradient traffic; the
-update writes the new bf16 weights in the same pass (adamw_kernel.py on a GPU). The forward
+update writes the new bf16 weights in the same pass (kernels/adamw.py on a GPU). The forward
 sees exactly what autocast fed it before (the weights rounded to bf16) and the gradients are
 the same bf16 numbers, so the trajectory matches fp32 weights up to rounding in the norms'
 weight gradients.
@@ -46,7 +46,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         self.found_inf: Optional[torch.Tensor] = None
         self.grad_scale: Optional[torch.Tensor] = None
         self._step: Optional[torch.Tensor] = None
-        self._plans: dict[tuple, Any] = {}  # adamw_kernel.MultiTensorPlan per group and parameter set
+        self._plans: dict[tuple, Any] = {}  # kernels.adamw.MultiTensorPlan per group and parameter set
 
     # ------------------------------------------------------------ weights
     @torch.no_grad()
@@ -141,7 +141,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     def _plan(self, group_index: int, params: list):
         """The group's kernel plan, built the first time this set of parameters has gradients:
         later steps hand it the gradients only."""
-        from .adamw_kernel import MultiTensorPlan  # Triton: imported where a GPU runs the update
+        from .kernels.adamw import MultiTensorPlan  # Triton: imported where a GPU runs the update
 
         key = (group_index, tuple(id(p) for p in params))
         if key not in self._plans:

@@ -93,7 +93,7 @@ def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads:
     """:func:`rotate_qkv`'s forward as one operator: on a GPU the Triton kernel, elsewhere torch operations."""
     if not _kernel_runs(qkv, head_dim):
         return _rotate_split(qkv, cos, sin, num_heads, num_kv_heads, head_dim)
-    from .rotary_kernel import rotate_from  # Triton: imported where a GPU runs it
+    from .kernels.rope import rotate_from  # Triton: imported where a GPU runs it
 
     b, t, _ = qkv.shape
     q = qkv.new_empty(b, t, num_heads, head_dim)
@@ -117,7 +117,7 @@ def qkv_rope_grad(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: tor
     b, t, heads, dim = dq.shape
     out = dq.new_empty(b, t, (heads + 2 * dk.shape[2]) * dim)
     if _kernel_runs(dq, dim):
-        from .rotary_kernel import unrotate_into  # Triton: imported where a GPU runs it
+        from .kernels.rope import unrotate_into  # Triton: imported where a GPU runs it
 
         unrotate_into(out, dq, dk, dv, cos, sin)
         return out

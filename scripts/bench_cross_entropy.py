@@ -28,7 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_analysis import cuda_time_ms  # noqa: E402
-from koen_sllm import ce_kernel  # noqa: E402
+from koen_sllm.kernels import cross_entropy as ce_kernel  # noqa: E402
 from koen_sllm.losses import IGNORE_INDEX, fused_linear_cross_entropy  # noqa: E402
 from koen_sllm.model import PRESETS  # noqa: E402
 

@@ -84,7 +84,7 @@ def main() -> int:
 
 def sweep(model_size: str, vocab: int, repeats: int) -> int:
     """The update and the gradient norm alone, per tiling, on the preset's largest group."""
-    from koen_sllm.adamw_kernel import BLOCK, CHUNK, NUM_WARPS, MultiTensorPlan
+    from koen_sllm.kernels.adamw import BLOCK, CHUNK, NUM_WARPS, MultiTensorPlan
 
     model, opt = _setup(model_size, vocab, True)
     group = max(opt.param_groups, key=lambda g: sum(p.numel() for p in g["params"]))

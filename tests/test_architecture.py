@@ -15,7 +15,7 @@ PACKAGE = ROOT / "koen_sllm"
 # Lowest first. A module may import modules of its own layer or below, never above.
 LAYERS = [
     ("foundation", {"config", "atomic_io", "logs", "stop", "parent_watch", "run_lock", "metrics"}),
-    ("kernels", {"adamw_kernel", "ce_kernel", "rotary_kernel"}),
+    ("kernels", {"kernels"}),
     ("data", {"tokenizer", "data", "prepare"}),
     ("model", {"attention", "rotary", "losses", "model", "master_adamw", "optim"}),
     ("storage", {"checkpoint", "export", "distributed"}),

@@ -189,7 +189,7 @@ def test_the_loss_kernel_is_a_run_option_that_reaches_the_model(tmp_path):
 def check_kernel(device: str, dtype: torch.dtype, block: int) -> None:
     """The Triton kernel against the reference arithmetic: a vocabulary that is not a multiple of
     the block, ignored rows, a target outside the vocabulary, and nothing counted."""
-    from koen_sllm import ce_kernel
+    from koen_sllm.kernels import cross_entropy as ce_kernel
 
     saved, ce_kernel.BLOCK_V = ce_kernel.BLOCK_V, block
     try:

@@ -195,7 +195,7 @@ def check_kernel(device: str, exact_bf16: bool) -> None:
     bf16 towards zero where the GPU rounds to nearest even, so there the bf16 copies may be one
     bf16 step apart; on a GPU they must be equal. Then the gradients' norm kernel, and a fourth
     update by plans of two tilings, which must agree bit for bit."""
-    from koen_sllm.adamw_kernel import CHUNK, MultiTensorPlan
+    from koen_sllm.kernels.adamw import CHUNK, MultiTensorPlan
     from koen_sllm.master_adamw import reference_update
 
     shapes = [(3, CHUNK // 3 + 5), (7,), (CHUNK + 1,)]

@@ -81,7 +81,7 @@ def assert_kernel_close(got: torch.Tensor, want: torch.Tensor) -> None:
 def check_kernel(device: str, dtype: torch.dtype) -> None:
     """unrotate_into against the torch reference, from gradients in attention's transposed layout;
     rotate_from (the forward) against apply_rope, from the fused columns."""
-    from koen_sllm.rotary_kernel import rotate_from, unrotate_into
+    from koen_sllm.kernels.rope import rotate_from, unrotate_into
 
     g = torch.Generator().manual_seed(1)
     b, t, heads, kv, dim = 3, 40, 4, 2, 64  # 120 rows: not a multiple of the token block

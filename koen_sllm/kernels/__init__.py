@@ -1,0 +1,8 @@
+"""Triton kernels, each beside a torch reference path in its wrapper module.
+
+  adamw.py          MasterWeightAdamW's update and gradient norm (master_adamw.py)
+  cross_entropy.py  the loss and the logits' gradient in one pass (losses.py)
+  rope.py           RoPE on the fused q/k/v output, forward and backward (rotary.py)
+
+Imported only where a GPU runs them; tests run them in Triton's CPU interpreter.
+"""
