@@ -1,4 +1,4 @@
-"""scripts/multi_gpu_checks.sh rehearsed on CPU: two gloo processes stand in for two GPUs."""
+"""benchmarks/multi_gpu_checks.sh rehearsed on CPU: two gloo processes stand in for two GPUs."""
 from __future__ import annotations
 
 import importlib.util
@@ -18,7 +18,7 @@ ROOT = repo_root()
 
 def checks(tmp_path, data, parts: str, steps: int) -> str:
     proc = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "multi_gpu_checks.sh"), "--num-gpus", "2", "--model-size", "tiny",
+        ["bash", str(ROOT / "benchmarks" / "multi_gpu_checks.sh"), "--num-gpus", "2", "--model-size", "tiny",
          "--batch-size", "2", "--max-seq-length", "64", "--steps", str(steps), "--dataset-path", str(data),
          "--", "--vocab-size", "400", "--num-proc", "1", "--learning-rate", "2e-3"],
         capture_output=True, text=True, timeout=900,

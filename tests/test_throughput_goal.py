@@ -1,4 +1,4 @@
-"""scripts/throughput_goal.py: reports in, one verdict per target out; failed or cut-short runs
+"""benchmarks/throughput_goal.py: reports in, one verdict per target out; failed or cut-short runs
 are "not measured", a GPU other than the goal's is named, and nothing here needs a GPU."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from koen_sllm.config import repo_root
 
-SCRIPT = repo_root() / "scripts" / "throughput_goal.py"
+SCRIPT = repo_root() / "benchmarks" / "throughput_goal.py"
 
 
 def load_module():

@@ -258,7 +258,7 @@ def test_compiled_ddp_with_accumulation_trains_like_eager(tmp_path, dataset):
 
 def test_check_resume_script_compares_straight_and_resumed_losses(tmp_path, dataset):
     proc = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "check_resume.sh"), "--steps", "4", "--num-gpus", "2", "--dataset-path",
+        ["bash", str(ROOT / "benchmarks" / "check_resume.sh"), "--steps", "4", "--num-gpus", "2", "--dataset-path",
          str(dataset), "--", "--model-size", "tiny", "--max-seq-length", "64", "--vocab-size", "400",
          "--num-proc", "1", "--batch-size", "2", "--learning-rate", "2e-3"],
         capture_output=True, text=True, env=cpu_env(KOEN_PYTHON=sys.executable, CHECK_DIR=str(tmp_path / "check")),

@@ -5,8 +5,8 @@ AdamW on fp32 weights, both with a clip divisor (``grad_scale``) and a ``found_i
 trainer passes them. Prints milliseconds per update, the bytes each moves per update and the
 bandwidth that makes; checks first that the kernel equals the reference update (bf16 copies exact).
 
-    python scripts/bench_optimizer.py --model-size 350m
-    python scripts/bench_optimizer.py --model-size 350m --sweep   # the update's tiling, and the gradient norm
+    python benchmarks/bench_optimizer.py --model-size 350m
+    python benchmarks/bench_optimizer.py --model-size 350m --sweep   # the update's tiling, and the gradient norm
 
 ``--sweep`` times the update kernel alone for each block, chunk and warp count, and the gradients'
 2-norm by the plan's one-launch kernel against ``torch._foreach_norm`` (what the trainer used).

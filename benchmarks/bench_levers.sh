@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Throughput levers, one after another on the same GPU: each row is one
-# scripts/bench_throughput.py --only ours run with one change against the baseline.
+# benchmarks/bench_throughput.py --only ours run with one change against the baseline.
 #
-#   scripts/bench_levers.sh                         # 350m, batch 8 x 2048, the default lever set
-#   LEVERS="base chunk liger-all" scripts/bench_levers.sh --model-size 1.3b --batch-size 4
+#   benchmarks/bench_levers.sh                         # 350m, batch 8 x 2048, the default lever set
+#   LEVERS="base chunk liger-all" benchmarks/bench_levers.sh --model-size 1.3b --batch-size 4
 #
 # Levers: base (with a GPU-time profile), synced (the GPU synchronized around every step,
 # as the training loop did for its clock until it timed step periods instead), late-update
@@ -55,7 +55,7 @@ run_lever() {  # name, one environment assignment (or -), bench options...
   local name="$1" envs="$2"; shift 2
   echo "=== $name"
   rm -f "$work/$name.json"  # a failed run must not leave an earlier run's numbers in the summary
-  local -a cmd=(timeout "${LEVER_TIMEOUT:-300}" "$py" "$root/scripts/bench_throughput.py" "${common[@]}" "$@"
+  local -a cmd=(timeout "${LEVER_TIMEOUT:-300}" "$py" "$root/benchmarks/bench_throughput.py" "${common[@]}" "$@"
                 --json "$work/$name.json")
   if [ "$envs" != "-" ]; then cmd=(env "$envs" "${cmd[@]}"); fi
   if ! "${cmd[@]}" > "$work/$name.log" 2>&1; then

@@ -1,6 +1,6 @@
 """liger-kernel's Triton kernels swapped into a KoEnLM, for measuring them as a throughput lever.
 
-Used by ``scripts/bench_throughput.py --liger rmsnorm,swiglu,rope,flce`` (or ``all``)
+Used by ``benchmarks/bench_throughput.py --liger rmsnorm,swiglu,rope,flce`` (or ``all``)
 on a GPU with ``liger-kernel`` installed (``pip install liger-kernel``; a pure-Python
 wheel). Only the forward methods of this one model instance are replaced (the rope part
 replaces ``Attention.rotate``, which only QK-norm models still call: the others rotate q and k

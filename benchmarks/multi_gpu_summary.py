@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""The summary table of scripts/multi_gpu_checks.sh, from the metrics its runs wrote.
+"""The summary table of benchmarks/multi_gpu_checks.sh, from the metrics its runs wrote.
 
-    python scripts/multi_gpu_summary.py outputs/multi_gpu_checks 2
+    python benchmarks/multi_gpu_summary.py outputs/multi_gpu_checks 2
 
 Each part appears only when its runs left metrics; a part that did not run says so.
 """

@@ -9,10 +9,10 @@
 #   buckets   DDP on N GPUs with 5 and 100 MB gradient buckets (BUCKETS_MB) against the
 #             default 25 MB of the scaling part (not in the default PARTS)
 #
-#   scripts/multi_gpu_checks.sh                                   # 2 GPUs, 350m, batch 8, datasets/
-#   PARTS="scaling curves" scripts/multi_gpu_checks.sh --steps 200
-#   PARTS="scaling buckets" scripts/multi_gpu_checks.sh --steps 30
-#   scripts/multi_gpu_checks.sh --model-size tiny --max-seq-length 64 --steps 8 -- --vocab-size 400
+#   benchmarks/multi_gpu_checks.sh                                   # 2 GPUs, 350m, batch 8, datasets/
+#   PARTS="scaling curves" benchmarks/multi_gpu_checks.sh --steps 200
+#   PARTS="scaling buckets" benchmarks/multi_gpu_checks.sh --steps 30
+#   benchmarks/multi_gpu_checks.sh --model-size tiny --max-seq-length 64 --steps 8 -- --vocab-size 400
 #
 # Options after `--` go to every training run. Needs prepared data in --dataset-path
 # (scripts/run_preprocessing.sh) and, for the deepspeed part, the deepspeed package.
@@ -61,7 +61,7 @@ launcher() {  # launcher options... (the run's folders are fixed below)
 
 part_scaling() {
   for n in 1 "$gpus"; do
-    BENCH_DIR="$work/scaling-$n" BACKENDS=ddp RUN_TIMEOUT="$limit" bash "$root/scripts/bench_backends.sh" \
+    BENCH_DIR="$work/scaling-$n" BACKENDS=ddp RUN_TIMEOUT="$limit" bash "$root/benchmarks/bench_backends.sh" \
       --model-size "$model" --batch-size "$batch" --max-seq-length "$seq" --steps "$steps" --num-gpus "$n" \
       --dataset-path "$dataset" -- ${extra[@]+"${extra[@]}"} | tail -n 1
   done
@@ -101,7 +101,7 @@ part_launcher() {
 }
 
 part_deepspeed() {
-  BENCH_DIR="$work/deepspeed" BACKENDS="ddp zero2" RUN_TIMEOUT="$limit" bash "$root/scripts/bench_backends.sh" \
+  BENCH_DIR="$work/deepspeed" BACKENDS="ddp zero2" RUN_TIMEOUT="$limit" bash "$root/benchmarks/bench_backends.sh" \
     --model-size "$model" --batch-size "$batch" --max-seq-length "$seq" --steps "$steps" --num-gpus "$gpus" \
     --dataset-path "$dataset" -- ${extra[@]+"${extra[@]}"} | tail -n 3
 }
@@ -109,7 +109,7 @@ part_deepspeed() {
 part_buckets() {
   local mb
   for mb in ${BUCKETS_MB:-5 100}; do
-    BENCH_DIR="$work/buckets-$mb" BACKENDS=ddp RUN_TIMEOUT="$limit" bash "$root/scripts/bench_backends.sh" \
+    BENCH_DIR="$work/buckets-$mb" BACKENDS=ddp RUN_TIMEOUT="$limit" bash "$root/benchmarks/bench_backends.sh" \
       --model-size "$model" --batch-size "$batch" --max-seq-length "$seq" --steps "$steps" --num-gpus "$gpus" \
       --dataset-path "$dataset" -- --ddp-bucket-mb "$mb" ${extra[@]+"${extra[@]}"} | tail -n 1
   done
@@ -123,4 +123,4 @@ for part in "${parts[@]}"; do
   esac
 done
 
-"$py" "$root/scripts/multi_gpu_summary.py" "$work" "$gpus" | tee "$work/summary.md"
+"$py" "$root/benchmarks/multi_gpu_summary.py" "$work" "$gpus" | tee "$work/summary.md"

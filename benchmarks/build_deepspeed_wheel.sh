@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Build the wheels the optional DeepSpeed backend needs, for a GPU machine without network.
 #
-#   scripts/build_deepspeed_wheel.sh                 # -> .whl/ (git-ignored)
-#   DS_VERSION=0.19.8 PY_TARGET=3.12 scripts/build_deepspeed_wheel.sh
+#   benchmarks/build_deepspeed_wheel.sh                 # -> .whl/ (git-ignored)
+#   DS_VERSION=0.19.8 PY_TARGET=3.12 benchmarks/build_deepspeed_wheel.sh
 #
 # Then, on the GPU machine, from the checkout that carries .whl/:
 #   python3 -m pip install --no-index --find-links .whl deepspeed

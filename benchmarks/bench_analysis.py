@@ -1,4 +1,4 @@
-"""Analysis for scripts/bench_throughput.py: where a step's GPU time goes, and how two loss curves compare.
+"""Analysis for benchmarks/bench_throughput.py: where a step's GPU time goes, and how two loss curves compare.
 
 Kept apart from the benchmark runner so the numbers can be recomputed from saved results
 (``bench_throughput.py --replot``) on a machine without a GPU.

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Training throughput: this project's training step against the transformers Trainer peer.
 
-    python scripts/bench_throughput.py --quick                      # a few minutes on one GPU
-    python scripts/bench_throughput.py --model-size 350m --batch-size 8 --seq-len 2048
-    python scripts/bench_throughput.py --only ours --model-size 1.3b --attn cudnn
-    python scripts/bench_throughput.py --only ours --ce-chunk-tokens 4096 --profile   # a lever, with a kernel breakdown
-    python scripts/bench_throughput.py --curve --data datasets/prepared/mixed_pretraining/train.bin --steps 200
+    python benchmarks/bench_throughput.py --quick                      # a few minutes on one GPU
+    python benchmarks/bench_throughput.py --model-size 350m --batch-size 8 --seq-len 2048
+    python benchmarks/bench_throughput.py --only ours --model-size 1.3b --attn cudnn
+    python benchmarks/bench_throughput.py --only ours --ce-chunk-tokens 4096 --profile   # a lever, with a kernel breakdown
+    python benchmarks/bench_throughput.py --curve --data datasets/prepared/mixed_pretraining/train.bin --steps 200
 
 Both sides train the same Llama shape on the same random tokens (vocabulary
 32000) with bf16, torch.compile and fused AdamW, one after the other in this

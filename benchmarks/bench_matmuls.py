@@ -9,7 +9,7 @@ weight gradient of q/k/v, o, gate/up and down, as the compiled training step iss
   gaps around it), counted and timed under cuBLAS workspace settings (``--variants``: each
   variant re-runs this script in a process of its own with its environment).
 
-    python scripts/bench_matmuls.py --model-size 350m --batch-size 8
+    python benchmarks/bench_matmuls.py --model-size 350m --batch-size 8
 
 Prints milliseconds per layer, achieved TFLOP/s, kernels and memsets per layer. A benchmark:
 nothing here asserts a speed.

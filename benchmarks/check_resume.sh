@@ -2,8 +2,8 @@
 # Resume check on real hardware: train N steps saving a checkpoint at N/2, resume from that
 # checkpoint into a fresh output folder, and compare the losses of steps N/2+1..N step by step.
 #
-#   scripts/check_resume.sh --steps 20 -- --model-size 350m --batch-size 8 --deepspeed
-#   scripts/check_resume.sh --num-gpus 2 --steps 40 -- --model-size 350m
+#   benchmarks/check_resume.sh --steps 20 -- --model-size 350m --batch-size 8 --deepspeed
+#   benchmarks/check_resume.sh --num-gpus 2 --steps 40 -- --model-size 350m
 #
 # Options after `--` go to train_h100_dual.py for both runs. Needs prepared data in
 # --dataset-path (default datasets/). Work files in ${CHECK_DIR:-outputs/check_resume};
@@ -41,7 +41,7 @@ train() {  # name, extra options...
 train straight --save-steps "$half" --resume none "$@"
 train resumed --save-steps 100000 --no-save-final --resume "$work/straight/out/checkpoint-$half" "$@"
 
-"$py" - "$work" "$half" "$steps" "$root/scripts" <<'EOF'
+"$py" - "$work" "$half" "$steps" "$root/benchmarks" <<'EOF'
 import sys
 from pathlib import Path
 work, half, steps = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])

@@ -9,8 +9,8 @@ training step runs them:
 * ``matmuls``: only the head's three products (logits, the hidden states' gradient, the weight's
   gradient): the floor both paths share, so that "loss's own time" = path - matmuls.
 
-    python scripts/bench_cross_entropy.py --model-size 350m --batch-size 8
-    python scripts/bench_cross_entropy.py --sweep    # also the kernel alone per block size and warp count
+    python benchmarks/bench_cross_entropy.py --model-size 350m --batch-size 8
+    python benchmarks/bench_cross_entropy.py --sweep    # also the kernel alone per block size and warp count
 
 Prints milliseconds per call, the loss's own time, peak memory and the largest difference of the
 two paths' loss and gradients. A benchmark: nothing here asserts a speed.
@@ -32,7 +32,7 @@ from koen_sllm.kernels import cross_entropy as ce_kernel  # noqa: E402
 from koen_sllm.losses import IGNORE_INDEX, fused_linear_cross_entropy  # noqa: E402
 from koen_sllm.model import PRESETS  # noqa: E402
 
-VOCAB = 32_000  # the benchmarks' vocabulary (scripts/bench_throughput.py)
+VOCAB = 32_000  # the benchmarks' vocabulary (benchmarks/bench_throughput.py)
 
 
 def plain_loss(hidden, weight, targets):

@@ -3,10 +3,10 @@
 # ZeRO-2 with CPU optimizer offload. Reports tokens/s, MFU and peak GPU memory taken from
 # each run's metrics.jsonl (median over the logged steps after the first two records).
 #
-#   scripts/bench_backends.sh                                  # 350m, 30 steps, 1 GPU, datasets/
-#   scripts/bench_backends.sh --model-size 1.3b --batch-size 4 --num-gpus 2
-#   BACKENDS="ddp zero2" scripts/bench_backends.sh --steps 50
-#   scripts/bench_backends.sh --model-size tiny --max-seq-length 64 -- --vocab-size 400   # after --: trainer options
+#   benchmarks/bench_backends.sh                                  # 350m, 30 steps, 1 GPU, datasets/
+#   benchmarks/bench_backends.sh --model-size 1.3b --batch-size 4 --num-gpus 2
+#   BACKENDS="ddp zero2" benchmarks/bench_backends.sh --steps 50
+#   benchmarks/bench_backends.sh --model-size tiny --max-seq-length 64 -- --vocab-size 400   # after --: trainer options
 #
 # Needs prepared data (scripts/run_preprocessing.sh) and, for the ZeRO rows, deepspeed.
 # Work files go to ${BENCH_DIR:-outputs/bench_backends}; a summary table is printed and

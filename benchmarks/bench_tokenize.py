@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Tokenization throughput: the parallel paths against a plain single-process loop.
 
-    python scripts/bench_tokenize.py                       # ../shared/data/ko_en_sample.jsonl, 32k BPE
-    python scripts/bench_tokenize.py --data corpus.jsonl --tokenizer datasets/prepared/mixed_pretraining/tokenizer
-    python scripts/bench_tokenize.py --vocab-sweep         # BPE vs unigram at 8k/16k/32k/48k (docs/data.md)
+    python benchmarks/bench_tokenize.py                       # ../shared/data/ko_en_sample.jsonl, 32k BPE
+    python benchmarks/bench_tokenize.py --data corpus.jsonl --tokenizer datasets/prepared/mixed_pretraining/tokenizer
+    python benchmarks/bench_tokenize.py --vocab-sweep         # BPE vs unigram at 8k/16k/32k/48k (docs/data.md)
 
 All paths run in the same process, on the same file and tokenizer, in
 interleaved repeats (median reported), and must produce identical ids. The

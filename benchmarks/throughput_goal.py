@@ -2,10 +2,10 @@
 """The throughput goal in one command: runs the benchmarks it is judged by and says, for each
 target, what was measured and whether it is met.
 
-    python scripts/throughput_goal.py                       # 350m vs the Trainer, then 1.3b (~5 min)
-    python scripts/throughput_goal.py --curve-data datasets/prepared/mixed_pretraining/train.bin
-    python scripts/throughput_goal.py --judge-only           # re-read the JSON of an earlier run
-    python scripts/bench_throughput.py --replot outputs/throughput_goal/curve.json --plot curve.png
+    python benchmarks/throughput_goal.py                       # 350m vs the Trainer, then 1.3b (~5 min)
+    python benchmarks/throughput_goal.py --curve-data datasets/prepared/mixed_pretraining/train.bin
+    python benchmarks/throughput_goal.py --judge-only           # re-read the JSON of an earlier run
+    python benchmarks/bench_throughput.py --replot outputs/throughput_goal/curve.json --plot curve.png
 
 Targets (350m: hidden 1024, 24 layers, 16/4 heads, FFN 2816, vocabulary 32,000, batch 8 x 2048):
 at least 50% MFU and at least 1.6x the transformers Trainer's tokens/s in the same run; at least
@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "scripts" / "bench_throughput.py"
+BENCH = ROOT / "benchmarks" / "bench_throughput.py"
 GOAL_DEVICE = "H100"
 PEER = "transformers.Trainer"
 
