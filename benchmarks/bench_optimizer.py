@@ -60,7 +60,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("❌ needs a CUDA GPU (the Triton kernel runs there)", file=sys.stderr)
         return 2
-    # The kernel's correctness is the test suite's (pytest -m gpu tests/test_master_adamw.py); this
+    # The kernel's correctness is the test suite's (pytest -m gpu tests/unit/test_master_adamw.py); this
     # script only times it.
     if args.sweep:
         return sweep(args.model_size, args.vocab, args.repeats)

@@ -210,7 +210,7 @@ class KoEnTokenizer:
             raise TokenizerError(
                 f"{self.model_file} does not use this project's layout (special ids {got}, byte fallback "
                 f"{'on' if self.sp.is_byte(self.sp.piece_to_id('<0x00>')) else 'off'}); expected {expected} "
-                "with byte fallback: train one with python -m koen_sllm.prepare")
+                "with byte fallback: train one with python -m koen_sllm.data.prepare")
 
     @classmethod
     def load(cls, path: PathLike) -> "KoEnTokenizer":

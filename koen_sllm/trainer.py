@@ -34,7 +34,7 @@ from .metrics import (MetricsSink, SpikeDetector, StepClock, Throughput, format_
                       peak_memory_gib)
 from .model import KoEnLM, model_config_from_preset
 from .optim import restore_rng
-from .prepare import ensure_training_data
+from .data.prepare import ensure_training_data
 from .run_state import (CheckpointTarget, RunSetupError, check_output_dir_on_main, check_resume_backend,
                         git_commit, library_versions, load_resume_state, resolve_resume_on_main,
                         save_run_checkpoint)

@@ -6,7 +6,7 @@
 #   scripts/run_preprocessing.sh --mix natural corpus.txt --vocab-size 16000
 #   scripts/run_preprocessing.sh --help                                 # every option
 #
-# Same as `python -m koen_sllm.prepare ...` from this checkout (docs/data.md). Works from any
+# Same as `python -m koen_sllm.data.prepare ...` from this checkout (docs/data.md). Works from any
 # directory: relative input paths follow the current directory, default outputs go to
 # <repo>/datasets/. Uses <repo>/.venv/bin/python when it exists, else python3 on PATH.
 set -euo pipefail
@@ -25,4 +25,4 @@ fi
 
 # Import koen_sllm from this checkout even when it is not installed.
 export PYTHONPATH="${repo_root}${PYTHONPATH:+:${PYTHONPATH}}"
-exec "${python_bin}" -m koen_sllm.prepare "$@"
+exec "${python_bin}" -m koen_sllm.data.prepare "$@"

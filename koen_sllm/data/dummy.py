@@ -5,7 +5,7 @@ the final consonant of the word before them), so the text is repetitive
 enough that a tiny model's loss clearly falls within ~20 steps, yet varied
 enough that it does not collapse to memorizing one line. It is never real
 data: the file name says so, every record has ``"source": "dummy"``, and
-koen_sllm.prepare writes it under the run's work folder, never in datasets/.
+koen_sllm.data.prepare writes it under the run's work folder, never in datasets/.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Parallel tokenization of cleaned documents into flat memory-mapped token files.
 
 Input is a JSONL file of clean documents (``{"text", "lang", "source"}``, one
-per line, as written by koen_sllm.prepare). Every document is encoded, EOS is
+per line, as written by koen_sllm.data.prepare). Every document is encoded, EOS is
 appended, and the ids are routed to their split file (``train.bin``,
 ``val_ko.bin`` ...). Files are raw arrays of ``token_dtype`` in native byte order:
 ``np.memmap(path, dtype)`` reads them without loading.
@@ -69,7 +69,7 @@ class Encoded:
 
 
 def _texts(lines: list[bytes]) -> list[str]:
-    """The normalized texts of a chunk of document lines (JSONL written by koen_sllm.prepare)."""
+    """The normalized texts of a chunk of document lines (JSONL written by koen_sllm.data.prepare)."""
     return [normalize_text(json.loads(line)["text"]) for line in lines]
 
 
@@ -244,7 +244,7 @@ def open_tokens(path: Path, dtype: Optional[str] = None) -> np.ndarray:
         if not meta.is_file():
             from koen_sllm.data import DataError
 
-            raise DataError(f"{meta} is missing: token files need their meta.json (re-run python -m koen_sllm.prepare)")
+            raise DataError(f"{meta} is missing: token files need their meta.json (re-run python -m koen_sllm.data.prepare)")
         dtype = json.loads(meta.read_text(encoding="utf-8"))["dtype"]
     if path.stat().st_size == 0:
         return np.zeros(0, dtype=dtype)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-# The tiling chosen by `scripts/bench_optimizer.py --sweep` (results in docs/benchmarks.md): 8
+# The tiling chosen by `benchmarks/bench_optimizer.py --sweep` (results in docs/benchmarks.md): 8
 # elements per thread; 8,192 per program, enough to amortize each program's table lookups (larger
 # chunks gained nothing).
 BLOCK = 1024  # elements per inner iteration

@@ -27,7 +27,7 @@ CONTROL_DESTS = {"status", "stop", "logs_dir", "output_dir", "verbose", "no_inst
 
 # The launcher's documented options with their Korean description, in the order --help and
 # docs/launcher.md show them. The English text is argparse's own help for the same option,
-# so the two cannot drift apart (tests/test_launcher.py checks docs/launcher.md against it).
+# so the two cannot drift apart (tests/scripts/test_launcher.py checks docs/launcher.md against it).
 KOREAN_HELP = {
     "--test": "테스트 모드: 10스텝 빠른 검증 (기본값)",
     "--train": "실제 학습 모드",

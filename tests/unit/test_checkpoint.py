@@ -19,7 +19,7 @@ import torch
 from koen_sllm import checkpoint as ck
 from koen_sllm.checkpoint import CheckpointError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def model_state(v: float) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from koen_sllm import export as koen_export
 from koen_sllm.export import export_hf
 from koen_sllm.checkpoint import CheckpointError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "export_hf.py"
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN, VOCAB = 32, 2, 4, 2, 64, 96

@@ -25,7 +25,7 @@ from koen_sllm.launcher.pidfile import (PidFileState, RunProcess, boot_id, child
                                         is_alive, proc_cmdline, proc_start_time, read_pid_file, record_for,
                                         remove_if_stale, worker_pids, write_pid_file)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _wait_exec(pid: int) -> None:

@@ -639,7 +639,7 @@ def test_real_engine_two_ranks_save_collectively(tmp_path, stage):
     script = tmp_path / "two_ranks.py"
     script.write_text(TWO_RANK_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(Path(__file__).resolve().parent.parent), OMP_NUM_THREADS="1")
+    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(Path(__file__).resolve().parents[2]), OMP_NUM_THREADS="1")
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(script), str(out), str(stage)], env=env, capture_output=True, text=True, timeout=300)

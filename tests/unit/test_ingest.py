@@ -13,7 +13,7 @@ from koen_sllm.data import DataError
 from koen_sllm.data import ingest
 from koen_sllm.data.ingest import IngestStats, clean_text, detect_language, find_input_files, iter_documents
 from koen_sllm.data.mix import parse_mix, plan_mix, select_documents, write_mixed_corpus
-from koen_sllm import prepare
+from koen_sllm.data import prepare
 
 SAMPLE = repo_root().parent / "shared" / "data" / "ko_en_sample.jsonl"
 
@@ -254,4 +254,4 @@ def test_cli_mix_by_source_and_recipe_conflict(tmp_path, capsys):
 def test_cli_bad_option_is_one_line(capsys):
     assert prepare.main(["--vocab-size", "abc"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: argument --vocab-size: invalid int value: 'abc' (see python -m koen_sllm.prepare --help)"]
+    assert err == ["error: argument --vocab-size: invalid int value: 'abc' (see python -m koen_sllm.data.prepare --help)"]

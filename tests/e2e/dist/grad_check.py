@@ -11,7 +11,7 @@ optimizer would see, after DDP's all-reduce and the 1/accumulation scaling.
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 import torch  # noqa: E402
 

@@ -15,7 +15,7 @@ from koen_sllm.data import DataError
 from koen_sllm.data.dummy import DUMMY_FILE
 from koen_sllm.data.loader import TokenLoader, iter_eval_batches
 from koen_sllm.data.pack import encode_jsonl, open_tokens, token_dtype
-from koen_sllm.prepare import ensure_training_data, find_dataset_files
+from koen_sllm.data.prepare import ensure_training_data, find_dataset_files
 from koen_sllm.tokenizer import EOS_ID, KoEnTokenizer
 
 SHARED = repo_root().parent / "shared"

@@ -1,8 +1,8 @@
 """Prepare training data: mix raw corpora, train the tokenizer, write token files.
 
-    python -m koen_sllm.prepare INPUT [INPUT ...]          # files, folders or globs of JSONL / .txt
+    python -m koen_sllm.data.prepare INPUT [INPUT ...]          # files, folders or globs of JSONL / .txt
     scripts/run_preprocessing.sh --recipe1 INPUT ...       # the same (recipe1 = ko 0.6 / en 0.4)
-    python -m koen_sllm.prepare data/ko/*.jsonl data/en --mix ko=0.7,en=0.3 --vocab-size 32000
+    python -m koen_sllm.data.prepare data/ko/*.jsonl data/en --mix ko=0.7,en=0.3 --vocab-size 32000
 
 Writes ``datasets/mixed_pretraining.jsonl`` (+ ``.stats.json`` beside it) and
 ``datasets/prepared/mixed_pretraining/`` (tokenizer, train/val token files,
@@ -33,7 +33,7 @@ from koen_sllm.tokenizer import DEFAULT_MODEL_TYPE, MODEL_TYPES, KoEnTokenizer, 
 
 __all__ = ["DataError", "PreparedData", "ensure_training_data", "find_dataset_files", "main"]
 
-PREPROCESS_COMMAND = "scripts/run_preprocessing.sh --recipe1 YOUR_FILES (= python -m koen_sllm.prepare YOUR_FILES)"
+PREPROCESS_COMMAND = "scripts/run_preprocessing.sh --recipe1 YOUR_FILES (= python -m koen_sllm.data.prepare YOUR_FILES)"
 
 
 @dataclass
@@ -204,12 +204,12 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad option as one DataError line instead of usage text."""
 
     def error(self, message: str):  # noqa: D401 - argparse hook
-        raise DataError(f"{message} (see python -m koen_sllm.prepare --help)")
+        raise DataError(f"{message} (see python -m koen_sllm.data.prepare --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog="python -m koen_sllm.prepare",
+        prog="python -m koen_sllm.data.prepare",
         description="Mix JSONL/txt corpora, train the tokenizer and write token files (see docs/data.md).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("inputs", nargs="*", help="JSONL/.txt files, folders or globs (default: datasets/raw/)")

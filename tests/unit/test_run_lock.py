@@ -19,7 +19,7 @@ import pytest
 
 from koen_sllm.run_lock import LOCK_NAME, FolderBusy, FolderLock, lock_holder
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 OWNER = {"pid": 123, "host": "h", "run_id": "20261206-070000", "mode": "train",
          "started_at": "2026-12-06T07:00:00", "command": "python -m koen_sllm.cli train --config c.yaml"}

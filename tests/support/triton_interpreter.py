@@ -11,17 +11,20 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="triton is not installed (Linux dev extra)")
 
 
 def run_in_interpreter(module: str, calls: str) -> None:
-    """Import ``tests/<module>.py`` as ``t`` in an interpreter child and run ``calls`` (Python
-    statements using ``t`` and ``torch``); fails with the child's output unless they finish."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    code = (f"import sys, torch; sys.path.insert(0, {str(ROOT / 'tests')!r}); import {module} as t; "
+    """Import the test module ``<module>.py`` (found under tests/) as ``t`` in an interpreter child and
+    run ``calls`` (Python statements using ``t`` and ``torch``); fails with the child's output unless
+    they finish."""
+    where = next((ROOT / "tests").rglob(f"{module}.py")).parent
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests" / "support")])}
+    code = (f"import sys, torch; sys.path.insert(0, {str(where)!r}); import {module} as t; "
             f"{calls}; print('checks finished')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
