@@ -32,6 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.torch_version import TorchVersion
 
 from .config import ATTN_BACKENDS
+from .errors import UsageError
 
 # enable_gqa arrived in torch 2.5, set_priority in sdpa_kernel a release later.
 _HAS_ENABLE_GQA = TorchVersion(torch.__version__) >= (2, 5)
@@ -72,7 +73,7 @@ _CUDA_KERNEL_NAMES = {
 _flash_attn_func = None  # bound on first use by _load_flash_attn()
 
 
-class AttentionBackendError(RuntimeError):
+class AttentionBackendError(UsageError, RuntimeError):
     """The requested attention backend cannot run here; the message says why and what to use."""
 
 

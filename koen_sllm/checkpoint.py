@@ -39,6 +39,7 @@ from koen_sllm.atomic_io import (
     TRASH_PREFIX, fsync_path, hash_file, io_message, parallel_map, publish_dir, reason, remove_path,
     restore_trash, sync_tree, write_text,
 )
+from .errors import KoenError
 
 _LOG = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ KO_NO_SPACE = "디스크 공간이 부족합니다"
 _LISTED = 8  # checkpoints named in a --resume error; more would not fit on one line
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(KoenError, RuntimeError):
     """A checkpoint could not be written or read; the message says what, where and the fix."""
 
 

@@ -13,6 +13,7 @@ import time
 from typing import Optional, Sequence
 
 from .config import ConfigError, apply_device_defaults, derive_batch_plan, parse_args, resolve_weights
+from .errors import KoenError, UsageError
 from .config import explicit_options
 
 # The Korean half of a one-line error whose English half names the option or the file.
@@ -192,10 +193,6 @@ def _record_run(cfg, trainer, info, notes, log) -> None:
 
 
 def _run(cfg, info, notes, log, explicit=frozenset()) -> int:
-    from .attention import AttentionBackendError
-    from .checkpoint import CheckpointError
-    from .engines.deepspeed import DeepSpeedBackendError
-    from .run_state import RunSetupError
     from .trainer import Trainer
 
     t0 = time.time()
@@ -213,10 +210,10 @@ def _run(cfg, info, notes, log, explicit=frozenset()) -> int:
         trainer.setup()
         _record_run(cfg, trainer, info, notes, log)
         summary = trainer.train()
-    except (RunSetupError, CheckpointError, ConfigError, AttentionBackendError, DeepSpeedBackendError) as exc:
+    except KoenError as exc:  # one line, and the exit code its type stands for (errors.py)
         # Every rank checks the same options the same way; rank 0 speaks for a bad one.
-        (log.error if info.is_main or not isinstance(exc, ConfigError) else log.info)("❌ %s", exc)
-        return 2 if isinstance(exc, (ConfigError, AttentionBackendError)) else 1
+        (log.error if info.is_main or not isinstance(exc, UsageError) else log.info)("❌ %s", exc)
+        return exc.exit_code
     except Exception as exc:  # keep the traceback in the detail log, one line on the console
         log.debug("traceback", exc_info=True)
         log.error("❌ %s: %s (full traceback in %s)", type(exc).__name__, exc,

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .errors import UsageError
+
 MODEL_SIZES = ("tiny", "125m", "350m", "0.6b", "1.3b")
 ATTN_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "flash-attn")
 # torch.compile modes; "reduce-overhead" replays the compiled forward and backward as CUDA graphs.
@@ -29,7 +31,7 @@ CPU_TEST_MODEL = "tiny"
 CPU_TEST_SEQ_LEN = 128
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A bad option value; the message names the option and the fix."""
 
 

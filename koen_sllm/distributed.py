@@ -16,6 +16,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from .errors import KoenError
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class DistInfo:
         return self.backend is not None
 
 
-class DistError(RuntimeError):
+class DistError(KoenError, RuntimeError):
     pass
 
 

@@ -24,6 +24,7 @@ import socket
 import time
 from pathlib import Path
 from typing import Optional
+from .errors import KoenError
 
 LOCK_NAME = ".koen-run.lock"
 
@@ -63,7 +64,7 @@ def _describe(holder: Optional[dict]) -> str:
     return who
 
 
-class FolderBusy(RuntimeError):
+class FolderBusy(KoenError, RuntimeError):
     """Another live process holds the folder. The message is one line, Korean then English."""
 
     def __init__(self, folder: Path, holder: Optional[dict], what: str = "output folder",

@@ -31,12 +31,13 @@ from .checkpoint import (KO_CANNOT_RESUME, CheckpointError, check_output_dir, lo
                          resolve_resume, save_checkpoint)
 from .logs import get_logger
 from .optim import capture_rng, merge_split_projections, param_group_names
+from .errors import KoenError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import RunConfig
 
 
-class RunSetupError(RuntimeError):
+class RunSetupError(KoenError, RuntimeError):
     """A failure every rank reports the same way: one line, no traceback."""
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 from koen_sllm.atomic_io import hash_file, publish_dir
+from .errors import KoenError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
@@ -51,7 +52,7 @@ PROBE_TEXTS = (
 PathLike = Union[str, Path]
 
 
-class TokenizerError(RuntimeError):
+class TokenizerError(KoenError, RuntimeError):
     """A tokenizer cannot be trained, loaded or exported; the message says why and what to do."""
 
 

@@ -39,6 +39,7 @@ from .deepspeed_config import (  # noqa: F401 - re-exported: the backend's whole
     load_ds_json, offload_device, zero_stage,
 )
 from ..optim import build_scheduler, param_groups
+from ..errors import KoenError, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import StepOutcome
@@ -60,11 +61,11 @@ ENGINE_TAG = "zero"
 _SHARD_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
 
 
-class DeepSpeedUnavailable(RuntimeError):
+class DeepSpeedUnavailable(UsageError, RuntimeError):
     """--deepspeed was asked for but the package cannot be imported; the message holds the install command."""
 
 
-class DeepSpeedBackendError(RuntimeError):
+class DeepSpeedBackendError(KoenError, RuntimeError):
     """The engine and the trainer disagree, or a checkpoint does not fit this run; one line with the fix."""
 
 

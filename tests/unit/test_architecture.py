@@ -14,7 +14,7 @@ PACKAGE = ROOT / "koen_sllm"
 
 # Lowest first. A module may import modules of its own layer or below, never above.
 LAYERS = [
-    ("foundation", {"config", "atomic_io", "logs", "stop", "parent_watch", "run_lock", "metrics"}),
+    ("foundation", {"errors", "config", "atomic_io", "logs", "stop", "parent_watch", "run_lock", "metrics"}),
     ("kernels", {"kernels"}),
     ("data", {"tokenizer", "data"}),
     ("model", {"attention", "rotary", "losses", "model", "master_adamw", "optim"}),
@@ -144,7 +144,7 @@ def test_the_launcher_process_needs_no_third_party_package():
             continue
         heavy = {n for n, _ in imports(path)} & THIRD_PARTY_HEAVY
         assert not heavy, f"{me} imports {heavy}"
-    for dep in ("config", "run_record", "run_lock", "logs"):  # what the launcher's process imports
+    for dep in ("errors", "config", "run_record", "run_lock", "logs"):  # what the launcher's process imports
         heavy = {n for n, top in imports(PACKAGE / f"{dep}.py") if top} & THIRD_PARTY_HEAVY
         assert not heavy, f"{dep} imports {heavy} at module level"
 
@@ -153,6 +153,27 @@ def test_nothing_outside_the_tests_imports_a_test():
     for path in list((ROOT / "scripts").glob("*.py")) + list(PACKAGE.rglob("*.py")):
         names = {n for n, _ in imports(path)}
         assert not any(n.startswith("test_") or n == "tests" for n in names), f"{path} imports a test module"
+
+
+def test_every_user_facing_error_is_a_koen_error_with_its_exit_code():
+    """cli and the launcher map one base type to exit codes: 2 for what the user asked (nothing
+    started), 1 for a run-time failure."""
+    from koen_sllm.attention import AttentionBackendError
+    from koen_sllm.checkpoint import CheckpointError
+    from koen_sllm.config import ConfigError
+    from koen_sllm.data import DataError
+    from koen_sllm.engines.deepspeed import DeepSpeedBackendError, DeepSpeedUnavailable
+    from koen_sllm.errors import KoenError
+    from koen_sllm.run_lock import FolderBusy
+    from koen_sllm.run_record import RunMismatch
+    from koen_sllm.run_state import RunSetupError
+    from koen_sllm.tokenizer import TokenizerError
+
+    codes = {ConfigError: 2, RunMismatch: 2, AttentionBackendError: 2, DeepSpeedUnavailable: 2,
+             CheckpointError: 1, RunSetupError: 1, DeepSpeedBackendError: 1, DataError: 1, TokenizerError: 1,
+             FolderBusy: 1}
+    for kind, code in codes.items():
+        assert issubclass(kind, KoenError) and kind.exit_code == code, kind
 
 
 def test_docs_show_the_graph_as_it_is():
