@@ -51,6 +51,7 @@ from koen_sllm.metrics import peak_flops, peak_memory_gib  # noqa: E402
 from koen_sllm.losses import IGNORE_INDEX  # noqa: E402
 from koen_sllm.optim import build_optimizer, build_scheduler  # noqa: E402
 from koen_sllm.trainer import Trainer  # noqa: E402
+from koen_sllm.hf import mapping as HF  # noqa: E402
 
 VOCAB = 32000
 
@@ -188,7 +189,7 @@ def run_peer(args) -> dict:
     mcfg = model_config_from_preset(args.model_size, VOCAB, args.seq_len)
     torch.manual_seed(args.seed)  # the initial weights ours starts from (Trainer.build seeds the same way)
     ours = KoEnLM(mcfg)
-    hf_cfg = ours.hf_config(2, 3, 0)
+    hf_cfg = HF.hf_config(ours, 2, 3, 0)
     if hf_cfg.get("architectures", [""])[0] != "LlamaForCausalLM":
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -198,7 +199,7 @@ def run_peer(args) -> dict:
     else:
         config = LlamaConfig(**{k: v for k, v in hf_cfg.items() if k not in ("architectures", "model_type")})
         model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa")
-    missing, unexpected = model.load_state_dict(ours.hf_state_dict(), strict=False)
+    missing, unexpected = model.load_state_dict(HF.hf_state_dict(ours), strict=False)
     assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
     fpt = ours.flops_per_token(args.seq_len)  # the same shape: one FLOPs count for both sides
     del ours

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -79,46 +79,8 @@ class ModelConfig:
                 isinstance(dtype := getattr(torch, self.residual_dtype, None), torch.dtype) and dtype.is_floating_point):
             raise ConfigError(f"residual_dtype {self.residual_dtype!r} is not a floating torch dtype name")
 
-    @property
-    def hf_architecture(self) -> str:
-        return "Qwen3ForCausalLM" if self.qk_norm else "LlamaForCausalLM"
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    @classmethod
-    def from_hf_config(cls, d: Mapping[str, Any], **overrides) -> "ModelConfig":
-        """Rebuild the config from a ``config.json`` dict written by :meth:`KoEnLM.hf_config`
-        (or any plain Llama / Qwen3 config this model can represent)."""
-        model_type = d.get("model_type")
-        if model_type not in ("llama", "qwen3"):
-            raise ConfigError(f"config.json model_type {model_type!r} is not supported; expected 'llama' or 'qwen3'")
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ConfigError(f"config.json rope type {rope_type!r} is not supported; only plain RoPE ('default')")
-        for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
-                        ("use_sliding_window", False)):
-            if d.get(key, ok) != ok:
-                raise ConfigError(f"config.json {key}={d[key]!r} is not supported (this model uses {ok!r})")
-        heads = int(d["num_attention_heads"])
-        values = dict(
-            vocab_size=int(d["vocab_size"]),
-            max_seq_len=int(d["max_position_embeddings"]),
-            hidden_size=int(d["hidden_size"]),
-            num_layers=int(d["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(d.get("num_key_value_heads") or heads),
-            intermediate_size=int(d["intermediate_size"]),
-            head_dim=int(d.get("head_dim") or d["hidden_size"] // heads),
-            rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-            qk_norm=model_type == "qwen3",
-            init_std=float(d.get("initializer_range", 0.02)),
-        )
-        values.update(overrides)
-        return cls(**values)
 
 
 # Shapes only; vocab_size and max_seq_len come from the tokenizer and the run.
@@ -262,8 +224,9 @@ class KoEnLM(nn.Module):
         (o_proj, down_proj) scaled by 1/sqrt(2 x layers) so the stream's variance
         does not grow with depth (GPT-2); norms at one. Deterministic under
         torch.manual_seed: parameters are visited in registration order."""
-        std = self.cfg.init_std
-        residual_std = std / math.sqrt(2 * self.cfg.num_layers)
+        c = self.cfg
+        std = c.init_std
+        residual_std = std / math.sqrt(2 * c.num_layers)
         for name, p in self.named_parameters():  # a tied head is visited once, as embed_tokens
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
@@ -272,7 +235,9 @@ class KoEnLM(nn.Module):
             else:
                 # The fused q/k/v block by block, in transformers' order: the same seed gives
                 # the same weights as separate q/k/v matrices did.
-                for block in p.split([rows for _, rows in self.fused_blocks(name) or [(name, p.shape[0])]]):
+                rows = qkv_split(c.num_heads, c.num_kv_heads, c.head_dim) if name.endswith("qkv_proj.weight") \
+                    else [p.shape[0]]
+                for block in p.split(rows):
                     block.normal_(0.0, std)
 
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
@@ -338,108 +303,3 @@ class KoEnLM(nn.Module):
         c = self.cfg
         matmul_params = self.num_params(non_embedding=True) + (c.vocab_size * c.hidden_size if c.tie_embeddings else 0)
         return 6 * matmul_params + 12 * c.num_layers * c.num_heads * c.head_dim * seq_len
-
-    # ------------------------------------------------------------ transformers mapping
-    def hf_config(self, bos_id: int, eos_id: int, pad_id: int) -> dict[str, Any]:
-        """``config.json`` for LlamaForCausalLM (Qwen3ForCausalLM with QK-norm).
-
-        Writes RoPE both as ``rope_theta`` (transformers 4.x) and ``rope_parameters``
-        (5.x) so the directory loads under either. No dtype: loaders take it from the weights.
-        """
-        c = self.cfg
-        d: dict[str, Any] = {
-            "architectures": [c.hf_architecture],
-            "model_type": "qwen3" if c.qk_norm else "llama",
-            "vocab_size": c.vocab_size,
-            "hidden_size": c.hidden_size,
-            "intermediate_size": c.intermediate_size,
-            "num_hidden_layers": c.num_layers,
-            "num_attention_heads": c.num_heads,
-            "num_key_value_heads": c.num_kv_heads,
-            "head_dim": c.head_dim,
-            "hidden_act": "silu",
-            "max_position_embeddings": c.max_seq_len,
-            "rms_norm_eps": c.rms_norm_eps,
-            "rope_theta": c.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
-            "attention_bias": False,
-            "attention_dropout": 0.0,
-            "tie_word_embeddings": c.tie_embeddings,
-            "initializer_range": c.init_std,
-            "bos_token_id": bos_id,
-            "eos_token_id": eos_id,
-            "pad_token_id": pad_id,
-            "use_cache": True,
-        }
-        if c.qk_norm:
-            d.update(use_sliding_window=False, sliding_window=None, max_window_layers=c.num_layers)
-        else:
-            d.update(mlp_bias=False, pretraining_tp=1)
-        return d
-
-    def fused_blocks(self, name: str) -> Optional[list[tuple[str, int]]]:
-        """For a fused projection's name in this model's state dict, the transformers names of its
-        row blocks, in order, with their row counts; None for any other name."""
-        suffix = "self_attn.qkv_proj.weight"
-        if not name.endswith(suffix):
-            return None
-        prefix = "model." + name[: -len(suffix)] + "self_attn."
-        rows = qkv_split(self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim)
-        return [(prefix + part + "_proj.weight", n) for part, n in zip("qkv", rows)]
-
-    def _hf_layout(self) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
-        """Each state-dict entry -> the transformers tensors it holds: [(name, shape)], several
-        for a fused projection, none for a tied head (transformers saves it once, as the embedding)."""
-        out = {}
-        for name, tensor in self.state_dict().items():
-            if name == "lm_head.weight":
-                out[name] = [] if self.cfg.tie_embeddings else [(name, tuple(tensor.shape))]
-            elif (blocks := self.fused_blocks(name)) is not None:
-                out[name] = [(hf, (rows, *tensor.shape[1:])) for hf, rows in blocks]
-            else:
-                out[name] = [("model." + name, tuple(tensor.shape))]
-        return out
-
-    def hf_state_dict(self, state: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
-        """Weights under transformers' names, detached, contiguous and unshared (ready for
-        safetensors): the fused q/k/v matrix split into transformers' three; a tied head left out,
-        as transformers itself saves it. ``state``: this model's own state dict to convert
-        instead of its current weights (the optimizer's fp32 masters, say)."""
-        state = self.state_dict() if state is None else state
-        out = {}
-        for name, parts in self._hf_layout().items():
-            if not parts:
-                continue
-            tensor = state[name].detach()
-            if len(parts) == 1:
-                out[parts[0][0]] = tensor.contiguous()
-            else:  # row blocks of one tensor share its memory, which safetensors refuses: copies
-                for (hf, shape), block in zip(parts, tensor.split([shape[0] for _, shape in parts])):
-                    out[hf] = block.clone()
-        return out
-
-    @torch.no_grad()
-    def load_hf_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
-        """Load weights saved by :meth:`hf_state_dict` or by transformers. Every weight must
-        be present with the right shape; a tied head may be present or not."""
-        given = dict(sd)
-        if self.cfg.tie_embeddings and "lm_head.weight" in given:
-            head = given.pop("lm_head.weight")
-            emb = given.get("model.embed_tokens.weight")
-            if emb is not None and not torch.equal(head.to(emb.dtype), emb):
-                raise ValueError("lm_head.weight differs from embed_tokens.weight, but the config ties them; "
-                                 "load with tie_embeddings=False")
-        layout = self._hf_layout()
-        expected = {hf: shape for parts in layout.values() for hf, shape in parts}
-        missing = sorted(set(expected) - set(given))
-        unexpected = sorted(set(given) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"state dict does not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-        for name, shape in expected.items():
-            if tuple(given[name].shape) != shape:
-                raise ValueError(f"weight {name}: shape {tuple(given[name].shape)} in the state dict, "
-                                 f"{shape} in the model (different preset or vocabulary?)")
-        own = {name: given[parts[0][0]] if len(parts) == 1 else torch.cat([given[hf] for hf, _ in parts])
-               for name, parts in layout.items() if parts}
-        self.load_state_dict(own, strict=not self.cfg.tie_embeddings)

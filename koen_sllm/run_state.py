@@ -32,6 +32,7 @@ from .checkpoint import (KO_CANNOT_RESUME, CheckpointError, check_output_dir, lo
 from .logs import get_logger
 from .optim import capture_rng, merge_split_projections, param_group_names
 from .errors import KoenError
+from .hf import mapping as HF
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import RunConfig
@@ -140,7 +141,7 @@ def _save_on_main(engine: Any, target: CheckpointTarget, name: str, info: Option
         try:
             # The fp32 masters, where the model runs on bf16 copies of them (substituted under the
             # model's own names, before the fused projections are split into transformers' ones).
-            model_state = engine.raw_model.hf_state_dict(engine.weights_for_saving())
+            model_state = HF.hf_state_dict(engine.raw_model, engine.weights_for_saving())
             result = save_checkpoint(
                 target.output_dir, name, model_state=model_state, hf_config=target.hf_config,
                 tokenizer_dir=target.tokenizer_dir, training_info=info, trainer_state=state,
@@ -182,10 +183,10 @@ def load_resume_state(engine: Any, path: Path, plan: Any) -> dict[str, Any]:
             raise RunSetupError(f"{KO_CANNOT_RESUME} / {exc}") from None
     else:
         model = engine.raw_model
-        model.load_hf_state_dict(load_model_state(path))
+        HF.load_hf_state_dict(model, load_model_state(path))
         # Checkpoints saved before q/k/v were fused hold their moments per matrix.
         engine.load_state_dict(state, optimizer_state=merge_split_projections(
-            state["optimizer"], param_group_names(model), lambda name: len(model.fused_blocks(name) or [name])))
+            state["optimizer"], param_group_names(model), lambda name: len(HF.fused_blocks(model, name) or [name])))
     return state
 
 

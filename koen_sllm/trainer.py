@@ -40,6 +40,7 @@ from .run_state import (CheckpointTarget, RunSetupError, check_output_dir_on_mai
                         save_run_checkpoint)
 from .stop import StopRequest
 from .tokenizer import KoEnTokenizer
+from .hf import mapping as HF
 
 VOCAB_MULTIPLE = 64  # embedding rows padded so matmuls tile evenly on tensor cores
 
@@ -256,7 +257,7 @@ class Trainer:
         main = self.info.is_main
         target = CheckpointTarget(
             output_dir=self.cfg.output_dir, tokenizer_dir=self.data.tokenizer_dir, keep_last=self.cfg.ckpt.save_total_limit,
-            hf_config=self.raw_model.hf_config(self.tokenizer.bos_id, self.tokenizer.eos_id, self.tokenizer.pad_id))
+            hf_config=HF.hf_config(self.raw_model, self.tokenizer.bos_id, self.tokenizer.eos_id, self.tokenizer.pad_id))
         return save_run_checkpoint(
             self.engine, target, name, update_latest=update_latest, log=self.log,
             training_info=self.training_info(last_loss) if main else None,

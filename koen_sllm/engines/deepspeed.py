@@ -40,6 +40,7 @@ from .deepspeed_config import (  # noqa: F401 - re-exported: the backend's whole
 )
 from ..optim import build_scheduler, param_groups
 from ..errors import KoenError, UsageError
+from ..hf import mapping as HF
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import StepOutcome
@@ -297,10 +298,10 @@ class DeepSpeedRunner:
 
 
 def _hf_names(module: torch.nn.Module, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map module parameter names to transformers' through the model's own ``hf_state_dict``,
-    applied to a weightless copy of the model, so the mapping lives in model.py only."""
-    if not hasattr(module, "hf_state_dict") or not hasattr(module, "cfg"):
-        raise DeepSpeedBackendError(f"{type(module).__name__} has no hf_state_dict(); export needs a KoEnLM")
+    """Map module parameter names to transformers' through ``hf.mapping.hf_state_dict`` applied to a
+    weightless copy of the model, so the mapping lives in hf/mapping.py only."""
+    if not hasattr(module, "cfg"):
+        raise DeepSpeedBackendError(f"{type(module).__name__} is not a KoEnLM; export needs one")
     with torch.device("meta"):
         shell = type(module)(dataclasses.replace(module.cfg))
     params = {n for n, _ in shell.named_parameters(remove_duplicate=False)}
@@ -308,7 +309,7 @@ def _hf_names(module: torch.nn.Module, full: dict[str, torch.Tensor]) -> dict[st
         if name not in params and name not in full:
             full[name] = module.get_buffer(name).detach().to("cpu").clone()
     shell.load_state_dict(full, strict=False, assign=True)
-    out = shell.hf_state_dict()
+    out = HF.hf_state_dict(shell)
     empty = sorted(k for k, v in out.items() if v.is_meta)
     if empty:
         raise DeepSpeedBackendError(f"consolidating the weights missed {empty[:3]}; the engine holds other parameters")

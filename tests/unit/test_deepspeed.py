@@ -23,6 +23,7 @@ from koen_sllm.engines import deepspeed_config as C  # noqa: E402
 from koen_sllm.checkpoint import CheckpointError, read_latest, verify_checkpoint  # noqa: E402
 from koen_sllm.config import apply_device_defaults, derive_batch_plan, explicit_options, parse_args  # noqa: E402
 from koen_sllm.model import KoEnLM, model_config_from_preset  # noqa: E402
+from koen_sllm.hf import mapping as HF  # noqa: E402
 
 
 def run_config(argv: list[str], world: int = 2, has_cuda: bool = True):
@@ -338,7 +339,7 @@ def test_consolidated_names_match_the_models_own_mapping(tie):
     """_hf_names maps gathered parameters through a weightless copy of the model."""
     model = tiny_model(tie)
     full = {n: p.detach().clone() for n, p in model.named_parameters()}
-    got, want = B._hf_names(model, full), model.hf_state_dict()
+    got, want = B._hf_names(model, full), HF.hf_state_dict(model)
     assert sorted(got) == sorted(want)
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert ("lm_head.weight" in got) is (not tie)
@@ -352,7 +353,7 @@ class StubRunner:
         self.model, self.fail = model, fail
 
     def hf_state_dict(self):
-        return self.model.hf_state_dict()
+        return HF.hf_state_dict(self.model)
 
     def save_into(self, directory, tag=B.ENGINE_TAG):
         if self.fail:
@@ -375,7 +376,7 @@ def test_collective_save_is_atomic_and_exports_a_model_directory(tmp_path):
     model = tiny_model()
     root = tmp_path / "out"
     path = B.save_checkpoint_collective(
-        StubRunner(model), root, "checkpoint-2", hf_config=model.hf_config(2, 3, 0),
+        StubRunner(model), root, "checkpoint-2", hf_config=HF.hf_config(model, 2, 3, 0),
         tokenizer_dir=tokenizer_dir(tmp_path / "tok"), training_info={"step": 2},
         trainer_state={"step": 2, "backend": "deepspeed"}, keep_last=2)
     assert path == root / "checkpoint-2" and read_latest(root) == "checkpoint-2"
@@ -394,7 +395,7 @@ def test_collective_save_is_atomic_and_exports_a_model_directory(tmp_path):
 def test_failed_engine_write_keeps_earlier_checkpoints(tmp_path):
     """A rank failing to write its shard fails the save on every rank; latest stays put."""
     model, root = tiny_model(), tmp_path / "out"
-    kw = dict(hf_config=model.hf_config(2, 3, 0), tokenizer_dir=None, training_info={}, trainer_state={"step": 1})
+    kw = dict(hf_config=HF.hf_config(model, 2, 3, 0), tokenizer_dir=None, training_info={}, trainer_state={"step": 1})
     B.save_checkpoint_collective(StubRunner(model), root, "checkpoint-1", **kw)
     with pytest.raises(CheckpointError, match="DeepSpeed could not write its state.*No space left on device"):
         B.save_checkpoint_collective(StubRunner(model, fail=True), root, "checkpoint-2", **kw)
@@ -553,7 +554,7 @@ def test_real_engine_trains_saves_and_resumes_on_cpu(tmp_path, ds_world, precisi
     first = steps(r, 0, 3)
     assert r.lr < 1e-3 and all(0 < v < 10 for v in first)  # past the warm-up, cosine decay has begun
     model = tiny_model()
-    path = B.save_checkpoint_collective(r, tmp_path, "checkpoint-3", hf_config=model.hf_config(2, 3, 0),
+    path = B.save_checkpoint_collective(r, tmp_path, "checkpoint-3", hf_config=HF.hf_config(model, 2, 3, 0),
                                         tokenizer_dir=None, training_info={}, trainer_state={"step": 3})
     saved = load_file(str(path / "model.safetensors"))
     assert all(v.dtype == torch.float32 for v in saved.values())
@@ -606,7 +607,7 @@ def run(r, first, last, nan_step=-1):
 
 r = make()
 before = run(r, 0, 4, nan_step=2)
-path = B.save_checkpoint_collective(r, out, "checkpoint-4", hf_config=r.module.hf_config(2, 3, 0),
+path = B.save_checkpoint_collective(r, out, "checkpoint-4", hf_config=HF.hf_config(r.module, 2, 3, 0),
                                     tokenizer_dir=None, training_info={}, trainer_state={"step": 4})
 after = run(r, 4, 6)
 r2 = make()

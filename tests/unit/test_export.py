@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from koen_sllm import checkpoint as ck
-from koen_sllm import export as koen_export
-from koen_sllm.export import export_hf
+from koen_sllm.hf import export as koen_export
+from koen_sllm.hf.export import export_hf
 from koen_sllm.checkpoint import CheckpointError
 
 REPO = Path(__file__).resolve().parents[2]

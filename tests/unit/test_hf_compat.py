@@ -16,6 +16,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from koen_sllm.config import repo_root  # noqa: E402
 from koen_sllm.model import KoEnLM, model_config_from_preset  # noqa: E402
+from koen_sllm.hf import mapping as HF
 
 VOCAB = 300
 ARCHS = {
@@ -36,8 +37,8 @@ def build(arch: str, vocab: int = VOCAB, seed: int = 0) -> KoEnLM:
 
 def save_model_dir(model: KoEnLM, path: Path, bos=2, eos=3, pad=0) -> Path:
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(model.hf_config(bos, eos, pad), indent=2))
-    save_file(model.hf_state_dict(), str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(HF.hf_config(model, bos, eos, pad), indent=2))
+    save_file(HF.hf_state_dict(model), str(path / "model.safetensors"), metadata={"format": "pt"})
     return path
 
 
@@ -48,11 +49,11 @@ def ids(t=40, vocab=VOCAB, seed=1):
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_same_logits_as_transformers_in_memory(arch):
     model = build(arch)
-    hf_cfg = transformers.AutoConfig.for_model(**model.hf_config(2, 3, 0))
+    hf_cfg = transformers.AutoConfig.for_model(**HF.hf_config(model, 2, 3, 0))
     hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager").eval()
     expected_class = "Qwen3ForCausalLM" if arch == "qwen3" else "LlamaForCausalLM"
     assert type(hf).__name__ == expected_class
-    missing, unexpected = hf.load_state_dict(model.hf_state_dict(), strict=False)
+    missing, unexpected = hf.load_state_dict(HF.hf_state_dict(model), strict=False)
     assert not unexpected
     assert set(missing) <= ({"lm_head.weight"} if arch == "qwen3" else set())
     if arch == "qwen3":
@@ -88,7 +89,7 @@ def test_state_dict_round_trip(arch):
     x = ids(seed=3)
     with torch.no_grad():
         assert (src(x) - dst(x)).abs().max() > 1e-3  # different weights before loading
-    dst.load_hf_state_dict(src.hf_state_dict())
+    HF.load_hf_state_dict(dst, HF.hf_state_dict(src))
     with torch.no_grad():
         assert torch.equal(src(x), dst(x))
     if arch == "qwen3":
@@ -99,11 +100,11 @@ def test_loads_a_state_dict_written_by_transformers():
     """transformers' own state_dict carries lm_head.weight even when tied."""
     model = build("qwen3")
     hf = transformers.AutoModelForCausalLM.from_config(
-        transformers.AutoConfig.for_model(**model.hf_config(2, 3, 0))).eval()
-    hf.load_state_dict(model.hf_state_dict(), strict=False)
+        transformers.AutoConfig.for_model(**HF.hf_config(model, 2, 3, 0))).eval()
+    hf.load_state_dict(HF.hf_state_dict(model), strict=False)
     hf.tie_weights()
     fresh = build("qwen3", seed=9)
-    fresh.load_hf_state_dict(hf.state_dict())
+    HF.load_hf_state_dict(fresh, hf.state_dict())
     x = ids(seed=4)
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
@@ -111,18 +112,18 @@ def test_loads_a_state_dict_written_by_transformers():
 
 def test_mismatched_state_dicts_are_named():
     model = build("llama")
-    sd = model.hf_state_dict()
+    sd = HF.hf_state_dict(model)
     with pytest.raises(ValueError, match="missing.*lm_head.weight"):
-        model.load_hf_state_dict({k: v for k, v in sd.items() if k != "lm_head.weight"})
+        HF.load_hf_state_dict(model, {k: v for k, v in sd.items() if k != "lm_head.weight"})
     with pytest.raises(ValueError, match="unexpected.*extra.weight"):
-        model.load_hf_state_dict({**sd, "extra.weight": torch.zeros(1)})
+        HF.load_hf_state_dict(model, {**sd, "extra.weight": torch.zeros(1)})
     other = KoEnLM(model_config_from_preset("tiny", VOCAB + 8, 64))
     with pytest.raises(ValueError, match=r"model.embed_tokens.weight|embed_tokens.weight: shape \(308, 64\)"):
-        model.load_hf_state_dict(other.hf_state_dict())
+        HF.load_hf_state_dict(model, HF.hf_state_dict(other))
 
 
 def test_hf_state_dict_is_ready_for_safetensors(tmp_path):
-    sd = build("qwen3").hf_state_dict()
+    sd = HF.hf_state_dict(build("qwen3"))
     assert "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd
     assert "model.layers.0.self_attn.q_norm.weight" in sd
     assert all(t.is_contiguous() and not t.requires_grad for t in sd.values())

@@ -9,6 +9,7 @@ import torch
 from triton_interpreter import needs_triton, run_in_interpreter
 
 from koen_sllm.master_adamw import MasterWeightAdamW, full_precision_state
+from koen_sllm.hf import mapping as HF
 
 HYPER = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
 
@@ -289,10 +290,10 @@ def test_the_model_trains_on_bf16_weights_and_saves_fp32_with_a_tied_head():
     assert losses[-1] < losses[0] - 0.2
     assert losses != reference and all(abs(a - b) < 0.02 for a, b in zip(losses, reference)), (losses, reference)
     assert len(opt.masters) == len(list(model.parameters()))
-    state = model.hf_state_dict(full_precision_state(opt, model.state_dict()))
+    state = HF.hf_state_dict(model, full_precision_state(opt, model.state_dict()))
     assert "lm_head.weight" not in state and all(v.dtype == torch.float32 for v in state.values())
     assert state["model.embed_tokens.weight"].data_ptr() == opt.masters[model.embed_tokens.weight].data_ptr()
     assert torch.equal(state["model.layers.0.self_attn.v_proj.weight"], opt.masters[model.layers[0].self_attn.qkv_proj.weight][96:])
     reloaded = KoEnLM(model_config_from_preset("tiny", 128, 16, tie_embeddings=True))
-    reloaded.load_hf_state_dict(state)
+    HF.load_hf_state_dict(reloaded, state)
     assert all(torch.equal(p.detach(), opt.masters[q]) for p, q in zip(reloaded.parameters(), model.parameters()))

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from koen_sllm.config import ConfigError
-from koen_sllm.model import PRESETS, KoEnLM, ModelConfig, model_config_from_preset
+from koen_sllm.model import PRESETS, KoEnLM, model_config_from_preset
+from koen_sllm.hf import mapping as HF
 
 VOCAB = 300
 
@@ -143,7 +144,7 @@ def test_bad_preset_and_options_are_named():
 def test_vocab_size_is_kept_as_given():
     model = KoEnLM(model_config_from_preset("tiny", 321, 32))
     assert model.embed_tokens.weight.shape == (321, 64)
-    assert model.hf_config(2, 3, 0)["vocab_size"] == 321
+    assert HF.hf_config(model, 2, 3, 0)["vocab_size"] == 321
 
 
 # ---------------------------------------------------------------- causality and init
@@ -227,14 +228,14 @@ def test_bf16_residual_stream_under_autocast():
 def test_config_round_trips_through_hf_config():
     for overrides in ({}, {"qk_norm": True, "tie_embeddings": True, "rope_theta": 1e6, "head_dim": 32}):
         model = tiny(**overrides)
-        assert ModelConfig.from_hf_config(model.hf_config(2, 3, 0)) == model.cfg
+        assert HF.config_from_hf(HF.hf_config(model, 2, 3, 0)) == model.cfg
 
 
 def test_unsupported_hf_configs_are_refused():
-    d = tiny().hf_config(2, 3, 0)
+    d = HF.hf_config(tiny(), 2, 3, 0)
     with pytest.raises(ConfigError, match="model_type 'gpt2'"):
-        ModelConfig.from_hf_config({**d, "model_type": "gpt2"})
+        HF.config_from_hf({**d, "model_type": "gpt2"})
     with pytest.raises(ConfigError, match="rope type 'linear'"):
-        ModelConfig.from_hf_config({**d, "rope_parameters": {"rope_type": "linear", "factor": 2.0}})
+        HF.config_from_hf({**d, "rope_parameters": {"rope_type": "linear", "factor": 2.0}})
     with pytest.raises(ConfigError, match="attention_bias"):
-        ModelConfig.from_hf_config({**d, "attention_bias": True})
+        HF.config_from_hf({**d, "attention_bias": True})

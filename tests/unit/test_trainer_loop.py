@@ -13,6 +13,7 @@ from koen_sllm.config import apply_device_defaults, parse_args
 from koen_sllm.logs import close_handlers, setup_logging
 from koen_sllm.optim import build_scheduler, merge_split_projections, param_group_names, param_groups
 from koen_sllm.trainer import Trainer
+from koen_sllm.hf import mapping as HF
 
 
 def make_trainer(tmp_path: Path, name: str, *extra: str) -> Trainer:
@@ -123,7 +124,7 @@ def split_projections(saved: dict, model) -> dict:
         for name in names:
             entry = saved["state"][old]
             old += 1
-            rows = [r for _, r in model.fused_blocks(name) or []]
+            rows = [r for _, r in HF.fused_blocks(model, name) or []]
             pieces = [entry] if not rows else [
                 {**entry, "exp_avg": m.clone(), "exp_avg_sq": v.clone()}
                 for m, v in zip(entry["exp_avg"].split(rows), entry["exp_avg_sq"].split(rows))]
