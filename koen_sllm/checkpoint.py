@@ -29,6 +29,7 @@ import re
 import shutil
 import time
 from collections import Counter, OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -461,3 +462,12 @@ def check_output_dir(root: Path, need_bytes: int, *, per_checkpoint_bytes: Optio
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+@dataclass
+class CheckpointTarget:
+    """Where and how a run saves: plain values, so the checkpoint layer never reads the trainer."""
+    output_dir: Path
+    tokenizer_dir: Path
+    hf_config: dict[str, Any]
+    keep_last: Optional[int]

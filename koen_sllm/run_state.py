@@ -15,7 +15,6 @@ neither backend resumes the other's checkpoint.
 """
 from __future__ import annotations
 
-import dataclasses
 import platform
 import subprocess
 import time
@@ -26,13 +25,12 @@ import torch
 
 from . import __version__
 from . import distributed as D
+from .checkpoint import (KO_CANNOT_RESUME, CheckpointError, CheckpointTarget, check_output_dir, load_trainer_state,
+                         resolve_resume)
 from .engines import deepspeed as DSB
-from .checkpoint import (KO_CANNOT_RESUME, CheckpointError, check_output_dir, load_model_state, load_trainer_state,
-                         resolve_resume, save_checkpoint)
-from .logs import get_logger
-from .optim import capture_rng, merge_split_projections, param_group_names
 from .errors import KoenError
-from .hf import mapping as HF
+from .logs import get_logger
+from .optim import capture_rng
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import RunConfig
@@ -105,15 +103,6 @@ def git_commit() -> Optional[str]:
         return None
 
 
-@dataclasses.dataclass
-class CheckpointTarget:
-    """Where and how a run saves: plain values, so the checkpoint layer never reads the trainer."""
-    output_dir: Path
-    tokenizer_dir: Path
-    hf_config: dict[str, Any]
-    keep_last: Optional[int]
-
-
 def save_run_checkpoint(engine: Any, target: CheckpointTarget, name: str, *, training_info: Optional[dict],
                         trainer_state: Optional[dict], update_latest: bool = True, log: Any = None) -> Path:
     """Called by every rank with the same arguments (``training_info`` and ``trainer_state`` matter
@@ -123,45 +112,14 @@ def save_run_checkpoint(engine: Any, target: CheckpointTarget, name: str, *, tra
     if trainer_state is not None and rank_states is not None:
         trainer_state = {**trainer_state, "backend": engine.name, "rng_per_rank": [s["rng"] for s in rank_states]}
     t0 = time.time()
-    if engine.name == "deepspeed":
-        path = _save_with_deepspeed(engine, target, name, training_info, trainer_state, update_latest)
-    else:
-        path = _save_on_main(engine, target, name, training_info, trainer_state, update_latest)
+    try:  # collective: every engine raises the same CheckpointError on every rank
+        path = engine.save_checkpoint(target, name, training_info=training_info, trainer_state=trainer_state,
+                                      update_latest=update_latest)
+    except CheckpointError as exc:
+        raise RunSetupError(str(exc)) from None
     if log is not None and D.rank() == 0:
         log.info("checkpoint saved / 체크포인트 저장: %s (%.1fs)", path, time.time() - t0)
     return path
-
-
-def _save_on_main(engine: Any, target: CheckpointTarget, name: str, info: Optional[dict],
-                  state: Optional[dict], update_latest: bool) -> Path:
-    result: Any = None
-    if D.rank() == 0:
-        if state is not None:
-            state = {**state, **engine.state_dict()}  # optimizer, schedule, loss scaler
-        try:
-            # The fp32 masters, where the model runs on bf16 copies of them (substituted under the
-            # model's own names, before the fused projections are split into transformers' ones).
-            model_state = HF.hf_state_dict(engine.raw_model, engine.weights_for_saving())
-            result = save_checkpoint(
-                target.output_dir, name, model_state=model_state, hf_config=target.hf_config,
-                tokenizer_dir=target.tokenizer_dir, training_info=info, trainer_state=state,
-                update_latest=update_latest, keep_last=target.keep_last,
-            )
-        except CheckpointError as exc:
-            result = RunSetupError(str(exc))
-    return _agree(result)
-
-
-def _save_with_deepspeed(engine: Any, target: CheckpointTarget, name: str, info: Optional[dict],
-                         state: Optional[dict], update_latest: bool) -> Path:
-    """Collective and equally atomic; no optimizer/scheduler in trainer_state (they are in the
-    engine's files, partitioned by rank)."""
-    try:
-        return DSB.save_checkpoint_collective(
-            engine, target.output_dir, name, hf_config=target.hf_config, tokenizer_dir=target.tokenizer_dir,
-            training_info=info, trainer_state=state, update_latest=update_latest, keep_last=target.keep_last)
-    except CheckpointError as exc:  # raised with the same message on every rank
-        raise RunSetupError(str(exc)) from None
 
 
 def load_resume_state(engine: Any, path: Path, plan: Any) -> dict[str, Any]:
@@ -176,17 +134,10 @@ def load_resume_state(engine: Any, path: Path, plan: Any) -> dict[str, Any]:
             f"per step; this run has {now_seqs} x {plan.seq_len} ({plan.describe()}); resuming would change "
             f"the data order: keep the global batch, e.g. --global-batch-size {saved_seqs} "
             f"--max-seq-length {state.get('seq_len')}")
-    if engine.name == "deepspeed":
-        try:
-            engine.load_from(path)  # collective: weights, optimizer shards, schedule
-        except DSB.DeepSpeedBackendError as exc:
-            raise RunSetupError(f"{KO_CANNOT_RESUME} / {exc}") from None
-    else:
-        model = engine.raw_model
-        HF.load_hf_state_dict(model, load_model_state(path))
-        # Checkpoints saved before q/k/v were fused hold their moments per matrix.
-        engine.load_state_dict(state, optimizer_state=merge_split_projections(
-            state["optimizer"], param_group_names(model), lambda name: len(HF.fused_blocks(model, name) or [name])))
+    try:  # weights, optimizer and schedule, each engine from its own files (collective with DeepSpeed)
+        engine.load_checkpoint(path, state)
+    except KoenError as exc:
+        raise RunSetupError(exc if KO_CANNOT_RESUME in str(exc) else f"{KO_CANNOT_RESUME} / {exc}") from None
     return state
 
 

@@ -24,7 +24,7 @@ import torch
 
 from . import distributed as D
 from .engines import deepspeed as DSB
-from .checkpoint import estimate_checkpoint_bytes
+from .checkpoint import CheckpointTarget, estimate_checkpoint_bytes
 from .config import RunConfig, derive_batch_plan, resolve_weights
 from .data.loader import TokenLoader, iter_eval_batches
 from .engines.ddp import PRECISION_DTYPES, DDPEngine
@@ -35,7 +35,7 @@ from .metrics import (MetricsSink, SpikeDetector, StepClock, Throughput, format_
 from .model import KoEnLM, model_config_from_preset
 from .optim import restore_rng
 from .data.prepare import ensure_training_data
-from .run_state import (CheckpointTarget, RunSetupError, check_output_dir_on_main, check_resume_backend,
+from .run_state import (RunSetupError, check_output_dir_on_main, check_resume_backend,
                         git_commit, library_versions, load_resume_state, resolve_resume_on_main,
                         save_run_checkpoint)
 from .stop import StopRequest

@@ -14,11 +14,15 @@ from typing import Any, Optional
 
 import torch
 
+from pathlib import Path
+
 from .. import distributed as D
+from ..checkpoint import CheckpointError, CheckpointTarget, load_model_state, save_checkpoint
 from ..config import RunConfig
+from ..hf import mapping as HF
 from ..master_adamw import MasterWeightAdamW, full_precision_state
 from ..optim import (CAN_CLIP_IN_FUSED_UPDATE, build_optimizer, build_scheduler, clip_divisor, grad_norm_reader,
-                     updates_on_device)
+                     merge_split_projections, param_group_names, updates_on_device)
 from . import StepOutcome, start_host_copy
 
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -169,6 +173,37 @@ class DDPEngine:
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with self.autocast:
             return self.raw_model(x, y)
+
+    # ------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, target: CheckpointTarget, name: str, *, training_info: Optional[dict],
+                        trainer_state: Optional[dict], update_latest: bool = True) -> Path:
+        """Rank 0 writes the whole checkpoint; every rank returns its path or raises the same
+        CheckpointError, so none is left waiting at a collective."""
+        result: Any = None
+        if D.rank() == 0:
+            state = None if trainer_state is None else {**trainer_state, **self.state_dict()}
+            try:
+                # The fp32 masters, where the model runs on bf16 copies of them (substituted under the
+                # model's own names, before the fused projections are split into transformers' ones).
+                result = save_checkpoint(
+                    target.output_dir, name, model_state=HF.hf_state_dict(self.raw_model, self.weights_for_saving()),
+                    hf_config=target.hf_config, tokenizer_dir=target.tokenizer_dir, training_info=training_info,
+                    trainer_state=state, update_latest=update_latest, keep_last=target.keep_last)
+            except CheckpointError as exc:
+                result = str(exc)
+        result = D.broadcast_object(result)
+        if isinstance(result, str):
+            raise CheckpointError(result)
+        return result
+
+    def load_checkpoint(self, path: Path, trainer_state: dict[str, Any]) -> None:
+        """Weights from model.safetensors; optimizer, schedule and scaler from trainer_state."""
+        model = self.raw_model
+        HF.load_hf_state_dict(model, load_model_state(path))
+        # Checkpoints saved before q/k/v were fused hold their moments per matrix.
+        self.load_state_dict(trainer_state, optimizer_state=merge_split_projections(
+            trainer_state["optimizer"], param_group_names(model),
+            lambda name: len(HF.fused_blocks(model, name) or [name])))
 
     # ------------------------------------------------------------ state
     def weights_for_saving(self) -> dict[str, torch.Tensor]:

@@ -43,6 +43,7 @@ from ..errors import KoenError, UsageError
 from ..hf import mapping as HF
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..checkpoint import CheckpointTarget
     from . import StepOutcome
 
 __all__ = [  # the config half is re-exported so the trainer imports one module
@@ -215,6 +216,19 @@ class DeepSpeedRunner:
 
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.forward(x, y)  # through the engine: ZeRO-3 gathers the weights
+
+    def save_checkpoint(self, target: "CheckpointTarget", name: str, *, training_info: Optional[dict],
+                        trainer_state: Optional[dict], update_latest: bool = True) -> Path:
+        """Collective and as atomic as the DDP save (save_checkpoint_collective); trainer_state holds
+        no optimizer or schedule: they are in the engine's files, partitioned by rank."""
+        return save_checkpoint_collective(
+            self, target.output_dir, name, hf_config=target.hf_config, tokenizer_dir=target.tokenizer_dir,
+            training_info=training_info, trainer_state=trainer_state, update_latest=update_latest,
+            keep_last=target.keep_last)
+
+    def load_checkpoint(self, path: Path, trainer_state: dict[str, Any]) -> None:
+        """Weights, optimizer shards and schedule from the engine's own files (collective)."""
+        self.load_from(path)
 
     def optimizer_step(self) -> tuple[Optional[float], bool]:
         """The optimizer step after the last micro-batch: (global grad norm before clipping, applied).
