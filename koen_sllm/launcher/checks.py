@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 from .. import run_lock
+from ..config import RunConfig
 from . import pidfile
 from .environment import PythonEnv, child_env
 from .files import JobFiles
@@ -53,8 +54,7 @@ def checkpoints_in(output_dir: Path, limit: int = 8) -> str:
 def before_environment(opts: LaunchOptions, output_dir: Path, files: JobFiles) -> dict:
     ns = opts.ns
     previous = recorded(output_dir, opts.mode).get("dataset_path")
-    data = _absolute(ns.dataset_path or previous) if ns.dataset_path or previous else \
-        Path(__file__).resolve().parents[2] / "datasets"
+    data = _absolute(ns.dataset_path or previous) if ns.dataset_path or previous else RunConfig().dataset_path
     if ns.dataset_path and not data.exists():
         raise LaunchError(f"데이터셋 경로가 없습니다 / --dataset-path '{data}' does not exist")
     count = count_data_files(data)
