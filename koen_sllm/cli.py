@@ -20,7 +20,7 @@ from .config import explicit_options
 _KO_CONFIG = "옵션 오류"
 
 
-def _print_err(msg: str) -> None:
+def print_error(msg: str) -> None:
     print(f"❌ {msg}", file=sys.stderr, flush=True)
 
 
@@ -57,7 +57,7 @@ def _dry_run(cfg, explicit, notes, world_size: int, has_cuda: bool) -> int:
     try:
         notes = resolve_fully(cfg, explicit, notes, world_size, has_cuda)
     except ConfigError as exc:
-        _print_err(bilingual(str(exc)))
+        print_error(bilingual(str(exc)))
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         for note in notes:
@@ -94,7 +94,7 @@ def _take_folders(cfg, info) -> Optional[list]:
     error = D.broadcast_object(error)
     if error:
         if info.is_main:
-            _print_err(error)
+            print_error(error)
         return None
     return locks
 
@@ -108,7 +108,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         parse_args(argv)  # option errors first, before torch is imported
     except ConfigError as exc:
-        _print_err(bilingual(f"{exc} (see --help)"))
+        print_error(bilingual(f"{exc} (see --help)"))
         return 2
 
     import torch
@@ -121,7 +121,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
         cfg, ns, explicit, notes = resolve_config(argv, world_size, has_cuda)
     except ConfigError as exc:
         if int(os.environ.get("RANK", "0")) == 0:
-            _print_err(bilingual(str(exc)))
+            print_error(bilingual(str(exc)))
         return 2
     if ns.dry_run:
         return _dry_run(cfg, explicit, notes, world_size, has_cuda)
@@ -132,13 +132,13 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
             require_deepspeed()
         except DeepSpeedUnavailable as exc:
             if int(os.environ.get("RANK", "0")) == 0:
-                _print_err(bilingual(str(exc), "패키지 없음"))
+                print_error(bilingual(str(exc), "패키지 없음"))
             return 2
 
     try:
         info = D.init_distributed()
     except Exception as exc:
-        _print_err(f"프로세스 그룹 참여 실패 / could not join the process group: {exc}")
+        print_error(f"프로세스 그룹 참여 실패 / could not join the process group: {exc}")
         return 1
     locks = _take_folders(cfg, info)
     if locks is None:

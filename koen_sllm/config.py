@@ -549,14 +549,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def explicit_options(argv: Optional[Sequence[str]]) -> set[str]:
+def explicit_options(argv: Optional[Sequence[str]], parser: Optional[argparse.ArgumentParser] = None) -> set[str]:
     """Destination names (``learning_rate``, ``precision``, ...) of the options on the command line.
 
     The parsed Namespace cannot tell ``--learning-rate 1e-4`` from the default
     1e-4, so the same parser runs again with every default replaced by one
-    marker object: whatever does not hold the marker was typed by the user.
+    marker object: whatever does not hold the marker was typed by the user. ``parser``: a parser
+    built on :func:`build_parser` (the launcher's adds its own group); the trainer's by default.
     """
-    parser, unset = build_parser(), object()
+    parser, unset = parser or build_parser(), object()
     parser.set_defaults(**{dest: unset for dest in vars(parser.parse_args([]))})
     return {dest for dest, value in vars(parser.parse_args(list(argv or []))).items() if value is not unset}
 

@@ -19,7 +19,8 @@ from typing import Optional
 from . import pidfile
 from .files import JobFiles, log_line, shquote
 
-_PROGRESS = re.compile(r"step [0-9]+/[0-9]+ \| loss ")
+# The trainer's progress line (metrics.format_progress), read by --status and by the start's wait.
+PROGRESS_LINE = re.compile(r"step [0-9]+/[0-9]+ \| loss ")
 
 
 def elapsed(proc: pidfile.RunProcess) -> str:
@@ -35,7 +36,7 @@ def elapsed(proc: pidfile.RunProcess) -> str:
 def last_progress(console: Path) -> Optional[str]:
     """The newest progress line, searched in the log's last 2 MB so --status stays fast on long runs."""
     tail = _tail(console, 2_000_000)
-    lines = [line for line in tail.splitlines() if _PROGRESS.search(line)]
+    lines = [line for line in tail.splitlines() if PROGRESS_LINE.search(line)]
     return lines[-1] if lines else None
 
 
@@ -159,8 +160,7 @@ def _stop_one(files: JobFiles, proc: pidfile.RunProcess, timeout: int, launcher:
         files.stopping.write_text(time.strftime("%Y-%m-%d %H:%M:%S") + "\n")
     print(f"⏳ 종료 대기 중 / waiting for the run to end (up to {timeout} s)", end="", flush=True)
     t0 = time.monotonic()
-    while pidfile.read_pid_file(files.pid).state == "live" or pidfile.is_alive(proc.pid) and \
-            pidfile.proc_start_time(proc.pid) == proc.start_time:
+    while pidfile.is_alive(proc.pid) and pidfile.proc_start_time(proc.pid) == proc.start_time:
         if time.monotonic() - t0 >= timeout:
             print(f"\n⚠️  {timeout}초 안에 끝나지 않았습니다 / still running after {timeout} s (a checkpoint save may "
                   "be slow).")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from ..config import ConfigError, RunConfig, build_parser, parse_args
+from ..config import ConfigError, RunConfig, build_parser, explicit_options, parse_args
 
 DEFAULT_NUM_GPUS = 2
 # Destinations that belong to the launcher alone: never passed to the trainer.
@@ -120,7 +120,7 @@ def parse(argv: Sequence[str]) -> LaunchOptions:
         ns, _ = _parse_known(parser, words)
     except ConfigError as exc:
         raise LaunchError(translate_argparse_error(str(exc))) from None
-    explicit = _explicit(parser, words)
+    explicit = explicit_options(words, build_launcher_parser())
     typed = _typed(parser, words)
     opts = LaunchOptions(words, ns, explicit, typed)
     if opts.action != "run":
@@ -144,15 +144,6 @@ def _parse_known(parser, words):
     if rest:
         raise ConfigError(f"unrecognized arguments: {' '.join(rest)}")
     return ns, rest
-
-
-def _explicit(parser, words) -> set[str]:
-    """Destinations typed on the command line (not their defaults)."""
-    unset = object()
-    probe = build_launcher_parser()
-    probe.set_defaults(**{a.dest: unset for a in probe._actions if a.dest != "help"})  # noqa: SLF001
-    ns, _ = probe.parse_known_args(words)
-    return {d for d, v in vars(ns).items() if v is not unset}
 
 
 def _typed(parser, words) -> dict[str, str]:

@@ -15,7 +15,7 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    from ..cli import _print_err, bilingual, resolve_config, resolve_fully
+    from ..cli import print_error, bilingual, resolve_config, resolve_fully
     from ..config import ConfigError
 
     import torch
@@ -25,7 +25,7 @@ def main(argv: list[str]) -> int:
         cfg, _, explicit, notes = resolve_config(argv, world_size, has_cuda)
         notes = resolve_fully(cfg, explicit, notes, world_size, has_cuda)
     except ConfigError as exc:
-        _print_err(bilingual(str(exc)))
+        print_error(bilingual(str(exc)))
         return 2
     if cfg.train.deepspeed is not None:  # a missing package stops the start, not the run minutes later
         from ..engines.deepspeed import DeepSpeedUnavailable, require_deepspeed
@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
             require_deepspeed()
         except DeepSpeedUnavailable as exc:
             if not os.environ.get("KOEN_RESOLVE_DRY_RUN"):
-                _print_err(bilingual(str(exc), "패키지 없음"))
+                print_error(bilingual(str(exc), "패키지 없음"))
                 return 2
             notes.append(f"⚠️  the run would stop here: {exc}")  # a dry run still shows the settings
     print(json.dumps({"config": cfg.to_dict(), "notes": notes, "has_cuda": has_cuda}, ensure_ascii=False))

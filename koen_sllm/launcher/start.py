@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Optional
 
 from . import pidfile
+from .control import PROGRESS_LINE, signal_workers
 from .files import JobFiles, log_line, shquote
 
-_PROGRESS = re.compile(r"step [0-9]+/[0-9]+ \| loss ")
 _DONE = re.compile(r"Training (complete|stopped)")
 _LAUNCHER_LINE = re.compile(r"^\[[^]]*\] \[launcher\]")
 DEFAULT_START_TIMEOUT = 900  # preparing a large corpus the first time can take this long
@@ -104,7 +104,7 @@ def _wait_for_first_step(launch: Launch, proc: subprocess.Popen, record: pidfile
             if shown < SHOWN_LINES:
                 print(line, flush=True)
                 shown += 1
-            if _PROGRESS.search(line) or _DONE.search(line):
+            if PROGRESS_LINE.search(line) or _DONE.search(line):
                 reached = True
         if reached:
             break
@@ -217,8 +217,6 @@ def foreground(launch: Launch) -> int:
 
 
 def _forward(record: pidfile.RunProcess, count: int) -> None:
-    from .control import signal_workers
-
     if count == 1:
         print("\n⏹  중단 요청: 체크포인트 저장 후 종료합니다 (한 번 더: 즉시 종료) / stopping after a checkpoint save "
               "(again: stop now)", file=sys.stderr, flush=True)
