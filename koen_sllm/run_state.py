@@ -1,6 +1,6 @@
-"""What the trainer saves and restores, and the rank choreography around checkpoint.py.
+"""What the trainer saves and restores, and the rank choreography around checkpoint/store.py.
 
-checkpoint.py knows how to store a directory atomically; this module knows what
+checkpoint/store.py knows how to store a directory atomically; this module knows what
 a training run must put in it (weights, optimizer, schedule, per-rank RNG,
 data position, metadata) and makes every rank agree on the outcome, so a
 failed save on rank 0 never leaves the other ranks waiting at a collective.
@@ -25,7 +25,7 @@ import torch
 
 from . import __version__
 from . import distributed as D
-from .checkpoint import (KO_CANNOT_RESUME, CheckpointError, CheckpointTarget, check_output_dir, load_trainer_state,
+from .checkpoint.store import (KO_CANNOT_RESUME, CheckpointError, CheckpointTarget, check_output_dir, load_trainer_state,
                          resolve_resume)
 from .engines import deepspeed as DSB
 from .errors import KoenError

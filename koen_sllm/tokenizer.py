@@ -26,7 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
-from koen_sllm.atomic_io import hash_file, publish_dir
+from koen_sllm.checkpoint.atomic_io import hash_file, publish_dir
 from .errors import KoenError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3

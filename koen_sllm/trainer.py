@@ -24,7 +24,7 @@ import torch
 
 from . import distributed as D
 from .engines import deepspeed as DSB
-from .checkpoint import CheckpointTarget, estimate_checkpoint_bytes
+from .checkpoint.store import CheckpointTarget, estimate_checkpoint_bytes
 from .config import RunConfig, derive_batch_plan, resolve_weights
 from .data.loader import TokenLoader, iter_eval_batches
 from .engines.ddp import PRECISION_DTYPES, DDPEngine

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from koen_sllm.checkpoint import CheckpointError, resolve_resume  # noqa: E402
+from koen_sllm.checkpoint.store import CheckpointError, resolve_resume  # noqa: E402
 from koen_sllm.hf.export import export_hf  # noqa: E402
 from koen_sllm.config import repo_root  # noqa: E402
 

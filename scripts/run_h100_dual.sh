@@ -10,7 +10,7 @@
 # Every option (the trainer's included) is parsed, defaulted and checked in one place,
 # koen_sllm/launcher (options: --help or docs/launcher.md). That package needs only
 # the standard library: it runs with any python3 >= 3.10 before the training
-# environment exists, then sets that up through scripts/setup_env.sh.
+# environment exists, then sets that up through koen_sllm/launcher/setup_env.sh.
 # Exit codes: 0 ok, 1 a run-time failure, 2 a bad option (nothing started), 3 --status: not running.
 set -euo pipefail
 
@@ -21,4 +21,8 @@ if [[ -z "$PY3" ]] || ! "$PY3" -c 'import sys; sys.exit(sys.version_info < (3, 1
   exit 1
 fi
 export KOEN_SLLM_ROOT="$ROOT"
-PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "$PY3" -m koen_sllm.launcher "$@"
+# Not `python3 -m`: that puts the current directory first on sys.path, and a launcher started
+# from inside another checkout would run that checkout's code.
+PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "$PY3" -c \
+  'import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); runpy.run_module("koen_sllm.launcher", run_name="__main__", alter_sys=True)' \
+  "$ROOT" "$@"

@@ -8,8 +8,8 @@
 # (created when missing); missing packages are installed with the `dev` extra.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-# shellcheck source=scripts/setup_env.sh
-source "$root/scripts/setup_env.sh"
+# shellcheck source=koen_sllm/launcher/setup_env.sh
+source "$root/koen_sllm/launcher/setup_env.sh"
 koen_setup_env dev
 cd "$root"
 # The checkout's package first, whether or not it is installed in this environment.

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from koen_sllm.atomic_io import publish_dir
+from koen_sllm.checkpoint.atomic_io import publish_dir
 from koen_sllm.data import DataError
 from koen_sllm.data.ingest import IngestStats, content_hash, file_stamp, format_summary, iter_documents
 from koen_sllm.data.pack import DocTable, pack_jsonl, token_dtype

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
-from koen_sllm.atomic_io import hash_file
+from koen_sllm.checkpoint.atomic_io import hash_file
 from koen_sllm.data import DataError
 from koen_sllm.data.progress import Progress
 from koen_sllm.tokenizer import normalize_text

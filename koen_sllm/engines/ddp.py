@@ -17,7 +17,7 @@ import torch
 from pathlib import Path
 
 from .. import distributed as D
-from ..checkpoint import CheckpointError, CheckpointTarget, load_model_state, save_checkpoint
+from ..checkpoint.store import CheckpointError, CheckpointTarget, load_model_state, save_checkpoint
 from ..config import RunConfig
 from ..hf import mapping as HF
 from ..master_adamw import MasterWeightAdamW, full_precision_state

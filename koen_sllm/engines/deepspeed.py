@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from .. import distributed as D
-from ..checkpoint import CheckpointError, save_checkpoint
+from ..checkpoint.store import CheckpointError, save_checkpoint
 from ..config import OptimConfig
 from .deepspeed_config import (  # noqa: F401 - re-exported: the backend's whole API lives here
     SHIPPED_CONFIG, DeepSpeedConfigError, apply_ds_options, build_ds_config, describe,
@@ -43,7 +43,7 @@ from ..errors import KoenError, UsageError
 from ..hf import mapping as HF
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..checkpoint import CheckpointTarget
+    from ..checkpoint.store import CheckpointTarget
     from . import StepOutcome
 
 __all__ = [  # the config half is re-exported so the trainer imports one module

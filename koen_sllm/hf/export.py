@@ -16,8 +16,8 @@ from typing import Iterable, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from koen_sllm.atomic_io import io_message, publish_dir, remove_path, sync_tree, write_text
-from koen_sllm.checkpoint import (CHECKPOINT_OWN_FILES, CONFIG_FILE, MANIFEST_FILE, MODEL_FILE, CheckpointError,
+from koen_sllm.checkpoint.atomic_io import io_message, publish_dir, remove_path, sync_tree, write_text
+from koen_sllm.checkpoint.store import (CHECKPOINT_OWN_FILES, CONFIG_FILE, MANIFEST_FILE, MODEL_FILE, CheckpointError,
                                   verify_checkpoint)
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

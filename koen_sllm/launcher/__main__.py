@@ -70,7 +70,7 @@ def _run(opts: options.LaunchOptions) -> int:
     words = checks.trainer_arguments(opts, output_dir, logs_dir)
     resolved = checks.resolve(penv, words, nproc, dry_run=opts.ns.dry_run)
     trainer = environment.trainer_script()
-    command = [penv.python, "-m", "koen_sllm.launcher.torchrun", "--standalone", "--nproc_per_node", str(nproc),
+    command = [*environment.module_command(penv.python, "koen_sllm.launcher.torchrun"), "--standalone", "--nproc_per_node", str(nproc),
                str(trainer), *words]
     cfg = resolved["config"]
     passed = shjoin(options.trainer_words(opts)) if opts.ns.verbose else ""

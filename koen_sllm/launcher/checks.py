@@ -15,7 +15,7 @@ from pathlib import Path
 from .. import run_lock
 from ..config import RunConfig
 from . import pidfile
-from .environment import PythonEnv, child_env
+from .environment import PythonEnv, child_env, module_command
 from .files import JobFiles
 from .options import DEFAULT_NUM_GPUS, LaunchError, LaunchOptions, recorded, trainer_words
 
@@ -179,7 +179,7 @@ def resolve(penv: PythonEnv, words: list[str], nproc: int, dry_run: bool = False
     env = child_env(penv, WORLD_SIZE=str(nproc), RANK="0")
     if dry_run:
         env["KOEN_RESOLVE_DRY_RUN"] = "1"
-    res = subprocess.run([penv.python, "-m", "koen_sllm.launcher.resolve", *words], capture_output=True,
+    res = subprocess.run([*module_command(penv.python, "koen_sllm.launcher.resolve"), *words], capture_output=True,
                          text=True, env=env)
     if res.returncode != 0:
         lines = [ln for ln in res.stderr.splitlines() if ln.strip()]

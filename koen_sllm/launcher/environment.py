@@ -1,4 +1,4 @@
-"""The Python environment a run uses, found (or prepared) by scripts/setup_env.sh.
+"""The Python environment a run uses, found (or prepared) by koen_sllm/launcher/setup_env.sh.
 
 The launcher itself needs only the standard library; the run needs torch and
 the rest. setup_env.sh decides which interpreter (the active virtualenv or
@@ -34,7 +34,7 @@ def prepare(no_install: bool) -> PythonEnv:
     """Run setup_env.sh's koen_setup_env for the packages training imports; its messages reach the terminal."""
     import tempfile
 
-    setup = repo_root() / "scripts" / "setup_env.sh"
+    setup = Path(__file__).resolve().parent / "setup_env.sh"
     env = dict(os.environ)
     if no_install:
         env["KOEN_NO_INSTALL"] = "1"
@@ -82,6 +82,17 @@ def child_env(penv: PythonEnv, **extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(parts)
     env.update(extra)
     return env
+
+
+# `python -m` would put the current directory first on sys.path, so a launcher started from inside
+# another checkout would run that checkout's code; the module is run from this checkout instead.
+_RUN_MODULE = ("import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
+               "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)")
+
+
+def module_command(python: str, module: str) -> list[str]:
+    """``python -m module`` with this checkout's package, whatever the current directory holds."""
+    return [python, "-c", _RUN_MODULE, str(repo_root()), module]
 
 
 def trainer_script() -> Path:

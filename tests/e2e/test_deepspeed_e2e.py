@@ -111,7 +111,7 @@ def test_two_process_run_trains_and_saves_model_directories(full_run):
     assert latest(full_run) == "checkpoint-12"
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-12", "checkpoint-4", "checkpoint-8",
                                                     "initial_model", "latest"]
-    from koen_sllm.checkpoint import verify_checkpoint
+    from koen_sllm.checkpoint.store import verify_checkpoint
 
     ckpt = out / "checkpoint-12"
     ok, why = verify_checkpoint(ckpt)

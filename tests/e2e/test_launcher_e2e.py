@@ -72,7 +72,7 @@ def wait_for(predicate, timeout: float, what: str):
 
 
 def latest_checkpoint(out: Path):
-    from koen_sllm.checkpoint import resolve_resume
+    from koen_sllm.checkpoint.store import resolve_resume
 
     return resolve_resume("auto", out)
 

@@ -20,7 +20,7 @@ import torch
 
 from e2e_support import cpu_env, write_corpus
 from koen_sllm import distributed as D
-from koen_sllm.checkpoint import CheckpointError, resolve_resume
+from koen_sllm.checkpoint.store import CheckpointError, resolve_resume
 from koen_sllm.config import apply_device_defaults, parse_args, repo_root
 from koen_sllm.logs import close_handlers, setup_logging
 from koen_sllm.model import KoEnLM, ModelConfig

@@ -123,7 +123,7 @@ def test_nonfinite_step_is_skipped_then_the_run_stops_after_the_limit(tmp_path, 
                 "--save-steps", "2", "--debug-nan-steps", "3,4,5", "--max-bad-steps", "3", expect=1)
     assert "stopped after 3 consecutive non-finite steps at step 3" in bad.stdout + bad.stderr
     assert latest(tmp_path / "many") == "checkpoint-2"
-    from koen_sllm.checkpoint import verify_checkpoint
+    from koen_sllm.checkpoint.store import verify_checkpoint
 
     assert verify_checkpoint(tmp_path / "many" / "out" / "checkpoint-2")[0]
 

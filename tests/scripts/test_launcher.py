@@ -26,7 +26,7 @@ from koen_sllm.config import repo_root
 ROOT = repo_root()
 LAUNCHER = ROOT / "scripts" / "run_h100_dual.sh"
 WRAPPER = ROOT / "run_h100_dual.sh"
-LIB = ROOT / "scripts" / "launcher_lib.sh"
+LIB = ROOT / "koen_sllm" / "launcher" / "sbatch_lib.sh"
 
 ALL_OPTIONS = [
     "--test", "--train", "--max-steps", "--dataset-path", "--output-dir", "--logs-dir", "--batch-size",
@@ -219,6 +219,12 @@ def _command_from(stdout: str) -> list[str]:
     return shlex.split(lines[i + 1])
 
 
+def _trainer_args(stdout: str) -> list[str]:
+    """The words after the training script in the command --dry-run prints."""
+    cmd = _command_from(stdout)
+    return cmd[next(i for i, w in enumerate(cmd) if w.endswith("train_h100_dual.py")) + 1:]
+
+
 def _config_from(stdout: str) -> dict:
     start = stdout.index("resolved configuration")
     return json.loads(stdout[stdout.index("{", start):])
@@ -239,9 +245,11 @@ def test_dry_run_prints_the_command_with_options_and_spaced_paths(tmp_path):
     assert "✅ 모든 요구사항 충족" in res.stdout and "📋 학습 정보" in res.stdout
     assert "running 3 CPU processes" in res.stdout or "GPU 확인 완료" in res.stdout
     cmd = _command_from(res.stdout)
-    assert cmd[1:6] == ["-m", "koen_sllm.launcher.torchrun", "--standalone", "--nproc_per_node", "3"]
-    assert Path(cmd[6]) == ROOT / "scripts" / "train_h100_dual.py"
-    args = cmd[7:]
+    # The torchrun wrapper runs from this checkout even though the current directory is elsewhere.
+    assert cmd[1] == "-c" and Path(cmd[3]) == ROOT
+    assert cmd[4:8] == ["koen_sllm.launcher.torchrun", "--standalone", "--nproc_per_node", "3"]
+    assert Path(cmd[8]) == ROOT / "scripts" / "train_h100_dual.py"
+    args = cmd[9:]
 
     def after(opt):
         return args[args.index(opt) + 1]
@@ -266,7 +274,7 @@ def test_dry_run_prints_the_command_with_options_and_spaced_paths(tmp_path):
 def test_dry_run_defaults_and_optional_values(tmp_path):
     res = run("--dry-run", "--resume", "--deepspeed", "--logs-dir", str(tmp_path / "l"), "--output-dir", str(tmp_path / "o"))
     assert res.returncode == 0, res.stderr
-    args = _command_from(res.stdout)[7:]
+    args = _trainer_args(res.stdout)
     assert args[0] == "--test" and "--batch-size" not in args  # defaults stay the trainer's
     assert args[args.index("--resume") + 1] == "auto"
     assert args[-1] == "--deepspeed" or args[args.index("--deepspeed") + 1].startswith("--")
@@ -295,7 +303,7 @@ def test_resume_by_checkpoint_name_looks_in_the_output_dir(tmp_path):
     res = run("--dry-run", "--resume", "checkpoint-500", "--output-dir", str(tmp_path / "out"),
               "--logs-dir", str(tmp_path / "l"), cwd=Path("/"))
     assert res.returncode == 0, res.stderr
-    args = _command_from(res.stdout)[7:]
+    args = _trainer_args(res.stdout)
     assert args[args.index("--resume") + 1] == str(tmp_path / "out" / "checkpoint-500")
 
 
@@ -501,8 +509,7 @@ def fake_checkout(tmp_path):
     """A copy of the launcher scripts beside a stand-in trainer, with this package importable."""
     root = tmp_path / "check out"
     (root / "scripts").mkdir(parents=True)
-    for name in ("run_h100_dual.sh", "launcher_lib.sh", "setup_env.sh"):
-        shutil.copy(ROOT / "scripts" / name, root / "scripts" / name)
+    shutil.copy(ROOT / "scripts" / "run_h100_dual.sh", root / "scripts" / "run_h100_dual.sh")
     shutil.copy(ROOT / "pyproject.toml", root / "pyproject.toml")
     shutil.copytree(ROOT / "koen_sllm", root / "koen_sllm", ignore=shutil.ignore_patterns("__pycache__"))
     (root / "scripts" / "train_h100_dual.py").write_text(FAKE_TRAINER)
@@ -663,7 +670,7 @@ def test_the_sbatch_rotation_matches_the_launchers(tmp_path):
 def test_scripts_pass_shellcheck():
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (apt-get install -y shellcheck)")
-    files = [LAUNCHER, WRAPPER, LIB, ROOT / "scripts" / "setup_env.sh", ROOT / "scripts" / "train.sbatch"]
+    files = [LAUNCHER, WRAPPER, LIB, ROOT / "koen_sllm" / "launcher" / "setup_env.sh", ROOT / "scripts" / "train.sbatch"]
     res = subprocess.run(["shellcheck", "-x", *map(str, files)], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stdout
 
@@ -714,6 +721,20 @@ def test_dry_run_never_installs_anything(tmp_path):
         marker.unlink(missing_ok=True)
         run(action, "--logs-dir", str(tmp_path / "l"), env=env)
         assert not marker.exists()
+
+
+def test_the_launcher_runs_its_own_checkout_from_inside_another(fake_checkout, tmp_path):
+    """Started from inside another checkout, the launcher (and what it starts) runs its own code:
+    `python3 -m` would have put the current directory's koen_sllm first."""
+    other = tmp_path / "other checkout"
+    (other / "koen_sllm" / "launcher").mkdir(parents=True)
+    (other / "koen_sllm" / "__init__.py").write_text("")
+    (other / "koen_sllm" / "launcher" / "__init__.py").write_text("")
+    (other / "koen_sllm" / "launcher" / "__main__.py").write_text("raise SystemExit('wrong checkout')\n")
+    res = run("--dry-run", "--output-dir", str(tmp_path / "o"), "--logs-dir", str(tmp_path / "l"),
+              script=fake_checkout / "scripts" / "run_h100_dual.sh", env=fake_env(fake_checkout), cwd=other)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "wrong checkout" not in res.stderr and "📋 학습 정보" in res.stdout
 
 
 def test_a_python3_that_has_everything_is_used_as_it_is(fake_checkout):

@@ -1,4 +1,4 @@
-"""scripts/setup_env.sh: which Python it picks, the one-line check, installing and refusing to install.
+"""koen_sllm/launcher/setup_env.sh: which Python it picks, the one-line check, installing and refusing to install.
 
 Missing packages are simulated with a stand-in python (a small wrapper around
 the real one) whose PYTHONPATH holds a module that fails to import, and pip and
@@ -19,7 +19,7 @@ import pytest
 from koen_sllm.config import repo_root
 
 ROOT = repo_root()
-SETUP = ROOT / "scripts" / "setup_env.sh"
+SETUP = ROOT / "koen_sllm" / "launcher" / "setup_env.sh"
 REAL_PY = Path(sys.executable)
 
 
@@ -168,7 +168,7 @@ def test_train_scope_checks_ranges_from_dependencies(tmp_path):
     repo = _mini_repo(tmp_path, '[project]\ndependencies = ["numpy>=99", "tqdm>=99"]\n'
                                 '[tool.koen-sllm]\ntrain-requires = ["numpy"]\n')
     res = setup(env=clean_env(VIRTUAL_ENV=str(venv), KOEN_NO_INSTALL="1"),
-                setup_file=repo / "scripts" / "setup_env.sh", scope="train")
+                setup_file=repo / "koen_sllm" / "launcher" / "setup_env.sh", scope="train")
     assert res.returncode == 1
     assert "numpy>=99(found:" in res.stderr and "tqdm" not in res.stderr.split("install:")[0]
 
@@ -177,7 +177,7 @@ def test_train_scope_needs_the_table_and_other_scopes_are_refused(tmp_path):
     venv = fake_env(tmp_path)
     repo = _mini_repo(tmp_path)
     env = clean_env(VIRTUAL_ENV=str(venv), KOEN_NO_INSTALL="1")
-    res = setup(env=env, setup_file=repo / "scripts" / "setup_env.sh", scope="train")
+    res = setup(env=env, setup_file=repo / "koen_sllm" / "launcher" / "setup_env.sh", scope="train")
     assert res.returncode == 1 and "train-requires" in res.stderr and "[tool.koen-sllm]" in res.stderr
     res = setup(env=env, scope="trian")
     assert res.returncode == 1 and "unknown scope 'trian'" in res.stderr
@@ -192,17 +192,16 @@ def test_torch_outside_the_supported_range_counts_as_missing(tmp_path):
     env["PYTHONPATH"] = str(repo)
     (venv / "bin" / "python").write_text(
         f"#!/usr/bin/env bash\nPYTHONPATH='{repo}' exec '{REAL_PY}' \"$@\"\n")
-    res = setup(env=env, setup_file=repo / "scripts" / "setup_env.sh")
+    res = setup(env=env, setup_file=repo / "koen_sllm" / "launcher" / "setup_env.sh")
     assert res.returncode == 1
     assert "torch>=99.0(found:" in res.stderr
 
 
 def _mini_repo(tmp_path: Path, pyproject: str = '[project]\ndependencies = ["numpy"]\n') -> Path:
     repo = tmp_path / "checkout with space"
-    (repo / "scripts").mkdir(parents=True)
-    shutil.copy(SETUP, repo / "scripts" / "setup_env.sh")
+    (repo / "koen_sllm" / "launcher").mkdir(parents=True)
+    shutil.copy(SETUP, repo / "koen_sllm" / "launcher" / "setup_env.sh")
     (repo / "pyproject.toml").write_text(pyproject)
-    (repo / "koen_sllm").mkdir()
     (repo / "koen_sllm" / "__init__.py").write_text("")
     return repo
 
@@ -226,12 +225,12 @@ def test_repo_venv_is_created_when_no_env_is_active(tmp_path):
         chmod +x "$3/bin/python"
         """))
     env = clean_env(PATH=f"{bindir}{os.pathsep}/usr/bin{os.pathsep}/bin")
-    res = setup(env=env, setup_file=repo / "scripts" / "setup_env.sh")
+    res = setup(env=env, setup_file=repo / "koen_sllm" / "launcher" / "setup_env.sh")
     assert res.returncode == 0, res.stderr
     assert "creating" in res.stderr
     assert f"KOEN_PYTHON={repo}/.venv/bin/python" in res.stdout
     # Second time: the venv exists, nothing is created.
-    res = setup(env=env, setup_file=repo / "scripts" / "setup_env.sh")
+    res = setup(env=env, setup_file=repo / "koen_sllm" / "launcher" / "setup_env.sh")
     assert res.returncode == 0 and "creating" not in res.stderr
 
 
@@ -239,7 +238,7 @@ def test_missing_venv_module_gives_the_apt_hint(tmp_path):
     repo = _mini_repo(tmp_path)
     bindir = _stub_python3(tmp_path, 'echo "Error: ensurepip is not available" >&2; exit 1\n')
     env = clean_env(PATH=f"{bindir}{os.pathsep}/usr/bin{os.pathsep}/bin")
-    res = setup(env=env, setup_file=repo / "scripts" / "setup_env.sh")
+    res = setup(env=env, setup_file=repo / "koen_sllm" / "launcher" / "setup_env.sh")
     assert res.returncode == 1
     assert "sudo apt install python3-venv" in res.stderr.splitlines()[-1]
     assert not (repo / ".venv").exists()
@@ -249,7 +248,7 @@ def test_no_install_does_not_create_a_venv(tmp_path):
     repo = _mini_repo(tmp_path)
     bindir = _stub_python3(tmp_path, "exit 9\n")
     env = clean_env(PATH=f"{bindir}{os.pathsep}/usr/bin{os.pathsep}/bin", KOEN_NO_INSTALL="1")
-    res = setup(env=env, setup_file=repo / "scripts" / "setup_env.sh")
+    res = setup(env=env, setup_file=repo / "koen_sllm" / "launcher" / "setup_env.sh")
     assert res.returncode == 1
     lines = res.stderr.splitlines()
     assert len(lines) == 1 and "no Python environment" in lines[0] and "python3 -m venv" in lines[0]
@@ -291,7 +290,7 @@ def test_python3_that_passes_the_check_is_used_as_is(tmp_path, no_install):
     repo = _mini_repo(tmp_path, TRAIN_PYPROJECT)
     bindir = _machine_python3(tmp_path, {"datasets": BROKEN})
     env = clean_env(PATH=f"{bindir}{os.pathsep}/usr/bin{os.pathsep}/bin", KOEN_NO_INSTALL=no_install)
-    res = setup(env=env, setup_file=repo / "scripts" / "setup_env.sh", scope="train")
+    res = setup(env=env, setup_file=repo / "koen_sllm" / "launcher" / "setup_env.sh", scope="train")
     assert res.returncode == 0, res.stderr
     assert res.stderr == ""
     lines = res.stdout.splitlines()
@@ -305,7 +304,7 @@ def test_python3_without_torch_and_no_install_names_torch_and_the_fix(tmp_path):
     repo = _mini_repo(tmp_path, TRAIN_PYPROJECT)
     bindir = _machine_python3(tmp_path, {"torch": BROKEN})
     env = clean_env(PATH=f"{bindir}{os.pathsep}/usr/bin{os.pathsep}/bin", KOEN_NO_INSTALL="1")
-    res = setup(env=env, setup_file=repo / "scripts" / "setup_env.sh", scope="train")
+    res = setup(env=env, setup_file=repo / "koen_sllm" / "launcher" / "setup_env.sh", scope="train")
     assert res.returncode == 1
     lines = res.stderr.splitlines()
     assert len(lines) == 1, lines
@@ -320,7 +319,7 @@ def test_python3_without_torch_gets_a_venv_with_the_install(tmp_path):
     repo = _mini_repo(tmp_path, TRAIN_PYPROJECT)
     bindir = _machine_python3(tmp_path, {"torch": BROKEN})
     env = clean_env(PATH=f"{bindir}{os.pathsep}/usr/bin{os.pathsep}/bin")
-    res = setup("", env=env, setup_file=repo / "scripts" / "setup_env.sh", scope="train")
+    res = setup("", env=env, setup_file=repo / "koen_sllm" / "launcher" / "setup_env.sh", scope="train")
     assert res.returncode == 0, res.stderr
     assert "lacks torch" in res.stderr and "creating" in res.stderr
     assert f"KOEN_PYTHON={repo}/.venv/bin/python" in res.stdout

@@ -14,7 +14,7 @@ PACKAGE = ROOT / "koen_sllm"
 
 # Lowest first. A module may import modules of its own layer or below, never above.
 LAYERS = [
-    ("foundation", {"errors", "config", "atomic_io", "logs", "stop", "parent_watch", "run_lock", "metrics"}),
+    ("foundation", {"errors", "config", "checkpoint.atomic_io", "logs", "stop", "parent_watch", "run_lock", "metrics"}),
     ("kernels", {"kernels"}),
     ("data", {"tokenizer", "data"}),
     ("model", {"attention", "rotary", "losses", "model", "master_adamw", "optim"}),
@@ -160,7 +160,7 @@ def test_every_user_facing_error_is_a_koen_error_with_its_exit_code():
     """cli and the launcher map one base type to exit codes: 2 for what the user asked (nothing
     started), 1 for a run-time failure."""
     from koen_sllm.attention import AttentionBackendError
-    from koen_sllm.checkpoint import CheckpointError
+    from koen_sllm.checkpoint.store import CheckpointError
     from koen_sllm.config import ConfigError
     from koen_sllm.data import DataError
     from koen_sllm.engines.deepspeed import DeepSpeedBackendError, DeepSpeedUnavailable

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from koen_sllm import checkpoint as ck
-from koen_sllm.checkpoint import CheckpointError
+from koen_sllm.checkpoint import store as ck
+from koen_sllm.checkpoint.store import CheckpointError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -294,7 +294,7 @@ KILLER = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
     import torch
-    from koen_sllm import checkpoint as ck
+    from koen_sllm.checkpoint import store as ck
 
     root, point, name = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
     real_fsync, real_rename, real_save_file = os.fsync, os.rename, ck.save_file

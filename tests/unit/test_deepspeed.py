@@ -20,7 +20,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here may reach a hub
 
 from koen_sllm.engines import deepspeed as B  # noqa: E402
 from koen_sllm.engines import deepspeed_config as C  # noqa: E402
-from koen_sllm.checkpoint import CheckpointError, read_latest, verify_checkpoint  # noqa: E402
+from koen_sllm.checkpoint.store import CheckpointError, read_latest, verify_checkpoint  # noqa: E402
 from koen_sllm.config import apply_device_defaults, derive_batch_plan, explicit_options, parse_args  # noqa: E402
 from koen_sllm.model import KoEnLM, model_config_from_preset  # noqa: E402
 from koen_sllm.hf import mapping as HF  # noqa: E402

@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from koen_sllm import checkpoint as ck
+from koen_sllm.checkpoint import store as ck
 from koen_sllm.hf import export as koen_export
 from koen_sllm.hf.export import export_hf
-from koen_sllm.checkpoint import CheckpointError
+from koen_sllm.checkpoint.store import CheckpointError
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "export_hf.py"

@@ -36,11 +36,11 @@ from typing import Any, Callable, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from koen_sllm.atomic_io import (
+from koen_sllm.checkpoint.atomic_io import (
     TRASH_PREFIX, fsync_path, hash_file, io_message, parallel_map, publish_dir, reason, remove_path,
     restore_trash, sync_tree, write_text,
 )
-from .errors import KoenError
+from ..errors import KoenError
 
 _LOG = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 # Finds (or creates) the Python environment for this checkout and makes sure
 # the dependencies import. Sourced, not executed:
 #
-#   source scripts/setup_env.sh
+#   source koen_sllm/launcher/setup_env.sh
 #   koen_setup_env              # every dependency
 #   koen_setup_env dev          # plus the "dev" extra (pytest, matplotlib)
 #   koen_setup_env "" train     # only what the trainer imports (run_h100_dual.sh)
@@ -175,7 +175,7 @@ _koen_make_venv() {
 #           Either way an install is the full `pip install -e "<repo>[extras]"`.
 koen_setup_env() {
   local extras="${1:-}" scope="${2:-}" root no_install py="" as_is="" result
-  root="$(cd "$_KOEN_SETUP_ENV_DIR/.." && pwd)"
+  root="$(cd "$_KOEN_SETUP_ENV_DIR/../.." && pwd)"
   case "$scope" in
     "" | train) ;;
     *) _koen_env_err "알 수 없는 범위 / unknown scope '$scope': use '' (everything) or 'train'"; return 1 ;;

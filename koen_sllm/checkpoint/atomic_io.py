@@ -1,6 +1,6 @@
 """Durable filesystem primitives: fsynced writes, directory publishing, hashing.
 
-Kept apart from checkpoint.py, which holds the checkpoint layout and policy
+Kept apart from store.py, which holds the checkpoint layout and policy
 (what goes where, retention, resume rules); this module only knows how to put
 bytes on disk so that a crash leaves either the old or the new state, and how
 to turn an I/O failure into one line that says what to do.
