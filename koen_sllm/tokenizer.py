@@ -146,15 +146,25 @@ def train_tokenizer_on_texts(
     supports is used and a note is logged. The folder is written to a
     temporary sibling and renamed, so a crash never leaves half a tokenizer.
     """
-    out_dir = Path(out_dir)
+    threads = num_threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) or 1
+    proto, size = settle_vocabulary(
+        lambda size: _train_once(_training_lines(texts()), size, model_type, max_lines, threads),
+        vocab_size, model_type, name=name, log=log)
+    return save_trained(proto, out_dir, model_type, size, vocab_size, name)
+
+
+def settle_vocabulary(train: Callable[[int], bytes], vocab_size: int, model_type: str, *, name: str,
+                      log: Callable[[str], None] = print) -> tuple[bytes, int]:
+    """(model, vocabulary size) from ``train(size)``, which raises SentencePiece's RuntimeError.
+
+    When the corpus cannot support ``vocab_size`` pieces, the largest size it supports is used
+    and a note is logged; SentencePiece's other complaints become one TokenizerError line."""
     if model_type not in MODEL_TYPES:
         raise TokenizerError(f"model_type {model_type!r} is unknown; choose one of {', '.join(MODEL_TYPES)}")
-    threads = num_threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) or 1
     size = int(vocab_size)
     for _ in range(4):
         try:
-            proto = _train_once(_training_lines(texts()), size, model_type, max_lines, threads)
-            break
+            return train(size), size
         except RuntimeError as exc:
             msg = str(exc)
             cap = re.search(r"value <= (\d+)", msg)
@@ -171,15 +181,20 @@ def train_tokenizer_on_texts(
             if "empty" in msg.lower() or "no sentence" in msg.lower():
                 raise TokenizerError(f"{name} holds no text to train a tokenizer on") from None
             raise TokenizerError(f"SentencePiece training on {name} failed: {msg.splitlines()[-1]}") from None
-    else:
-        raise TokenizerError(f"SentencePiece could not settle on a vocabulary size for {name}")
+    raise TokenizerError(f"SentencePiece could not settle on a vocabulary size for {name}")
 
+
+def save_trained(proto: bytes, out_dir: PathLike, model_type: str, size: int, requested: int,
+                 name: str) -> "KoEnTokenizer":
+    """Write a trained model and its transformers files to ``out_dir``: a temporary sibling is
+    filled and renamed, so a crash never leaves half a tokenizer."""
+    out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the tokenizer from other users
     try:
         (tmp / MODEL_FILE).write_bytes(proto)
-        info = {"model_type": model_type, "vocab_size": size, "requested_vocab_size": int(vocab_size),
+        info = {"model_type": model_type, "vocab_size": size, "requested_vocab_size": int(requested),
                 "normalization": "NFC (applied by koen_sllm.tokenizer.normalize_text)",
                 "trained_on": name}
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -195,14 +210,58 @@ def train_tokenizer_on_texts(
 # ---------------------------------------------------------------- loading and encoding
 
 
+def _unloadable_reason(model_file: Path) -> str:
+    """Why SentencePiece refused ``model_file``, in the user's terms (its own words are C++ internals)."""
+    if model_file.is_dir():
+        return "it is a folder"
+    try:
+        with open(model_file, "rb") as f:
+            empty = not f.read(1)
+    except OSError as err:
+        return f"cannot read it: {err.strerror or err}"
+    if empty:
+        return "the file is empty"
+    return "it does not parse: truncated, or another format?"
+
+
+def _open_model(model_file: Path):
+    """The SentencePieceProcessor of ``model_file``, or one TokenizerError line naming the file and the fix."""
+    import sentencepiece as spm
+
+    try:
+        return spm.SentencePieceProcessor(model_file=str(model_file))
+    except (RuntimeError, OSError):
+        raise TokenizerError(
+            f"{model_file} cannot be read as a SentencePiece model ({_unloadable_reason(model_file)}); "
+            "pass the folder of a tokenizer prepared by python -m koen_sllm.data.prepare, "
+            "or drop --tokenizer-path to train one") from None
+
+
+def _info_model_type(info_file: Path) -> Optional[str]:
+    """The model type recorded beside the model; None without an info file (foreign models).
+
+    A damaged one is an error rather than ignored: reading the type from the
+    model instead needs protobuf, and its message would say the file is missing.
+    """
+    if not info_file.is_file():
+        return None
+    try:
+        info = json.loads(info_file.read_text(encoding="utf-8"))
+        if not isinstance(info, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise TokenizerError(f"{info_file} cannot be read ({exc}); copy the tokenizer folder again, or delete the "
+                             "file to read the model type from the model (needs protobuf)") from None
+    model_type = info.get("model_type")
+    return model_type if isinstance(model_type, str) else None
+
+
 class KoEnTokenizer:
     """A SentencePiece model plus the project's normalization and fixed special ids."""
 
     def __init__(self, model_file: PathLike, model_type: Optional[str] = None):
-        import sentencepiece as spm
-
         self.model_file = Path(model_file)
-        self.sp = spm.SentencePieceProcessor(model_file=str(self.model_file))
+        self.sp = _open_model(self.model_file)
         self._model_type = model_type
         self._fingerprint: Optional[str] = None
         expected = {PAD: PAD_ID, UNK: UNK_ID, BOS: BOS_ID, EOS: EOS_ID}
@@ -221,11 +280,7 @@ class KoEnTokenizer:
         if not model_file.is_file():
             raise TokenizerError(f"no SentencePiece model at {model_file}; pass a folder with {MODEL_FILE} "
                                  "or omit --tokenizer-path to train one from the data")
-        info_file = model_file.parent / INFO_FILE
-        model_type = None
-        if info_file.is_file():
-            model_type = json.loads(info_file.read_text(encoding="utf-8")).get("model_type")
-        return cls(model_file, model_type)
+        return cls(model_file, _info_model_type(model_file.parent / INFO_FILE))
 
     @property
     def vocab_size(self) -> int:

@@ -9,27 +9,32 @@ Layout of a prepared folder::
 
 A folder is reused when its meta.json matches the input (size and mtime of
 every file, else their sha256), the settings and the tokenizer; otherwise it
-is rebuilt in a temporary sibling and swapped in by rename, so a crash never
-leaves a half-written folder that looks valid.
+is rebuilt, stage by stage, in the work folder ``.<name>.build`` beside it
+(documents -> tokenizer -> token files, each committed when whole, so an
+interrupted build resumes where it stopped) and swapped in by rename, so a
+crash never leaves a half-written folder that looks valid.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
 from koen_sllm.checkpoint.atomic_io import publish_dir
 from koen_sllm.data import DataError
 from koen_sllm.data.ingest import IngestStats, content_hash, file_stamp, format_summary, iter_documents
-from koen_sllm.data.pack import DocTable, pack_jsonl, token_dtype
-from koen_sllm.tokenizer import DEFAULT_MODEL_TYPE, KoEnTokenizer, train_tokenizer_on_texts
+from koen_sllm.data.pack import DocTable, PackProgress, pack_jsonl, token_dtype
+from koen_sllm.data.progress import Progress
+from koen_sllm.data.tokenizer_training import DEFAULT_MAX_LINES, train_in_child, training_line_count, write_sample
+from koen_sllm.tokenizer import DEFAULT_MODEL_TYPE, KoEnTokenizer, save_trained, settle_vocabulary
 
 FORMAT_VERSION = 1
 VAL_SALT = b"koen-val-v1"  # changing it reshuffles every validation split
@@ -59,8 +64,8 @@ def check_cache(prepared: Path, files: list[Path], settings: dict, tokenizer: Op
         return None, "meta.json is unreadable"
     if meta.get("settings") != settings:
         return None, f"settings changed ({meta.get('settings')} -> {settings})"
-    if strict and meta.get("ingest", {}).get("skipped"):
-        return None, "--strict asks to re-check lines skipped last time"
+    if strict and (meta.get("ingest", {}).get("skipped") or meta.get("ingest", {}).get("damaged_files")):
+        return None, "--strict asks to re-check lines skipped (or damaged files) last time"
     stamp = file_stamp(files)
     if meta["input"]["files"] != stamp:
         if [s[0] for s in meta["input"]["files"]] != [s[0] for s in stamp]:
@@ -97,47 +102,227 @@ def build_prepared(
     num_proc: int = 0,
     strict: bool = False,
     used_dummy: bool = False,
+    tokenizer_max_lines: int = DEFAULT_MAX_LINES,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Read, split, train a tokenizer (unless given) and pack; return meta."""
+    """Read, split, train a tokenizer (unless given) and pack; return meta.
+
+    The stages commit into the work folder ``.<name>.build`` beside ``prepared``; an interrupted
+    build (Ctrl-C, full disk, a crash) resumes at the first unfinished stage, and packing at its
+    last commit. The finished folder is renamed into place, so ``prepared`` is never half-written.
+    """
     started = time.time()
     prepared.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{prepared.name}.tmp-", dir=prepared.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the data from other users of a shared machine
+    key = _build_key(files, settings, vocab_size, model_type, tokenizer, strict, tokenizer_max_lines)
+    work = BuildDir.open(prepared.parent / f".{prepared.name}.build", key, log)
     try:
-        meta = _build_into(tmp, files, settings, vocab_size, model_type, tokenizer, num_proc, strict, used_dummy, log)
-        (tmp / "docs.jsonl").unlink()
-        _write_json(tmp / "meta.json", meta)
-        publish_dir(tmp, prepared)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _check_disk(files, work, log)
+        docs = _stage_documents(work, files, settings, strict, log)
+        tokenizer, tok_meta = _stage_tokenizer(work, docs, vocab_size, model_type, tokenizer, num_proc,
+                                               tokenizer_max_lines, log)
+        splits, per_source = _stage_pack(work, docs, tokenizer, num_proc, log)
+        meta = _meta(files, settings, tokenizer, tok_meta, docs, splits, per_source, used_dummy)
+        work.finish(meta, prepared)
+    except KeyboardInterrupt:
+        raise work.interrupted() from None
+    except OSError as exc:
+        raise work.io_error(exc) from None
+    except Exception:
+        work.kept()  # removes the folder when no stage had finished
         raise
     log(f"prepared {prepared} in {time.time() - started:.1f}s")
     return meta
 
 
-def _build_into(tmp: Path, files: list[Path], settings: dict, vocab_size: int, model_type: str,
-                tokenizer: Optional[KoEnTokenizer], num_proc: int, strict: bool, used_dummy: bool,
-                log: Callable[[str], None]) -> dict:
-    val_fraction = settings["val_fraction"]
+class BuildInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a build; the message says what was kept and how to go on."""
+
+
+class BuildDir:
+    """The work folder of one build: the files of finished stages, and state.json naming them.
+
+    The state is replaced atomically after a stage's files are complete and synced, so what it
+    names is always whole; anything else in the folder is redone. A folder left by a build of
+    other input or options is discarded."""
+
+    STATE = "state.json"
+
+    def __init__(self, path: Path, state: dict):
+        self.path, self.state = path, state
+        self.writing: Optional[Path] = None  # the file being written, for a full disk's message
+        self.need = 0  # bytes the current stage still expects to write
+
+    @classmethod
+    def open(cls, path: Path, key: str, log: Callable[[str], None]) -> "BuildDir":
+        state = None
+        if (path / cls.STATE).is_file():
+            try:
+                state = json.loads((path / cls.STATE).read_text(encoding="utf-8"))
+            except ValueError:
+                state = None
+            if state is not None and state.get("key") == key:
+                done = [name for name in ("documents", "tokenizer", "pack") if name in state]
+                log(f"resuming the unfinished build in {path} (finished: {', '.join(done) or 'nothing yet'})")
+                return cls(path, state)
+            log(f"discarding {path}: an unfinished build of other input or options")
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        os.chmod(path, 0o755)
+        return cls(path, {"key": key})
+
+    def commit(self, stage: str, value: dict) -> None:
+        self.state[stage] = value
+        tmp = self.path / (self.STATE + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.state, f, ensure_ascii=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path / self.STATE)
+
+    def finish(self, meta: dict, prepared: Path) -> None:
+        for name in ("docs.jsonl", "routing.npz", self.STATE):
+            (self.path / name).unlink(missing_ok=True)
+        _write_json(self.path / "meta.json", meta)
+        publish_dir(self.path, prepared)
+
+    def kept(self) -> str:
+        done = [name for name in ("documents", "tokenizer", "pack") if name in self.state]
+        if not done:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return "nothing was finished, nothing is kept"
+        return (f"finished stages ({', '.join(done)}) are kept in {self.path}; "
+                "the same command resumes from there")
+
+    def interrupted(self) -> BuildInterrupted:
+        return BuildInterrupted(f"interrupted; {self.kept()}")
+
+    def io_error(self, exc: OSError) -> DataError:
+        if exc.errno == errno.ENOSPC:
+            free = shutil.disk_usage(self.path).free if self.path.exists() else 0
+            where = self.writing or self.path
+            return DataError(f"disk full while writing {where}: about {_size(self.need)} more is needed there, "
+                             f"{_size(free)} is free; free some space and run again ({self.kept()})")
+        name = exc.filename or self.writing or self.path
+        return DataError(f"{name}: {exc.strerror or exc} ({self.kept()})")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _build_key(files: list[Path], settings: dict, vocab_size: int, model_type: str,
+               tokenizer: Optional[KoEnTokenizer], strict: bool, max_lines: int) -> str:
+    """What a build's results depend on; a work folder of another key is not resumed."""
+    parts = {"format": FORMAT_VERSION, "files": file_stamp(files), "settings": settings, "vocab_size": vocab_size,
+             "model_type": model_type, "tokenizer": tokenizer.fingerprint() if tokenizer else None,
+             "strict": strict, "max_lines": max_lines}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _input_bytes(files: list[Path]) -> int:
+    """The input's size as text: a .gz file's uncompressed size from its trailer (modulo 4 GiB,
+    so a larger member reads small; 4x the compressed size is assumed when it does)."""
+    total = 0
+    for path in files:
+        size = path.stat().st_size
+        if str(path).endswith(".gz") and size >= 18:
+            with open(path, "rb") as f:
+                f.seek(-4, os.SEEK_END)
+                isize = int.from_bytes(f.read(4), "little")
+            total += max(isize, 4 * size)
+        else:
+            total += size
+    return total
+
+
+# Token files take about this share of the documents' bytes: 2-byte ids at 3.5-7 bytes of
+# UTF-8 per token (English about 3.6, Korean about 7); the share is rounded up.
+TOKEN_BYTES_PER_TEXT_BYTE = 0.6
+
+
+def _check_disk(files: list[Path], work: BuildDir, log: Callable[[str], None]) -> None:
+    """Refuse to start a build that cannot fit: the documents file plus the token files."""
+    docs = work.path / "docs.jsonl"
+    text = docs.stat().st_size if "documents" in work.state and docs.is_file() else _input_bytes(files)
+    need = int(text * TOKEN_BYTES_PER_TEXT_BYTE) + (0 if "documents" in work.state else text)
+    need -= sum(p.stat().st_size for p in work.path.glob("*.bin"))
+    free = shutil.disk_usage(work.path).free
+    work.need = max(need, 0)
+    if need > free:
+        raise DataError(f"not enough free disk in {work.path.parent}: preparing {files[0].name}"
+                        f"{' and others' if len(files) > 1 else ''} needs about {_size(need)} (documents "
+                        f"{_size(text)} and token files about {_size(text * TOKEN_BYTES_PER_TEXT_BYTE)}), "
+                        f"{_size(free)} is free; free some space or put the data on a larger disk")
+    log(f"disk: about {_size(need)} needed, {_size(free)} free in {work.path.parent}")
+
+
+@dataclass
+class Documents:
+    """The documents stage: docs.jsonl in the work folder and each document's routing."""
+
+    table: DocTable
+    lines: np.ndarray  # training lines per document (the tokenizer's sample is drawn from them)
+    ingest: dict
+    summary: str
+
+
+def _stage_documents(work: BuildDir, files: list[Path], settings: dict, strict: bool,
+                     log: Callable[[str], None]) -> Documents:
+    if "documents" in work.state:
+        done = work.state["documents"]
+        log(done["summary"] + "\n  (read before the interruption)")
+        with np.load(work.path / "routing.npz") as z:
+            table = DocTable(z["split"], z["lang"], z["source"], done["split_names"], done["lang_names"],
+                             done["source_names"])
+            return Documents(table, z["lines"], done["ingest"], done["summary"])
     stats = IngestStats()
     langs: list[int] = []
     sources: list[int] = []
     draws: list[float] = []
+    lines: list[int] = []
     lang_names: dict[str, int] = {}
     source_names: dict[str, int] = {}
-    with open(tmp / "docs.jsonl", "w", encoding="utf-8") as out:
+    part = work.path / "docs.jsonl.part"
+    work.writing = work.path / "docs.jsonl"
+    with open(part, "w", encoding="utf-8") as out:
         for doc in iter_documents(files, stats, strict=strict, log=log):
             out.write(json.dumps({"text": doc.text, "lang": doc.lang, "source": doc.source}, ensure_ascii=False) + "\n")
             langs.append(lang_names.setdefault(doc.lang, len(lang_names)))
             sources.append(source_names.setdefault(doc.source, len(source_names)))
             draws.append(_val_draw(doc.text))
-    log(format_summary(stats, f"read {', '.join(p.name for p in files[:3])}{' ...' if len(files) > 3 else ''}"))
-    lang_arr, draw_arr = np.array(langs, dtype=np.int64), np.array(draws)
-    # Held out per language: documents whose draw falls under val_fraction, and
-    # at least one wherever a language has two or more documents.
+            lines.append(training_line_count(doc.text))
+        out.flush()
+        os.fsync(out.fileno())
+    summary = format_summary(stats, f"read {', '.join(p.name for p in files[:3])}{' ...' if len(files) > 3 else ''}")
+    log(summary)
+    split, split_names = _assign_splits(np.array(langs, dtype=np.int64), np.array(draws), lang_names,
+                                        settings["val_fraction"], files[0])
+    table = DocTable(split, np.array(langs, dtype=np.int64), np.array(sources, dtype=np.int64), split_names,
+                     list(lang_names), list(source_names))
+    line_counts = np.array(lines, dtype=np.int64)
+    with open(work.path / "routing.npz.part", "wb") as f:
+        np.savez(f, split=table.split, lang=table.lang, source=table.source, lines=line_counts)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(work.path / "routing.npz.part", work.path / "routing.npz")
+    os.replace(part, work.path / "docs.jsonl")
+    ingest = stats.to_dict()
+    work.commit("documents", {"split_names": split_names, "lang_names": list(lang_names),
+                              "source_names": list(source_names), "ingest": ingest, "summary": summary})
+    return Documents(table, line_counts, ingest, summary)
+
+
+def _assign_splits(lang_arr: np.ndarray, draw_arr: np.ndarray, lang_names: dict, val_fraction: float,
+                   first_file: Path) -> tuple[np.ndarray, list]:
+    """Held out per language: documents whose draw falls under val_fraction, and at least one
+    wherever a language has two or more documents."""
     is_val = draw_arr < val_fraction
-    split_names, split = ["train"], np.zeros(len(langs), dtype=np.int64)
+    split_names, split = ["train"], np.zeros(len(lang_arr), dtype=np.int64)
     for lang, code in sorted(lang_names.items()):
         rows = np.flatnonzero(lang_arr == code)
         if val_fraction > 0 and len(rows) >= 2 and not is_val[rows].any():
@@ -146,29 +331,68 @@ def _build_into(tmp: Path, files: list[Path], settings: dict, vocab_size: int, m
             split[rows[is_val[rows]]] = len(split_names)
             split_names.append(f"val_{lang}")
     if not (split == 0).any():
-        raise DataError(f"{files[0]}: every document went to validation; add data or lower --val-fraction")
+        raise DataError(f"{first_file}: every document went to validation; add data or lower --val-fraction")
+    return split, split_names
 
-    tok_dir = tmp / "tokenizer"
-    if tokenizer is None:
-        def train_texts():
-            with open(tmp / "docs.jsonl", encoding="utf-8") as f:
-                for line, code in zip(f, split):
-                    if code == 0:
-                        yield json.loads(line)["text"]
 
-        log(f"training a {model_type} tokenizer (vocabulary {vocab_size:,}) on the training split ...")
-        tokenizer = train_tokenizer_on_texts(train_texts, tok_dir, vocab_size, model_type, num_threads=num_proc or None,
-                                             log=log, name="the training split")
-        source = "trained"
-    else:
-        tokenizer.save_pretrained(tok_dir)
-        source = str(tokenizer.model_file)
+def _train_texts(docs_file: Path, split: np.ndarray, log: Callable[[str], None]) -> Iterator[str]:
+    bar = Progress("sampling tokenizer lines", docs_file.stat().st_size, log=log)
+    try:
+        with open(docs_file, encoding="utf-8") as f:
+            for line, code in zip(f, split):
+                bar.update(len(line.encode("utf-8")))
+                if code == 0:
+                    yield json.loads(line)["text"]
+    finally:
+        bar.close()
+
+
+def _stage_tokenizer(work: BuildDir, docs: Documents, vocab_size: int, model_type: str,
+                     given: Optional[KoEnTokenizer], num_proc: int, max_lines: int,
+                     log: Callable[[str], None]) -> tuple[KoEnTokenizer, dict]:
+    tok_dir = work.path / "tokenizer"
+    done = work.state.get("tokenizer")
+    if done is not None:
         tokenizer = KoEnTokenizer.load(tok_dir)
-    table = DocTable(split, lang_arr, np.array(sources, dtype=np.int64), split_names,
-                     list(lang_names), list(source_names))
-    splits, per_source = pack_jsonl(tmp / "docs.jsonl", tokenizer, tmp, table, num_proc=num_proc, log=log)
+        if tokenizer.fingerprint() == done["fingerprint"]:
+            log(f"tokenizer: trained before the interruption ({done['vocab_size']:,} pieces)")
+            return tokenizer, done
+    work.writing = tok_dir
+    if given is not None:
+        given.save_pretrained(tok_dir)
+        tokenizer = KoEnTokenizer.load(tok_dir)
+        info = {"source": str(given.model_file)}
+    else:
+        total = int(docs.lines[docs.table.split == 0].sum())
+        sample = work.path / "tokenizer_sample.txt"
+        work.writing = sample
+        n = write_sample(_train_texts(work.path / "docs.jsonl", docs.table.split, log), total, max_lines, sample)
+        log(f"training a {model_type} tokenizer (vocabulary {vocab_size:,}) on {n:,} of the training split's "
+            f"{total:,} lines (--tokenizer-max-lines {max_lines:,}) ...")
+        threads = num_proc or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+        proto, size = settle_vocabulary(lambda size: train_in_child(sample, size, model_type, threads or 1, log, n),
+                                        vocab_size, model_type, name="the training split", log=log)
+        work.writing = tok_dir
+        tokenizer = save_trained(proto, tok_dir, model_type, size, vocab_size, "the training split")
+        sample.unlink()
+        info = {"source": "trained", "sample_lines": n, "training_lines": total, "max_lines": max_lines}
     tok_meta = {"fingerprint": tokenizer.fingerprint(), "vocab_size": tokenizer.vocab_size,
-                "model_type": tokenizer.model_type, "source": source, "requested_vocab_size": vocab_size}
+                "model_type": tokenizer.model_type, "requested_vocab_size": vocab_size, **info}
+    work.commit("tokenizer", tok_meta)
+    return tokenizer, tok_meta
+
+
+def _stage_pack(work: BuildDir, docs: Documents, tokenizer: KoEnTokenizer, num_proc: int,
+                log: Callable[[str], None]) -> tuple[dict, dict]:
+    saved = work.state.get("pack")
+    resume = PackProgress(**saved) if saved else None
+    work.writing = work.path / "train.bin"
+    return pack_jsonl(work.path / "docs.jsonl", tokenizer, work.path, docs.table, num_proc=num_proc, log=log,
+                      resume=resume, commit=lambda progress: work.commit("pack", progress.to_dict()))
+
+
+def _meta(files: list[Path], settings: dict, tokenizer: KoEnTokenizer, tok_meta: dict, docs: Documents,
+          splits: dict, per_source: dict, used_dummy: bool) -> dict:
     digest = content_hash(files)
     return {
         "format": FORMAT_VERSION,
@@ -185,16 +409,19 @@ def _build_into(tmp: Path, files: list[Path], settings: dict, vocab_size: int, m
         "input_hash": digest,
         "splits": splits,
         "tokens_per_lang": {lang: sum(s["per_lang"].get(lang, {}).get("tokens", 0) for s in splits.values())
-                            for lang in lang_names},
+                            for lang in docs.table.lang_names},
         "sources": per_source,
-        "ingest": stats.to_dict(),
+        "ingest": docs.ingest,
     }
 
 
 def describe_meta(meta: dict) -> str:
     """A few lines for the log: tokens per split and chars per token per language."""
-    lines = [f"tokenizer: {meta['tokenizer']['model_type']} {meta['vocab_size']:,} pieces "
-             f"({meta['tokenizer']['fingerprint'][:12]}), token files {meta['dtype']}"]
+    tok = meta["tokenizer"]
+    sample = (f", trained on {tok['sample_lines']:,} of {tok['training_lines']:,} lines "
+              f"(--tokenizer-max-lines {tok['max_lines']:,})" if "sample_lines" in tok else "")
+    lines = [f"tokenizer: {tok['model_type']} {meta['vocab_size']:,} pieces "
+             f"({tok['fingerprint'][:12]}){sample}, token files {meta['dtype']}"]
     for name, split in meta["splits"].items():
         per_lang = ", ".join(f"{lang} {row['tokens']:,} tok ({row['chars'] / max(row['tokens'] - row['docs'], 1):.2f} "
                              "chars/tok)" for lang, row in sorted(split["per_lang"].items()))

@@ -10,6 +10,8 @@ Skipped (reason: rule)
   empty_text: "text" empty or whitespace only after cleaning
   not_utf8: more than 10% of the line's bytes are invalid UTF-8 (another encoding)
   too_long: a line over MAX_LINE_BYTES (read in bounded pieces, never held whole)
+  too_deep: JSON nested deeper than Python's recursion limit (about 1,000 levels)
+  number_too_long: an integer with more digits than Python converts (4,300 by default)
   blank_line: an empty JSONL line (harmless, not reported by --strict)
 Repaired
   bom: a UTF-8 byte-order mark at a line start is removed
@@ -19,6 +21,10 @@ Repaired
   lone_surrogates: unpaired \\udXXX escapes are removed
   nfc: text is normalized to NFC (NFD files from macOS)
   no_final_newline: the last line had no newline (read as usual)
+Damaged files (DAMAGE below)
+  A .gz whose compressed stream breaks off keeps the documents read before the
+  damage; the rest of that file is skipped with one warning naming the file and
+  the last line read, and the summary lists the file. ``strict=True`` raises.
 Documents are trimmed of surrounding whitespace; exact duplicates (after
 cleaning) are dropped and counted. In .txt files, blank lines separate documents.
 """
@@ -29,6 +35,7 @@ import gzip
 import hashlib
 import json
 import re
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +59,8 @@ SKIP_REASONS = {
     "empty_text": '"text" is empty or only whitespace',
     "not_utf8": "mostly invalid UTF-8 (another encoding? convert with: iconv -f cp949 -t utf-8)",
     "too_long": f"line longer than {MAX_LINE_BYTES >> 20} MiB",
+    "too_deep": "JSON nested deeper than Python's recursion limit (about 1,000 levels)",
+    "number_too_long": "a JSON integer with more digits than Python converts (4,300 by default)",
     "blank_line": "blank line",
 }
 REPAIRS = {
@@ -63,6 +72,15 @@ REPAIRS = {
     "nfc": "normalized to NFC",
     "no_final_newline": "no newline after the last line",
 }
+
+# How a compressed stream can break off; {where} is "after line N" or "at the start".
+DAMAGE = {
+    "gzip_truncated": "compressed stream ends early {where} (truncated file?)",
+    "gzip_corrupt": "compressed data is corrupt {where} ({detail})",
+    "not_gzip": "not gzip data (a plain file named .gz? rename it without .gz)",
+}
+# What gzip raises on such a stream (BadGzipFile is an OSError, the others are not).
+_STREAM_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
 
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -89,6 +107,8 @@ class FileStats:
     skipped: Counter = field(default_factory=Counter)
     repaired: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=dict)  # reason -> first line numbers
+    damage: str = ""  # a DAMAGE key when the file broke off after ``lines`` lines
+    damage_detail: str = ""
 
     def note(self, counter: Counter, reason: str, line_no: int) -> None:
         counter[reason] += 1
@@ -104,6 +124,13 @@ class FileStats:
             if items:
                 parts.append(f"{kind}: " + "; ".join(items))
         return " | ".join(parts)
+
+    def damage_text(self) -> str:
+        """What broke the file off and where, e.g. "compressed stream ends early after line 1,234 (...)"."""
+        if not self.damage:
+            return ""
+        where = f"after line {self.lines:,}" if self.lines else "at the start"
+        return DAMAGE[self.damage].format(where=where, detail=self.damage_detail)
 
 
 @dataclass
@@ -129,14 +156,20 @@ class IngestStats:
     def repaired(self) -> Counter:
         return sum((f.repaired for f in self.files), Counter())
 
+    def damaged(self) -> list:
+        return [f for f in self.files if f.damage]
+
     def to_dict(self) -> dict:
         return {
             "docs": self.docs, "chars": self.chars, "duplicates_removed": self.duplicates,
             "per_lang": self.per_lang, "per_source": self.per_source,
             "skipped": dict(self.skipped()), "repaired": dict(self.repaired()),
+            "damaged_files": [f.path for f in self.damaged()],
             "files": [{"path": f.path, "lines": f.lines, "docs": f.docs, "chars": f.chars,
                        "duplicates": f.duplicates, "skipped": dict(f.skipped), "repaired": dict(f.repaired),
-                       "first_lines": f.examples} for f in self.files],
+                       "first_lines": f.examples,
+                       "damage": {"reason": f.damage, "after_line": f.lines, "message": f.damage_text()}
+                       if f.damage else None} for f in self.files],
         }
 
 
@@ -231,6 +264,16 @@ def _open(path: Path):
     return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
 
+def _damage(exc: BaseException, lines_read: int) -> tuple[str, str]:
+    """The DAMAGE key and detail for an error raised while reading a .gz."""
+    if isinstance(exc, EOFError):
+        return "gzip_truncated", ""
+    if lines_read == 0 and "Not a gzipped file" in str(exc):
+        return "not_gzip", ""
+    # Later, the same message means bytes after a complete gzip member that are not another one.
+    return "gzip_corrupt", str(exc) or type(exc).__name__
+
+
 def _raw_lines(f, fs: FileStats) -> Iterator[tuple[int, Optional[bytes]]]:
     """(line number, bytes without newline); None for a line over MAX_LINE_BYTES."""
     line_no = 0
@@ -282,6 +325,20 @@ class _Reader:
                             "or run without --strict to skip bad lines")
         self.fs.note(self.fs.skipped, reason, line_no)
 
+    def lines(self, f) -> Iterator[tuple[int, Optional[bytes]]]:
+        """``_raw_lines``, ending early where a compressed stream breaks off.
+
+        Only reading is guarded: the lines already yielded stay read, and one
+        damaged file costs its rest, not the run (``iter_documents`` warns).
+        """
+        try:
+            yield from _raw_lines(f, self.fs)
+        except _STREAM_ERRORS as exc:
+            self.fs.damage, self.fs.damage_detail = _damage(exc, self.fs.lines)
+            if self.strict:
+                raise DataError(f"{self.path}: {self.fs.damage_text()}; replace the file, or run without --strict "
+                                "to keep the documents before the damage") from exc
+
     def clean(self, text: str, line_no: int) -> str:
         text, repairs = clean_text(text)
         for reason in repairs:
@@ -294,7 +351,7 @@ class _Reader:
         para: list[str] = []
         para_line = 0
         with _open(self.path) as f:
-            for line_no, raw in _raw_lines(f, self.fs):
+            for line_no, raw in self.lines(f):
                 progress.update(len(raw) + 1 if raw is not None else MAX_LINE_BYTES)
                 text = None
                 if raw is None:
@@ -328,8 +385,14 @@ class _Reader:
             return None
         try:
             obj = json.loads(line, strict=False)  # raw control characters are cleaned below, not fatal
-        except ValueError:
+        except json.JSONDecodeError:
             self.skip("malformed_json", line_no)
+            return None
+        except RecursionError:  # json recurses per nesting level; one such line must not end the run
+            self.skip("too_deep", line_no)
+            return None
+        except ValueError:  # valid JSON Python refuses: an integer over sys.get_int_max_str_digits() digits
+            self.skip("number_too_long", line_no)
             return None
         if not isinstance(obj, dict):
             self.skip("not_object", line_no)
@@ -382,9 +445,12 @@ def iter_documents(
                 yield doc
             fs = reader.fs
             if loaded == 0:
-                detail = f": {fs.problems()}" if fs.skipped else " (the file is empty)"
+                found = "; ".join(p for p in (fs.damage_text(), fs.problems()) if p)
+                detail = f": {found}" if found else " (the file is empty)"
                 raise DataError(f"{path}: no usable document in {fs.lines:,} lines{detail}. Expected one JSON "
                                 'object per line with a non-empty "text" string (or UTF-8 text for .txt)')
+            if fs.damage:
+                log(f"WARNING: {path}: {fs.damage_text()}; the rest of this file is skipped")
             if (set(fs.skipped) | set(fs.repaired)) - {"blank_line", "no_final_newline"}:
                 log(f"WARNING: {path}: {fs.problems()}")
     finally:
@@ -402,4 +468,6 @@ def format_summary(stats: IngestStats, title: str = "input summary") -> str:
     rows.append(f"  duplicates removed: {stats.duplicates:,}")
     rows.append("  skipped lines: " + (", ".join(f"{r} {n:,}" for r, n in sorted(skipped.items())) or "none"))
     rows.append("  repaired: " + (", ".join(f"{r} {n:,}" for r, n in sorted(repaired.items())) or "none"))
+    for fs in stats.damaged():  # listed only when present: a file's rest was not read
+        rows.append(f"  damaged, rest of file skipped: {fs.path}: {fs.damage_text()}")
     return "\n".join(rows)

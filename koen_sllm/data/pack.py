@@ -26,9 +26,10 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import signal
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -66,6 +67,7 @@ class Encoded:
     tokens: np.ndarray  # per document, EOS included
     nbytes: np.ndarray  # UTF-8 bytes of each text (for bits per byte)
     chars: np.ndarray
+    end: int = 0  # byte offset in the documents file just after this chunk
 
 
 def _texts(lines: list[bytes]) -> list[str]:
@@ -95,6 +97,8 @@ _WORKER: dict = {}
 def _init_worker(model_file: str, dtype: str) -> None:
     import sentencepiece as spm
 
+    # Ctrl-C is the parent's to handle (it stops the pool); a worker would only print a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER["sp"] = spm.SentencePieceProcessor(model_file=model_file)
     _WORKER["dtype"] = np.dtype(dtype)
 
@@ -103,31 +107,40 @@ def _encode_lines(lines: list[bytes]) -> Encoded:
     return _encode_lines_with(_WORKER["sp"], lines, _WORKER["dtype"])
 
 
-def _chunks(path: Path, chunk_bytes: int) -> Iterator[list[bytes]]:
+def _chunks(path: Path, chunk_bytes: int, start: int = 0) -> Iterator[tuple[list[bytes], int]]:
+    """(document lines, byte offset after them) from ``start``, a document boundary."""
     with open(path, "rb") as f:
-        lines, size = [], 0
+        f.seek(start)
+        lines, size, offset = [], 0, start
         for line in f:
             lines.append(line)
             size += len(line)
+            offset += len(line)
             if size >= chunk_bytes:
-                yield lines
+                yield lines, offset
                 lines, size = [], 0
         if lines:
-            yield lines
+            yield lines, offset
 
 
-def _encode_threaded(path: Path, sp, dtype: np.dtype, threads: int, chunk_bytes: int) -> Iterator[Encoded]:
+def _with_end(enc: Encoded, end: int) -> Encoded:
+    enc.end = end
+    return enc
+
+
+def _encode_threaded(path: Path, sp, dtype: np.dtype, threads: int, chunk_bytes: int,
+                     start: int) -> Iterator[Encoded]:
     """Chunk k is encoded by SentencePiece's threads while chunk k+1 is parsed here."""
     with ThreadPoolExecutor(1, thread_name_prefix="sp-encode") as encoder:
         pending = None
-        for lines in _chunks(path, chunk_bytes):
+        for lines, end in _chunks(path, chunk_bytes, start):
             texts = _texts(lines)
             future = encoder.submit(sp.encode, texts, num_threads=threads)
             if pending is not None:
-                yield _to_arrays(pending[0], pending[1].result(), dtype)
-            pending = (texts, future)
+                yield _with_end(_to_arrays(pending[0], pending[1].result(), dtype), pending[2])
+            pending = (texts, future, end)
         if pending is not None:
-            yield _to_arrays(pending[0], pending[1].result(), dtype)
+            yield _with_end(_to_arrays(pending[0], pending[1].result(), dtype), pending[2])
 
 
 def _pool_context():
@@ -142,8 +155,9 @@ def encode_jsonl(
     num_proc: int = 0,
     backend: str = DEFAULT_BACKEND,
     chunk_bytes: int = CHUNK_BYTES,
+    start: int = 0,
 ) -> Iterator[Encoded]:
-    """Encoded chunks of a documents JSONL file, in file order."""
+    """Encoded chunks of a documents JSONL file, in file order, from byte offset ``start``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
     workers = resolve_num_proc(num_proc)
@@ -151,20 +165,22 @@ def encode_jsonl(
     if backend == "auto":
         backend = "threads" if workers <= AUTO_THREADS_MAX else "processes"
     if workers == 1:
-        for lines in _chunks(path, chunk_bytes):
-            yield _encode_lines_with(tokenizer.sp, lines, dtype)
+        for lines, end in _chunks(path, chunk_bytes, start):
+            yield _with_end(_encode_lines_with(tokenizer.sp, lines, dtype), end)
         return
-    if backend == "threads" or path.stat().st_size <= chunk_bytes:
-        yield from _encode_threaded(path, tokenizer.sp, dtype, workers, chunk_bytes)
+    if backend == "threads" or path.stat().st_size - start <= chunk_bytes:
+        yield from _encode_threaded(path, tokenizer.sp, dtype, workers, chunk_bytes, start)
         return
     with _pool_context().Pool(workers, _init_worker, (str(tokenizer.model_file), dtype.str)) as pool:
         pending: deque = deque()
-        for lines in _chunks(path, chunk_bytes):
-            pending.append(pool.apply_async(_encode_lines, (lines,)))
+        for lines, end in _chunks(path, chunk_bytes, start):
+            pending.append((pool.apply_async(_encode_lines, (lines,)), end))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+                job, job_end = pending.popleft()
+                yield _with_end(job.get(), job_end)
         while pending:
-            yield pending.popleft().get()
+            job, job_end = pending.popleft()
+            yield _with_end(job.get(), job_end)
 
 
 @dataclass
@@ -179,6 +195,51 @@ class DocTable:
     source_names: list
 
 
+COMMIT_BYTES = 64 << 20  # documents packed between two commits: what an interruption can cost
+
+
+@dataclass
+class PackProgress:
+    """What is packed and committed: the documents file up to ``offset`` (``docs`` documents),
+    each split file's length in bytes, and the per-split / per-source sums so far."""
+
+    offset: int = 0
+    docs: int = 0
+    sizes: dict = field(default_factory=dict)
+    by_split: list = field(default_factory=list)
+    by_source: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"offset": self.offset, "docs": self.docs, "sizes": self.sizes, "by_split": self.by_split,
+                "by_source": self.by_source}
+
+
+def _open_split_files(out_dir: Path, names: list, resume: Optional[PackProgress]) -> dict:
+    """The split files, cut back to what was committed when resuming (bytes written after
+    the last commit are redone, so an interruption anywhere leaves identical files)."""
+    files = {}
+    for name in names:
+        path = out_dir / f"{name}.bin"
+        if resume is None:
+            files[name] = open(path, "wb")
+            continue
+        with open(path, "r+b") as f:
+            f.truncate(resume.sizes[name])
+        files[name] = open(path, "ab")
+    return files
+
+
+def _commit(files: dict, progress: PackProgress, by_split: np.ndarray, by_source: np.ndarray,
+            commit: Optional[Callable[[PackProgress], None]]) -> None:
+    for f in files.values():
+        f.flush()
+        os.fsync(f.fileno())
+    progress.sizes = {name: f.tell() for name, f in files.items()}
+    progress.by_split, progress.by_source = by_split.tolist(), by_source.tolist()
+    if commit is not None:
+        commit(progress)
+
+
 def pack_jsonl(
     docs_file: Path,
     tokenizer: KoEnTokenizer,
@@ -188,18 +249,31 @@ def pack_jsonl(
     num_proc: int = 0,
     backend: str = DEFAULT_BACKEND,
     log: Callable[[str], None] = print,
+    resume: Optional[PackProgress] = None,
+    commit: Optional[Callable[[PackProgress], None]] = None,
+    commit_bytes: int = COMMIT_BYTES,
 ) -> tuple[dict, dict]:
-    """Write ``<split>.bin`` files into ``out_dir``; return (per-split stats, per-source stats)."""
+    """Write ``<split>.bin`` files into ``out_dir``; return (per-split stats, per-source stats).
+
+    Every ``commit_bytes`` of documents the split files are synced and ``commit`` is called
+    with the progress; ``resume`` (a progress committed before) continues from there."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {name: open(out_dir / f"{name}.bin", "wb") for name in table.split_names}
     n_split, n_lang, n_src = len(table.split_names), len(table.lang_names), len(table.source_names)
     # Rows: tokens, docs, bytes, chars; summed per (split, lang) and per source with bincount.
     by_split = np.zeros((4, n_split * n_lang), dtype=np.int64)
     by_source = np.zeros((4, n_src), dtype=np.int64)
-    progress = Progress("tokenizing", docs_file.stat().st_size, log=log)
-    first = 0
+    progress = PackProgress()
+    if resume is not None:
+        by_split[:], by_source[:] = np.array(resume.by_split), np.array(resume.by_source)
+        progress.offset, progress.docs = resume.offset, resume.docs
+        log(f"resuming the packing at document {resume.docs:,} "
+            f"({100.0 * resume.offset / max(docs_file.stat().st_size, 1):.0f}% already packed)")
+    files = _open_split_files(out_dir, table.split_names, resume)
+    bar = Progress("tokenizing", docs_file.stat().st_size, log=log)
+    bar.update(progress.offset)
+    first, committed_at = progress.docs, progress.offset
     try:
-        for enc in encode_jsonl(docs_file, tokenizer, num_proc, backend):
+        for enc in encode_jsonl(docs_file, tokenizer, num_proc, backend, start=progress.offset):
             n = len(enc.tokens)
             ends = np.cumsum(enc.tokens)
             starts = ends - enc.tokens
@@ -217,9 +291,14 @@ def pack_jsonl(
                 by_split[k] += np.rint(np.bincount(key, weights, n_split * n_lang)).astype(np.int64)
                 by_source[k] += np.rint(np.bincount(src, weights, n_src)).astype(np.int64)
             first += n
-            progress.update(int(enc.nbytes.sum()) + 40 * n)  # + rough JSON overhead per line
+            bar.update(enc.end - progress.offset)
+            progress.offset, progress.docs = enc.end, first
+            if enc.end - committed_at >= commit_bytes:
+                _commit(files, progress, by_split, by_source, commit)
+                committed_at = enc.end
+        _commit(files, progress, by_split, by_source, commit)
     finally:
-        progress.close()
+        bar.close()
         for f in files.values():
             f.close()
     if first != len(table.split):

@@ -29,6 +29,7 @@ from koen_sllm.data.build import FORMAT_VERSION, build_prepared, check_cache, de
 from koen_sllm.data.dummy import write_dummy_corpus
 from koen_sllm.data.ingest import DATA_SUFFIXES, find_input_files
 from koen_sllm.data.mix import DEFAULT_MIX, parse_mix, write_mixed_corpus
+from koen_sllm.data.tokenizer_training import DEFAULT_MAX_LINES
 from koen_sllm.tokenizer import DEFAULT_MODEL_TYPE, MODEL_TYPES, KoEnTokenizer, TokenizerError
 
 __all__ = ["DataError", "PreparedData", "ensure_training_data", "find_dataset_files", "main"]
@@ -146,6 +147,7 @@ def ensure_training_data(
     log: Callable[[str], None] = print,
     model_type: str = DEFAULT_MODEL_TYPE,
     force: bool = False,
+    tokenizer_max_lines: int = DEFAULT_MAX_LINES,
 ) -> PreparedData:
     """Token files and tokenizer for ``dataset_path``, built once and then reused.
 
@@ -192,7 +194,7 @@ def ensure_training_data(
         if meta is None:  # another process may have finished it while we waited for the lock
             meta = build_prepared(files, target, settings=settings, vocab_size=vocab_size, model_type=model_type,
                                   tokenizer=tokenizer, num_proc=num_proc, strict=strict, used_dummy=used_dummy,
-                                  log=log)
+                                  tokenizer_max_lines=tokenizer_max_lines, log=log)
     log(describe_meta(meta))
     return _result(target, meta, used_dummy)
 
@@ -220,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=32000, help="tokenizer vocabulary (capped to what the data supports)")
     p.add_argument("--model-type", choices=MODEL_TYPES, default=DEFAULT_MODEL_TYPE, help="SentencePiece algorithm")
     p.add_argument("--tokenizer-path", help="use this tokenizer instead of training one")
+    p.add_argument("--tokenizer-max-lines", type=int, default=DEFAULT_MAX_LINES,
+                   help="lines of the training split the tokenizer trains on at most (a reproducible sample "
+                        "when there are more; its memory grows with it); 0 = all")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out per language")
     p.add_argument("--num-proc", type=int, default=0, help="tokenization processes (0 = all cores)")
     p.add_argument("--seed", type=int, default=1234, help="document sampling and shuffling")
@@ -233,6 +238,8 @@ def run(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = print
     args = build_parser().parse_args(argv)
     if args.vocab_size < 300:
         raise DataError(f"--vocab-size {args.vocab_size} is too small; use at least 300 (byte fallback needs 259)")
+    if args.tokenizer_max_lines < 0:
+        raise DataError(f"--tokenizer-max-lines {args.tokenizer_max_lines} must be 0 (all lines) or more")
     if not 0.0 <= args.val_fraction < 0.5:
         raise DataError(f"--val-fraction {args.val_fraction} must lie in [0, 0.5)")
     output = Path(args.output) if args.output else repo_root() / "datasets" / DEFAULT_DATA_FILE
@@ -250,7 +257,8 @@ def run(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = print
         return 0
     prepared = ensure_training_data(output, mode="train", vocab_size=args.vocab_size, val_fraction=args.val_fraction,
                                     num_proc=args.num_proc, strict=args.strict, tokenizer_path=args.tokenizer_path,
-                                    log=log, model_type=args.model_type, force=args.force)
+                                    log=log, model_type=args.model_type, force=args.force,
+                                    tokenizer_max_lines=args.tokenizer_max_lines)
     log(f"done: tokenizer {prepared.tokenizer_dir}, train tokens {prepared.train_file}")
     return 0
 
@@ -261,8 +269,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (DataError, TokenizerError, OSError) as exc:  # OSError: names the file (unreadable input, full disk)
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; nothing half-written was kept", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # a build says what it kept and how to resume
+        print(str(exc) or "interrupted; nothing half-written was kept", file=sys.stderr)
         return 130
 
 

@@ -255,3 +255,110 @@ def test_cli_bad_option_is_one_line(capsys):
     assert prepare.main(["--vocab-size", "abc"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: argument --vocab-size: invalid int value: 'abc' (see python -m koen_sllm.data.prepare --help)"]
+
+
+# ---------------------------------------------------------------- inputs that used to abort the run
+
+
+def test_deeply_nested_json_and_huge_integer_are_counted_skips(tmp_path):
+    path = tmp_path / "deep.jsonl"
+    deep = b'{"text": ' + b"[" * 200_000 + b"]" * 200_000 + b"}\n"
+    huge_int = b'{"text": "id too long", "id": ' + b"7" * 5000 + b"}\n"
+    path.write_bytes(_j({"text": "before"}) + deep + huge_int + _j({"text": "after"}))
+    stats, logs = IngestStats(), []
+    docs = list(iter_documents([path], stats, log=logs.append))
+    assert [d.text for d in docs] == ["before", "after"]
+    assert stats.files[0].skipped == Counter({"too_deep": 1, "number_too_long": 1})
+    assert "too_deep 1 (line 2)" in logs[-1] and "number_too_long 1 (line 3)" in logs[-1]
+    assert "skipped lines: number_too_long 1, too_deep 1" in ingest.format_summary(stats)
+    with pytest.raises(DataError) as err:
+        list(iter_documents([path], IngestStats(), strict=True, log=lambda _: None))
+    assert str(err.value).startswith(f"{path}:2: JSON nested deeper than Python's recursion limit") and \
+        "(too_deep)" in str(err.value)
+
+
+def _gz_corpus(tmp_path, n=2000):
+    """A .jsonl.gz of ``n`` distinct documents: (its compressed bytes, the texts)."""
+    import gzip
+
+    texts = [f"document {i}: " + "filler words to make it compress" * 3 for i in range(n)]
+    return gzip.compress(b"".join(_j({"text": t}) for t in texts)), texts
+
+
+def _truncated(gz: bytes) -> bytes:
+    return gz[:len(gz) // 2]
+
+
+def _bad_member(gz: bytes) -> bytes:
+    """A second gzip member whose first deflate block has the reserved type: zlib.error."""
+    import gzip
+
+    return gz + gzip.compress(b"x")[:10] + b"\xff" * 32
+
+
+def _bad_crc(gz: bytes) -> bytes:
+    return gz[:-8] + bytes(b ^ 0xFF for b in gz[-8:-4]) + gz[-4:]
+
+
+@pytest.mark.parametrize("damage,what", [
+    (_truncated, r"compressed stream ends early after line {n} \(truncated file\?\)"),
+    (_bad_member, r"compressed data is corrupt after line {n} \(Error -3 while decompressing data: invalid block type\)"),
+    (_bad_crc, r"compressed data is corrupt after line {n} \(CRC check failed 0x[0-9a-f]+ != 0x[0-9a-f]+\)"),
+])
+def test_damaged_gzip_keeps_what_was_read_and_names_file_and_line(tmp_path, damage, what):
+    import re
+
+    gz, texts = _gz_corpus(tmp_path)
+    path = tmp_path / "a.jsonl.gz"
+    path.write_bytes(damage(gz))
+    good = tmp_path / "b.jsonl"
+    good.write_bytes(_j({"text": "the next file is still read"}))
+    stats, logs = IngestStats(), []
+    docs = list(iter_documents([path, good], stats, log=logs.append))
+    n = len(docs) - 1
+    assert 0 < n <= len(texts) and [d.text for d in docs[:n]] == texts[:n]  # a prefix, in order
+    assert docs[-1].text == "the next file is still read" and stats.files[0].lines == n
+    what = what.format(n=f"{n:,}")
+    warnings = [line for line in logs if line.startswith("WARNING")]
+    assert len(warnings) == 1 and re.fullmatch(
+        f"WARNING: {re.escape(str(path))}: {what}; the rest of this file is skipped", warnings[0]), warnings
+    assert re.search(f"damaged, rest of file skipped: {re.escape(str(path))}: {what}$", ingest.format_summary(stats))
+    saved = stats.to_dict()
+    assert saved["damaged_files"] == [str(path)] and saved["files"][0]["damage"]["after_line"] == n
+    assert saved["files"][1]["damage"] is None
+    with pytest.raises(DataError) as err:
+        list(iter_documents([path, good], IngestStats(), strict=True, log=lambda _: None))
+    assert re.match(f"{re.escape(str(path))}: {what}; replace the file, or run without --strict", str(err.value))
+    # The input hash reads raw bytes, so a damaged file still has one (the cache check needs it).
+    assert len(ingest.content_hash([path])) == 64 and ingest.file_stamp([path])[0][1] == path.stat().st_size
+
+
+def test_plain_text_named_gz_and_empty_gzip_stream_are_one_line_errors(tmp_path):
+    import gzip
+
+    plain = tmp_path / "plain.jsonl.gz"
+    plain.write_bytes(_j({"text": "not compressed at all"}))
+    header_only = tmp_path / "header.jsonl.gz"
+    header_only.write_bytes(gzip.compress(b"")[:10])
+    for path, what in ((plain, r"not gzip data \(a plain file named \.gz\? rename it without \.gz\)"),
+                       (header_only, r"compressed stream ends early at the start \(truncated file\?\)")):
+        with pytest.raises(DataError, match=f"{path.name}: no usable document in 0 lines: {what}"):
+            list(iter_documents([path], IngestStats(), log=lambda _: None))
+        with pytest.raises(DataError, match=f"{path.name}: {what}; replace the file"):
+            list(iter_documents([path], IngestStats(), strict=True, log=lambda _: None))
+
+
+def test_cli_truncated_gzip_warns_once_and_strict_is_one_error_line(tmp_path, capsys):
+    gz, texts = _gz_corpus(tmp_path)
+    path = tmp_path / "a.jsonl.gz"
+    path.write_bytes(_truncated(gz))
+    out = tmp_path / "out" / "m.jsonl"
+    assert prepare.main([str(path), "--no-shards", "--output", str(out)]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.out.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1 and str(path) in warnings[0] and "truncated file?" in warnings[0]
+    assert "damaged, rest of file skipped" in captured.out and not captured.err
+    assert 0 < len(out.read_text(encoding="utf-8").splitlines()) < len(texts)
+    assert prepare.main([str(path), "--strict", "--force", "--output", str(tmp_path / "strict" / "m.jsonl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {path}: compressed stream ends early after line ")

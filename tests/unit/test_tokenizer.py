@@ -127,3 +127,65 @@ def test_sample_data_identical_ids_for_every_document(tmp_path):
     texts = [json.loads(line)["text"] for line in SAMPLE.open(encoding="utf-8")]
     assert [hf(t)["input_ids"] for t in texts] == tok.encode_batch(texts, num_threads=2)
     assert all(UNK_ID not in ids for ids in tok.encode_batch(texts[:200]))
+
+
+# ---------------------------------------------------------------- unusable --tokenizer-path
+
+
+def _damaged_model(tok, tmp_path, kind: str):
+    """A tokenizer folder copied from ``tok`` whose model is damaged as ``kind`` says; the path to pass."""
+    import random
+    import shutil
+
+    folder = tmp_path / kind
+    shutil.copytree(tok.model_file.parent, folder)
+    model = folder / "tokenizer.model"
+    good = model.read_bytes()
+    if kind == "no_model":
+        model.unlink()
+        return folder
+    if kind == "a_data_file":
+        data = tmp_path / "corpus.jsonl"
+        data.write_text('{"text": "not a model"}\n', encoding="utf-8")
+        return data
+    model.write_bytes({"random": random.Random(0).randbytes(5000), "half": good[:len(good) // 2],
+                       "empty": b""}[kind])
+    return folder
+
+
+@pytest.mark.parametrize("kind,what", [
+    ("random", r"tokenizer\.model cannot be read as a SentencePiece model \(it does not parse: truncated, or another"),
+    ("half", r"tokenizer\.model cannot be read as a SentencePiece model \(it does not parse: truncated, or another"),
+    ("empty", r"tokenizer\.model cannot be read as a SentencePiece model \(the file is empty\)"),
+    ("a_data_file", r"corpus\.jsonl cannot be read as a SentencePiece model \(it does not parse"),
+    ("no_model", r"no SentencePiece model at .*no_model/tokenizer\.model; pass a folder"),
+])
+def test_unusable_model_is_one_tokenizer_error_line(tok, tmp_path, kind, what):
+    path = _damaged_model(tok, tmp_path, kind)
+    with pytest.raises(TokenizerError, match=what) as err:
+        KoEnTokenizer.load(path)
+    assert "\n" not in str(err.value) and str(tmp_path) in str(err.value) and "--tokenizer-path" in str(err.value)
+
+
+def test_constructor_and_info_file_errors_name_the_file(tok, tmp_path):
+    import shutil
+
+    with pytest.raises(TokenizerError, match=r"cannot be read as a SentencePiece model \(it is a folder\)"):
+        KoEnTokenizer(tok.model_file.parent)
+    with pytest.raises(TokenizerError, match=r"cannot be read as a SentencePiece model \(cannot read it: No such"):
+        KoEnTokenizer(tmp_path / "missing.model")
+    folder = tmp_path / "info"
+    shutil.copytree(tok.model_file.parent, folder)
+    (folder / "koen_tokenizer.json").write_text("{broken", encoding="utf-8")
+    with pytest.raises(TokenizerError, match=r"info/koen_tokenizer\.json cannot be read \(Expecting"):
+        KoEnTokenizer.load(folder)
+
+
+@pytest.mark.parametrize("kind", ["random", "empty", "no_model", "a_data_file"])
+def test_cli_bad_tokenizer_path_is_one_error_line_exit_2(tok, corpus, tmp_path, capsys, kind):
+    from koen_sllm.data import prepare
+
+    bad = _damaged_model(tok, tmp_path, kind)
+    code = prepare.main([str(corpus), "--tokenizer-path", str(bad), "--output", str(tmp_path / "x" / "mixed.jsonl")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and str(bad) in err[0], err
