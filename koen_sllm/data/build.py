@@ -33,7 +33,7 @@ from koen_sllm.data import DataError
 from koen_sllm.data.ingest import IngestStats, content_hash, file_stamp, format_summary, iter_documents
 from koen_sllm.data.pack import DocTable, PackProgress, pack_jsonl, token_dtype
 from koen_sllm.data.progress import Progress
-from koen_sllm.data.tokenizer_training import DEFAULT_MAX_LINES, train_in_child, training_line_count, write_sample
+from koen_sllm.data.tokenizer_training import DEFAULT_MAX_LINES, sample_lines, train_in_child, training_line_count
 from koen_sllm.tokenizer import DEFAULT_MODEL_TYPE, KoEnTokenizer, save_trained, settle_vocabulary
 
 FORMAT_VERSION = 1
@@ -247,8 +247,8 @@ TOKEN_BYTES_PER_TEXT_BYTE = 0.6
 
 def _check_disk(files: list[Path], work: BuildDir, log: Callable[[str], None]) -> None:
     """Refuse to start a build that cannot fit: the documents file plus the token files."""
-    docs = work.path / "docs.jsonl"
-    text = docs.stat().st_size if "documents" in work.state and docs.is_file() else _input_bytes(files)
+    done = work.state.get("documents")
+    text = Path(done["path"]).stat().st_size if done else _input_bytes(files)
     need = int(text * TOKEN_BYTES_PER_TEXT_BYTE) + (0 if "documents" in work.state else text)
     need -= sum(p.stat().st_size for p in work.path.glob("*.bin"))
     free = shutil.disk_usage(work.path).free
@@ -263,8 +263,9 @@ def _check_disk(files: list[Path], work: BuildDir, log: Callable[[str], None]) -
 
 @dataclass
 class Documents:
-    """The documents stage: docs.jsonl in the work folder and each document's routing."""
+    """The documents stage: the documents file and each document's routing."""
 
+    path: Path  # docs.jsonl in the work folder, or the input itself when it already is that file
     table: DocTable
     lines: np.ndarray  # training lines per document (the tokenizer's sample is drawn from them)
     ingest: dict
@@ -279,7 +280,7 @@ def _stage_documents(work: BuildDir, files: list[Path], settings: dict, strict: 
         with np.load(work.path / "routing.npz") as z:
             table = DocTable(z["split"], z["lang"], z["source"], done["split_names"], done["lang_names"],
                              done["source_names"])
-            return Documents(table, z["lines"], done["ingest"], done["summary"])
+            return Documents(Path(done["path"]), table, z["lines"], done["ingest"], done["summary"])
     stats = IngestStats()
     langs: list[int] = []
     sources: list[int] = []
@@ -287,17 +288,16 @@ def _stage_documents(work: BuildDir, files: list[Path], settings: dict, strict: 
     lines: list[int] = []
     lang_names: dict[str, int] = {}
     source_names: dict[str, int] = {}
-    part = work.path / "docs.jsonl.part"
     work.writing = work.path / "docs.jsonl"
-    with open(part, "w", encoding="utf-8") as out:
+    with _DocsWriter(work.path / "docs.jsonl", files) as out:
         for doc in iter_documents(files, stats, strict=strict, log=log):
-            out.write(json.dumps({"text": doc.text, "lang": doc.lang, "source": doc.source}, ensure_ascii=False) + "\n")
+            out.add((json.dumps({"text": doc.text, "lang": doc.lang, "source": doc.source}, ensure_ascii=False)
+                     + "\n").encode("utf-8"))
             langs.append(lang_names.setdefault(doc.lang, len(lang_names)))
             sources.append(source_names.setdefault(doc.source, len(source_names)))
             draws.append(_val_draw(doc.text))
             lines.append(training_line_count(doc.text))
-        out.flush()
-        os.fsync(out.fileno())
+        docs_path = out.finish()
     summary = format_summary(stats, f"read {', '.join(p.name for p in files[:3])}{' ...' if len(files) > 3 else ''}")
     log(summary)
     split, split_names = _assign_splits(np.array(langs, dtype=np.int64), np.array(draws), lang_names,
@@ -310,11 +310,59 @@ def _stage_documents(work: BuildDir, files: list[Path], settings: dict, strict: 
         f.flush()
         os.fsync(f.fileno())
     os.replace(work.path / "routing.npz.part", work.path / "routing.npz")
-    os.replace(part, work.path / "docs.jsonl")
     ingest = stats.to_dict()
-    work.commit("documents", {"split_names": split_names, "lang_names": list(lang_names),
+    work.commit("documents", {"path": str(docs_path), "split_names": split_names, "lang_names": list(lang_names),
                               "source_names": list(source_names), "ingest": ingest, "summary": summary})
-    return Documents(table, line_counts, ingest, summary)
+    return Documents(docs_path, table, line_counts, ingest, summary)
+
+
+class _DocsWriter:
+    """Writes the documents file, unless the input already is it.
+
+    The mixed corpus (one JSONL file, written by the mix step in the same form) reads back as
+    itself: then no copy is written and the stages after read the input directly, which saves
+    writing the corpus once more and a corpus-sized file of free disk. The first line that
+    differs switches to writing: the lines before it are copied from the input and writing
+    goes on from there."""
+
+    def __init__(self, target: Path, files: list[Path]):
+        self.target, self.part = target, target.with_name(target.name + ".part")
+        single = len(files) == 1 and files[0].name.endswith(".jsonl")
+        self.source = open(files[0], "rb") if single else None
+        self.out = None if single else open(self.part, "wb")
+        self.matched = 0
+
+    def __enter__(self) -> "_DocsWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for f in (self.source, self.out):
+            if f is not None:
+                f.close()
+
+    def add(self, line: bytes) -> None:
+        if self.out is None:
+            if self.source.readline() == line:
+                self.matched += 1
+                return
+            self._diverge()
+        self.out.write(line)
+
+    def _diverge(self) -> None:
+        self.out = open(self.part, "wb")
+        self.source.seek(0)
+        for _ in range(self.matched):
+            self.out.write(self.source.readline())
+
+    def finish(self) -> Path:
+        if self.out is None:
+            if self.source.read(1) == b"":  # every line was a document, unchanged
+                return Path(self.source.name).resolve()
+            self._diverge()
+        self.out.flush()
+        os.fsync(self.out.fileno())
+        os.replace(self.part, self.target)
+        return self.target
 
 
 def _assign_splits(lang_arr: np.ndarray, draw_arr: np.ndarray, lang_names: dict, val_fraction: float,
@@ -364,17 +412,22 @@ def _stage_tokenizer(work: BuildDir, docs: Documents, vocab_size: int, model_typ
         info = {"source": str(given.model_file)}
     else:
         total = int(docs.lines[docs.table.split == 0].sum())
-        sample = work.path / "tokenizer_sample.txt"
-        work.writing = sample
-        n = write_sample(_train_texts(work.path / "docs.jsonl", docs.table.split, log), total, max_lines, sample)
-        log(f"training a {model_type} tokenizer (vocabulary {vocab_size:,}) on {n:,} of the training split's "
-            f"{total:,} lines (--tokenizer-max-lines {max_lines:,}) ...")
+        expected = min(total, max_lines) if max_lines > 0 else total
+        log(f"training a {model_type} tokenizer (vocabulary {vocab_size:,}) on about {expected:,} of the training "
+            f"split's {total:,} lines (--tokenizer-max-lines {max_lines:,}) ...")
         threads = num_proc or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-        proto, size = settle_vocabulary(lambda size: train_in_child(sample, size, model_type, threads or 1, log, n),
-                                        vocab_size, model_type, name="the training split", log=log)
+        sent = [0]
+
+        def train(size: int) -> bytes:
+            texts = _train_texts(docs.path, docs.table.split, log)
+            proto, sent[0] = train_in_child(lambda: sample_lines(texts, total, max_lines), size, model_type,
+                                            threads or 1, work.path, log)
+            return proto
+
+        proto, size = settle_vocabulary(train, vocab_size, model_type, name="the training split", log=log)
         work.writing = tok_dir
         tokenizer = save_trained(proto, tok_dir, model_type, size, vocab_size, "the training split")
-        sample.unlink()
+        n = sent[0]
         info = {"source": "trained", "sample_lines": n, "training_lines": total, "max_lines": max_lines}
     tok_meta = {"fingerprint": tokenizer.fingerprint(), "vocab_size": tokenizer.vocab_size,
                 "model_type": tokenizer.model_type, "requested_vocab_size": vocab_size, **info}
@@ -387,7 +440,7 @@ def _stage_pack(work: BuildDir, docs: Documents, tokenizer: KoEnTokenizer, num_p
     saved = work.state.get("pack")
     resume = PackProgress(**saved) if saved else None
     work.writing = work.path / "train.bin"
-    return pack_jsonl(work.path / "docs.jsonl", tokenizer, work.path, docs.table, num_proc=num_proc, log=log,
+    return pack_jsonl(docs.path, tokenizer, work.path, docs.table, num_proc=num_proc, log=log,
                       resume=resume, commit=lambda progress: work.commit("pack", progress.to_dict()))
 
 

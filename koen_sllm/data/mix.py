@@ -6,12 +6,21 @@ relative to its weight is used in full and the others are sampled down, with
 a fixed seed. Groups present in the data but absent from the weights are left
 out and reported; weights for groups that have no data are reported and the
 remaining weights renormalized ("where the data allows").
+
+A group whose surplus over its budget is only rounding (one of its average
+documents, or MIX_MATCH_POINTS of the output) is used in full too, so an input
+that already has the target shares loses nothing. When a share still ends up
+more than MIX_MISS_POINTS from its target, one warning line names the short
+group, the reason and a --mix the data can meet; the stats file records target,
+achieved and missed per group.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -20,7 +29,15 @@ from koen_sllm.data import DataError
 from koen_sllm.data.ingest import IngestStats, content_hash, file_stamp, format_summary, iter_documents
 
 DEFAULT_MIX = "ko=0.6,en=0.4"
-MIX_FORMAT = 1
+MIX_FORMAT = 2  # 2: a surplus within rounding is kept (the selection differs from format 1)
+
+# A surplus smaller than this share of the output (in percentage points) is rounding, not
+# excess: the report shows shares to 0.1 point, and cutting it would only lose documents.
+MIX_MATCH_POINTS = 0.05
+# An achieved share further than this from its target (percentage points) is a missed target.
+MIX_MISS_POINTS = 3.0
+# A sampled group over its budget by this much of the output (points) is named as a cause of a miss.
+OVERSHOOT_POINTS = 1.0
 
 
 def parse_mix(spec: Optional[str]) -> Optional[dict[str, float]]:
@@ -47,12 +64,26 @@ def parse_mix(spec: Optional[str]) -> Optional[dict[str, float]]:
 class MixPlan:
     weights: Optional[dict]
     available: dict  # group -> chars
-    targets: dict  # group -> chars to select
+    targets: dict  # group -> chars to select; equal to available when the group is used in full
     excluded: list = field(default_factory=list)  # groups with data but no weight
     missing: list = field(default_factory=list)  # weighted groups without data
 
 
-def plan_mix(available: dict[str, int], weights: Optional[dict[str, float]]) -> MixPlan:
+def _rounding(available: int, docs: int, output_chars: float) -> float:
+    """The largest surplus over a group's budget that still counts as matching it.
+
+    The budget is a float derived from another group's total; whole documents
+    cannot meet it more finely than about one document; and a surplus below
+    MIX_MATCH_POINTS of the output does not show in the shares. Sampling such a
+    surplus away only drops whichever short documents come last in the shuffle.
+    """
+    one_document = available / docs if docs else 0.0
+    return max(1e-9 * available, one_document, MIX_MATCH_POINTS / 100 * output_chars)
+
+
+def plan_mix(available: dict[str, int], weights: Optional[dict[str, float]],
+             docs: Optional[dict[str, int]] = None) -> MixPlan:
+    """Characters to select per group; ``docs`` (group -> documents) sets the rounding of whole documents."""
     if weights is None:
         return MixPlan(None, dict(available), dict(available))
     present = {g: w for g, w in weights.items() if w > 0 and available.get(g, 0) > 0}
@@ -65,7 +96,11 @@ def plan_mix(available: dict[str, int], weights: Optional[dict[str, float]]) -> 
     shares = {g: w / total_w for g, w in present.items()}
     # The largest total every group can supply at its share, without repeats.
     total = min(available[g] / s for g, s in shares.items())
-    targets = {g: min(available[g], s * total) for g, s in shares.items()}
+    targets = {}
+    for g, s in shares.items():
+        budget = s * total
+        whole = available[g] - budget <= _rounding(available[g], (docs or {}).get(g, 0), total)
+        targets[g] = available[g] if whole else budget
     return MixPlan(dict(weights), dict(available), targets, excluded, missing)
 
 
@@ -73,14 +108,14 @@ def select_documents(groups: dict[str, list[tuple[int, int]]], plan: MixPlan, se
     """Indices of the chosen documents, in a seeded shuffled order.
 
     ``groups`` maps a group to its documents as (index, chars). A group whose
-    target is (within rounding) all of it is taken whole.
+    target is all of it (``plan_mix`` decides, rounding included) is taken whole.
     """
     rng = random.Random(seed)
     chosen: list[int] = []
     for group in sorted(plan.targets):
         docs = list(groups.get(group, []))
         target = plan.targets[group]
-        if target >= plan.available[group] * (1 - 1e-9):
+        if target >= plan.available[group]:
             chosen.extend(i for i, _ in docs)
             continue
         rng.shuffle(docs)
@@ -94,20 +129,108 @@ def select_documents(groups: dict[str, list[tuple[int, int]]], plan: MixPlan, se
     return chosen
 
 
+def requested_shares(weights: Optional[dict]) -> dict[str, float]:
+    """Each weighted group's share as asked, before renormalizing over the groups that have data."""
+    positive = {g: w for g, w in (weights or {}).items() if w > 0}
+    total = sum(positive.values())
+    return {g: w / total for g, w in positive.items()}
+
+
+def mix_outcome(plan: MixPlan, selected: dict[str, int]) -> dict[str, dict]:
+    """Per weighted group: target and achieved share of the output's characters, and whether it missed."""
+    total = sum(selected.values())
+    outcome = {}
+    for group, target in requested_shares(plan.weights).items():
+        achieved = selected.get(group, 0) / total if total else 0.0
+        outcome[group] = {"target_share": target, "achieved_share": achieved,
+                          "missed": abs(achieved - target) * 100 > MIX_MISS_POINTS}
+    return outcome
+
+
 def describe(plan: MixPlan, selected: dict[str, int]) -> list[str]:
     """Report lines: target vs achieved share per group, what was left out and why."""
     total = sum(selected.values()) or 1
+    outcome = mix_outcome(plan, selected)
     lines = []
-    wsum = sum(w for g, w in (plan.weights or {}).items() if g in plan.targets) or 1.0
-    for group in sorted(plan.targets, key=lambda g: -selected.get(g, 0)):
-        want = f"{100.0 * plan.weights[group] / wsum:5.1f}%" if plan.weights else "natural"
+    for group in sorted([*plan.targets, *plan.missing], key=lambda g: -selected.get(g, 0)):
+        want = f"{100.0 * outcome[group]['target_share']:5.1f}%" if plan.weights else "natural"
+        used = (f"({selected.get(group, 0):,} of {plan.available[group]:,} chars used)" if group in plan.targets
+                else "(no data; the other weights were renormalized)")
+        missed = "  MISSED" if outcome.get(group, {}).get("missed") else ""
         lines.append(f"  {group:<24} target {want:>7}  achieved {100.0 * selected.get(group, 0) / total:5.1f}%  "
-                     f"({selected.get(group, 0):,} of {plan.available[group]:,} chars used)")
+                     f"{used}{missed}")
     if plan.excluded:
         lines.append(f"  left out (no weight): {', '.join(f'{g} ({plan.available[g]:,} chars)' for g in plan.excluded)}")
-    if plan.missing:
-        lines.append(f"  no data for: {', '.join(plan.missing)} (other weights renormalized)")
     return lines
+
+
+def _size(n: float) -> str:
+    """Bytes in decimal units, e.g. "950 bytes", "310.0 kB", "52.40 MB"."""
+    if n < 1e3:
+        return f"{n:,.0f} bytes"
+    if n < 1e6:
+        return f"{n / 1e3:,.1f} kB"
+    return f"{n / 1e6:,.2f} MB" if n < 1e9 else f"{n / 1e9:,.2f} GB"
+
+
+def _pct(share: float) -> str:
+    """0.4 -> "40%", 1/3 -> "33.3%"."""
+    return f"{100.0 * share:.1f}".removesuffix(".0") + "%"
+
+
+def _spec(shares: dict[str, float]) -> str:
+    return ",".join(f"{g}={s:.2f}" for g, s in shares.items())
+
+
+def _overshooting(plan: MixPlan, selected: dict[str, int]) -> Optional[str]:
+    """The sampled group that overshot its budget the most, when by OVERSHOOT_POINTS or more.
+
+    Sampling stops at the first document that reaches the budget, so a group
+    made of few large documents can overshoot by most of one of them.
+    """
+    total = sum(selected.values()) or 1
+    over = {g: selected.get(g, 0) - t for g, t in plan.targets.items() if t < plan.available[g]}
+    group = max(over, key=over.get, default=None)
+    return group if group is not None and 100.0 * over[group] / total >= OVERSHOOT_POINTS else None
+
+
+def _scarcity(plan: MixPlan, group: str, text_bytes: dict[str, int]) -> str:
+    """Why a short group could not supply more: it has no data, or all of it is used ("" when neither)."""
+    if group in plan.missing:
+        return f"the input holds no {group} text"
+    if plan.targets[group] >= plan.available[group]:
+        return f"the input holds only {_size(text_bytes.get(group, 0))} of {group} text"
+    return ""
+
+
+def mix_warning(plan: MixPlan, selected: dict[str, int], text_bytes: dict[str, int],
+                largest: dict[str, int]) -> Optional[str]:
+    """One line naming each group short of its target by more than MIX_MISS_POINTS, why, and what to do.
+
+    ``text_bytes`` and ``largest`` give each group's bytes and its largest document's bytes.
+    """
+    outcome = mix_outcome(plan, selected)
+    short = [g for g, o in outcome.items() if o["missed"] and o["achieved_share"] < o["target_share"]]
+    if not short:
+        return None
+    scarce = {g: _scarcity(plan, g, text_bytes) for g in short}
+    statement = "; ".join(f"{g} is {100.0 * outcome[g]['achieved_share']:.1f}% of the output (target "
+                          f"{_pct(outcome[g]['target_share'])})" + (f" because {scarce[g]}" if scarce[g] else "")
+                          for g in short)
+    big = _overshooting(plan, selected)
+    if big or not any(scarce.values()):
+        cause = (f"{big}'s documents are too large to sample down to match (the largest holds {_size(largest[big])})"
+                 if big else "whole documents overshoot the other groups' budgets")
+        statement += f", and {cause}" if any(scarce.values()) else f" because {cause}"
+    total = sum(selected.values()) or 1
+    supported = {g: max(round(selected.get(g, 0) / total, 2), 0.01) for g in outcome if g in plan.targets}
+    keys = ", ".join(short)
+    advice = (f"add {keys} data or lower {'its weight' if len(short) == 1 else 'their weights'} "
+              f"(--mix {_spec(supported)})")
+    if big:
+        advice += f", or split {big}'s documents into smaller ones"
+    requested = _spec({g: o["target_share"] for g, o in outcome.items()})
+    return f"warning: mix {requested} not reached: {statement}; {advice}"
 
 
 def stats_path(output: Path) -> Path:
@@ -134,6 +257,106 @@ def _reusable(output: Path, files: list[Path], settings: dict) -> Optional[dict]
     return old
 
 
+@dataclass
+class _Documents:
+    """The clean documents in the working file: per document (offset, bytes, lang, chars, group)."""
+
+    records: list = field(default_factory=list)
+    groups: dict = field(default_factory=dict)  # group -> [(index, chars)]
+
+    def chars(self) -> dict[str, int]:
+        return {g: sum(c for _, c in docs) for g, docs in self.groups.items()}
+
+    def counts(self) -> dict[str, int]:
+        return {g: len(docs) for g, docs in self.groups.items()}
+
+    def text_bytes(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Per group: its bytes in the output format, and its largest document's."""
+        total: dict[str, int] = {}
+        largest: dict[str, int] = {}
+        for _, length, _, _, group in self.records:
+            total[group] = total.get(group, 0) + length
+            largest[group] = max(largest.get(group, 0), length)
+        return total, largest
+
+    def planned_bytes(self, order: list[int]) -> int:
+        return sum(self.records[i][1] for i in order)
+
+
+def _write_documents(files: list[Path], path: Path, stats: IngestStats, mix_by: str, strict: bool,
+                     log: Callable[[str], None]) -> _Documents:
+    """Clean documents go to a working file first: the corpus is never held in memory."""
+    found = _Documents()
+    with open(path, "wb") as out:
+        for doc in iter_documents(files, stats, strict=strict, log=log):
+            line = (json.dumps({"text": doc.text, "lang": doc.lang, "source": doc.source},
+                               ensure_ascii=False) + "\n").encode("utf-8")
+            group = doc.lang if mix_by == "lang" else doc.source
+            found.groups.setdefault(group, []).append((len(found.records), len(doc.text)))
+            found.records.append((out.tell(), len(line), doc.lang, len(doc.text), group))
+            out.write(line)
+    return found
+
+
+def _copy_documents(src_path: Path, dst_path: Path, order: list[int], found: _Documents) -> tuple[dict, dict]:
+    """Copy the chosen documents in ``order``; returns the characters per group and the per-language counts."""
+    selected: dict[str, int] = {}
+    per_lang: dict[str, dict] = {}
+    with open(src_path, "rb") as src, open(dst_path, "wb") as dst:
+        for index in order:
+            offset, length, lang, chars, group = found.records[index]
+            src.seek(offset)
+            dst.write(src.read(length))
+            selected[group] = selected.get(group, 0) + chars
+            row = per_lang.setdefault(lang, {"docs": 0, "chars": 0})
+            row["docs"] += 1
+            row["chars"] += chars
+    return selected, per_lang
+
+
+def _input_bytes(files: list[Path]) -> int:
+    # A .gz file's text is taken as 4x its compressed size: only an estimate is needed here.
+    return sum(p.stat().st_size * (4 if str(p).endswith(".gz") else 1) for p in map(Path, files))
+
+
+@dataclass
+class _DiskNeed:
+    """What a disk-full error reports: the space the whole write needs, in parts."""
+
+    documents: int  # the working copy of the clean documents
+    corpus: int  # the mixed corpus
+    estimated: bool = True
+
+    def error(self, exc: OSError, output: Path) -> DataError:
+        what = "disk quota exceeded" if exc.errno == errno.EDQUOT else "disk full"
+        free = shutil.disk_usage(output.parent).free
+        about = "about " if self.estimated else ""
+        return DataError(
+            f"{what} while writing {output}: it needs {about}{_size(self.documents + self.corpus)} in {output.parent} "
+            f"({_size(self.documents)} of clean documents while mixing, {_size(self.corpus)} for the corpus), "
+            f"{_size(free)} is free; free some space or write elsewhere with --output")
+
+
+def _summary(settings: dict, files: list[Path], stats: IngestStats, plan: MixPlan, selected: dict,
+             per_lang: dict, order: list[int], output: Path, out_bytes: int, mix_by: str,
+             warning: Optional[str]) -> dict:
+    total = sum(r["chars"] for r in per_lang.values())
+    report = [format_summary(stats), f"mix by {mix_by} -> {output} ({len(order):,} docs, {total:,} chars):",
+              *describe(plan, selected)]
+    return {
+        "settings": settings,
+        "inputs": {"files": file_stamp(files), "content_sha256": content_hash(files)},
+        "ingest": stats.to_dict(),
+        "mix": {"available_chars": plan.available, "target_chars": plan.targets, "selected_chars": selected,
+                "achieved_share": {g: c / max(total, 1) for g, c in selected.items()},
+                "targets": mix_outcome(plan, selected), "miss_threshold_points": MIX_MISS_POINTS,
+                "warning": warning, "left_out": plan.excluded, "no_data": plan.missing},
+        "output": {"path": str(output), "bytes": out_bytes, "docs": len(order), "chars": total,
+                   "per_lang": per_lang},
+        "report": report,
+    }
+
+
 def write_mixed_corpus(
     files: list[Path],
     output: Path,
@@ -147,9 +370,10 @@ def write_mixed_corpus(
 ) -> dict:
     """Read, clean and de-duplicate ``files``, mix them and write ``output`` (JSONL).
 
-    Clean documents go to a temporary file first (the corpus is never held in
-    memory); the chosen ones are then copied in shuffled order and the result
-    renamed into place. Returns the summary also saved as ``<name>.stats.json``.
+    Everything is written to temporary files beside the output first, and only
+    then renamed into place: an interruption or a full disk leaves the previous
+    output (or none) and no temporary file. Returns the summary also saved as
+    ``<name>.stats.json``.
     """
     output = Path(output)
     settings = {"format": MIX_FORMAT, "weights": weights, "mix_by": mix_by, "seed": seed}
@@ -157,56 +381,41 @@ def write_mixed_corpus(
     if old is not None:
         log(f"reusing {output} (input and mix unchanged; --force rebuilds)")
         log("\n".join(old["report"]))
+        if old["mix"].get("warning"):
+            log(old["mix"]["warning"])
         return old
     output.parent.mkdir(parents=True, exist_ok=True)
     stats = IngestStats()
     docs_path = output.with_name(f".{output.name}.docs-{os.getpid()}")
     tmp_out = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    records: list[tuple[int, int, str, int]] = []  # offset, length, lang, chars
-    groups: dict[str, list[tuple[int, int]]] = {}
+    tmp_stats = output.with_name(f".{stats_path(output).name}.tmp-{os.getpid()}")
+    estimate = _input_bytes(files)
+    need = _DiskNeed(estimate, estimate)  # until the plan exists: the corpus is at most all documents
     try:
-        with open(docs_path, "wb") as out:
-            for doc in iter_documents(files, stats, strict=strict, log=log):
-                line = (json.dumps({"text": doc.text, "lang": doc.lang, "source": doc.source},
-                                   ensure_ascii=False) + "\n").encode("utf-8")
-                key = doc.lang if mix_by == "lang" else doc.source
-                groups.setdefault(key, []).append((len(records), len(doc.text)))
-                records.append((out.tell(), len(line), doc.lang, len(doc.text)))
-                out.write(line)
-        plan = plan_mix({g: sum(c for _, c in docs) for g, docs in groups.items()}, weights)
-        order = select_documents(groups, plan, seed)
-        selected: dict[str, int] = {}
-        per_lang: dict[str, dict] = {}
-        group_of = {index: g for g, docs in groups.items() for index, _ in docs}
-        with open(docs_path, "rb") as src, open(tmp_out, "wb") as dst:
-            for index in order:
-                offset, length, lang, chars = records[index]
-                src.seek(offset)
-                dst.write(src.read(length))
-                selected[group_of[index]] = selected.get(group_of[index], 0) + chars
-                row = per_lang.setdefault(lang, {"docs": 0, "chars": 0})
-                row["docs"] += 1
-                row["chars"] += chars
-        os.replace(tmp_out, output)
-    finally:
-        for path in (docs_path, tmp_out):
-            path.unlink(missing_ok=True)
-    total = sum(r["chars"] for r in per_lang.values())
-    report = [format_summary(stats), f"mix by {mix_by} -> {output} ({len(order):,} docs, {total:,} chars):",
-              *describe(plan, selected)]
-    summary = {
-        "settings": settings,
-        "inputs": {"files": file_stamp(files), "content_sha256": content_hash(files)},
-        "ingest": stats.to_dict(),
-        "mix": {"available_chars": plan.available, "target_chars": plan.targets, "selected_chars": selected,
-                "achieved_share": {g: c / max(total, 1) for g, c in selected.items()},
-                "left_out": plan.excluded, "no_data": plan.missing},
-        "output": {"path": str(output), "bytes": output.stat().st_size, "docs": len(order), "chars": total,
-                   "per_lang": per_lang},
-        "report": report,
-    }
-    tmp = stats_path(output).with_name(stats_path(output).name + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, stats_path(output))
-    log("\n".join(report))
+        try:
+            found = _write_documents(files, docs_path, stats, mix_by, strict, log)
+            plan = plan_mix(found.chars(), weights, found.counts())
+            order = select_documents(found.groups, plan, seed)
+            need = _DiskNeed(docs_path.stat().st_size, found.planned_bytes(order), estimated=False)
+            selected, per_lang = _copy_documents(docs_path, tmp_out, order, found)
+            warning = mix_warning(plan, selected, *found.text_bytes())
+            summary = _summary(settings, files, stats, plan, selected, per_lang, order, output,
+                               tmp_out.stat().st_size, mix_by, warning)
+            with open(tmp_stats, "w", encoding="utf-8") as f:
+                f.write(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+            # Both files are complete before either is renamed. Stopped between the renames, the new
+            # corpus sits beside the old stats file, which _reusable accepts only if it describes
+            # the same settings, input and size, i.e. the same (deterministic) output.
+            os.replace(tmp_out, output)
+            os.replace(tmp_stats, stats_path(output))
+        finally:
+            for path in (docs_path, tmp_out, tmp_stats):
+                path.unlink(missing_ok=True)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise need.error(exc, output) from exc  # after the cleanup above, so "free" counts what it gave back
+    log("\n".join(summary["report"]))
+    if warning:
+        log(warning)
     return summary

@@ -16,6 +16,7 @@ returned when it exits, and the parent prints a progress line while it works.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import signal
@@ -59,35 +60,17 @@ def sample_lines(texts: Iterable[str], total_lines: int, max_lines: int) -> Iter
             yield line
 
 
-def write_sample(texts: Iterable[str], total_lines: int, max_lines: int, out_file: Path) -> int:
-    """Write the sample, one line per line, to ``out_file`` (renamed into place when complete)."""
-    part = out_file.with_name(out_file.name + ".part")
-    n = 0
-    with open(part, "w", encoding="utf-8") as f:
-        for line in sample_lines(texts, total_lines, max_lines):
-            f.write(line)
-            f.write("\n")
-            n += 1
-    os.replace(part, out_file)
-    return n
-
-
-def _read_sample(path: Path) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield line.rstrip("\n")
-
-
-def train_in_child(sample: Path, vocab_size: int, model_type: str, num_threads: int,
-                   log: Callable[[str], None] = print, lines: int = 0) -> bytes:
-    """The SentencePiece model trained on ``sample`` in a child process (see the module's note).
+def train_in_child(lines: Callable[[], Iterable[str]], vocab_size: int, model_type: str, num_threads: int,
+                   work: Path, log: Callable[[str], None] = print) -> tuple[bytes, int]:
+    """(model, lines trained on): SentencePiece trained in a child process on ``lines()``,
+    streamed through a pipe (no copy of the sample on disk). See the module's note.
 
     SentencePiece's own errors come back as RuntimeError with its message, as in-process
     training raises them, so the caller's handling (vocabulary capped to what the data
     supports, too small a vocabulary) is the same. KeyboardInterrupt kills the child."""
-    model = sample.with_name(sample.name + f".{os.getpid()}.model")
-    error = sample.with_name(sample.name + f".{os.getpid()}.error")
-    args = json.dumps({"sample": str(sample), "model": str(model), "error": str(error), "vocab_size": vocab_size,
+    model = work / f"tokenizer.{os.getpid()}.model"
+    error = work / f"tokenizer.{os.getpid()}.error"
+    args = json.dumps({"model": str(model), "error": str(error), "vocab_size": vocab_size,
                        "model_type": model_type, "num_threads": num_threads})
     env = dict(os.environ)
     here = str(Path(__file__).resolve().parents[2])
@@ -96,14 +79,15 @@ def train_in_child(sample: Path, vocab_size: int, model_type: str, num_threads: 
     child = None
     try:
         child = _start_child([sys.executable, "-c", _CHILD, args], env)
-        code = _wait_showing_progress(child, started, f"{lines:,} lines, vocabulary {vocab_size:,}", log)
+        sent = _feed(child, lines())
+        code = _wait_showing_progress(child, started, f"{sent:,} lines, vocabulary {vocab_size:,}", log)
         if code == 0:
-            return model.read_bytes()
+            return model.read_bytes(), sent
         if error.is_file():
             raise RuntimeError(error.read_text(encoding="utf-8"))
         if code < 0 and -code == signal.SIGINT:
             raise KeyboardInterrupt
-        raise TokenizerError(f"SentencePiece training on {sample} ended with exit code {code} "
+        raise TokenizerError(f"SentencePiece training on {sent:,} lines ended with exit code {code} "
                              f"({'out of memory? ' if -code == signal.SIGKILL else ''}"
                              "lower --tokenizer-max-lines to train on fewer lines)")
     except BaseException:
@@ -116,17 +100,31 @@ def train_in_child(sample: Path, vocab_size: int, model_type: str, num_threads: 
             path.unlink(missing_ok=True)
 
 
+def _feed(child: subprocess.Popen, lines: Iterable[str]) -> int:
+    """Write ``lines`` to the child's input; a child that stopped reading has failed (its exit
+    code and error file say how), so a broken pipe only ends the feeding."""
+    sent = 0
+    try:
+        for line in lines:
+            child.stdin.write(line.encode("utf-8") + b"\n")
+            sent += 1
+        child.stdin.close()
+    except BrokenPipeError:
+        pass
+    return sent
+
+
 def _start_child(command: list, env: dict) -> subprocess.Popen:
     """Start ``command``; Ctrl-C while it starts is held back until the child is known, so that
     the caller can stop it (raised inside Popen, it would leave the child running unseen)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
-        return subprocess.Popen(command, env=env)
+        return subprocess.Popen(command, env=env, stdin=subprocess.PIPE)
     held: list = []
     previous = signal.signal(signal.SIGINT, lambda *_: held.append(True))
     try:
-        child = subprocess.Popen(command, env=env)
+        child = subprocess.Popen(command, env=env, stdin=subprocess.PIPE)
     finally:
         signal.signal(signal.SIGINT, previous)
     if held:
@@ -167,9 +165,10 @@ def _child_main(args_json: str) -> int:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     die_with_parent(signal.SIGKILL)  # a parent that dies without cleaning up takes the child along
     args = json.loads(args_json)
+    # Only "\n" ends a line: a carriage return inside one is text.
+    lines = (line.rstrip("\n") for line in io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", newline="\n"))
     try:
-        proto = _train_once(_read_sample(Path(args["sample"])), args["vocab_size"], args["model_type"], 0,
-                            args["num_threads"])
+        proto = _train_once(lines, args["vocab_size"], args["model_type"], 0, args["num_threads"])
     except RuntimeError as exc:
         Path(args["error"]).write_text(str(exc), encoding="utf-8")
         return 3

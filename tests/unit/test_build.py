@@ -75,20 +75,22 @@ def test_a_forced_line_cap_samples_the_same_lines_every_time(reference, tmp_path
     tok = prepared.meta["tokenizer"]
     # The cap was forced well below the corpus: a real sample, not every line.
     assert tok["training_lines"] > 4 * tok["max_lines"] and 0.6 * 200 < tok["sample_lines"] < 1.4 * 200
-    assert any(f"on {tok['sample_lines']:,} of the training split's" in line for line in logs)
-    assert any("--tokenizer-max-lines 200" in line for line in logs)
+    assert any(f"on about 200 of the training split's {tok['training_lines']:,} lines (--tokenizer-max-lines 200)"
+               in line for line in logs)
     again = _build(_copy_of(data, tmp_path), tmp_path / "work")
     assert _files(again.prepared_dir) == files
 
 
 def test_the_sample_depends_on_the_text_alone():
     texts = [f"line {i} of a text\nanother {i * 7} line" for i in range(400)]
-    once = list(tokenizer_training.sample_lines(texts, 800, 100))
-    assert list(tokenizer_training.sample_lines(iter(texts), 800, 100)) == once
-    assert 50 < len(once) < 150 and set(once) < {ln for t in texts for ln in t.split("\n")}
+    total = sum(tokenizer_training.training_line_count(t) for t in texts)
+    every = list(tokenizer_training.sample_lines(texts, total, 0))  # 0 = every line
+    assert len(every) == total
+    once = list(tokenizer_training.sample_lines(texts, total, total // 8))
+    assert list(tokenizer_training.sample_lines(iter(texts), total, total // 8)) == once
+    assert 0.5 * total / 8 < len(once) < 1.5 * total / 8 and set(once) < set(every)
     # Reading the documents in another order picks the same lines.
-    assert sorted(tokenizer_training.sample_lines(texts[::-1], 800, 100)) == sorted(once)
-    assert len(list(tokenizer_training.sample_lines(texts, 800, 0))) == 800  # 0 = every line
+    assert sorted(tokenizer_training.sample_lines(texts[::-1], total, total // 8)) == sorted(once)
 
 
 @pytest.mark.parametrize("stage", ["documents", "tokenizer", "pack"])
@@ -199,11 +201,9 @@ def test_a_full_disk_names_the_file_and_keeps_what_was_finished(reference, tmp_p
 
 
 def test_a_killed_tokenizer_process_is_one_line(tmp_path, monkeypatch):
-    sample = tmp_path / "sample.txt"
-    sample.write_text("a b c\n" * 10, encoding="utf-8")
     monkeypatch.setattr(tokenizer_training, "_CHILD", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
     with pytest.raises(Exception) as info:
-        tokenizer_training.train_in_child(sample, 300, "bpe", 1)
+        tokenizer_training.train_in_child(lambda: ["a b c"] * 10, 300, "bpe", 1, tmp_path)
     assert "exit code -9" in str(info.value) and "--tokenizer-max-lines" in str(info.value)
 
 
@@ -235,5 +235,52 @@ def test_ctrl_c_during_tokenizer_training_stops_at_once(tmp_path):
     work = tmp_path / "prepared" / ".m.build"
     assert json.loads((work / "state.json").read_text())["documents"]
     assert not list(work.glob("*.model")) and not (tmp_path / "prepared" / "m").exists()
-    ps = subprocess.run(["pgrep", "-f", str(work / "tokenizer_sample.txt")], capture_output=True, text=True)
+    ps = subprocess.run(["pgrep", "-f", str(work)], capture_output=True, text=True)
     assert not ps.stdout.strip(), "the SentencePiece process outlived the interrupt"
+
+
+def _mixed_form(docs: list[dict]) -> bytes:
+    return "".join(json.dumps({"text": d["text"], "lang": d["lang"], "source": d["source"]}, ensure_ascii=False)
+                   + "\n" for d in docs).encode("utf-8")
+
+
+@pytest.mark.parametrize("damage", ["none", "duplicate in the middle", "blank line at the end"])
+def test_an_input_already_in_documents_form_is_read_in_place(reference, tmp_path, damage):
+    """The mixed corpus needs no copy as docs.jsonl; a line that differs switches to writing one,
+    and either way the token files equal those of a build that copies."""
+    data = reference[0]
+    docs = [{**json.loads(line), "source": "corpus"} for line in data.read_text(encoding="utf-8").splitlines()]
+    body = _mixed_form(docs)
+    if damage == "duplicate in the middle":
+        body = _mixed_form(docs[:60] + [docs[10]] + docs[60:])
+    elif damage == "blank line at the end":
+        body += b"\n"
+    single = tmp_path / "one" / "corpus.jsonl"
+    single.parent.mkdir()
+    single.write_bytes(body)
+    # The same documents in two files: never read in place.
+    two = tmp_path / "two"
+    two.mkdir()
+    (two / "a.jsonl").write_bytes(_mixed_form(docs[:60]))
+    (two / "b.jsonl").write_bytes(_mixed_form(docs[60:]))
+    copied = _build(two, tmp_path / "work2")
+    logs: list[str] = []
+    in_place = _build(single, tmp_path / "work1", logs)
+    for name in ("train.bin", "val_ko.bin", "val_en.bin"):
+        assert (in_place.prepared_dir / name).read_bytes() == (copied.prepared_dir / name).read_bytes(), name
+    assert in_place.meta["ingest"]["docs"] == len(docs)
+    assert single.read_bytes() == body  # the input is only read
+
+
+def test_reading_in_place_writes_no_documents_copy(reference, tmp_path, monkeypatch):
+    data = reference[0]
+    docs = [{**json.loads(line), "source": "corpus"} for line in data.read_text(encoding="utf-8").splitlines()]
+    single = tmp_path / "corpus.jsonl"
+    single.write_bytes(_mixed_form(docs))
+    states = []
+    real = build.BuildDir.commit
+    monkeypatch.setattr(build.BuildDir, "commit", lambda work, name, value: (states.append((name, value)),
+                                                                             real(work, name, value)))
+    _build(single, tmp_path / "work")
+    path = dict(states)["documents"]["path"]
+    assert Path(path) == single.resolve()
