@@ -11,7 +11,10 @@ Both sides train the same Llama shape on the same random tokens (vocabulary
 32000) with bf16, torch.compile and fused AdamW, one after the other in this
 process, on whatever GPU is present. "ours" runs koen_sllm.trainer.Trainer's
 own train_step (the code ./run_h100_dual.sh uses); the peer is
-transformers.Trainer on LlamaForCausalLM built from the same config and weights.
+transformers.Trainer on LlamaForCausalLM built from the same config and weights,
+configured as a user tuning it would (peer_training_kwargs: the loss read every 10 steps, two
+loader workers, non-blocking copies, no per-step NaN check or progress bar; --peer-* options
+bring back the earlier, untuned peer), and the report records those settings (peer_settings).
 Warm-up steps (compilation) are excluded. A step's time is its period (from one
 step's end to the next one's, as a training loop sees it), with no synchronize added
 for the clock; --sync-each-step times each step between two synchronizes instead.
@@ -123,6 +126,8 @@ def run_config(args, seed: int):
         argv.append("--rope-kernel")
     if args.cross_entropy == "compiled":
         argv.append("--no-loss-kernel")
+    if args.fp8 != "off":
+        argv += ["--fp8", args.fp8]
     cfg, _ = parse_run_args(argv)
     apply_device_defaults(cfg, torch.cuda.is_available())
     return cfg
@@ -243,9 +248,8 @@ def run_peer(args) -> dict:
     out = Path(args.json).parent / "hf_trainer_tmp"
     targs = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=args.batch_size, max_steps=args.warmup + args.steps,
-        bf16=True, torch_compile=not args.no_compile, optim="adamw_torch_fused", learning_rate=args.lr,
-        logging_steps=1, save_strategy="no", report_to=[], dataloader_pin_memory=True, seed=args.seed,
-        lr_scheduler_type="cosine", warmup_steps=1, weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0,
+        learning_rate=args.lr, seed=args.seed, lr_scheduler_type="cosine", warmup_steps=1, weight_decay=0.1,
+        adam_beta2=0.95, max_grad_norm=1.0, **peer_training_kwargs(args),
     )
     optimizers = (None, None)
     if args.curve:  # this project's decay groups and schedule, so only model and loop differ
@@ -255,7 +259,64 @@ def run_peer(args) -> dict:
     model.to("cuda")
     torch.cuda.reset_peak_memory_stats()
     HFTrainer(model=model, args=targs, train_dataset=DS(), callbacks=[Timer()], optimizers=optimizers).train()
-    return _summarize("transformers.Trainer", times[args.warmup:], args, fpt, losses)
+    res = _summarize("transformers.Trainer", times[args.warmup:], args, fpt, losses)
+    res["peer_settings"] = peer_settings(args)
+    return res
+
+
+def peer_training_kwargs(args) -> dict:
+    """The transformers Trainer's speed-relevant TrainingArguments, as a user tuning it would set them.
+
+    Defaults (the honest peer): bf16 autocast over fp32 weights, torch.compile, fused AdamW,
+    TF32 on, the loss read every --peer-logging-steps (10) steps, --peer-workers (2) persistent
+    loader workers with pinned batches copied without blocking the host, no per-step NaN/inf check
+    of the loss (transformers' default reads the loss on the host every step for it), no progress
+    bar, no evaluation, checkpointing or token counting. The peer of the earlier figures in
+    docs/benchmarks.md (logging every step, no workers, the NaN/inf check, a blocking copy, the
+    progress bar):
+    --peer-logging-steps 1 --peer-workers 0 --peer-nan-filter --peer-blocking-copy --peer-progress-bar.
+    --curve keeps one log per step and no workers whatever the options: the loss curve needs every
+    step's loss, and its token windows are served in order by a counter each worker would copy
+    (a curve is not a speed figure)."""
+    logging_steps = 1 if args.curve else args.peer_logging_steps
+    workers = 0 if args.curve else args.peer_workers
+    kwargs = dict(
+        bf16=True, tf32=True, torch_compile=not args.no_compile, optim="adamw_torch_fused",
+        logging_steps=logging_steps, logging_nan_inf_filter=args.peer_nan_filter,
+        dataloader_num_workers=workers, dataloader_pin_memory=True, dataloader_persistent_workers=workers > 0,
+        dataloader_prefetch_factor=args.peer_prefetch if workers > 0 else None,
+        accelerator_config={"non_blocking": not args.peer_blocking_copy},
+        disable_tqdm=not args.peer_progress_bar, eval_strategy="no", save_strategy="no",
+        include_num_input_tokens_seen="no", report_to=[],
+    )
+    return kwargs
+
+
+def peer_settings(args) -> dict:
+    """What the peer ran with, for the JSON report and next to every ratio printed."""
+    kw = peer_training_kwargs(args)
+    keys = ("bf16", "tf32", "torch_compile", "optim", "logging_steps", "logging_nan_inf_filter",
+            "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
+            "dataloader_prefetch_factor", "disable_tqdm", "eval_strategy", "save_strategy",
+            "include_num_input_tokens_seen")
+    settings = {k: kw[k] for k in keys}
+    settings["accelerator_config.non_blocking"] = kw["accelerator_config"]["non_blocking"]
+    settings["attn_implementation"] = "sdpa"
+    settings["weights"] = "fp32, bf16 autocast"
+    return settings
+
+
+def peer_settings_text(settings: dict) -> str:
+    """One line of the settings that decide the peer's speed."""
+    s = settings
+    workers = s["dataloader_num_workers"]
+    loader = (f"{workers} persistent workers, prefetch {s['dataloader_prefetch_factor']}" if workers
+              else "no loader workers")
+    return (f"logging_steps={s['logging_steps']}, {loader}, pinned, "
+            f"{'non-blocking' if s['accelerator_config.non_blocking'] else 'blocking'} copy, "
+            f"nan/inf filter {'on' if s['logging_nan_inf_filter'] else 'off'}, "
+            f"progress bar {'off' if s['disable_tqdm'] else 'on'}, bf16, "
+            f"{'torch_compile, ' if s['torch_compile'] else ''}{s['optim']}, SDPA")
 
 
 def _summarize(name, times, args, fpt, losses) -> dict:
@@ -303,6 +364,9 @@ def main() -> int:
     p.add_argument("--fp32-weights", action="store_true",
                    help="ours: fp32 weights cast by autocast and torch's fused AdamW (the default is bf16 weights "
                         "with fp32 masters in the optimizer since 2026-12)")
+    p.add_argument("--fp8", choices=("off", "tensorwise", "rowwise"), default="off",
+                   help="ours: the projections' matmuls in FP8 through torchao.float8 (the trainer's --fp8); "
+                        "MFU stays against the dense bf16 peak")
     p.add_argument("--grad-accum", type=int, default=1,
                    help="ours: micro-batches per optimizer step (with --only ours; not with --curve)")
     p.add_argument("--liger", help="ours: liger-kernel parts to swap in, comma-separated: rmsnorm,swiglu,rope,flce or all")
@@ -313,6 +377,15 @@ def main() -> int:
                    help="ours: launch the optimizer only after the host has read the step's vote (the earlier order)")
     p.add_argument("--clip-separate", action="store_true",
                    help="ours: clip the gradients in their own pass (clip_grad_norm_), not inside the fused update")
+    p.add_argument("--peer-logging-steps", type=int, default=10,
+                   help="peer: read the loss every N steps (1 = a host sync every step, as in the earlier figures)")
+    p.add_argument("--peer-workers", type=int, default=2, help="peer: data-loader worker processes (0 = none)")
+    p.add_argument("--peer-prefetch", type=int, default=2, help="peer: batches each loader worker prepares ahead")
+    p.add_argument("--peer-nan-filter", action="store_true",
+                   help="peer: transformers' default logging_nan_inf_filter, which reads the loss every step")
+    p.add_argument("--peer-blocking-copy", action="store_true",
+                   help="peer: accelerate's default blocking host-to-GPU batch copy (non_blocking=False)")
+    p.add_argument("--peer-progress-bar", action="store_true", help="peer: keep the tqdm progress bar")
     p.add_argument("--sync-each-step", action="store_true",
                    help="synchronize the GPU around every timed step (the method before step periods were used)")
     p.add_argument("--data", type=Path, help="a packed token file (train.bin) instead of random tokens")
@@ -365,7 +438,8 @@ def main() -> int:
         m = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
         print(f"{r['name']:<24}{r['tokens_per_s']:>12,.0f}{m:>8}{r['peak_mem_gib']:>10.1f}{r['median_step_s']:>9.3f}")
     if len(results) >= 2 and results[1]["name"] == "transformers.Trainer":
-        print(f"ratio koen_sllm / transformers.Trainer: {results[0]['tokens_per_s'] / results[1]['tokens_per_s']:.2f}x")
+        print(f"ratio koen_sllm / transformers.Trainer: {results[0]['tokens_per_s'] / results[1]['tokens_per_s']:.2f}x "
+              f"(Trainer: {peer_settings_text(results[1]['peer_settings'])})")
     for r in results:
         if "profile" in r:
             prof = r["profile"]
@@ -381,6 +455,9 @@ def main() -> int:
                 print(f"    {us:9.1f} us  after {before}  before {after}")
     report = {"device": device, "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()},
               "results": results}
+    peer = next((r for r in results if "peer_settings" in r), None)
+    if peer:
+        report["peer_settings"] = peer["peer_settings"]
     if args.curve and len(results) == 3:
         report["curve"] = compare_curves(*(r["losses"] for r in results))
         c = report["curve"]

@@ -18,6 +18,7 @@ from .config import explicit_options
 
 # The Korean half of a one-line error whose English half names the option or the file.
 _KO_CONFIG = "옵션 오류"
+KO_FP8 = "FP8 학습을 할 수 없습니다"  # --fp8 without torchao or an FP8 GPU
 
 
 def print_error(msg: str) -> None:
@@ -51,6 +52,16 @@ def resolve_fully(cfg, explicit, notes, world_size: int, has_cuda: bool) -> list
     plan = derive_batch_plan(cfg, world_size)
     resolve_weights(cfg.train, plan.grad_accum, has_cuda)
     return notes
+
+
+def fp8_device():
+    """The GPU this process will train on (distributed.init_distributed picks the same), for --fp8's check."""
+    import torch
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank if local_rank < torch.cuda.device_count() else 0)
 
 
 def _dry_run(cfg, explicit, notes, world_size: int, has_cuda: bool) -> int:
@@ -133,6 +144,16 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
         except DeepSpeedUnavailable as exc:
             if int(os.environ.get("RANK", "0")) == 0:
                 print_error(bilingual(str(exc), "패키지 없음"))
+            return 2
+
+    if cfg.train.fp8 != "off":
+        from .fp8 import Fp8Unavailable, check_fp8_support
+
+        try:  # now, not after the data is prepared and the model built
+            check_fp8_support(fp8_device())
+        except Fp8Unavailable as exc:
+            if int(os.environ.get("RANK", "0")) == 0:
+                print_error(bilingual(str(exc), KO_FP8))
             return 2
 
     try:

@@ -24,6 +24,12 @@ ATTN_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "flash-attn")
 # torch.compile modes; "reduce-overhead" replays the compiled forward and backward as CUDA graphs.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PRECISIONS = ("bf16", "fp16", "fp32")
+# --fp8: the decoder layers' projections through torchao.float8 (fp8.py), with one scale per tensor
+# or per row; "off" keeps every matmul in the autocast dtype.
+FP8_MODES = ("off", "tensorwise", "rowwise")
+# FP8 matmuls take both sides of every product in multiples of 16, the micro-batch's tokens
+# included (they are the inner side of the weight gradient's product).
+FP8_MULTIPLE = 16
 DEFAULT_DATA_FILE = "mixed_pretraining.jsonl"
 
 # What --test uses when no GPU exists: small enough for two CPU processes.
@@ -108,6 +114,7 @@ class TrainConfig:
     loss_kernel: bool = True  # the loss and its gradient in one Triton pass on a GPU in bf16
     rope_kernel: bool = False  # the rotation's forward through its Triton kernel on a GPU
     cudnn_grouped_kv: Optional[bool] = None  # None: on where cuDNN takes grouped K/V (Hopper)
+    fp8: str = "off"  # FP8_MODES: the projections' matmuls in FP8 (fp8.py; H100 and newer, bf16 runs)
     ddp_bucket_mb: float = 25.0  # DDP's gradient bucket size (its own default)
     seed: int = 42
     eval_steps: Optional[int] = None  # None -> 250 (train), end only (test)
@@ -201,6 +208,7 @@ def apply_device_defaults(cfg: RunConfig, has_cuda: bool) -> list[str]:
                           "compiles the model itself: drop --compile-mode")
     if not has_cuda and t.precision == "fp16":
         raise ConfigError("--fp16 needs a CUDA GPU (loss scaling is CUDA-only); use --fp32 or bf16 on CPU")
+    check_fp8(t, has_cuda)  # torchao and the GPU's FP8 support are checked by fp8.check_fp8_support
     if t.deepspeed is None:  # else the DeepSpeed JSON may still set the precision (apply_ds_options)
         resolve_residual(t)
     check_weights(t)  # now, not after the data is prepared (the accumulation is checked by resolve_weights)
@@ -223,6 +231,27 @@ def resolve_residual(t: TrainConfig) -> None:
                           "add --bf16 or drop --bf16-residual")
     if t.bf16_residual is None:
         t.bf16_residual = t.precision == "bf16"
+
+
+def check_fp8(t: TrainConfig, has_cuda: bool) -> None:
+    """--fp8 against the device, the backend, the precision and the micro-batch (after the defaults)."""
+    if t.fp8 == "off":
+        return
+    if not has_cuda:
+        raise ConfigError("--fp8 needs an NVIDIA GPU with FP8 support (compute capability 8.9 or newer: H100, H200, "
+                          "L4, RTX 4090); this run has none — drop --fp8")
+    if t.deepspeed is not None:
+        raise ConfigError(f"--fp8 {t.fp8} is for the DDP path; the DeepSpeed engine is not converted to FP8 here: "
+                          "drop --fp8 or --deepspeed")
+    if t.precision != "bf16":
+        raise ConfigError(f"--fp8 {t.fp8} needs bf16 precision (FP8 training runs under bf16 autocast), but this run "
+                          f"uses {t.precision}; add --bf16 or drop --fp8")
+    tokens = t.batch_size * int(t.max_seq_length or CPU_TEST_SEQ_LEN)
+    if tokens % FP8_MULTIPLE:
+        raise ConfigError(f"--fp8 {t.fp8} needs micro-batches of a multiple of {FP8_MULTIPLE} tokens (the tokens are a "
+                          f"side of the weight gradient's FP8 product), but --batch-size {t.batch_size} x "
+                          f"--max-seq-length {t.max_seq_length} = {tokens}; pass a --max-seq-length that is a multiple "
+                          f"of {FP8_MULTIPLE} or drop --fp8")
 
 
 def check_weights(t: TrainConfig) -> None:
@@ -348,6 +377,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"--model-size {t.model_size!r} is unknown; choose one of {', '.join(MODEL_SIZES)}")
     if t.attn not in ATTN_BACKENDS:
         raise ConfigError(f"--attn {t.attn!r} is unknown; choose one of {', '.join(ATTN_BACKENDS)}")
+    if t.fp8 not in FP8_MODES:
+        raise ConfigError(f"--fp8 {t.fp8!r} is unknown; choose one of {', '.join(FP8_MODES)}")
     if t.precision is not None and t.precision not in PRECISIONS:
         raise ConfigError(f"precision {t.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
     _positive("--batch-size", t.batch_size)
@@ -522,6 +553,10 @@ def build_parser() -> argparse.ArgumentParser:
     pair.add_argument("--no-rope-kernel", dest="rope_kernel", action="store_false", help=argparse.SUPPRESS)
     g.add_argument("--cudnn-grouped-kv", choices=("auto", "on", "off"), default="auto",
                    help="cuDNN attention takes grouped K/V as they are (auto: on Hopper GPUs) or expanded")
+    g.add_argument("--fp8", choices=FP8_MODES, default="off", metavar="MODE",
+                   help="off, tensorwise or rowwise: the decoder layers' q/k/v, o, gate, up and down matmuls in FP8 "
+                        "through torchao.float8, one scale per tensor or per row (NVIDIA GPU of compute capability "
+                        "8.9+, bf16; the output layer and attention stay bf16)")
     g.add_argument("--ddp-bucket-mb", type=float, default=25.0, metavar="MB",
                    help="DDP gradient bucket size: each bucket's all-reduce starts when its gradients are ready")
     g.add_argument("--deepspeed", nargs="?", const="", default=None, metavar="CONFIG",
@@ -574,7 +609,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[RunConfig, argpars
             activation_checkpointing=ns.activation_checkpointing, ce_chunk_tokens=ns.ce_chunk_tokens,
             bf16_residual=ns.bf16_residual, bf16_weights=ns.bf16_weights, ddp_bucket_mb=ns.ddp_bucket_mb,
             loss_kernel=ns.loss_kernel, rope_kernel=ns.rope_kernel,
-            cudnn_grouped_kv={"auto": None, "on": True, "off": False}[ns.cudnn_grouped_kv],
+            cudnn_grouped_kv={"auto": None, "on": True, "off": False}[ns.cudnn_grouped_kv], fp8=ns.fp8,
             seed=ns.seed, eval_steps=ns.eval_steps,
             eval_batches=ns.eval_batches, log_steps=ns.log_steps, max_bad_steps=ns.max_bad_steps,
             deepspeed=ns.deepspeed, logs_dir=ns.logs_dir, verbose=ns.verbose,

@@ -2,6 +2,8 @@
 
 MFU = achieved model FLOPs per second per device / the device's dense peak for
 the precision in use. An unknown device reports no MFU rather than a wrong one.
+A --fp8 run (bf16 autocast, the projections' matmuls in FP8) is still measured against
+the dense bf16 peak, so its MFU can exceed what bf16 matmuls could reach.
 Warm-up steps (compilation, allocator growth) are left out of the averages.
 """
 from __future__ import annotations

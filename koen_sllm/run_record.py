@@ -76,6 +76,7 @@ ADJUSTABLE = (
     ("train", "loss_kernel", "--loss-kernel/--no-loss-kernel"),
     ("train", "rope_kernel", "--rope-kernel"),
     ("train", "cudnn_grouped_kv", "--cudnn-grouped-kv"),
+    ("train", "fp8", "--fp8"),  # the weights and the optimizer state are the same with and without it (fp8.py)
 )
 _BATCH_DESTS = ("batch_size", "grad_accum", "global_batch_size")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -89,6 +90,8 @@ def library_versions() -> dict[str, str]:
             versions[name] = __import__(name).__version__
         except Exception:
             pass
+    if "torchao" in sys.modules:  # imported by --fp8 alone (fp8.py)
+        versions["torchao"] = str(getattr(sys.modules["torchao"], "__version__", "?"))
     if torch.cuda.is_available():
         versions["cuda"] = str(torch.version.cuda)
     return versions

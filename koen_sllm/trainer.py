@@ -28,6 +28,7 @@ from .checkpoint.store import CheckpointTarget, estimate_checkpoint_bytes
 from .config import RunConfig, derive_batch_plan, resolve_weights
 from .data.loader import TokenLoader, iter_eval_batches
 from .engines.ddp import PRECISION_DTYPES, DDPEngine
+from .fp8 import describe as describe_fp8
 from .logs import get_logger, progress_bar
 from .losses import fused_ce_offered
 from .metrics import (MetricsSink, SpikeDetector, StepClock, Throughput, format_progress, mfu, peak_flops,
@@ -111,6 +112,8 @@ class Trainer:
             log.info("residual stream in %s", self.model_cfg.residual_dtype)
         if self.t.bf16_weights:
             log.info("weights in bf16, fp32 master weights in the optimizer (--fp32-weights turns this off)")
+        if self.t.fp8 != "off":
+            log.info("%s", describe_fp8(self.raw_model, self.t.fp8))
 
     def build(self, vocab: int, loader) -> None:
         """Model, optimizer, schedule (or the DeepSpeed config) and loader; also used by the throughput benchmark."""

@@ -19,6 +19,7 @@ from pathlib import Path
 from .. import distributed as D
 from ..checkpoint.store import CheckpointError, CheckpointTarget, load_model_state, save_checkpoint
 from ..config import RunConfig
+from ..fp8 import convert_to_fp8
 from ..hf import mapping as HF
 from ..master_adamw import MasterWeightAdamW, full_precision_state
 from ..optim import (CAN_CLIP_IN_FUSED_UPDATE, build_optimizer, build_scheduler, clip_divisor, grad_norm_reader,
@@ -59,6 +60,7 @@ class DDPEngine:
         self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
         self.model: torch.nn.Module = raw_model
         self.levers = Levers()
+        self.fp8_layers: list[str] = []  # the layers converted by --fp8, once prepared
         self.grad_norm = None
         self.autocast: Any = nullcontext()
 
@@ -69,6 +71,10 @@ class DDPEngine:
         t = self.cfg.train
         if isinstance(self.optimizer, MasterWeightAdamW):  # after loading fp32 weights, before DDP's broadcast
             self.optimizer.take_master_weights()
+        if t.fp8 != "off":
+            # Once, before DDP and compile, which must see the FP8 layers. Each keeps its weight
+            # parameter, so the optimizer (masters included) and the state dict stay as they are.
+            self.fp8_layers = convert_to_fp8(self.raw_model, t.fp8, self.device)
         # DDP first, then compile: Dynamo's DDPOptimizer splits the compiled graph at DDP's
         # gradient buckets, so a bucket's all-reduce starts while the rest of the backward
         # runs. Compiled inside DDP, one compiled backward would hand DDP every gradient at

@@ -48,7 +48,8 @@ def run_information(cfg: dict, *, nproc: int, device: str, notes: list[str], for
         f"   • 학습률 / learning rate: {o['learning_rate']:g} (warm-up {_show(o.get('warmup_steps'), '1% of steps')}, "
         f"cosine to {o['min_lr_ratio']:g}x)",
         f"   • 최대 시퀀스 길이 / max sequence length: {t['max_seq_length']}",
-        f"   • Mixed Precision: {t['precision']} (weights {weights})",
+        f"   • Mixed Precision: {t['precision']} (weights {weights})"
+        + (f", FP8 matmuls ({t['fp8']})" if t.get("fp8", "off") != "off" else ""),
         f"   • 모델 컴파일 / torch.compile: {_bool(t.get('compile'))}",
         "📁 경로 / paths:",
         f"   • 데이터셋 / dataset: {d.get('dataset_path') or 'datasets/'}",

@@ -37,6 +37,17 @@ def main(argv: list[str]) -> int:
                 print_error(bilingual(str(exc), "패키지 없음"))
                 return 2
             notes.append(f"⚠️  the run would stop here: {exc}")  # a dry run still shows the settings
+    if cfg.train.fp8 != "off":  # torchao and the GPU's FP8 support, before torchrun starts
+        from ..cli import KO_FP8, fp8_device
+        from ..fp8 import Fp8Unavailable, check_fp8_support
+
+        try:
+            check_fp8_support(fp8_device())
+        except Fp8Unavailable as exc:
+            if not os.environ.get("KOEN_RESOLVE_DRY_RUN"):
+                print_error(bilingual(str(exc), KO_FP8))
+                return 2
+            notes.append(f"⚠️  the run would stop here: {exc}")
     print(json.dumps({"config": cfg.to_dict(), "notes": notes, "has_cuda": has_cuda}, ensure_ascii=False))
     return 0
 

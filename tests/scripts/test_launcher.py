@@ -32,7 +32,7 @@ ALL_OPTIONS = [
     "--test", "--train", "--max-steps", "--dataset-path", "--output-dir", "--logs-dir", "--batch-size",
     "--learning-rate", "--max-seq-length", "--save-steps", "--fp16", "--fp32", "--no-compile", "--num-gpus",
     "--foreground", "--no-save-initial", "--dry-run", "--verbose", "--help", "--model-size", "--grad-accum",
-    "--resume", "--deepspeed", "--status", "--stop", "--no-install",
+    "--resume", "--deepspeed", "--status", "--stop", "--no-install", "--fp8",
 ]
 
 
@@ -166,6 +166,16 @@ def test_fp16_without_gpu_exits_2(tmp_path):
     assert res.returncode == 2
     lines = error_lines(res)
     assert len(lines) == 1 and "--fp16 needs a CUDA GPU" in lines[0]
+
+
+def test_fp8_without_gpu_exits_2(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: --fp8 may be allowed")
+    res = run("--fp8", "rowwise", "--dry-run", "--logs-dir", str(tmp_path))
+    assert res.returncode == 2
+    lines = error_lines(res)
+    assert len(lines) == 1 and "--fp8 needs an NVIDIA GPU with FP8 support" in lines[0] and "drop --fp8" in lines[0]
 
 
 # ---------------------------------------------------------------- help, defaults, dry run

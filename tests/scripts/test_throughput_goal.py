@@ -1,17 +1,22 @@
 """benchmarks/throughput_goal.py: reports in, one verdict per target out; failed or cut-short runs
-are "not measured", a GPU other than the goal's is named, and nothing here needs a GPU."""
+are "not measured", a GPU other than the goal's is named, the tuned Trainer's settings stand next
+to its ratio, FP8 is judged against bf16 of the same call, torchtitan is reported without a
+target, and nothing here needs a GPU."""
 from __future__ import annotations
 
 import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
 from koen_sllm.config import repo_root
 
 SCRIPT = repo_root() / "benchmarks" / "throughput_goal.py"
+H100 = "NVIDIA H100 80GB HBM3"
+SETTINGS = {"logging_steps": 10, "dataloader_num_workers": 2, "dataloader_prefetch_factor": 2,
+            "accelerator_config.non_blocking": True, "logging_nan_inf_filter": False, "disable_tqdm": True,
+            "torch_compile": True, "optim": "adamw_torch_fused"}
 
 
 def load_module():
@@ -24,11 +29,13 @@ def load_module():
 tg = load_module()
 
 
-def report(device="NVIDIA H100 80GB HBM3", ours=(180_000, 0.52), peer=(80_000, 0.23), curve=None, partial=False):
+def report(device=H100, ours=(220_000, 0.54), peer=(100_000, 0.25), curve=None, partial=False, settings=SETTINGS):
     results = [{"name": "koen_sllm", "tokens_per_s": ours[0], "mfu": ours[1]}]
     if peer:
-        results.append({"name": tg.PEER, "tokens_per_s": peer[0], "mfu": peer[1]})
+        results.append({"name": tg.PEER, "tokens_per_s": peer[0], "mfu": peer[1], "peer_settings": settings})
     rep = {"device": device, "results": results}
+    if peer and settings:
+        rep["peer_settings"] = settings
     if curve:
         rep["curve"] = {"ours_vs_peer_mean": curve[0], "noise_mean": curve[1]}
     if partial:
@@ -36,31 +43,96 @@ def report(device="NVIDIA H100 80GB HBM3", ours=(180_000, 0.52), peer=(80_000, 0
     return rep
 
 
-def verdicts(reports):
-    return [v for _, _, v in tg.judge(reports)]
+def titan(tokens=150_000, mfu=0.37, device=H100, mode="trainer", version="0.2.2"):
+    return {"device": device, "torchtitan": version, "mode": mode, "reason": "its own Trainer",
+            "results": [{"name": "torchtitan", "tokens_per_s": tokens, "mfu": mfu, "mode": mode,
+                         "torchtitan": version}]}
+
+
+def big(tokens=70_000, mfu=0.58, device=H100):
+    return report(device=device, ours=(tokens, mfu), peer=None)
+
+
+def base(**over):
+    reps = {"350m_b8": report(), "1.3b_b4": big()}
+    reps.update(over)
+    return reps
+
+
+def rows_by_label(rows):
+    return {t: (m, v) for t, m, v in rows}
+
+
+def verdicts(reports, calls=None):
+    return [v for _, _, v in tg.judge(reports, calls)]
 
 
 def test_targets_met_on_the_goals_gpu():
-    rows = tg.judge({"350m_b8": report(), "1.3b_b4": report(ours=(60_000, 0.46), peer=None)})
-    assert [v for _, _, v in rows] == ["met", "met", "met"]
-    assert "52.0%" in rows[0][1] and "2.25x" in rows[1][1] and "46.0%" in rows[2][1]
+    reps = base(**{"1.3b_b4_fp8_rowwise": big(90_000), "1.3b_b4_fp8_tensorwise": big(95_000)})
+    rows = tg.judge(reps)
+    assert [v for _, _, v in rows] == ["met"] * 5
+    assert "54.0%" in rows[0][1] and "2.20x" in rows[1][1] and "58.0%" in rows[2][1]
+    assert "1.29x" in rows[3][1] and "--fp8 rowwise" in rows[3][1] and "1.36x" in rows[4][1]
+
+
+def test_the_trainer_ratio_names_the_trainers_settings():
+    measured = tg.judge(base())[1][1]
+    assert "logging_steps=10" in measured and "2 persistent workers, prefetch 2" in measured
+    assert "non-blocking copy" in measured and "nan/inf filter off" in measured and "torch_compile" in measured
+    old = tg.judge(base(**{"350m_b8": report(settings=None)}))[1][1]
+    assert "not recorded" in old and "logging every step" in old
 
 
 def test_each_target_can_miss_on_its_own():
-    assert verdicts({"350m_b8": report(ours=(180_000, 0.49)), "1.3b_b4": report(ours=(60_000, 0.46), peer=None)}) \
-        == ["not met", "met", "met"]
-    assert verdicts({"350m_b8": report(peer=(120_000, 0.3)), "1.3b_b4": report(ours=(50_000, 0.44), peer=None)}) \
-        == ["met", "not met", "not met"]
+    assert verdicts(base(**{"350m_b8": report(ours=(200_000, 0.51))}))[:3] == ["not met", "met", "met"]
+    assert verdicts(base(**{"350m_b8": report(peer=(140_000, 0.33))}))[:3] == ["met", "not met", "met"]
+    assert verdicts(base(**{"1.3b_b4": big(70_000, 0.55)}))[:3] == ["met", "met", "not met"]
+    fp8 = base(**{"1.3b_b4_fp8_rowwise": big(80_000), "1.3b_b4_fp8_tensorwise": big(88_000)})
+    assert verdicts(fp8)[3:5] == ["not met", "met"]  # 1.14x and 1.26x
+
+
+def test_fp8_is_judged_only_against_bf16_of_the_same_call():
+    reps = base(**{"1.3b_b4_fp8_rowwise": big(90_000), "1.3b_b4_fp8_tensorwise": big(90_000)})
+    calls = {"1.3b_b4": "A", "1.3b_b4_fp8_rowwise": "A", "1.3b_b4_fp8_tensorwise": "B"}
+    rows = tg.judge(reps, calls)
+    assert rows[3][2] == "met" and "different calls" not in rows[3][1]
+    assert rows[4][2].startswith("not judged") and "different calls" in rows[4][1]
+
+
+def test_fp8_at_350m_and_torchtitan_are_reported_without_a_target():
+    reps = base(**{"350m_b8_fp8_rowwise": report(ours=(250_000, 0.61), peer=None),
+                   "torchtitan_350m_b8": titan(), "torchtitan_1.3b_b4": titan(56_000, 0.47)})
+    got = rows_by_label(tg.judge(reps))
+    fp8 = got["350m batch 8: FP8 rowwise / bf16 tokens/s (no target)"]
+    assert fp8[1] == "reported" and "1.14x" in fp8[0]
+    assert "350m batch 8: FP8 tensorwise / bf16 tokens/s (no target)" not in got  # not asked for, no report
+    small = got["350m batch 8: this trainer / torchtitan tokens/s (no target)"]
+    assert small[1] == "reported" and "1.47x" in small[0] and "torchtitan 0.2.2, trainer" in small[0]
+    large = got["1.3b batch 4: this trainer / torchtitan tokens/s (no target)"]
+    assert large[1] == "reported" and "1.25x" in large[0] and "47.0% MFU" in large[0]
+
+
+def test_a_torchtitan_that_did_not_run_says_why():
+    failed = {"device": H100, "torchtitan": "0.3.0", "mode": "none", "results": [],
+              "reason": "trainer: ImportError: cannot import name 'DataParallelMeshDims'"}
+    got = rows_by_label(tg.judge(base(torchtitan_350m_b8=failed, **{"torchtitan_1.3b_b4": None})))
+    m, v = got["350m batch 8: this trainer / torchtitan tokens/s (no target)"]
+    assert v == "not measured" and "DataParallelMeshDims" in m
+    assert got["1.3b batch 4: this trainer / torchtitan tokens/s (no target)"] == ("-", "not measured")
 
 
 def test_another_gpu_is_named_instead_of_met():
-    v = verdicts({"350m_b8": report(device="NVIDIA H200"), "1.3b_b4": report(device="NVIDIA H200", peer=None)})
-    assert all(x.startswith("met on NVIDIA H200") and "H100" in x for x in v)
+    reps = {"350m_b8": report(device="NVIDIA H200"), "1.3b_b4": big(device="NVIDIA H200"),
+            "1.3b_b4_fp8_rowwise": big(90_000, device="NVIDIA H200"),
+            "1.3b_b4_fp8_tensorwise": big(90_000, device="NVIDIA H200")}
+    rows = tg.judge(reps)
+    assert all(v.startswith("met on NVIDIA H200") and "H100" in v for _, _, v in rows)
+    assert all("NVIDIA H200" in m for _, m, _ in rows)
 
 
 def test_missing_runs_and_a_missing_peer_are_not_measured():
-    assert verdicts({"350m_b8": None, "1.3b_b4": None}) == ["not measured"] * 3
-    assert verdicts({"350m_b8": report(peer=None), "1.3b_b4": None}) == ["met", "not measured", "not measured"]
+    assert verdicts({"350m_b8": None, "1.3b_b4": None}) == ["not measured"] * 5
+    assert verdicts({"350m_b8": report(peer=None), "1.3b_b4": None}) == ["met"] + ["not measured"] * 4
 
 
 def test_a_cut_short_or_unreadable_report_is_not_used(tmp_path):
@@ -74,36 +146,77 @@ def test_a_cut_short_or_unreadable_report_is_not_used(tmp_path):
     assert tg.load(good)["device"].endswith("HBM3")
 
 
+def test_runs_and_groups_are_chosen_by_name():
+    assert tg.selected(None) == list(tg.RUNS)
+    assert tg.selected("bf16") == ["350m_b8", "1.3b_b4"]
+    assert tg.selected("torchtitan_1.3b_b4,1.3b_b4") == ["1.3b_b4", "torchtitan_1.3b_b4"]
+    assert tg.selected("targets") == ["350m_b8", "1.3b_b4", "1.3b_b4_fp8_rowwise", "1.3b_b4_fp8_tensorwise"]
+    assert set(tg.selected("torchtitan,fp8_350m")) == set(tg.RUNS) - {"1.3b_b4_fp8_rowwise", "1.3b_b4_fp8_tensorwise"}
+    with pytest.raises(SystemExit, match="neither a run"):
+        tg.selected("350m,bogus")
+    for script, options, limit in tg.RUNS.values():
+        assert script in ("bench", "titan") and "--quick" in options and 0 < limit <= 600
+    fp8 = [o for n, (_, o, _) in tg.RUNS.items() if "fp8" in n]
+    assert len(fp8) == 4 and all(o[o.index("--fp8") + 1] in ("rowwise", "tensorwise") for o in fp8)
+
+
 def test_judge_only_reads_earlier_json_and_adds_the_curve_when_present(tmp_path, capsys):
     (tmp_path / "350m_b8.json").write_text(json.dumps(report()))
-    (tmp_path / "1.3b_b4.json").write_text(json.dumps(report(ours=(60_000, 0.40), peer=None)))
+    (tmp_path / "1.3b_b4.json").write_text(json.dumps(big(60_000, 0.50)))
+    (tmp_path / "torchtitan_350m_b8.json").write_text(json.dumps(titan()))
     assert tg.main(["--out", str(tmp_path), "--judge-only"]) == 0
     summary = (tmp_path / "summary.md").read_text()
     assert summary.count("| met |") == 2 and "| not met |" in summary and "curve" not in summary
+    assert "torchtitan" in summary and "| reported |" in summary and "1.3b batch 4: this trainer" not in summary
     (tmp_path / "curve.json").write_text(json.dumps(report(curve=(0.036, 0.026))))
     tg.main(["--out", str(tmp_path), "--judge-only"])
     out = capsys.readouterr().out
     assert "0.036" in out and "0.026" in out and "read against the noise" in out
 
 
+FAKE = """import json, sys
+a = sys.argv[1:]
+out = a[a.index('--json') + 1]
+if '1.3b' in a and '--fp8' in a and 'tensorwise' in a: sys.exit(3)
+if 'titan' in sys.argv[0]:
+    rep = {titan}
+elif '--fp8' in a:
+    rep = {fp8}
+elif '1.3b' in a:
+    rep = {big}
+else:
+    rep = {small}
+open(out, 'w').write(json.dumps(rep))
+"""
+
+
 def test_runs_each_benchmark_and_a_failing_one_is_not_measured(tmp_path, monkeypatch, capsys):
-    # A stand-in for bench_throughput.py: writes a finished report, except for the 1.3b preset.
-    fake = tmp_path / "fake_bench.py"
-    fake.write_text(
-        "import json, sys\n"
-        "a = sys.argv[1:]\n"
-        "if '1.3b' in a: sys.exit(3)\n"
-        f"rep = {json.dumps(report(device='NVIDIA H100 PCIe'))}\n"
-        "open(a[a.index('--json') + 1], 'w').write(json.dumps(rep))\n")
+    # Stand-ins for bench_throughput.py and bench_torchtitan.py: finished reports, except FP8
+    # tensorwise at 1.3b, which fails.
+    text = FAKE.format(titan=repr(titan()), fp8=repr(big(90_000)), big=repr(big()),
+                       small=repr(report(device="NVIDIA H100 PCIe")))
+    bench, titan_script = tmp_path / "fake_bench.py", tmp_path / "fake_titan.py"
+    bench.write_text(text)
+    titan_script.write_text(text)
     out = tmp_path / "out"
     out.mkdir()
-    (out / "1.3b_b4.json").write_text(json.dumps(report(ours=(70_000, 0.6), peer=None)))  # an earlier run's
-    monkeypatch.setattr(tg, "BENCH", fake)
-    assert tg.main(["--out", str(out)]) == 0
+    (out / "1.3b_b4_fp8_tensorwise.json").write_text(json.dumps(big(99_000)))  # an earlier run's
+    monkeypatch.setattr(tg, "BENCH", bench)
+    monkeypatch.setattr(tg, "TITAN", titan_script)
+    assert tg.main(["--out", str(out), "--runs", "bf16,1.3b_b4_fp8_rowwise,1.3b_b4_fp8_tensorwise,"
+                                                  "torchtitan_350m_b8"]) == 0
     text = capsys.readouterr().out
-    assert "1.3b_b4 failed (exit 3)" in text
-    assert verdicts({n: tg.load(out / f"{n}.json") for n in tg.RUNS}) == ["met", "met", "not measured"]
-    assert "| not measured |" in (out / "summary.md").read_text()
+    assert "1.3b_b4_fp8_tensorwise failed (exit 3)" in text
+    assert not (out / "350m_b8_fp8_rowwise.json").exists()  # not asked for
+    calls = json.loads((out / "calls.json").read_text())
+    assert set(calls) == {"350m_b8", "1.3b_b4", "1.3b_b4_fp8_rowwise", "1.3b_b4_fp8_tensorwise",
+                          "torchtitan_350m_b8"} and len(set(calls.values())) == 1
+    summary = (out / "summary.md").read_text()
+    got = {line.split(" | ")[0].lstrip("| "): line for line in summary.splitlines()}
+    assert got["1.3b batch 4: FP8 rowwise >= 1.25x bf16 tokens/s, same call"].endswith("| met |")
+    assert got["1.3b batch 4: FP8 tensorwise >= 1.25x bf16 tokens/s, same call"].endswith("| not measured |")
+    assert "| reported |" in got["350m batch 8: this trainer / torchtitan tokens/s (no target)"]
+    assert "PCIe" in summary
 
 
 def test_a_missing_curve_file_is_one_clear_error(tmp_path, capsys):
@@ -118,4 +231,4 @@ def test_the_script_runs_as_a_command(tmp_path):
     import subprocess
     done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--judge-only"],
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0 and done.stdout.count("not measured") == 3
+    assert done.returncode == 0 and done.stdout.count("not measured") == 5

@@ -17,7 +17,7 @@ LAYERS = [
     ("foundation", {"errors", "config", "checkpoint.atomic_io", "logs", "stop", "parent_watch", "run_lock", "metrics"}),
     ("kernels", {"kernels"}),
     ("data", {"tokenizer", "data"}),
-    ("model", {"attention", "rotary", "losses", "model", "master_adamw", "optim"}),
+    ("model", {"attention", "rotary", "losses", "model", "master_adamw", "optim", "fp8"}),
     ("storage", {"checkpoint", "distributed"}),
     ("hf", {"hf"}),
     ("engines", {"engines"}),
@@ -134,7 +134,7 @@ def test_no_import_circle():
 def test_the_model_knows_nothing_of_distribution_or_runs():
     banned = {"distributed", "engines", "trainer", "cli", "run_state", "checkpoint", "launcher"}
     g = graph()
-    for m in ("model", "attention", "rotary", "losses"):
+    for m in ("model", "attention", "rotary", "losses", "fp8"):
         assert not {d.split(".")[0] for d in g[m]} & banned, f"{m} imports {g[m] & banned}"
 
 
@@ -165,6 +165,7 @@ def test_every_user_facing_error_is_a_koen_error_with_its_exit_code():
     from koen_sllm.data import DataError
     from koen_sllm.engines.deepspeed import DeepSpeedBackendError, DeepSpeedUnavailable
     from koen_sllm.errors import KoenError
+    from koen_sllm.fp8 import Fp8Unavailable
     from koen_sllm.run_lock import FolderBusy
     from koen_sllm.run_record import RunMismatch
     from koen_sllm.run_state import RunSetupError
@@ -172,7 +173,7 @@ def test_every_user_facing_error_is_a_koen_error_with_its_exit_code():
 
     codes = {ConfigError: 2, RunMismatch: 2, AttentionBackendError: 2, DeepSpeedUnavailable: 2,
              CheckpointError: 1, RunSetupError: 1, DeepSpeedBackendError: 1, DataError: 1, TokenizerError: 1,
-             FolderBusy: 1}
+             FolderBusy: 1, Fp8Unavailable: 2}
     for kind, code in codes.items():
         assert issubclass(kind, KoenError) and kind.exit_code == code, kind
 
