@@ -81,31 +81,68 @@ def _read_texts(input_file: Path) -> Iterator[str]:
             yield from f
 
 
-def _training_lines(texts: Iterable[str]) -> Iterator[str]:
-    """Non-empty lines of every text, cut to a length SentencePiece accepts.
+# Training lines stand for a newline with this Unicode noncharacter (reserved for internal use), so that
+# they can travel one per line through a file; train_sentencepiece turns it back into "\n". The second one is
+# SentencePiece's pretokenization delimiter at training: no piece is learnt across it. The text's own
+# U+FDD0/U+FDD1 are left out of training; encoding never treats them specially (bytes, as any character
+# outside the vocabulary).
+_NEWLINE_MARK, _TRAIN_DELIMITER = "\ufdd0", "\ufdd1"
 
-    Newlines never reach SentencePiece's trainer (it reads one sentence per
-    line); at encode time they become the byte piece <0x0A>, one token each.
+
+def training_lines(texts: Iterable[str]) -> Iterator[str]:
+    """Training sentences: every line of every text with the newlines that follow it.
+
+    A run of newlines is a piece of its own (``\n``, ``\n\n``, ``\n\n\n``): a
+    delimiter keeps it apart from the line before it, and no piece continues
+    past a newline into the next line, so no piece mixes newlines and text.
+    Encoding needs no such rule: no learnt piece crosses it. Lines longer than
+    SentencePiece accepts are cut; a document's last line has no newline.
     """
+    import re
+
     for text in texts:
-        for line in normalize_text(text).split("\n"):
-            if not line.strip():
-                continue
-            for start in range(0, len(line), _TRAIN_LINE_CHARS):
-                yield line[start:start + _TRAIN_LINE_CHARS]
+        text = normalize_text(text)
+        if _NEWLINE_MARK in text or _TRAIN_DELIMITER in text:
+            text = text.replace(_NEWLINE_MARK, "").replace(_TRAIN_DELIMITER, "")
+        for m in re.finditer(r"([^\n]*)(\n*)", text):
+            line, newlines = m.groups()
+            if newlines:
+                line += (_TRAIN_DELIMITER if line else "") + _NEWLINE_MARK * len(newlines)
+            for cut in range(0, len(line), _TRAIN_LINE_CHARS):
+                yield line[cut:cut + _TRAIN_LINE_CHARS]
 
 
-def _train_once(lines: Iterable[str], vocab_size: int, model_type: str, max_lines: int, num_threads: int) -> bytes:
+def train_sentencepiece(lines: Iterable[str], vocab_size: int, model_type: str, max_lines: int, num_threads: int) -> bytes:
+    """One SentencePiece training run on ``lines`` (from :func:`training_lines`); the model's bytes.
+
+    Against plain SentencePiece BPE under the same exactness rules, the two
+    changes kept (measured in docs/data.md, "Tokenizer against a fair baseline")
+    are ``split_by_unicode_script=False``, so punctuation may join the word
+    before it (``했다.``, ``요?``, ``'s``, ``e,``), and newline runs as pieces (see
+    :func:`training_lines`). Pieces still hold at most one digit and a space
+    only at their start. SentencePiece drops a sentence's final newlines, so a
+    delimiter follows them.
+    """
     import io
 
     import sentencepiece as spm
 
+    def sentences() -> Iterator[str]:
+        for line in lines:
+            if _NEWLINE_MARK in line:
+                line = line.replace(_NEWLINE_MARK, "\n")
+                if line.endswith("\n"):
+                    line += _TRAIN_DELIMITER
+            yield line
+
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, model_type=model_type, vocab_size=vocab_size,
+        sentence_iterator=sentences(), model_writer=model, model_type=model_type, vocab_size=vocab_size,
+        pretokenization_delimiter=_TRAIN_DELIMITER,
         character_coverage=0.9995, byte_fallback=True, normalization_rule_name="identity",
         remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
-        allow_whitespace_only_pieces=True, max_sentence_length=4 * _TRAIN_LINE_CHARS + 16,
+        split_by_unicode_script=False, allow_whitespace_only_pieces=True,
+        max_sentence_length=4 * _TRAIN_LINE_CHARS + 16,
         input_sentence_size=max_lines, shuffle_input_sentence=True, num_threads=num_threads,
         pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
         pad_piece=PAD, unk_piece=UNK, bos_piece=BOS, eos_piece=EOS, minloglevel=2,
@@ -148,7 +185,7 @@ def train_tokenizer_on_texts(
     """
     threads = num_threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) or 1
     proto, size = settle_vocabulary(
-        lambda size: _train_once(_training_lines(texts()), size, model_type, max_lines, threads),
+        lambda size: train_sentencepiece(training_lines(texts()), size, model_type, max_lines, threads),
         vocab_size, model_type, name=name, log=log)
     return save_trained(proto, out_dir, model_type, size, vocab_size, name)
 
@@ -308,7 +345,8 @@ class KoEnTokenizer:
         return self._fingerprint
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        ids = self.sp.encode(normalize_text(text))
+        text = normalize_text(text)
+        ids = self.sp.encode(text) if "\u2581" not in text else self.encode_batch([text])[0]
         if add_bos:
             ids.insert(0, BOS_ID)
         if add_eos:
@@ -316,8 +354,25 @@ class KoEnTokenizer:
         return ids
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
-        """Encode many texts in one call; ``num_threads`` > 1 runs SentencePiece's C++ thread pool."""
-        return self.sp.encode([normalize_text(t) for t in texts], num_threads=num_threads)
+        """Encode many texts in one call; ``num_threads`` > 1 runs SentencePiece's C++ thread pool.
+
+        A literal U+2581 (SentencePiece's own space symbol, which it would decode
+        as a space) is encoded as its three UTF-8 byte pieces, and the text on
+        either side of it on its own; the transformers export does the same
+        (see :meth:`_hf_backend`), so ids stay identical and decoding exact.
+        """
+        texts = [normalize_text(t) for t in texts]
+        out = self.sp.encode(texts, num_threads=num_threads)
+        for k, text in enumerate(texts):
+            if "\u2581" in text:
+                literal = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in "\u2581".encode("utf-8")]
+                ids: list[int] = []
+                for n, part in enumerate(self.sp.encode(text.split("\u2581"))):
+                    if n:
+                        ids += literal
+                    ids += part
+                out[k] = ids
+        return out
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
@@ -325,11 +380,20 @@ class KoEnTokenizer:
     # ------------------------------------------------------------ transformers export
 
     def _hf_backend(self):
-        """A ``tokenizers.Tokenizer`` that reproduces ``encode`` exactly."""
-        from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+        """A ``tokenizers.Tokenizer`` that reproduces ``encode`` exactly.
+
+        Its vocabulary writes SentencePiece's space symbol U+2581 as the space it
+        stands for (``" the"``, not ``"▁the"``), so no normalizer maps spaces: a
+        literal U+2581 in the text is then a character outside the vocabulary,
+        encoded as its UTF-8 byte pieces and decoded back to itself, as
+        :meth:`encode_batch` does. (Merges are stored as pairs, which
+        tokenizers reads since 0.20, the version transformers 4.45 requires.)
+        """
+        from tokenizers import AddedToken, Tokenizer, decoders, models
 
         sp, n = self.sp, self.vocab_size
-        pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(n)]
+        pieces = [(sp.id_to_piece(i) if sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i)
+                   else sp.id_to_piece(i).replace("\u2581", " "), sp.get_score(i)) for i in range(n)]
         if self.model_type == "unigram":
             # SentencePiece never emits control pieces from text; a huge cost keeps
             # the HF lattice from choosing "</s>" for the literal characters.
@@ -350,8 +414,7 @@ class KoEnTokenizer:
                                            byte_fallback=True))
         else:
             raise TokenizerError(f"{self.model_file}: model type {self.model_type!r} cannot be exported")
-        backend.normalizer = normalizers.Replace(" ", "\u2581")
-        backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+        backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
         backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (PAD, UNK, BOS, EOS)])
         return backend
 

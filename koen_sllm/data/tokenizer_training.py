@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 from koen_sllm.parent_watch import die_with_parent
-from koen_sllm.tokenizer import TokenizerError, _train_once, _training_lines
+from koen_sllm.tokenizer import TokenizerError, train_sentencepiece, training_lines
 
 DEFAULT_MAX_LINES = 2_000_000
 SAMPLE_SALT = b"koen-tok-sample-v1"  # changing it changes every sample (and so every tokenizer)
@@ -37,7 +37,7 @@ _CHILD = "import sys; from koen_sllm.data.tokenizer_training import _child_main;
 
 def training_line_count(text: str) -> int:
     """How many training lines ``text`` gives (as the tokenizer's trainer cuts them)."""
-    return sum(1 for _ in _training_lines((text,)))
+    return sum(1 for _ in training_lines((text,)))
 
 
 def _keep_threshold(total_lines: int, max_lines: int) -> Optional[int]:
@@ -51,7 +51,7 @@ def sample_lines(texts: Iterable[str], total_lines: int, max_lines: int) -> Iter
     """About ``max_lines`` of the training lines of ``texts`` (all of them when fewer), chosen by
     a keyed hash of each line's text: the same lines on every run, machine and thread count."""
     threshold = _keep_threshold(total_lines, max_lines)
-    for line in _training_lines(texts):
+    for line in training_lines(texts):
         if threshold is None:
             yield line
             continue
@@ -168,7 +168,7 @@ def _child_main(args_json: str) -> int:
     # Only "\n" ends a line: a carriage return inside one is text.
     lines = (line.rstrip("\n") for line in io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", newline="\n"))
     try:
-        proto = _train_once(lines, args["vocab_size"], args["model_type"], 0, args["num_threads"])
+        proto = train_sentencepiece(lines, args["vocab_size"], args["model_type"], 0, args["num_threads"])
     except RuntimeError as exc:
         Path(args["error"]).write_text(str(exc), encoding="utf-8")
         return 3

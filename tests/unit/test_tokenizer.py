@@ -189,3 +189,66 @@ def test_cli_bad_tokenizer_path_is_one_error_line_exit_2(tok, corpus, tmp_path, 
     code = prepare.main([str(corpus), "--tokenizer-path", str(bad), "--output", str(tmp_path / "x" / "mixed.jsonl")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and str(bad) in err[0], err
+
+
+# ---------------------------------------------------------------- literal U+2581 and newline pieces
+
+SPACE_SYMBOL_TEXTS = ["a\u2581b", "\u2581", "\u2581\u2581 x \u2581", "word\u2581 \u2581word\n\u2581\n", "가\u2581나 다",
+                      "\u2581the \u2581영화", "internal marks \ufdd0 \ufdd1 stay text"]
+
+
+def test_literal_space_symbol_round_trips_with_identical_transformers_ids(tok):
+    """SentencePiece writes a space as U+2581 and decodes U+2581 as a space; a literal one in the text
+    is encoded as its three UTF-8 byte pieces instead, here and in the transformers export."""
+    from transformers import AutoTokenizer
+
+    literal = [tok.sp.piece_to_id(p) for p in ("<0xE2>", "<0x96>", "<0x81>")]
+    assert tok.encode("\u2581") == literal
+    assert tok.encode("a\u2581b") == tok.encode("a") + literal + tok.encode("b")
+    assert tok.encode(" b") != tok.encode("\u2581b")
+    hf = AutoTokenizer.from_pretrained(tok.model_file.parent, local_files_only=True)
+    for text in SPACE_SYMBOL_TEXTS:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text, text
+        assert hf(text)["input_ids"] == ids, text
+        assert hf.decode(ids) == text, text
+    assert tok.encode_batch(SPACE_SYMBOL_TEXTS, num_threads=2) == [tok.encode(t) for t in SPACE_SYMBOL_TEXTS]
+    assert tok.encode("a\u2581b", add_bos=True, add_eos=True) == [BOS_ID, *tok.encode("a\u2581b"), EOS_ID]
+
+
+def test_training_lines_end_with_their_newlines_and_hold_none():
+    """One sentence per line with the newlines after it, written as a mark so a sample can go through a
+    file line by line; a delimiter keeps each newline run apart from its line."""
+    from koen_sllm.tokenizer import _NEWLINE_MARK as NL, _TRAIN_DELIMITER as CUT, training_lines
+
+    lines = list(training_lines(["첫 줄.\n\n둘째 줄\n셋째  \n넷째", "\n\nx ㅋㅋ\n9\n", "", "한 줄", "a\ufdd0b\ufdd1c"]))
+    assert lines == [f"첫 줄.{CUT}{NL}{NL}", f"둘째 줄{CUT}{NL}", f"셋째  {CUT}{NL}", "넷째", f"{NL}{NL}",
+                     f"x ㅋㅋ{CUT}{NL}", f"9{CUT}{NL}", "한 줄", "abc"]
+    assert all("\n" not in line for line in lines)
+
+
+@pytest.fixture(scope="module")
+def newline_tok(tmp_path_factory):
+    from koen_sllm.tokenizer import train_tokenizer_on_texts
+
+    texts = ["오늘 영화 정말 재밌었다.\n배우들 연기가 좋았어요!\n\n다시 보고 싶다\n최고", "Hello there.\nGood morning\n\n"
+             "Are you ready?\nYes.", "ㅋㅋㅋ 웃기다 ㅋㅋ\n\n\n좋아요~\n그래서 1234 5678\n"] * 40
+    return train_tokenizer_on_texts(lambda: iter(texts), tmp_path_factory.mktemp("nl") / "tok", 400,
+                                    log=lambda _: None), texts
+
+
+def test_newline_runs_are_pieces_of_their_own(newline_tok):
+    from transformers import AutoTokenizer
+
+    tok, texts = newline_tok
+    pieces = [tok.sp.id_to_piece(i) for i in range(tok.vocab_size) if not tok.sp.is_byte(i)]
+    assert "\n" in pieces and "\n\n" in pieces and "\n\n\n" in pieces
+    assert tok.encode("끝.\n\n다음") == tok.encode("끝.") + [tok.sp.piece_to_id("\n\n")] + tok.encode("다음")
+    assert any(p.endswith(".") and len(p) > 1 for p in pieces)  # punctuation joins the word before it
+    for piece in pieces:
+        assert "\n" not in piece or set(piece) == {"\n"}, piece  # newlines never join text
+        assert len(piece) == 1 or not any(c.isdigit() for c in piece), piece  # digits stay split
+    hf = AutoTokenizer.from_pretrained(tok.model_file.parent, local_files_only=True)
+    for text in texts[:3] + CASES + SPACE_SYMBOL_TEXTS:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == normalize_text(text) and hf(normalize_text(text))["input_ids"] == ids, text
