@@ -27,6 +27,7 @@ from typing import Callable, Optional
 
 from koen_sllm.data import DataError
 from koen_sllm.data.ingest import IngestStats, content_hash, file_stamp, format_summary, iter_documents
+from koen_sllm.data.progress import Progress
 
 DEFAULT_MIX = "ko=0.6,en=0.4"
 MIX_FORMAT = 2  # 2: a surplus within rounding is kept (the selection differs from format 1)
@@ -298,19 +299,23 @@ def _write_documents(files: list[Path], path: Path, stats: IngestStats, mix_by: 
     return found
 
 
-def _copy_documents(src_path: Path, dst_path: Path, order: list[int], found: _Documents) -> tuple[dict, dict]:
+def _copy_documents(src_path: Path, dst_path: Path, order: list[int], found: _Documents,
+                    log: Callable[[str], None] = print) -> tuple[dict, dict]:
     """Copy the chosen documents in ``order``; returns the characters per group and the per-language counts."""
     selected: dict[str, int] = {}
     per_lang: dict[str, dict] = {}
+    bar = Progress("writing the mix", sum(found.records[i][1] for i in order), log=log)
     with open(src_path, "rb") as src, open(dst_path, "wb") as dst:
         for index in order:
             offset, length, lang, chars, group = found.records[index]
             src.seek(offset)
             dst.write(src.read(length))
+            bar.update(length)
             selected[group] = selected.get(group, 0) + chars
             row = per_lang.setdefault(lang, {"docs": 0, "chars": 0})
             row["docs"] += 1
             row["chars"] += chars
+    bar.close()
     return selected, per_lang
 
 
@@ -397,7 +402,7 @@ def write_mixed_corpus(
             plan = plan_mix(found.chars(), weights, found.counts())
             order = select_documents(found.groups, plan, seed)
             need = _DiskNeed(docs_path.stat().st_size, found.planned_bytes(order), estimated=False)
-            selected, per_lang = _copy_documents(docs_path, tmp_out, order, found)
+            selected, per_lang = _copy_documents(docs_path, tmp_out, order, found, log)
             warning = mix_warning(plan, selected, *found.text_bytes())
             summary = _summary(settings, files, stats, plan, selected, per_lang, order, output,
                                tmp_out.stat().st_size, mix_by, warning)
