@@ -54,6 +54,28 @@ def resolve_fully(cfg, explicit, notes, world_size: int, has_cuda: bool) -> list
     return notes
 
 
+def missing_requirements(cfg) -> list:
+    """(error, Korean words) for each package or device the run needs and lacks: DeepSpeed for
+    --deepspeed, torchao and an FP8 GPU for --fp8. Checked before anything starts, by the trainer
+    and by the launcher's resolve step."""
+    missing = []
+    if cfg.train.deepspeed is not None:
+        from .engines.deepspeed import DeepSpeedUnavailable, require_deepspeed
+
+        try:
+            require_deepspeed()
+        except DeepSpeedUnavailable as exc:
+            missing.append((exc, "패키지 없음"))
+    if cfg.train.fp8 != "off":
+        from .fp8 import Fp8Unavailable, check_fp8_support
+
+        try:
+            check_fp8_support(fp8_device())
+        except Fp8Unavailable as exc:
+            missing.append((exc, KO_FP8))
+    return missing
+
+
 def fp8_device():
     """The GPU this process will train on (distributed.init_distributed picks the same), for --fp8's check."""
     import torch
@@ -136,25 +158,12 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     if ns.dry_run:
         return _dry_run(cfg, explicit, notes, world_size, has_cuda)
-    if cfg.train.deepspeed is not None:
-        from .engines.deepspeed import DeepSpeedUnavailable, require_deepspeed
-
-        try:  # now, not after the data is prepared and the model built
-            require_deepspeed()
-        except DeepSpeedUnavailable as exc:
-            if int(os.environ.get("RANK", "0")) == 0:
-                print_error(bilingual(str(exc), "패키지 없음"))
-            return 2
-
-    if cfg.train.fp8 != "off":
-        from .fp8 import Fp8Unavailable, check_fp8_support
-
-        try:  # now, not after the data is prepared and the model built
-            check_fp8_support(fp8_device())
-        except Fp8Unavailable as exc:
-            if int(os.environ.get("RANK", "0")) == 0:
-                print_error(bilingual(str(exc), KO_FP8))
-            return 2
+    missing = missing_requirements(cfg)  # now, not after the data is prepared and the model built
+    if missing:
+        if int(os.environ.get("RANK", "0")) == 0:
+            exc, korean = missing[0]
+            print_error(bilingual(str(exc), korean))
+        return 2
 
     try:
         info = D.init_distributed()

@@ -28,10 +28,11 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from koen_sllm.checkpoint.atomic_io import publish_dir
+from koen_sllm.checkpoint.atomic_io import publish_dir, write_text
 from koen_sllm.data import DataError
-from koen_sllm.data.ingest import IngestStats, content_hash, file_stamp, format_summary, iter_documents
-from koen_sllm.data.pack import DocTable, PackProgress, pack_jsonl, token_dtype
+from koen_sllm.data.ingest import (IngestStats, content_hash, file_stamp, format_bytes, format_summary, iter_documents,
+                                   text_bytes)
+from koen_sllm.data.pack import DocTable, PackProgress, pack_jsonl, resolve_num_proc, token_dtype
 from koen_sllm.data.progress import Progress
 from koen_sllm.data.tokenizer_training import DEFAULT_MAX_LINES, sample_lines, train_in_child, training_line_count
 from koen_sllm.tokenizer import DEFAULT_MODEL_TYPE, KoEnTokenizer, save_trained, settle_vocabulary
@@ -128,7 +129,7 @@ def build_prepared(
     except OSError as exc:
         raise work.io_error(exc) from None
     except Exception:
-        work.kept()  # removes the folder when no stage had finished
+        work.release()
         raise
     log(f"prepared {prepared} in {time.time() - started:.1f}s")
     return meta
@@ -146,11 +147,12 @@ class BuildDir:
     other input or options is discarded."""
 
     STATE = "state.json"
+    STAGES = ("documents", "tokenizer", "pack")
 
     def __init__(self, path: Path, state: dict):
         self.path, self.state = path, state
         self.writing: Optional[Path] = None  # the file being written, for a full disk's message
-        self.need = 0  # bytes the current stage still expects to write
+        self.need = 0  # what the build still expects to write (the disk check's estimate)
 
     @classmethod
     def open(cls, path: Path, key: str, log: Callable[[str], None]) -> "BuildDir":
@@ -161,9 +163,9 @@ class BuildDir:
             except ValueError:
                 state = None
             if state is not None and state.get("key") == key:
-                done = [name for name in ("documents", "tokenizer", "pack") if name in state]
-                log(f"resuming the unfinished build in {path} (finished: {', '.join(done) or 'nothing yet'})")
-                return cls(path, state)
+                work = cls(path, state)
+                log(f"resuming the unfinished build in {path} (finished: {', '.join(work.finished()) or 'nothing yet'})")
+                return work
             log(f"discarding {path}: an unfinished build of other input or options")
         if path.exists():
             shutil.rmtree(path)
@@ -171,13 +173,13 @@ class BuildDir:
         os.chmod(path, 0o755)
         return cls(path, {"key": key})
 
+    def finished(self) -> list:
+        return [name for name in self.STAGES if name in self.state]
+
     def commit(self, stage: str, value: dict) -> None:
         self.state[stage] = value
         tmp = self.path / (self.STATE + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.state, f, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
+        write_text(tmp, json.dumps(self.state, ensure_ascii=False))
         os.replace(tmp, self.path / self.STATE)
 
     def finish(self, meta: dict, prepared: Path) -> None:
@@ -186,8 +188,10 @@ class BuildDir:
         _write_json(self.path / "meta.json", meta)
         publish_dir(self.path, prepared)
 
-    def kept(self) -> str:
-        done = [name for name in ("documents", "tokenizer", "pack") if name in self.state]
+    def release(self) -> str:
+        """After a failure: the folder is removed when no stage had finished (nothing to resume);
+        returns what was kept, for the message."""
+        done = self.finished()
         if not done:
             shutil.rmtree(self.path, ignore_errors=True)
             return "nothing was finished, nothing is kept"
@@ -195,24 +199,16 @@ class BuildDir:
                 "the same command resumes from there")
 
     def interrupted(self) -> BuildInterrupted:
-        return BuildInterrupted(f"interrupted; {self.kept()}")
+        return BuildInterrupted(f"interrupted; {self.release()}")
 
     def io_error(self, exc: OSError) -> DataError:
         if exc.errno == errno.ENOSPC:
             free = shutil.disk_usage(self.path).free if self.path.exists() else 0
             where = self.writing or self.path
-            return DataError(f"disk full while writing {where}: about {_size(self.need)} more is needed there, "
-                             f"{_size(free)} is free; free some space and run again ({self.kept()})")
+            return DataError(f"disk full while writing {where}: about {format_bytes(self.need)} more is needed there, "
+                             f"{format_bytes(free)} is free; free some space and run again ({self.release()})")
         name = exc.filename or self.writing or self.path
-        return DataError(f"{name}: {exc.strerror or exc} ({self.kept()})")
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    return str(n)
+        return DataError(f"{name}: {exc.strerror or exc} ({self.release()})")
 
 
 def _build_key(files: list[Path], settings: dict, vocab_size: int, model_type: str,
@@ -224,22 +220,6 @@ def _build_key(files: list[Path], settings: dict, vocab_size: int, model_type: s
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def _input_bytes(files: list[Path]) -> int:
-    """The input's size as text: a .gz file's uncompressed size from its trailer (modulo 4 GiB,
-    so a larger member reads small; 4x the compressed size is assumed when it does)."""
-    total = 0
-    for path in files:
-        size = path.stat().st_size
-        if str(path).endswith(".gz") and size >= 18:
-            with open(path, "rb") as f:
-                f.seek(-4, os.SEEK_END)
-                isize = int.from_bytes(f.read(4), "little")
-            total += max(isize, 4 * size)
-        else:
-            total += size
-    return total
-
-
 # Token files take about this share of the documents' bytes: 2-byte ids at 3.5-7 bytes of
 # UTF-8 per token (English about 3.6, Korean about 7); the share is rounded up.
 TOKEN_BYTES_PER_TEXT_BYTE = 0.6
@@ -248,17 +228,17 @@ TOKEN_BYTES_PER_TEXT_BYTE = 0.6
 def _check_disk(files: list[Path], work: BuildDir, log: Callable[[str], None]) -> None:
     """Refuse to start a build that cannot fit: the documents file plus the token files."""
     done = work.state.get("documents")
-    text = Path(done["path"]).stat().st_size if done else _input_bytes(files)
+    text = Path(done["path"]).stat().st_size if done else text_bytes(files)
     need = int(text * TOKEN_BYTES_PER_TEXT_BYTE) + (0 if "documents" in work.state else text)
     need -= sum(p.stat().st_size for p in work.path.glob("*.bin"))
     free = shutil.disk_usage(work.path).free
     work.need = max(need, 0)
     if need > free:
         raise DataError(f"not enough free disk in {work.path.parent}: preparing {files[0].name}"
-                        f"{' and others' if len(files) > 1 else ''} needs about {_size(need)} (documents "
-                        f"{_size(text)} and token files about {_size(text * TOKEN_BYTES_PER_TEXT_BYTE)}), "
-                        f"{_size(free)} is free; free some space or put the data on a larger disk")
-    log(f"disk: about {_size(need)} needed, {_size(free)} free in {work.path.parent}")
+                        f"{' and others' if len(files) > 1 else ''} needs about {format_bytes(need)} (documents "
+                        f"{format_bytes(text)} and token files about {format_bytes(text * TOKEN_BYTES_PER_TEXT_BYTE)}), "
+                        f"{format_bytes(free)} is free; free some space or put the data on a larger disk")
+    log(f"disk: about {format_bytes(need)} needed, {format_bytes(free)} free in {work.path.parent}")
 
 
 @dataclass
@@ -415,13 +395,13 @@ def _stage_tokenizer(work: BuildDir, docs: Documents, vocab_size: int, model_typ
         expected = min(total, max_lines) if max_lines > 0 else total
         log(f"training a {model_type} tokenizer (vocabulary {vocab_size:,}) on about {expected:,} of the training "
             f"split's {total:,} lines (--tokenizer-max-lines {max_lines:,}) ...")
-        threads = num_proc or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+        threads = resolve_num_proc(num_proc)
         sent = [0]
 
         def train(size: int) -> bytes:
             texts = _train_texts(docs.path, docs.table.split, log)
             proto, sent[0] = train_in_child(lambda: sample_lines(texts, total, max_lines), size, model_type,
-                                            threads or 1, work.path, log)
+                                            threads, work.path, log)
             return proto
 
         proto, size = settle_vocabulary(train, vocab_size, model_type, name="the training split", log=log)

@@ -34,6 +34,7 @@ import glob
 import gzip
 import hashlib
 import json
+import os
 import re
 import zlib
 from collections import Counter
@@ -245,6 +246,29 @@ def find_input_files(specs: Sequence[Union[str, Path]], exclude: Iterable[Path] 
                 seen.add(p.resolve())
                 found.append(p)
     return found
+
+
+def text_bytes(files: Sequence[Path]) -> int:
+    """The input's size as text, for disk estimates: a .gz file counts its uncompressed size from
+    its trailer (modulo 4 GiB, so a larger member reads small) and at least 4x its compressed size."""
+    total = 0
+    for path in map(Path, files):
+        size = path.stat().st_size
+        if path.name.endswith(".gz") and size >= 18:
+            with open(path, "rb") as f:
+                f.seek(-4, os.SEEK_END)
+                size = max(int.from_bytes(f.read(4), "little"), 4 * size)
+        total += size
+    return total
+
+
+def format_bytes(n: float) -> str:
+    """Bytes in decimal units, e.g. "950 bytes", "310.0 kB", "52.40 MB"."""
+    if n < 1e3:
+        return f"{n:,.0f} bytes"
+    if n < 1e6:
+        return f"{n / 1e3:,.1f} kB"
+    return f"{n / 1e6:,.2f} MB" if n < 1e9 else f"{n / 1e9:,.2f} GB"
 
 
 def file_stamp(files: list[Path]) -> list[list]:

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from koen_sllm.data import DataError
-from koen_sllm.data.ingest import IngestStats, content_hash, file_stamp, format_summary, iter_documents
+from koen_sllm.data.ingest import (IngestStats, content_hash, file_stamp, format_bytes, format_summary, iter_documents,
+                                   text_bytes)
 from koen_sllm.data.progress import Progress
 
 DEFAULT_MIX = "ko=0.6,en=0.4"
@@ -165,15 +166,6 @@ def describe(plan: MixPlan, selected: dict[str, int]) -> list[str]:
     return lines
 
 
-def _size(n: float) -> str:
-    """Bytes in decimal units, e.g. "950 bytes", "310.0 kB", "52.40 MB"."""
-    if n < 1e3:
-        return f"{n:,.0f} bytes"
-    if n < 1e6:
-        return f"{n / 1e3:,.1f} kB"
-    return f"{n / 1e6:,.2f} MB" if n < 1e9 else f"{n / 1e9:,.2f} GB"
-
-
 def _pct(share: float) -> str:
     """0.4 -> "40%", 1/3 -> "33.3%"."""
     return f"{100.0 * share:.1f}".removesuffix(".0") + "%"
@@ -200,7 +192,7 @@ def _scarcity(plan: MixPlan, group: str, text_bytes: dict[str, int]) -> str:
     if group in plan.missing:
         return f"the input holds no {group} text"
     if plan.targets[group] >= plan.available[group]:
-        return f"the input holds only {_size(text_bytes.get(group, 0))} of {group} text"
+        return f"the input holds only {format_bytes(text_bytes.get(group, 0))} of {group} text"
     return ""
 
 
@@ -220,7 +212,7 @@ def mix_warning(plan: MixPlan, selected: dict[str, int], text_bytes: dict[str, i
                           for g in short)
     big = _overshooting(plan, selected)
     if big or not any(scarce.values()):
-        cause = (f"{big}'s documents are too large to sample down to match (the largest holds {_size(largest[big])})"
+        cause = (f"{big}'s documents are too large to sample down to match (the largest holds {format_bytes(largest[big])})"
                  if big else "whole documents overshoot the other groups' budgets")
         statement += f", and {cause}" if any(scarce.values()) else f" because {cause}"
     total = sum(selected.values()) or 1
@@ -319,11 +311,6 @@ def _copy_documents(src_path: Path, dst_path: Path, order: list[int], found: _Do
     return selected, per_lang
 
 
-def _input_bytes(files: list[Path]) -> int:
-    # A .gz file's text is taken as 4x its compressed size: only an estimate is needed here.
-    return sum(p.stat().st_size * (4 if str(p).endswith(".gz") else 1) for p in map(Path, files))
-
-
 @dataclass
 class _DiskNeed:
     """What a disk-full error reports: the space the whole write needs, in parts."""
@@ -337,9 +324,9 @@ class _DiskNeed:
         free = shutil.disk_usage(output.parent).free
         about = "about " if self.estimated else ""
         return DataError(
-            f"{what} while writing {output}: it needs {about}{_size(self.documents + self.corpus)} in {output.parent} "
-            f"({_size(self.documents)} of clean documents while mixing, {_size(self.corpus)} for the corpus), "
-            f"{_size(free)} is free; free some space or write elsewhere with --output")
+            f"{what} while writing {output}: it needs {about}{format_bytes(self.documents + self.corpus)} in {output.parent} "
+            f"({format_bytes(self.documents)} of clean documents while mixing, {format_bytes(self.corpus)} for the corpus), "
+            f"{format_bytes(free)} is free; free some space or write elsewhere with --output")
 
 
 def _summary(settings: dict, files: list[Path], stats: IngestStats, plan: MixPlan, selected: dict,
@@ -394,7 +381,7 @@ def write_mixed_corpus(
     docs_path = output.with_name(f".{output.name}.docs-{os.getpid()}")
     tmp_out = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     tmp_stats = output.with_name(f".{stats_path(output).name}.tmp-{os.getpid()}")
-    estimate = _input_bytes(files)
+    estimate = text_bytes(files)
     need = _DiskNeed(estimate, estimate)  # until the plan exists: the corpus is at most all documents
     try:
         try:

@@ -32,7 +32,10 @@ from koen_sllm.tokenizer import TokenizerError, train_sentencepiece, training_li
 DEFAULT_MAX_LINES = 2_000_000
 SAMPLE_SALT = b"koen-tok-sample-v1"  # changing it changes every sample (and so every tokenizer)
 HEARTBEAT_S = 15.0
-_CHILD = "import sys; from koen_sllm.data.tokenizer_training import _child_main; sys.exit(_child_main(sys.argv[1]))"
+# The package root goes first on the child's sys.path: `-c` would put the current directory there,
+# and a koen_sllm in it would run instead (the launcher avoids the same trap).
+_CHILD = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
+          "from koen_sllm.data.tokenizer_training import _child_main; sys.exit(_child_main(sys.argv[1]))")
 
 
 def training_line_count(text: str) -> int:
@@ -72,13 +75,11 @@ def train_in_child(lines: Callable[[], Iterable[str]], vocab_size: int, model_ty
     error = work / f"tokenizer.{os.getpid()}.error"
     args = json.dumps({"model": str(model), "error": str(error), "vocab_size": vocab_size,
                        "model_type": model_type, "num_threads": num_threads})
-    env = dict(os.environ)
-    here = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    root = str(Path(__file__).resolve().parents[2])
     started = time.monotonic()
     child = None
     try:
-        child = _start_child([sys.executable, "-c", _CHILD, args], env)
+        child = _start_child([sys.executable, "-c", _CHILD, root, args])
         sent = _feed(child, lines())
         code = _wait_showing_progress(child, started, f"{sent:,} lines, vocabulary {vocab_size:,}", log)
         if code == 0:
@@ -114,17 +115,17 @@ def _feed(child: subprocess.Popen, lines: Iterable[str]) -> int:
     return sent
 
 
-def _start_child(command: list, env: dict) -> subprocess.Popen:
+def _start_child(command: list) -> subprocess.Popen:
     """Start ``command``; Ctrl-C while it starts is held back until the child is known, so that
     the caller can stop it (raised inside Popen, it would leave the child running unseen)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
-        return subprocess.Popen(command, env=env, stdin=subprocess.PIPE)
+        return subprocess.Popen(command, stdin=subprocess.PIPE)
     held: list = []
     previous = signal.signal(signal.SIGINT, lambda *_: held.append(True))
     try:
-        child = subprocess.Popen(command, env=env, stdin=subprocess.PIPE)
+        child = subprocess.Popen(command, stdin=subprocess.PIPE)
     finally:
         signal.signal(signal.SIGINT, previous)
     if held:

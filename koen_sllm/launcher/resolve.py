@@ -15,7 +15,7 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    from ..cli import print_error, bilingual, resolve_config, resolve_fully
+    from ..cli import bilingual, missing_requirements, print_error, resolve_config, resolve_fully
     from ..config import ConfigError
 
     import torch
@@ -27,27 +27,12 @@ def main(argv: list[str]) -> int:
     except ConfigError as exc:
         print_error(bilingual(str(exc)))
         return 2
-    if cfg.train.deepspeed is not None:  # a missing package stops the start, not the run minutes later
-        from ..engines.deepspeed import DeepSpeedUnavailable, require_deepspeed
-
-        try:
-            require_deepspeed()
-        except DeepSpeedUnavailable as exc:
-            if not os.environ.get("KOEN_RESOLVE_DRY_RUN"):
-                print_error(bilingual(str(exc), "패키지 없음"))
-                return 2
-            notes.append(f"⚠️  the run would stop here: {exc}")  # a dry run still shows the settings
-    if cfg.train.fp8 != "off":  # torchao and the GPU's FP8 support, before torchrun starts
-        from ..cli import KO_FP8, fp8_device
-        from ..fp8 import Fp8Unavailable, check_fp8_support
-
-        try:
-            check_fp8_support(fp8_device())
-        except Fp8Unavailable as exc:
-            if not os.environ.get("KOEN_RESOLVE_DRY_RUN"):
-                print_error(bilingual(str(exc), KO_FP8))
-                return 2
-            notes.append(f"⚠️  the run would stop here: {exc}")
+    # A missing package or FP8 GPU stops the start, not the run minutes later.
+    for exc, korean in missing_requirements(cfg):
+        if not os.environ.get("KOEN_RESOLVE_DRY_RUN"):
+            print_error(bilingual(str(exc), korean))
+            return 2
+        notes.append(f"⚠️  the run would stop here: {exc}")  # a dry run still shows the settings
     print(json.dumps({"config": cfg.to_dict(), "notes": notes, "has_cuda": has_cuda}, ensure_ascii=False))
     return 0
 

@@ -234,7 +234,7 @@ def test_full_disk_is_one_error_and_leaves_the_previous_output(tmp_path, monkeyp
     assert "\n" not in message and message.startswith(f"disk full while writing {out}: it needs ")
     assert " is free; free some space or write elsewhere with --output" in message
     if stage != ".docs-":  # past the plan the size is known: the planned corpus is the old one's size
-        assert f"{mix._size(len(before))} for the corpus" in message
+        assert f"{mix.format_bytes(len(before))} for the corpus" in message
     assert out.read_bytes() == before and stats_path(out).read_bytes() == stats_before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.jsonl", "m.stats.json", "raw.jsonl"]
 
