@@ -24,6 +24,8 @@ Prints a table and writes JSON.
 weights and read the same token file in the same order with the same targets,
 optimizer groups and schedule (this project's, handed to the Trainer), and every
 step's loss is kept; a second run of ours with another seed shows the noise.
+--curve with --fp8 RECIPE compares FP8 with bf16 instead (no peer): bf16, FP8 from the same
+weights and batches, and bf16 with the next seed as the noise band.
 --profile adds where the GPU time of three steady-state steps goes (matmuls, attention,
 fused elementwise kernels, optimizer, idle); the profiler slows the host, so its idle share
 is an upper bound. --trace FILE.json.gz writes a Chrome trace of two more steps (open it in
@@ -104,7 +106,7 @@ class FileTokens:
         return (x.pin_memory(), y.pin_memory()) if torch.cuda.is_available() else (x, y)
 
 
-def run_config(args, seed: int):
+def run_config(args, seed: int, fp8: str = None):
     argv = ["--train", "--model-size", args.model_size, "--batch-size", str(args.batch_size),
             "--max-seq-length", str(args.seq_len), "--max-steps", str(args.steps + args.warmup),
             "--attn", args.attn, "--learning-rate", str(args.lr), "--bf16", "--seed", str(seed),
@@ -126,8 +128,9 @@ def run_config(args, seed: int):
         argv.append("--rope-kernel")
     if args.cross_entropy == "compiled":
         argv.append("--no-loss-kernel")
-    if args.fp8 != "off":
-        argv += ["--fp8", args.fp8]
+    fp8 = args.fp8 if fp8 is None else fp8
+    if fp8 != "off":
+        argv += ["--fp8", fp8]
     cfg, _ = parse_run_args(argv)
     apply_device_defaults(cfg, torch.cuda.is_available())
     return cfg
@@ -139,8 +142,9 @@ def token_source(args):
     return RandomTokens(args.seq_len, args.batch_size, pin=not args.pageable_batches)
 
 
-def run_ours(args, seed: int = 0, name: str = "koen_sllm") -> dict:
-    tr = Trainer(run_config(args, seed), D.init_distributed())
+def run_ours(args, seed: int = 0, name: str = "koen_sllm", fp8: str = None) -> dict:
+    """``fp8`` overrides --fp8 for this run (the FP8 curve runs bf16 and FP8 in one process)."""
+    tr = Trainer(run_config(args, seed, fp8), D.init_distributed())
     tr.build(VOCAB, token_source(args))
     if args.liger:
         from liger_levers import apply_liger
@@ -416,9 +420,15 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     results = []
-    runs = [("ours", lambda: run_ours(args, args.seed)), ("peer", lambda: run_peer(args))]
-    if args.curve:
-        runs.append(("ours", lambda: run_ours(args, args.seed + 1, f"koen_sllm seed {args.seed + 1}")))
+    fp8_curve = args.curve and args.fp8 != "off"
+    if fp8_curve:  # bf16, FP8 from the same weights and batches, and bf16 with the next seed (the noise)
+        runs = [("ours", lambda: run_ours(args, args.seed, "koen_sllm bf16", fp8="off")),
+                ("ours", lambda: run_ours(args, args.seed, f"koen_sllm fp8 {args.fp8}")),
+                ("ours", lambda: run_ours(args, args.seed + 1, f"koen_sllm bf16 seed {args.seed + 1}", fp8="off"))]
+    else:
+        runs = [("ours", lambda: run_ours(args, args.seed)), ("peer", lambda: run_peer(args))]
+        if args.curve:
+            runs.append(("ours", lambda: run_ours(args, args.seed + 1, f"koen_sllm seed {args.seed + 1}")))
     for which, fn in runs:
         if args.only and args.only != which:
             continue
@@ -461,9 +471,10 @@ def main() -> int:
     if args.curve and len(results) == 3:
         report["curve"] = compare_curves(*(r["losses"] for r in results))
         c = report["curve"]
-        print(f"loss curves over {c['steps']} steps (10-step means): |ours - peer| mean {c['ours_vs_peer_mean']:.4f} "
-              f"max {c['ours_vs_peer_max']:.4f}; |ours - ours seed+1| (noise) mean {c['noise_mean']:.4f} "
-              f"max {c['noise_max']:.4f}; last 20 steps: ours {c['last20'][0]:.4f}, peer {c['last20'][1]:.4f}, "
+        c["compared"] = f"fp8 {args.fp8} against bf16" if fp8_curve else "ours against the Trainer"
+        print(f"loss curves over {c['steps']} steps (10-step means), {c['compared']}: |a - b| mean {c['ours_vs_peer_mean']:.4f} "
+              f"max {c['ours_vs_peer_max']:.4f}; |a - a seed+1| (noise) mean {c['noise_mean']:.4f} "
+              f"max {c['noise_max']:.4f}; last 20 steps: a {c['last20'][0]:.4f}, b {c['last20'][1]:.4f}, "
               f"seed+1 {c['last20'][2]:.4f}")
         if args.plot:
             report["title"] = f"{args.model_size}, batch {args.batch_size} x {args.seq_len}, {args.data.name}, {device}"

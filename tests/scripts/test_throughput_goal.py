@@ -232,3 +232,34 @@ def test_the_script_runs_as_a_command(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--judge-only"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.count("not measured") == 5
+
+
+def fp8_curve(fp8_vs_bf16, noise):
+    rep = report(peer=None)
+    rep["curve"] = {"ours_vs_peer_mean": fp8_vs_bf16, "ours_vs_peer_max": 2 * fp8_vs_bf16, "noise_mean": noise,
+                    "noise_max": 2 * noise, "last20": [3.10, 3.12, 3.15], "compared": "fp8 tensorwise against bf16"}
+    return rep
+
+
+def test_the_fp8_curve_is_judged_against_two_bf16_seeds():
+    label = "1.3b batch 4: FP8 tensorwise loss curve within bf16's run-to-run noise, 200 steps"
+    inside = rows_by_label(tg.judge(base(curve_fp8=fp8_curve(0.012, 0.040))))[label]
+    assert inside[1] == "within the noise" and "0.012" in inside[0] and "0.040" in inside[0] and "3.120" in inside[0]
+    assert rows_by_label(tg.judge(base(curve_fp8=fp8_curve(0.09, 0.04))))[label][1] == "outside the noise"
+    assert rows_by_label(tg.judge(base(curve_fp8=None)))[label] == ("-", "not measured")
+    assert label not in rows_by_label(tg.judge(base()))  # not asked for, no row
+
+
+def test_curves_are_chosen_by_name_and_the_fp8_curve_runs_bf16_and_fp8_together(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "train.bin"
+    data.write_bytes(b"\0" * 64)
+    seen = []
+    monkeypatch.setattr(tg, "run_bench", lambda name, options, limit, out, script=None: seen.append((name, options)))
+    assert tg.main(["--out", str(tmp_path / "o"), "--runs", "bf16", "--curve-data", str(data), "--curves", "fp8"]) == 0
+    assert [n for n, _ in seen] == ["350m_b8", "1.3b_b4", "curve_fp8"]
+    options = seen[-1][1]
+    assert options[options.index("--fp8") + 1] == "tensorwise" and "--curve" in options and "1.3b" in options
+    assert options[options.index("--data") + 1] == str(data)
+    with pytest.raises(SystemExit) as e:
+        tg.main(["--out", str(tmp_path / "o"), "--curve-data", str(data), "--curves", "fp16"])
+    assert e.value.code == 2 and "--curves: fp16 unknown" in capsys.readouterr().err
