@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 
 from .errors import UsageError
 
-MODEL_SIZES = ("tiny", "125m", "350m", "0.6b", "1.3b")
+MODEL_SIZES = ("tiny", "125m", "350m", "0.6b", "1.3b", "8b")
 ATTN_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "flash-attn")
 # torch.compile modes; "reduce-overhead" replays the compiled forward and backward as CUDA graphs.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

@@ -93,6 +93,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "0.6b": dict(hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
                  intermediate_size=3072, qk_norm=True, tie_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6),
     "1.3b": dict(hidden_size=2048, num_layers=24, num_heads=16, num_kv_heads=8, intermediate_size=5632),
+    # Llama-3-8B's body (reference 002): 7.24B parameters at vocabulary 32,000 instead of 128,256.
+    # Meant for DeepSpeed ZeRO-3 with offload (configs/ds_zero3_offload.json, docs/deepspeed.md).
+    "8b": dict(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, intermediate_size=14336,
+               rope_theta=500000.0),
 }
 
 
@@ -201,7 +205,10 @@ class DecoderLayer(nn.Module):
 
 
 class KoEnLM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, init_weights: bool = True):
+        """``init_weights=False`` leaves every parameter as its layer's constructor left it, for a
+        caller that initialises them itself with :meth:`init_parameter` (one parameter at a time,
+        e.g. while a partitioned parameter is gathered); the result equals :meth:`reset_parameters`."""
         super().__init__()
         check_backend(cfg.attn_backend)  # fail at build time, not in the first compiled step
         self.cfg = cfg
@@ -215,7 +222,8 @@ class KoEnLM(nn.Module):
         # Not persistent: derived from the config, so checkpoints hold weights only.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+        if init_weights:
+            self.reset_parameters()
 
     # ------------------------------------------------------------ init and switches
     @torch.no_grad()
@@ -224,21 +232,25 @@ class KoEnLM(nn.Module):
         (o_proj, down_proj) scaled by 1/sqrt(2 x layers) so the stream's variance
         does not grow with depth (GPT-2); norms at one. Deterministic under
         torch.manual_seed: parameters are visited in registration order."""
-        c = self.cfg
-        std = c.init_std
-        residual_std = std / math.sqrt(2 * c.num_layers)
         for name, p in self.named_parameters():  # a tied head is visited once, as embed_tokens
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                p.normal_(0.0, residual_std)
-            else:
-                # The fused q/k/v block by block, in transformers' order: the same seed gives
-                # the same weights as separate q/k/v matrices did.
-                rows = qkv_split(c.num_heads, c.num_kv_heads, c.head_dim) if name.endswith("qkv_proj.weight") \
-                    else [p.shape[0]]
-                for block in p.split(rows):
-                    block.normal_(0.0, std)
+            self.init_parameter(name, p)
+
+    @torch.no_grad()
+    def init_parameter(self, name: str, p: torch.Tensor) -> None:
+        """Initialise the parameter called ``name`` in place (see :meth:`reset_parameters`);
+        visiting every parameter in ``named_parameters()`` order gives the same weights."""
+        c = self.cfg
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            p.normal_(0.0, c.init_std / math.sqrt(2 * c.num_layers))
+        else:
+            # The fused q/k/v block by block, in transformers' order: the same seed gives
+            # the same weights as separate q/k/v matrices did.
+            rows = qkv_split(c.num_heads, c.num_kv_heads, c.head_dim) if name.endswith("qkv_proj.weight") \
+                else [p.shape[0]]
+            for block in p.split(rows):
+                block.normal_(0.0, c.init_std)
 
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each layer's activations in backward: ~1/3 more compute, far less memory."""

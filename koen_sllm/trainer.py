@@ -83,12 +83,12 @@ class Trainer:
         check_output_dir_on_main(cfg, info, 2 * per_checkpoint, per_checkpoint)  # every rank learns the verdict
         self.last_checkpoint = None
         resume_dir = resolve_resume_on_main(cfg, info)
-        if resume_dir is None and cfg.ckpt.save_initial:
-            self.last_checkpoint = self.save_checkpoint("initial_model", update_latest=False, with_state=False)
-        if self.ds_config is not None:  # after the initial save (the engine may cast to bf16), before resuming
+        if self.ds_config is not None:  # the engine holds the weights from here on (partitioned under ZeRO-3)
             if resume_dir is not None:
                 check_resume_backend("deepspeed", resume_dir)  # cheap, and before the engine's slow start
             self.engine = DSB.DeepSpeedRunner(self.raw_model, self.ds_config, compile=bool(self.t.compile))
+        if resume_dir is None and cfg.ckpt.save_initial:
+            self.last_checkpoint = self.save_checkpoint("initial_model", update_latest=False, with_state=False)
         if resume_dir is not None:
             st = self.resume_from(resume_dir)
             log.info("resumed from %s at step %d (%s tokens seen)", resume_dir, st["step"], f"{st['tokens_seen']:,}")
@@ -125,18 +125,26 @@ class Trainer:
                                        residual_dtype="bfloat16" if self.t.bf16_residual else None,
                                        loss_kernel=self.t.loss_kernel, rope_kernel=self.t.rope_kernel,
                                        cudnn_grouped_kv=self.t.cudnn_grouped_kv)
-        model = KoEnLM(mcfg).to(self.device)
-        if self.t.activation_checkpointing:
-            model.set_activation_checkpointing(True)
-        self.model_cfg, self.raw_model, self.loader = mcfg, model, loader
-        self.num_params = model.num_params()  # counted now: ZeRO-3 later leaves placeholders in the module
-        self.flops_per_token = model.flops_per_token(self.plan.seq_len)
         self.max_steps = self.t.max_steps or max(
             1, math.ceil(self.t.num_epochs * loader.num_samples / self.plan.sequences_per_step))
         self.ds_config: Optional[dict] = None
         if self.t.deepspeed is not None:  # the engine builds optimizer and schedule; setup() starts it
             self.ds_config = DSB.build_ds_config(self.cfg, self.plan, self.max_steps, self.explicit)
-            self.engine = None
+        if self.ds_config is not None and DSB.zero_stage(self.ds_config) == 3:
+            # Partitioned while it is built, so no rank holds the whole model (engines/deepspeed.py).
+            model = DSB.build_partitioned_model(lambda init: KoEnLM(mcfg, init_weights=init), self.ds_config,
+                                                self.device)
+        else:
+            model = KoEnLM(mcfg).to(self.device)
+        if self.t.activation_checkpointing:
+            model.set_activation_checkpointing(True)
+        self.model_cfg, self.raw_model, self.loader = mcfg, model, loader
+        with torch.device("meta"):  # counted on a weightless copy: ZeRO-3 leaves placeholders in the module
+            shape = KoEnLM(dataclasses.replace(mcfg), init_weights=False)
+        self.num_params = shape.num_params()
+        self.flops_per_token = shape.flops_per_token(self.plan.seq_len)
+        if self.ds_config is not None:
+            self.engine = None  # setup() starts the DeepSpeed engine
         else:
             self.engine = DDPEngine(model, self.cfg, self.info, self.plan.grad_accum, self.max_steps)
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0

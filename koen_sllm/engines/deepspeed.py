@@ -26,7 +26,7 @@ import re
 import socket
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -50,7 +50,8 @@ __all__ = [  # the config half is re-exported so the trainer imports one module
     "SHIPPED_CONFIG", "DeepSpeedConfigError", "apply_ds_options", "build_ds_config", "describe",
     "load_ds_json", "offload_device", "zero_stage",
     "INSTALL_COMMAND", "ENGINE_DIR", "ENGINE_TAG", "DeepSpeedUnavailable", "DeepSpeedBackendError",
-    "require_deepspeed", "estimate_ds_checkpoint_bytes", "DeepSpeedRunner", "has_engine_state",
+    "require_deepspeed", "estimate_ds_checkpoint_bytes", "build_partitioned_model", "DeepSpeedRunner",
+    "has_engine_state",
     "save_checkpoint_collective",
 ]
 
@@ -102,8 +103,11 @@ def _free_port() -> int:
 
 
 def _ensure_process_group(ds, device: torch.device) -> None:
-    """DeepSpeed always needs a process group; a plain ``python`` run (a world of one) has none."""
+    """DeepSpeed always needs a process group; a plain ``python`` run (a world of one) has none.
+    Where torch's exists, DeepSpeed's communication layer is still told of it: zero.Init reads the
+    world size through that layer before ``deepspeed.initialize`` would set it up."""
     if dist.is_available() and dist.is_initialized():
+        ds.init_distributed(dist_backend=dist.get_backend(), verbose=False)
         return
     if "WORLD_SIZE" not in os.environ:
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
@@ -114,6 +118,31 @@ def _ensure_process_group(ds, device: torch.device) -> None:
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def build_partitioned_model(make_model: Callable[[bool], torch.nn.Module], ds_config: dict,
+                            device: torch.device) -> torch.nn.Module:
+    """The model for ZeRO-3, built so that no rank ever holds all of it.
+
+    ``make_model(init_weights)`` builds the raw model (``KoEnLM(cfg, init_weights)``). Under
+    ``deepspeed.zero.Init`` each layer's parameters are partitioned across the ranks as soon as
+    that layer is constructed, into host memory when the config offloads parameters, so the
+    largest presets are never materialised whole (the default ZeRO-3 path would build the whole
+    model on every rank first). The weights are then initialised one parameter at a time: gathered,
+    drawn on rank 0 from the run's seed in ``named_parameters()`` order, broadcast and partitioned
+    again, so they do not depend on the number of processes. Under a bf16 config the partitions are
+    bf16, so the fp32 master weights start from bf16-rounded values. Collective."""
+    ds = require_deepspeed()
+    _ensure_process_group(ds, device)
+    conf = {k: v for k, v in ds_config.items() if k != "scheduler"}  # the project's scheduler runs it
+    with ds.zero.Init(config_dict_or_path=conf):
+        model = make_model(False)
+    main = _rank() == 0
+    for name, p in model.named_parameters():  # a tied head is visited once, as in reset_parameters
+        with ds.zero.GatheredParameters([p], modifier_rank=0):
+            if main:
+                model.init_parameter(name, p)
+    return model
 
 
 class DeepSpeedRunner:
@@ -356,14 +385,16 @@ def save_checkpoint_collective(
     """Save one checkpoint with the engine's state inside, atomically; called by every rank.
 
     Rank 0's ``hf_config``, ``training_info`` and ``trainer_state`` are used (the
-    other ranks may pass None). Returns the published path on every rank, or
+    other ranks may pass anything but None for ``trainer_state``: None on every rank saves the
+    model alone, with no engine files, as for ``initial_model``). Returns the published path on every rank, or
     raises CheckpointError with the same message on every rank; earlier
     checkpoints and ``latest`` are untouched on failure. The output directory
     must be shared by all ranks (one node, or a shared filesystem).
     """
     model_state = runner.hf_state_dict()  # collective: before rank 0 goes its own way
+    with_engine = trainer_state is not None  # None on every rank: a model directory only (initial_model)
     if _rank() != 0:
-        tmp = D.broadcast_object(None)
+        tmp = D.broadcast_object(None) if with_engine else None
         if tmp is not None:
             _engine_save_and_vote(runner, Path(tmp), tag)
         result = D.broadcast_object(None)
@@ -382,11 +413,11 @@ def save_checkpoint_collective(
         try:
             path = save_checkpoint(root, name, model_state=model_state, hf_config=hf_config or {},
                                    tokenizer_dir=tokenizer_dir, training_info=training_info or {},
-                                   trainer_state=trainer_state, extra_writer=extra_writer,
+                                   trainer_state=trainer_state, extra_writer=extra_writer if with_engine else None,
                                    update_latest=update_latest, keep_last=keep_last)
             result: Any = str(path)
         except Exception as exc:  # any failure must still release the ranks waiting below
-            if not handed_over:
+            if with_engine and not handed_over:
                 D.broadcast_object(None)
             result = {"error": str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"}
         D.broadcast_object(result)

@@ -31,6 +31,10 @@ ZERO_STAGES = (0, 1, 2, 3)
 DEFAULT_ZERO_STAGE = 2  # what the engine runs when the JSON names no stage
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 OFFLOAD_KEYS = ("offload_optimizer", "offload_param")
+# DeepSpeed's own activation-checkpointing switches act on deepspeed.checkpointing, which the model
+# does not use; their being on would promise something that does not happen.
+UNSUPPORTED_CHECKPOINTING = ("partition_activations", "cpu_checkpointing", "contiguous_memory_optimization",
+                             "synchronize_checkpoint_boundary")
 _MISSING = object()
 
 
@@ -208,6 +212,11 @@ def apply_ds_options(cfg: RunConfig, explicit: Iterable[str], world_size: int) -
                "a number in [0, 1]")
     m.take("gradient_clipping", ds.get("gradient_clipping", _MISSING), ("grad_clip",), "--grad-clip",
            o.grad_clip, lambda v: setattr(o, "grad_clip", float(v)), _non_negative, "zero (off) or a positive number")
+    # The JSON's activation_checkpointing section (DeepSpeed's name for it) means the model's own
+    # per-layer recomputation: the option cannot be turned off on the command line, so no conflict.
+    m.take("activation_checkpointing", True if isinstance(ds.get("activation_checkpointing"), dict) else _MISSING,
+           ("activation_checkpointing",), "--activation-checkpointing", t.activation_checkpointing,
+           lambda v: setattr(t, "activation_checkpointing", True), lambda v: v is True, "an object")
     m.take("bf16/fp16.enabled", json_precision(ds) or _MISSING, ("precision",), f"--{t.precision}", t.precision,
            lambda v: setattr(t, "precision", v), lambda v: v in ("bf16", "fp16", "fp32"), "bf16, fp16 or fp32")
     resolve_residual(t)  # the precision is final only now
@@ -331,9 +340,10 @@ def _scheduler_section(sched: Any, cfg: RunConfig, max_steps: int, src: str) -> 
     return sched
 
 
-def offload_device(ds: dict) -> str:
-    """Where the optimizer state lives: "none" (the GPU), "cpu" or "nvme"."""
-    off = _get(ds, ("zero_optimization", "offload_optimizer"))
+def offload_device(ds: dict, key: str = "offload_optimizer") -> str:
+    """Where the optimizer state (``key="offload_param"``: the ZeRO-3 weight partitions) lives:
+    "none" (the GPU), "cpu" or "nvme"."""
+    off = _get(ds, ("zero_optimization", key))
     if off is _MISSING or off is None:
         return "none"
     return str(off.get("device", "none")) if isinstance(off, dict) else repr(off)
@@ -364,6 +374,21 @@ def check_zero_section(ds: dict, where: Path) -> None:
         if device not in OFFLOAD_DEVICES:
             raise DeepSpeedConfigError(f"--deepspeed {where}: zero_optimization.{key}.device is "
                                        f"{json.dumps(device)}; use {_one_of(OFFLOAD_DEVICES)}")
+        if key == "offload_param" and device != "none" and stage != 3:
+            raise DeepSpeedConfigError(f"--deepspeed {where}: zero_optimization.offload_param needs stage 3 (only "
+                                       f"ZeRO-3 partitions the weights), the file has stage {stage}; set \"stage\": 3 "
+                                       "or remove offload_param")
+    ckpt = ds.get("activation_checkpointing", _MISSING)
+    if ckpt is not _MISSING:
+        if not isinstance(ckpt, dict):
+            raise DeepSpeedConfigError(f"--deepspeed {where}: activation_checkpointing is {json.dumps(ckpt)}; use an "
+                                       "object ({} turns on --activation-checkpointing), or remove it")
+        extras = sorted(k for k in UNSUPPORTED_CHECKPOINTING if ckpt.get(k))
+        if extras:
+            raise DeepSpeedConfigError(
+                f"--deepspeed {where}: activation_checkpointing.{extras[0]} is not supported: the model recomputes "
+                "each layer with torch.utils.checkpoint, whose activations stay on the GPU unpartitioned; "
+                f"remove {', '.join(extras)} (an empty object turns recomputation on)")
 
 
 def _one_of(choices: Sequence[Any]) -> str:
@@ -374,6 +399,7 @@ def _one_of(choices: Sequence[Any]) -> str:
 def describe(ds: dict) -> str:
     """One line for the start-up log."""
     prec = "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
-    return (f"DeepSpeed ZeRO-{zero_stage(ds)}, {prec}, optimizer offload {offload_device(ds)}, "
+    params = f", parameter offload {offload_device(ds, 'offload_param')}" if zero_stage(ds) == 3 else ""
+    return (f"DeepSpeed ZeRO-{zero_stage(ds)}, {prec}, optimizer offload {offload_device(ds)}{params}, "
             f"micro-batch {ds['train_micro_batch_size_per_gpu']} x accum {ds['gradient_accumulation_steps']} "
             f"= {ds['train_batch_size']} sequences per step, clip {ds['gradient_clipping']}")

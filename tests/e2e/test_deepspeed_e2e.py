@@ -24,6 +24,8 @@ from safetensors.torch import load_file
 
 from e2e_support import cpu_env, latest, losses, write_corpus
 from koen_sllm.config import repo_root
+from koen_sllm.run_lock import LOCK_NAME
+from koen_sllm.run_record import RECORD_NAME
 
 pytestmark = pytest.mark.slow
 
@@ -109,8 +111,8 @@ def full_run(dataset, tmp_path_factory) -> Path:
 def test_two_process_run_trains_and_saves_model_directories(full_run):
     out = full_run / "out"
     assert latest(full_run) == "checkpoint-12"
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-12", "checkpoint-4", "checkpoint-8",
-                                                    "initial_model", "latest"]
+    assert sorted(p.name for p in out.iterdir() if p.name not in (LOCK_NAME, RECORD_NAME)) == [
+        "checkpoint-12", "checkpoint-4", "checkpoint-8", "initial_model", "latest"]
     from koen_sllm.checkpoint.store import verify_checkpoint
 
     ckpt = out / "checkpoint-12"
@@ -209,9 +211,87 @@ def test_user_json_conflicting_with_an_explicit_option_is_exit_2(dataset, tmp_pa
     assert len(errors) == 1, proc.stdout[-3000:]
     assert ("--learning-rate 0.002 conflicts with optimizer.params.lr = 5e-05 in " + str(mine)) in errors[0]
     assert "drop --learning-rate or edit the file" in errors[0]
-    assert not (run_dir / "out").exists()  # stopped before any data or checkpoint work
+    # stopped before any data or checkpoint work (the run's lock may have been taken)
+    assert not [p for p in (run_dir / "out").glob("*") if p.name != LOCK_NAME]
     # Under torchrun every rank finds the conflict; rank 0 alone reports it on the console.
     two = train(2, tmp_path / "two", dataset, "--train", "--max-steps", "4", "--deepspeed", str(mine), expect=None)
     assert two.returncode != 0
     lines = [l for l in two.stdout.splitlines() if "❌" in l]
     assert len(lines) == 1 and "conflicts with optimizer.params.lr = 5e-05" in lines[0], two.stdout[-3000:]
+
+
+# ---------------------------------------------------------------- ZeRO-3 with offload
+
+ZERO3_FILE = ROOT / "configs" / "ds_zero3_offload.json"
+ZERO3_ARGS = ("--train", "--batch-size", "2", "--max-steps", "8", "--save-steps", "4", "--fp32",
+              "--warmup-steps", "3", "--eval-steps", "4", "--deepspeed", str(ZERO3_FILE))
+
+
+@pytest.fixture(scope="module")
+def zero3_run(dataset, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("ds-zero3")
+    proc = train(2, run_dir, dataset, *ZERO3_ARGS)
+    assert ("backend: DeepSpeed ZeRO-3, fp32, optimizer offload cpu, parameter offload cpu" in proc.stdout), \
+        proc.stdout[-3000:]
+    assert "note: activation_checkpointing = true from" in proc.stdout  # the shipped file turns recomputation on
+    return run_dir
+
+
+@needs_deepspeed
+def test_zero3_offload_trains_saves_and_exports(zero3_run):
+    """The shipped ZeRO-3 file on two gloo processes: the weights are built partitioned
+    (deepspeed.zero.Init), each checkpoint holds one weight and one optimizer partition per rank,
+    model.safetensors holds the whole consolidated model, and transformers loads it offline."""
+    out = zero3_run / "out"
+    assert latest(zero3_run) == "checkpoint-8"
+    ckpt = out / "checkpoint-8"
+    files = sorted(p.name for p in (ckpt / "deepspeed" / "zero").iterdir())
+    assert sum("optim_states" in n for n in files) == 2 and sum("model_states" in n for n in files) == 2, files
+    assert not (out / "initial_model" / "deepspeed").exists()
+    info = json.loads((ckpt / "training_info.json").read_text())
+    zero = info["deepspeed_config"]["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_param"]["device"] == zero["offload_optimizer"]["device"] == "cpu"
+    assert info["config"]["train"]["activation_checkpointing"] is True
+    a = losses(zero3_run)
+    assert sorted(a) == list(range(1, 9)) and a[8] < a[1] - 0.3  # it learns
+
+    from transformers import AutoModelForCausalLM
+
+    first, last = weights(out / "initial_model"), weights(ckpt)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, local_files_only=True)
+    assert sum(p.numel() for p in model.parameters()) == info["num_params"]
+    assert first.keys() == last.keys() and not any(torch.equal(first[k], last[k]) for k in first
+                                                   if k.endswith("proj.weight"))
+    # Initialised like the other backends: norms at one, projections small.
+    assert torch.equal(first["model.norm.weight"], torch.ones_like(first["model.norm.weight"]))
+    assert 0.01 < float(first["model.layers.0.mlp.up_proj.weight"].std()) < 0.03
+
+
+@needs_deepspeed
+def test_zero3_offload_sigkill_then_resume_is_exact(zero3_run, dataset, tmp_path):
+    crashed = tmp_path / "crashed"
+    proc = train(2, crashed, dataset, *ZERO3_ARGS, "--debug-kill-step", "7", expect=None)
+    assert proc.returncode != 0 and latest(crashed) == "checkpoint-4"
+    resumed = train(2, crashed, dataset, *ZERO3_ARGS)
+    assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout
+    a, b = losses(zero3_run), losses(crashed)
+    assert [a[s] for s in range(1, 9)] == [b[s] for s in range(1, 9)]  # bit for bit, every step
+    wa, wb = weights(zero3_run / "out" / "checkpoint-8"), weights(crashed / "out" / "checkpoint-8")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # The export script takes a ZeRO-3 checkpoint like any other (it copies the model files).
+    export = tmp_path / "export"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "export_hf.py"), "--checkpoint", "auto",
+                           "--output-root", str(crashed / "out"), "--output", str(export)],
+                          capture_output=True, text=True, env=_env(), timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert all(torch.equal(weights(export)[k], wa[k]) for k in wa)
+
+
+@needs_deepspeed
+def test_zero3_weights_do_not_depend_on_the_number_of_processes(zero3_run, dataset, tmp_path):
+    """Drawn on rank 0 one gathered parameter at a time: one process builds the same initial model."""
+    one = tmp_path / "one"
+    train(0, one, dataset, "--train", "--batch-size", "4", "--max-steps", "1", "--fp32", "--warmup-steps", "1",
+          "--deepspeed", str(ZERO3_FILE))
+    wa, wb = weights(zero3_run / "out" / "initial_model"), weights(one / "out" / "initial_model")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

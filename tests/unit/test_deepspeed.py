@@ -225,6 +225,8 @@ def test_invalid_user_json_is_one_line_naming_the_problem(tmp_path, text, fragme
     ({"stage": 3, "offload_param": {"device": "disk"}}, 'offload_param.device is "disk"',
      'use "none", "cpu" or "nvme"'),
     ({"offload_optimizer": "cpu"}, 'offload_optimizer is "cpu"', 'use an object such as {"device": "cpu"}'),
+    ({"stage": 2, "offload_param": {"device": "cpu"}}, "offload_param needs stage 3 (only ZeRO-3 partitions the "
+     "weights), the file has stage 2", 'set "stage": 3 or remove offload_param'),
 ])
 def test_apply_ds_options_checks_the_zero_section(tmp_path, zero, shown, use):
     """What --dry-run runs: the stage and offload devices fail here, not when the engine starts."""
@@ -285,6 +287,36 @@ def test_offload_leaves_the_cpu_optimizer_to_deepspeed(tmp_path):
     cfg, explicit, plan, _ = run_config(["--deepspeed", spec])
     ds = C.build_ds_config(cfg, plan, 10, explicit)
     assert "torch_adam" not in ds["optimizer"]["params"] and C.offload_device(ds) == "cpu"
+
+
+def test_shipped_zero3_file_offloads_weights_and_optimizer_and_recomputes():
+    """configs/ds_zero3_offload.json fixes only the ZeRO layout and recomputation: learning rate,
+    schedule and precision stay the options' (no conflict with an explicit one)."""
+    spec = str(C.SHIPPED_CONFIG.parent / "ds_zero3_offload.json")
+    argv = ["--deepspeed", spec, "--learning-rate", "2e-4", "--warmup-steps", "5", "--model-size", "8b"]
+    cfg, explicit, plan, notes = run_config(argv)
+    assert cfg.train.activation_checkpointing is True and cfg.train.precision == "bf16"  # the GPU default
+    assert [n for n in notes if n.startswith("activation_checkpointing = true from")] and len(notes) == 1
+    ds = C.build_ds_config(cfg, plan, 100, explicit)
+    assert C.zero_stage(ds) == 3 and C.offload_device(ds) == C.offload_device(ds, "offload_param") == "cpu"
+    assert ds["optimizer"]["params"]["lr"] == 2e-4 and "torch_adam" not in ds["optimizer"]["params"]
+    assert ds["scheduler"]["params"]["warmup_num_steps"] == 5 and ds["bf16"]["enabled"]
+    assert C.describe(ds).startswith("DeepSpeed ZeRO-3, bf16, optimizer offload cpu, parameter offload cpu, ")
+    cfg2, explicit2, plan2, _ = run_config(["--deepspeed"])
+    assert "parameter offload" not in C.describe(C.build_ds_config(cfg2, plan2, 10, explicit2))  # ZeRO-3 only
+
+
+@pytest.mark.parametrize("section, fragment", [
+    ([], "activation_checkpointing is []; use an object ({} turns on --activation-checkpointing), or remove it"),
+    ({"partition_activations": True, "cpu_checkpointing": True},
+     "activation_checkpointing.cpu_checkpointing is not supported: the model recomputes each layer with "
+     "torch.utils.checkpoint"),
+])
+def test_deepspeed_activation_checkpointing_switches_the_model_does_not_use_are_refused(tmp_path, section, fragment):
+    spec = write_json(tmp_path / "ds.json", {"activation_checkpointing": section})
+    with pytest.raises(C.DeepSpeedConfigError) as err:
+        run_config(["--deepspeed", spec])
+    assert str(err.value).startswith(f"--deepspeed {spec}: {fragment}"), str(err.value)
 
 
 def test_unmerged_config_is_refused(tmp_path):
@@ -576,6 +608,7 @@ from koen_sllm import distributed as D
 from koen_sllm.config import explicit_options
 from koen_sllm.engines import deepspeed as B
 from koen_sllm.config import apply_device_defaults, derive_batch_plan, parse_args
+from koen_sllm.hf import mapping as HF
 from koen_sllm.model import KoEnLM, model_config_from_preset
 
 out, stage = Path(sys.argv[1]), int(sys.argv[2])

@@ -106,6 +106,7 @@ def test_preset_shapes_and_known_totals():
         "350m": 336_118_784,
         "0.6b": 473_235_456,
         "1.3b": 1_263_634_432,
+        "8b": 7_241_732_096,
     }
     assert abs(counts["350m"] - 336e6) / 336e6 < 0.01
     c = model_config_from_preset("350m", 32000, 2048)
@@ -114,6 +115,23 @@ def test_preset_shapes_and_known_totals():
     assert (q.hidden_size, q.num_layers, q.num_heads, q.num_kv_heads, q.head_dim, q.intermediate_size) == \
         (1024, 28, 16, 8, 128, 3072)
     assert q.qk_norm and q.tie_embeddings and q.rope_theta == 1e6
+    e = model_config_from_preset("8b", 32000, 8192)  # Llama-3-8B's body
+    assert (e.hidden_size, e.num_layers, e.num_heads, e.num_kv_heads, e.intermediate_size, e.rope_theta) == \
+        (4096, 32, 32, 8, 14336, 500000.0)
+
+
+def test_init_parameter_one_at_a_time_equals_reset_parameters():
+    """What a caller that initialises partitioned parameters one by one relies on."""
+    cfg = model_config_from_preset("tiny", 256, 32)
+    torch.manual_seed(3)
+    whole = KoEnLM(cfg)
+    torch.manual_seed(3)
+    bare = KoEnLM(cfg, init_weights=False)  # the layers' constructors draw the same numbers
+    assert not torch.equal(bare.layers[0].mlp.up_proj.weight, whole.layers[0].mlp.up_proj.weight)
+    for name, p in bare.named_parameters():
+        bare.init_parameter(name, p)
+    for (name, a), b in zip(whole.state_dict().items(), bare.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_flops_per_token_of_the_336m_shape():
