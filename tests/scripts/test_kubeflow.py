@@ -359,6 +359,22 @@ def test_generator_other_sizes_efa_and_trainer_options(yaml, validator, runtime,
     assert "python scripts/make_trainjob.py --nodes 2 --gpus-per-node 8 --efa 32" in text  # how to make it again
 
 
+def test_generator_the_references_8b_zero3_job(yaml, validator, runtime, tmp_path, monkeypatch):
+    """Reference 002's shape: 4 nodes x 1 GPU, the 8b preset under the shipped ZeRO-3 offload file
+    (a path inside the image's checkout, which is the pods' working directory)."""
+    out = tmp_path / "job.yaml"
+    res = generate("--image", "registry.example.com/koen-sllm:deepspeed", "-o", str(out), "--",
+                   "--model-size", "8b", "--batch-size", "1", "--deepspeed", "configs/ds_zero3_offload.json")
+    assert res.returncode == 0, res.stderr
+    job = yaml.safe_load(out.read_text(encoding="utf-8"))
+    assert schema_errors(validator, job) == [] and runtime_mismatches(job, runtime) == []
+    assert trainer_problems(job, monkeypatch) == []
+    assert job["spec"]["trainer"]["args"][-6:] == ["--model-size", "8b", "--batch-size", "1", "--deepspeed",
+                                                   "configs/ds_zero3_offload.json"]
+    res = generate("-o", str(tmp_path / "bad.yaml"), "--", "--deepspeed", "configs/no_such.json")
+    assert res.returncode == 2 and "no_such.json: file not found" in res.stderr
+
+
 @pytest.mark.parametrize("value", ["8", "3e-4", "1e999", "-1", ".inf", "-.5", "+1", "-1:20", "-0x1F", "yes", "Yes", "on",
                                    "null", "NULL", "~", "a b", "x: y", "a:b", "k:", "#x", "'q'", '"dq"', "[1]", "{a}",
                                    "*ref", "&a", "!tag", "%p", "@a", "`b", "<<", "", "-", "--", "?", "a\\b", "tab\there",
