@@ -144,9 +144,13 @@ def _encode_threaded(path: Path, sp, dtype: np.dtype, threads: int, chunk_bytes:
 
 
 def _pool_context():
-    # Workers only run SentencePiece and numpy, never torch or CUDA, so fork is
-    # safe where it exists and avoids re-importing the package per worker.
-    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    # Not "fork": this process may already run threads (SentencePiece's own pool after a
+    # "threads" encode, torch's, a logging handler's), and a child forked while one of them
+    # holds a lock waits on it forever (seen: a worker stuck in a futex). The fork server is a
+    # fresh single-threaded process that forks the workers; each imports this module once
+    # (numpy and SentencePiece, about 0.3 s, no torch).
+    methods = mp.get_all_start_methods()
+    return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
 def encode_jsonl(

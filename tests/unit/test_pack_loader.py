@@ -170,6 +170,14 @@ def test_parallel_paths_equal_plain_loop(prepared, tmp_path):
     assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
 
 
+def test_worker_processes_are_not_forked_from_this_possibly_threaded_process():
+    """A "processes" encode after a "threads" one (the sequence above) once hung: the worker was
+    forked while SentencePiece's thread pool held a lock, and waited on it forever."""
+    from koen_sllm.data import pack
+
+    assert pack._pool_context().get_start_method() in ("forkserver", "spawn")
+
+
 # ---------------------------------------------------------------- loader
 
 
