@@ -228,6 +228,10 @@ def check_kernel(device: str, exact_bf16: bool) -> None:
         for s, t in zip(x, y):
             if s.dtype == torch.bfloat16 and not exact_bf16:
                 torch.testing.assert_close(s.float(), t.float(), rtol=2 ** -7, atol=0, msg=name)
+            elif not exact_bf16:  # the interpreter's numpy arithmetic against torch's vectorised CPU
+                # kernels: a few fp32 ulps apart on the larger masters (once seen beyond an atol of 2e-6);
+                # a wrong update is off by up to lr = 1e-2, thousands of times more
+                torch.testing.assert_close(s, t, rtol=2e-6, atol=2e-6, msg=name)
             else:
                 torch.testing.assert_close(s, t, rtol=0, atol=0 if s.dtype == torch.bfloat16 else 2e-6, msg=name)
     assert not torch.equal(a[1][0], start)
