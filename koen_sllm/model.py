@@ -252,6 +252,12 @@ class KoEnLM(nn.Module):
             for block in p.split(rows):
                 block.normal_(0.0, c.init_std)
 
+    def parameters_read_directly(self) -> list[nn.Parameter]:
+        """Parameters this module's forward reads itself rather than through their own layer's
+        forward: the output layer's weight, which the fused and chunked losses take as a matrix.
+        A wrapper that fetches weights per layer call (ZeRO-3) must fetch these for the whole model."""
+        return [self.lm_head.weight]
+
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each layer's activations in backward: ~1/3 more compute, far less memory."""
         self.cfg.activation_checkpointing = bool(enabled)

@@ -142,6 +142,10 @@ def build_partitioned_model(make_model: Callable[[bool], torch.nn.Module], ds_co
         with ds.zero.GatheredParameters([p], modifier_rank=0):
             if main:
                 model.init_parameter(name, p)
+    # ZeRO-3 gathers a layer's weights when that layer's forward runs; the losses read the output
+    # layer's weight as a matrix from the model's own forward, so it is fetched for that one instead.
+    for p in model.parameters_read_directly():
+        ds.zero.register_external_parameter(model, p)
     return model
 
 

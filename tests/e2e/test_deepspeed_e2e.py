@@ -223,7 +223,7 @@ def test_user_json_conflicting_with_an_explicit_option_is_exit_2(dataset, tmp_pa
 # ---------------------------------------------------------------- ZeRO-3 with offload
 
 ZERO3_FILE = ROOT / "configs" / "ds_zero3_offload.json"
-ZERO3_ARGS = ("--train", "--batch-size", "2", "--max-steps", "8", "--save-steps", "4", "--fp32",
+ZERO3_ARGS = ("--train", "--batch-size", "2", "--max-steps", "8", "--save-steps", "4", "--fp32", "--ce-chunk-tokens", "64",
               "--warmup-steps", "3", "--eval-steps", "4", "--deepspeed", str(ZERO3_FILE))
 
 
