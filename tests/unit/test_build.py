@@ -221,7 +221,10 @@ def test_ctrl_c_during_tokenizer_training_stops_at_once(tmp_path):
             f.write(json.dumps({"text": text, "lang": "ko"}, ensure_ascii=False) + "\n")
     cmd = [sys.executable, "-m", "koen_sllm.data.prepare", str(data), "--output", str(tmp_path / "m.jsonl"),
            "--mix", "natural", "--vocab-size", "8000", "--num-proc", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    # SIGINT's default restored in the child: a test run started in the background (a shell's "&")
+    # ignores it, and Python installs no KeyboardInterrupt handler where it starts ignored.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = ""
     while "training a bpe tokenizer" not in seen:
         line = proc.stdout.readline()
