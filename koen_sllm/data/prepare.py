@@ -234,7 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = print) -> int:
+def _log(message: str) -> None:
+    """A line at once, also into a pipe or a file (nohup, tee, a CI log), where print alone
+    would hold it in an 8 KB buffer until the next ones or the end."""
+    print(message, flush=True)
+
+
+def run(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = _log) -> int:
     args = build_parser().parse_args(argv)
     if args.vocab_size < 300:
         raise DataError(f"--vocab-size {args.vocab_size} is too small; use at least 300 (byte fallback needs 259)")

@@ -231,8 +231,10 @@ def test_ctrl_c_during_tokenizer_training_stops_at_once(tmp_path):
         assert line, f"the prepare ended before training: {proc.stderr.read()}"
         seen += line
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    out, err = proc.communicate(timeout=60)
+    # Once seen in a full suite run and never alone: exit -2 (SIGINT's default action) with nothing
+    # on stderr; the whole output is kept in the message to find where the signal landed.
+    assert proc.returncode == 130, f"exit {proc.returncode}\nstdout before: {seen}\nstdout after: {out}\nstderr: {err}"
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("interrupted; finished stages (documents) are kept"), err
     work = tmp_path / "prepared" / ".m.build"
