@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -40,8 +41,6 @@ DEFAULT_CONFIG = HERE.parent / "configs" / "ds_zero3_offload.json"
 
 
 def snapshot(phase: str, started: float, device: torch.device, **extra) -> dict:
-    import os
-
     rec = {"phase": phase, "seconds": round(time.monotonic() - started, 1),
            "gpu_peak_gib": round(peak_memory_gib(device) or 0.0, 2),
            "host_rss_gib": round(tree_rss_bytes(os.getpid()) / GIB, 2),
