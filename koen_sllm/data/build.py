@@ -75,21 +75,31 @@ def check_cache(prepared: Path, files: list[Path], settings: dict, tokenizer: Op
             return None, "the input content changed"
         meta["input"]["files"] = stamp  # touched but identical: remember the new times
         _write_json(meta_file, meta)
+    why = check_outputs(prepared, meta, tokenizer)
+    return (None, why) if why else (meta, "")
+
+
+def check_outputs(prepared: Path, meta: dict, tokenizer: Optional[KoEnTokenizer] = None) -> str:
+    """Why the tokenizer and token files of ``prepared`` do not match its meta.json ("" when they do).
+
+    The half of the cache check that needs no source corpus: a prepared folder copied alone
+    (to a cluster volume, say) is checked with this only.
+    """
     tok_dir = prepared / "tokenizer"
     try:
         fingerprint = KoEnTokenizer.load(tok_dir).fingerprint()
     except Exception:  # noqa: BLE001 - any unreadable tokenizer means "rebuild"
-        return None, "the tokenizer is missing or unreadable"
+        return "the tokenizer is missing or unreadable"
     if fingerprint != meta["tokenizer"]["fingerprint"]:
-        return None, "the tokenizer files changed"
+        return "the tokenizer files changed"
     if tokenizer is not None and tokenizer.fingerprint() != fingerprint:
-        return None, "a different --tokenizer-path was given"
+        return "a different --tokenizer-path was given"
     itemsize = np.dtype(meta["dtype"]).itemsize
     for name, split in meta["splits"].items():
         path = prepared / split["file"]
         if not path.is_file() or path.stat().st_size != split["tokens"] * itemsize:
-            return None, f"{split['file']} is missing or truncated"
-    return meta, ""
+            return f"{split['file']} is missing or truncated"
+    return ""
 
 
 def build_prepared(

@@ -44,13 +44,13 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 from koen_sllm.checkpoint.atomic_io import hash_file
 from koen_sllm.data import DataError
+from koen_sllm.data.locate import DATA_SUFFIXES
 from koen_sllm.data.progress import Progress
 from koen_sllm.tokenizer import normalize_text
 
 MAX_LINE_BYTES = 64 << 20
 MAX_EXAMPLES = 5
 BAD_UTF8_SHARE = 0.10
-DATA_SUFFIXES = (".jsonl", ".txt", ".jsonl.gz", ".txt.gz")
 
 SKIP_REASONS = {
     "malformed_json": "not valid JSON",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import hashlib
+import json
 import os
 import sys
 from contextlib import contextmanager
@@ -25,9 +26,10 @@ from typing import Callable, Optional, Sequence
 
 from koen_sllm.config import DEFAULT_DATA_FILE, repo_root
 from koen_sllm.data import DataError
-from koen_sllm.data.build import FORMAT_VERSION, build_prepared, check_cache, describe_meta
+from koen_sllm.data.build import FORMAT_VERSION, build_prepared, check_cache, check_outputs, describe_meta
 from koen_sllm.data.dummy import write_dummy_corpus
-from koen_sllm.data.ingest import DATA_SUFFIXES, find_input_files
+from koen_sllm.data.ingest import find_input_files
+from koen_sllm.data.locate import DATA_SUFFIXES, find_dataset_files, find_prepared_only
 from koen_sllm.data.mix import DEFAULT_MIX, parse_mix, write_mixed_corpus
 from koen_sllm.data.tokenizer_training import DEFAULT_MAX_LINES
 from koen_sllm.tokenizer import DEFAULT_MODEL_TYPE, MODEL_TYPES, KoEnTokenizer, TokenizerError
@@ -45,19 +47,6 @@ class PreparedData:
     meta: dict
     used_dummy: bool
     prepared_dir: Optional[Path] = None
-
-
-def find_dataset_files(dataset_path: Optional[Path]) -> list[Path]:
-    """A file -> [file]; a folder -> its mixed_pretraining.jsonl, else all its *.jsonl/*.txt; else []."""
-    path = Path(dataset_path) if dataset_path else repo_root() / "datasets"
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        if (path / DEFAULT_DATA_FILE).is_file():
-            return [path / DEFAULT_DATA_FILE]
-        return sorted(p for p in path.iterdir()
-                      if p.is_file() and p.name.endswith(DATA_SUFFIXES) and not p.name.startswith("."))
-    return []
 
 
 def _candidates(files: list[Path], work_dir: Path) -> list[Path]:
@@ -134,6 +123,32 @@ def _result(prepared: Path, meta: dict, used_dummy: bool) -> PreparedData:
                         used_dummy, prepared)
 
 
+def _use_prepared_only(prepared: Path, *, val_fraction: float, tokenizer: Optional[KoEnTokenizer], force: bool,
+                       log: Callable[[str], None]) -> PreparedData:
+    """A prepared folder given without its corpus: checked against its own meta.json and used as it is."""
+    fix = f"copy the whole folder again, or prepare it from the corpus with {PREPROCESS_COMMAND}"
+    if force:
+        raise DataError(f"{prepared} holds prepared data without its corpus, so it cannot be rebuilt: "
+                        "pass --dataset-path the corpus to rebuild it")
+    try:
+        meta = json.loads((prepared / "meta.json").read_text(encoding="utf-8"))
+        made_by = meta["settings"]["format"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{prepared / 'meta.json'} is unreadable ({type(exc).__name__}: {exc}): {fix}") from None
+    if made_by != FORMAT_VERSION:
+        raise DataError(f"{prepared} was prepared in format {made_by} and this version reads format "
+                        f"{FORMAT_VERSION}: prepare it again from the corpus with {PREPROCESS_COMMAND}")
+    why = check_outputs(prepared, meta, tokenizer)
+    if why:
+        raise DataError(f"{prepared} cannot be used: {why}; {fix}")
+    log(f"using the prepared data in {prepared} as it is (no corpus beside it to check it against)")
+    if meta["settings"].get("val_fraction") != float(val_fraction):
+        log(f"note: --val-fraction {val_fraction} does not apply: this data was split with "
+            f"{meta['settings'].get('val_fraction')} when it was prepared")
+    log(describe_meta(meta))
+    return _result(prepared, meta, bool(meta.get("used_dummy")))
+
+
 def ensure_training_data(
     dataset_path,
     *,
@@ -152,7 +167,8 @@ def ensure_training_data(
     """Token files and tokenizer for ``dataset_path``, built once and then reused.
 
     ``dataset_path`` is a file or a folder (its mixed_pretraining.jsonl, else all
-    its *.jsonl/*.txt). With no data, ``mode="test"`` uses the dummy corpus under
+    its *.jsonl/*.txt), or, without any of those, a prepared folder (or the folder whose
+    prepared/ holds exactly one), used as it is. With no data, ``mode="test"`` uses the dummy corpus under
     ``work_dir`` (default outputs/) and ``mode="train"`` raises DataError.
     ``vocab_size``/``model_type`` only matter when a tokenizer must be trained.
     """
@@ -161,6 +177,10 @@ def ensure_training_data(
     path = Path(dataset_path) if dataset_path else repo_root() / "datasets"
     work_dir = Path(work_dir) if work_dir else repo_root() / "outputs"
     files, used_dummy = find_dataset_files(path), False
+    shipped = None if files else find_prepared_only(path)
+    if shipped is not None:
+        tokenizer = KoEnTokenizer.load(tokenizer_path) if tokenizer_path else None
+        return _use_prepared_only(shipped, val_fraction=val_fraction, tokenizer=tokenizer, force=force, log=log)
     if not files:
         if mode == "train":
             hint = _raw_hint(path)

@@ -11,9 +11,12 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Optional
 
 from .. import run_lock
 from ..config import RunConfig
+from ..data import DataError
+from ..data.locate import find_dataset_files, find_prepared_only
 from . import pidfile
 from .environment import PythonEnv, child_env, module_command
 from .files import JobFiles
@@ -24,13 +27,13 @@ PATH_OPTIONS = ("--dataset-path", "--tokenizer-path", "--deepspeed", "--resume")
 FOLDER_OPTIONS = ("--output-dir", "--logs-dir")
 
 
-def count_data_files(path: Path) -> int:
-    """Like the data reader: a file, or a folder read one level deep for *.jsonl / *.txt."""
-    if path.is_file():
-        return 1
-    if not path.is_dir():
-        return 0
-    return sum(1 for p in path.iterdir() if p.is_file() and p.suffix in (".jsonl", ".txt"))
+def find_data(path: Path) -> tuple[int, Optional[Path]]:
+    """(corpus files, prepared folder used alone), found as the trainer finds them (data/locate.py)."""
+    try:
+        files = find_dataset_files(path)
+        return len(files), (None if files else find_prepared_only(path))
+    except DataError as exc:
+        raise LaunchError(f"학습 데이터를 고를 수 없습니다 / {exc}") from None
 
 
 def _absolute(value: str) -> Path:
@@ -57,9 +60,9 @@ def before_environment(opts: LaunchOptions, output_dir: Path, files: JobFiles) -
     data = _absolute(ns.dataset_path or previous) if ns.dataset_path or previous else RunConfig().dataset_path
     if ns.dataset_path and not data.exists():
         raise LaunchError(f"데이터셋 경로가 없습니다 / --dataset-path '{data}' does not exist")
-    count = count_data_files(data)
-    if opts.mode == "train" and count == 0:
-        raise LaunchError(f"학습 데이터가 없습니다 / no .jsonl/.txt training data in '{data}': run "
+    count, prepared = find_data(data)
+    if opts.mode == "train" and count == 0 and prepared is None:
+        raise LaunchError(f"학습 데이터가 없습니다 / no .jsonl/.txt training data or prepared folder in '{data}': run "
                           "scripts/run_preprocessing.sh --recipe1, or pass --dataset-path")
     if ns.deepspeed and not _absolute(ns.deepspeed).is_file():
         raise LaunchError(f"DeepSpeed 설정 파일이 없습니다 / --deepspeed config '{_absolute(ns.deepspeed)}' not found")
@@ -67,7 +70,7 @@ def before_environment(opts: LaunchOptions, output_dir: Path, files: JobFiles) -
         raise LaunchError(f"체크포인트가 없습니다 / --resume '{_absolute(ns.resume)}' does not exist; checkpoints in "
                           f"{output_dir}: {checkpoints_in(output_dir)}; pass one of them, auto or none")
     still_free(output_dir, files)
-    return {"path": data, "files": count}
+    return {"path": data, "files": count, "prepared": prepared}
 
 
 def still_free(output_dir: Path, files: JobFiles) -> None:
@@ -118,7 +121,9 @@ def processes(opts: LaunchOptions, penv: PythonEnv) -> tuple[int, str]:
 
 
 def report_data(data: dict) -> None:
-    if data["files"]:
+    if data.get("prepared"):
+        print(f"✅ 준비된 데이터셋 확인 완료 / dataset: prepared data in {data['prepared']} (token files, no corpus)")
+    elif data["files"]:
         print(f"✅ 데이터셋 확인 완료: {data['files']}개 파일 / dataset: {data['files']} file(s) in {data['path']}")
     else:
         print(f"⚠️  데이터셋 없음: 테스트 모드는 더미 데이터를 씁니다 / no data in {data['path']}: test mode uses a "

@@ -143,6 +143,22 @@ def test_train_mode_without_data_exits_2(tmp_path):
     assert "run_preprocessing.sh" in lines[0]
 
 
+def test_train_mode_accepts_a_prepared_folder_without_its_corpus(tmp_path):
+    """Only the token files were copied (a cluster volume): the launcher lets the trainer check them."""
+    data = tmp_path / "volume data"
+    (data / "prepared" / "mixed_pretraining").mkdir(parents=True)
+    (data / "prepared" / "mixed_pretraining" / "meta.json").write_text("{}")
+    res = run("--train", "--dry-run", "--dataset-path", str(data), "--logs-dir", str(tmp_path / "logs"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"prepared data in {data / 'prepared' / 'mixed_pretraining'}" in res.stdout
+    (data / "prepared" / "second").mkdir()
+    (data / "prepared" / "second" / "meta.json").write_text("{}")
+    res = run("--train", "--dry-run", "--dataset-path", str(data), "--logs-dir", str(tmp_path / "logs"))
+    assert res.returncode == 2
+    lines = error_lines(res)
+    assert len(lines) == 1 and "2 prepared folders" in lines[0] and "pass --dataset-path the one" in lines[0]
+
+
 def test_explicit_gpu_count_above_present_exits_2(tmp_path):
     res = run("--dry-run", "--num-gpus", "2", "--logs-dir", str(tmp_path), env=launcher_env(KOEN_TEST_GPU_COUNT="1"))
     assert res.returncode == 2

@@ -159,6 +159,39 @@ def test_dataset_path_file_or_folder(tmp_path):
     assert find_dataset_files(tmp_path / "missing") == []
 
 
+def test_prepared_folder_copied_without_its_corpus_is_used_as_it_is(prepared, tmp_path):
+    """The cluster case: only datasets/prepared/<name>/ is copied to the nodes' volume."""
+    _, _, data = prepared
+    volume = tmp_path / "volume" / "datasets"
+    shutil.copytree(data.prepared_dir, volume / "prepared" / data.prepared_dir.name)
+    for given in (volume, volume / "prepared" / data.prepared_dir.name):  # the folder above it, or itself
+        logs = []
+        used = _prepare(given, tmp_path, logs, val_fraction=0.2)
+        assert used.prepared_dir == volume / "prepared" / data.prepared_dir.name and not used.used_dummy
+        assert used.meta == data.meta and used.train_file.is_file() and set(used.val_files) == {"ko", "en"}
+        assert any(line.startswith("using the prepared data in") for line in logs)
+        assert any("--val-fraction 0.2 does not apply" in line for line in logs)
+    assert sorted(p.name for p in volume.iterdir()) == ["prepared"]  # nothing written beside it
+    with pytest.raises(DataError, match="cannot be rebuilt: pass --dataset-path the corpus"):
+        _prepare(volume, tmp_path, force=True)
+    # A damaged copy names what is wrong, and a second prepared folder makes the choice the user's.
+    train = volume / "prepared" / data.prepared_dir.name / "train.bin"
+    train.write_bytes(train.read_bytes()[:-2])
+    with pytest.raises(DataError, match=r"cannot be used: train.bin is missing or truncated; copy the whole folder"):
+        _prepare(volume, tmp_path)
+    shutil.copytree(data.prepared_dir, volume / "prepared" / "other")
+    with pytest.raises(DataError, match=r"2 prepared folders under .*pass --dataset-path the one to train on"):
+        _prepare(volume, tmp_path)
+    (volume / "prepared" / "other" / "meta.json").write_text('{"settings": {"format": 0}}')
+    with pytest.raises(DataError, match=r"prepared in format 0 and this version reads format"):
+        _prepare(volume / "prepared" / "other", tmp_path)
+    # A corpus beside it wins: the usual cache rules apply again.
+    _write(volume / "mixed_pretraining.jsonl", _docs(10, 10))
+    logs = []
+    _prepare(volume, tmp_path, logs)
+    assert not any(line.startswith("using the prepared data") for line in logs)
+
+
 def test_parallel_paths_equal_plain_loop(prepared, tmp_path):
     path, docs, data = prepared
     tok = KoEnTokenizer.load(data.tokenizer_dir)
