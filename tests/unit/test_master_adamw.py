@@ -227,13 +227,13 @@ def check_kernel(device: str, exact_bf16: bool) -> None:
     for name, x, y in zip(("bf16 weights", "masters", "exp_avg", "exp_avg_sq"), a, b):
         for s, t in zip(x, y):
             if s.dtype == torch.bfloat16 and not exact_bf16:
-                torch.testing.assert_close(s.float(), t.float(), rtol=2 ** -7, atol=0, msg=name)
+                torch.testing.assert_close(s.float(), t.float(), rtol=2 ** -7, atol=0, msg=lambda m, name=name: f"{name}: {m}")
             elif not exact_bf16:  # the interpreter's numpy arithmetic against torch's vectorised CPU
                 # kernels: a few fp32 ulps apart on the larger masters (once seen beyond an atol of 2e-6);
                 # a wrong update is off by up to lr = 1e-2, thousands of times more
-                torch.testing.assert_close(s, t, rtol=2e-6, atol=2e-6, msg=name)
+                torch.testing.assert_close(s, t, rtol=2e-6, atol=2e-6, msg=lambda m, name=name: f"{name}: {m}")
             else:
-                torch.testing.assert_close(s, t, rtol=0, atol=0 if s.dtype == torch.bfloat16 else 2e-6, msg=name)
+                torch.testing.assert_close(s, t, rtol=0, atol=0 if s.dtype == torch.bfloat16 else 2e-6, msg=lambda m, name=name: f"{name}: {m}")
     assert not torch.equal(a[1][0], start)
     # The gradients' norm from the same plan, and from one tiled otherwise (the update's too).
     expected = torch.linalg.vector_norm(torch.cat([g.float().flatten() for g in grads]))
