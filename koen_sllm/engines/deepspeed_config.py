@@ -374,6 +374,13 @@ def check_zero_section(ds: dict, where: Path) -> None:
         if device not in OFFLOAD_DEVICES:
             raise DeepSpeedConfigError(f"--deepspeed {where}: zero_optimization.{key}.device is "
                                        f"{json.dumps(device)}; use {_one_of(OFFLOAD_DEVICES)}")
+        ratio = off.get("ratio", 1.0) if key == "offload_optimizer" else 1.0
+        if ratio != 1.0 and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1
+                             or device != "cpu" or stage != 3):
+            raise DeepSpeedConfigError(
+                f"--deepspeed {where}: zero_optimization.offload_optimizer.ratio is {json.dumps(ratio)} with device "
+                f"{json.dumps(device)} and stage {stage}; use a number from 0 to 1 with \"device\": \"cpu\" and "
+                "stage 3 (the share of the optimizer state in host memory, the rest on the GPU), or remove it")
         if key == "offload_param" and device != "none" and stage != 3:
             raise DeepSpeedConfigError(f"--deepspeed {where}: zero_optimization.offload_param needs stage 3 (only "
                                        f"ZeRO-3 partitions the weights), the file has stage {stage}; set \"stage\": 3 "
@@ -400,6 +407,8 @@ def describe(ds: dict) -> str:
     """One line for the start-up log."""
     prec = "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
     params = f", parameter offload {offload_device(ds, 'offload_param')}" if zero_stage(ds) == 3 else ""
-    return (f"DeepSpeed ZeRO-{zero_stage(ds)}, {prec}, optimizer offload {offload_device(ds)}{params}, "
+    ratio = _get(ds, ("zero_optimization", "offload_optimizer", "ratio"))
+    share = f" ({ratio:.0%} of it, the rest on the GPU)" if ratio is not _MISSING and ratio != 1.0 else ""
+    return (f"DeepSpeed ZeRO-{zero_stage(ds)}, {prec}, optimizer offload {offload_device(ds)}{share}{params}, "
             f"micro-batch {ds['train_micro_batch_size_per_gpu']} x accum {ds['gradient_accumulation_steps']} "
             f"= {ds['train_batch_size']} sequences per step, clip {ds['gradient_clipping']}")

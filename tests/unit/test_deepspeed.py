@@ -227,6 +227,14 @@ def test_invalid_user_json_is_one_line_naming_the_problem(tmp_path, text, fragme
     ({"offload_optimizer": "cpu"}, 'offload_optimizer is "cpu"', 'use an object such as {"device": "cpu"}'),
     ({"stage": 2, "offload_param": {"device": "cpu"}}, "offload_param needs stage 3 (only ZeRO-3 partitions the "
      "weights), the file has stage 2", 'set "stage": 3 or remove offload_param'),
+    ({"stage": 2, "offload_optimizer": {"device": "cpu", "ratio": 0.5}},
+     'offload_optimizer.ratio is 0.5 with device "cpu" and stage 2', 'use a number from 0 to 1 with "device": "cpu"'),
+    ({"stage": 3, "offload_optimizer": {"device": "nvme", "ratio": 0.5}},
+     'offload_optimizer.ratio is 0.5 with device "nvme" and stage 3', "use a number from 0 to 1"),
+    ({"stage": 3, "offload_optimizer": {"device": "cpu", "ratio": 1.5}},
+     'offload_optimizer.ratio is 1.5 with device "cpu" and stage 3', "use a number from 0 to 1"),
+    ({"stage": 3, "offload_optimizer": {"device": "cpu", "ratio": "half"}},
+     'offload_optimizer.ratio is "half" with device "cpu" and stage 3', "use a number from 0 to 1"),
 ])
 def test_apply_ds_options_checks_the_zero_section(tmp_path, zero, shown, use):
     """What --dry-run runs: the stage and offload devices fail here, not when the engine starts."""
@@ -249,12 +257,15 @@ def test_apply_ds_options_stage_7_message(tmp_path):
 
 
 @pytest.mark.parametrize("zero", [{"stage": 0}, {"stage": 1}, {"stage": 3, "offload_param": {"device": "cpu"}},
-                                  {"offload_optimizer": {"device": "nvme"}}, {"offload_optimizer": None}, {}])
+                                  {"offload_optimizer": {"device": "nvme"}}, {"offload_optimizer": None}, {},
+                                  {"stage": 3, "offload_optimizer": {"device": "cpu", "ratio": 0.55}}])
 def test_apply_ds_options_accepts_valid_zero_sections(tmp_path, zero):
     spec = write_json(tmp_path / "ds.json", {"zero_optimization": zero})
     cfg, explicit, plan, _ = run_config(["--deepspeed", spec, "--max-steps", "10"])
     ds = C.build_ds_config(cfg, plan, 10, explicit)
     assert C.zero_stage(ds) == zero.get("stage", C.DEFAULT_ZERO_STAGE)
+    partial = "ratio" in (zero.get("offload_optimizer") or {})
+    assert ("optimizer offload cpu (55% of it, the rest on the GPU)" in C.describe(ds)) == partial
 
 
 def test_dry_run_refuses_a_bad_zero_stage(tmp_path, capsys, monkeypatch):
