@@ -39,6 +39,7 @@ from .deepspeed_config import (  # noqa: F401 - re-exported: the backend's whole
     load_ds_json, offload_device, zero_stage,
 )
 from ..optim import build_scheduler, param_groups
+from .partial_offload import load_gpu_state, save_gpu_state
 from ..errors import KoenError, UsageError
 from ..hf import mapping as HF
 
@@ -312,6 +313,7 @@ class DeepSpeedRunner:
         """Write the engine state (weights, optimizer shards, schedule) into ``directory/deepspeed``.
         Collective: every rank calls it with the same ``directory``, which all of them can reach."""
         self.engine.save_checkpoint(str(Path(directory) / ENGINE_DIR), tag=tag, client_state={}, save_latest=False)
+        save_gpu_state(self.engine.optimizer, Path(directory) / ENGINE_DIR / tag, _rank())  # DeepSpeed leaves it out
 
     def load_from(self, directory: Path, tag: str = ENGINE_TAG) -> dict[str, Any]:
         """Restore weights, optimizer and schedule written by :meth:`save_into`; returns the client
@@ -341,6 +343,7 @@ class DeepSpeedRunner:
             raise
         if path is None:
             raise DeepSpeedBackendError(f"DeepSpeed could not load {engine_dir}/{tag}; the checkpoint is incomplete")
+        load_gpu_state(self.engine.optimizer, engine_dir / tag, _rank())
         return dict(client_state or {})
 
 

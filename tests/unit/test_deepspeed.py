@@ -612,6 +612,55 @@ def test_real_engine_trains_saves_and_resumes_on_cpu(tmp_path, ds_world, precisi
     assert steps(r2, 3, 5) == pytest.approx(rest, abs=1e-6)  # resumed exactly
 
 
+def test_partial_offload_checkpoints_keep_the_gpu_half_of_the_optimizer(tmp_path, ds_world):
+    """configs/ds_zero3_8b_one_gpu.json (offload_optimizer.ratio 0.55): DeepSpeed steps the sub-groups
+    kept on the GPU with a second AdamW whose state its checkpoints leave out; ours hold it, so a
+    resume continues exactly. On a CPU accelerator DeepSpeed labels every sub-group "cpu", so the
+    first half is labelled as the GPU's here, which routes it to that second AdamW as on a GPU."""
+    from koen_sllm.engines import partial_offload as P
+
+    spec = json.loads((C.SHIPPED_CONFIG.parent / "ds_zero3_8b_one_gpu.json").read_text())
+    spec["zero_optimization"]["sub_group_size"] = 20_000  # several sub-groups in the tiny model
+    argv = ["--deepspeed", write_json(tmp_path / "partial.json", spec), "--fp32", "--batch-size", "2",
+            "--max-seq-length", "32", "--learning-rate", "1e-3", "--warmup-steps", "1", "--ce-chunk-tokens", "16"]
+    cfg, explicit, plan, _ = run_config(argv, world=1, has_cuda=False)
+    ds = C.build_ds_config(cfg, plan, 6, explicit)
+    mcfg = model_config_from_preset("tiny", 256, 32, ce_chunk_tokens=16)
+    data = torch.randint(0, 256, (6, 2, 33), generator=torch.Generator().manual_seed(0))
+
+    def make():
+        torch.manual_seed(0)
+        model = B.build_partitioned_model(lambda init: KoEnLM(mcfg, init_weights=init), ds, torch.device("cpu"))
+        runner = B.DeepSpeedRunner(model, ds)
+        devices = runner.engine.optimizer.subgroup_to_device
+        for i in range(len(devices) // 2):
+            devices[i] = "cuda"
+        return runner
+
+    def steps(runner, first, last):
+        out = []
+        for s in range(first, last):
+            out.append(runner.forward_backward(data[s, :, :-1], data[s, :, 1:], True).item())
+            assert runner.optimizer_step()[1]
+        return out
+
+    r = make()
+    assert len(P.gpu_subgroups(r.engine.optimizer)) >= 2
+    steps(r, 0, 3)
+    assert len(r.engine.optimizer.backup_optimizer.state) == len(P.gpu_subgroups(r.engine.optimizer))
+    path = B.save_checkpoint_collective(r, tmp_path, "checkpoint-3", hf_config=HF.hf_config(KoEnLM(mcfg), 2, 3, 0),
+                                        tokenizer_dir=None, training_info={}, trainer_state={"step": 3})
+    state_file = path / B.ENGINE_DIR / B.ENGINE_TAG / P.STATE_FILE.format(rank=0)
+    assert state_file.is_file()
+    rest = steps(r, 3, 6)
+    r2 = make()
+    r2.load_from(path)
+    assert steps(r2, 3, 6) == rest  # resumed exactly, both halves' moments included
+    state_file.unlink()  # what DeepSpeed alone would have saved: refused, not resumed with fresh moments
+    with pytest.raises(P.PartialOffloadError, match="holds no state for the optimizer sub-groups this run keeps"):
+        make().load_from(path)
+
+
 TWO_RANK_SCRIPT = r'''
 import json, sys, torch
 from pathlib import Path
