@@ -317,6 +317,20 @@ def test_shipped_zero3_file_offloads_weights_and_optimizer_and_recomputes():
     assert "parameter offload" not in C.describe(C.build_ds_config(cfg2, plan2, 10, explicit2))  # ZeRO-3 only
 
 
+def test_shipped_8b_one_gpu_file_is_the_zero3_file_with_part_of_the_optimizer_on_the_gpu():
+    """configs/ds_zero3_8b_one_gpu.json may differ from ds_zero3_offload.json only by the split
+    measured on one H100 (docs/deepspeed.md), so the two cannot drift apart."""
+    folder = C.SHIPPED_CONFIG.parent
+    full, partial = (json.loads((folder / n).read_text()) for n in ("ds_zero3_offload.json", "ds_zero3_8b_one_gpu.json"))
+    zero = partial["zero_optimization"]
+    assert zero.pop("sub_group_size") == 200_000_000 and zero["offload_optimizer"].pop("ratio") == 0.55
+    assert {k: v for k, v in partial.items() if k != "_comment"} == {k: v for k, v in full.items() if k != "_comment"}
+    cfg, explicit, plan, _ = run_config(["--deepspeed", str(folder / "ds_zero3_8b_one_gpu.json"), "--model-size", "8b"])
+    ds = C.build_ds_config(cfg, plan, 100, explicit)
+    assert C.describe(ds).startswith("DeepSpeed ZeRO-3, bf16, optimizer offload cpu (55% of it, the rest on the GPU), "
+                                     "parameter offload cpu, ")
+
+
 @pytest.mark.parametrize("section, fragment", [
     ([], "activation_checkpointing is []; use an object ({} turns on --activation-checkpointing), or remove it"),
     ({"partition_activations": True, "cpu_checkpointing": True},
