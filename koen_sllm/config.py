@@ -110,6 +110,9 @@ class TrainConfig:
     # bf16 model weights with fp32 master weights in the optimizer (master_adamw.py). None -> on
     # for bf16 runs on a GPU without gradient accumulation or DeepSpeed (resolve_weights).
     bf16_weights: Optional[bool] = None
+    # AdamW's two moments stored in bf16 by that optimizer (arithmetic in fp32): 8 of its 28 bytes
+    # per parameter and step fewer. None -> off until measured (docs/benchmarks.md).
+    bf16_moments: Optional[bool] = None
     # Kernel choices (model.ModelConfig), defaults chosen by measurement (docs/benchmarks.md).
     loss_kernel: bool = True  # the loss and its gradient in one Triton pass on a GPU in bf16
     rope_kernel: bool = False  # the rotation's forward through its Triton kernel on a GPU
@@ -278,6 +281,12 @@ def resolve_weights(t: TrainConfig, grad_accum: int, has_cuda: bool) -> None:
                           "instead of accumulation, or --fp32-weights")
     if t.bf16_weights is None:
         t.bf16_weights = t.precision == "bf16" and has_cuda and t.deepspeed is None and grad_accum == 1
+    if t.bf16_moments and not t.bf16_weights:
+        raise ConfigError("--bf16-moments is a setting of the optimizer that keeps fp32 master weights, which "
+                          "this run does not use (fp32 weights: with --fp32-weights, --grad-accum, --deepspeed, "
+                          "fp16, fp32 or no GPU); drop --bf16-moments, or add --bf16-weights")
+    if t.bf16_moments is None:
+        t.bf16_moments = False
 
 
 # ---------------------------------------------------------------- derived numbers
@@ -507,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
                   "in the forward, half the gradient traffic (default with bf16 on a GPU without --grad-accum)",
                   "fp32 model weights cast by autocast, with torch's fused AdamW (the default with gradient "
                   "accumulation, DeepSpeed, fp16 or fp32)")
+    _bf16_or_fp32(g, "moments", "store AdamW's two moments in bf16 (with --bf16-weights; the update is computed "
+                  "in fp32): 8 bytes per parameter less to read and write each step, and less memory",
+                  "store them in fp32 (the default)")
     g.add_argument("--seed", type=int, default=42)
 
     g = p.add_argument_group("data and paths")
@@ -607,7 +619,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[RunConfig, argpars
             max_seq_length=ns.max_seq_length, precision=ns.precision, compile=ns.compile,
             compile_mode=ns.compile_mode, attn=ns.attn,
             activation_checkpointing=ns.activation_checkpointing, ce_chunk_tokens=ns.ce_chunk_tokens,
-            bf16_residual=ns.bf16_residual, bf16_weights=ns.bf16_weights, ddp_bucket_mb=ns.ddp_bucket_mb,
+            bf16_residual=ns.bf16_residual, bf16_weights=ns.bf16_weights, bf16_moments=ns.bf16_moments,
+            ddp_bucket_mb=ns.ddp_bucket_mb,
             loss_kernel=ns.loss_kernel, rope_kernel=ns.rope_kernel,
             cudnn_grouped_kv={"auto": None, "on": True, "off": False}[ns.cudnn_grouped_kv], fp8=ns.fp8,
             seed=ns.seed, eval_steps=ns.eval_steps,

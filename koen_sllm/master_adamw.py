@@ -15,7 +15,8 @@ would round every micro-batch's sum (refused); and DDP averages bf16 buckets.
 Checkpoints keep fp32 weights: the saving code passes the model's state dict through
 :func:`full_precision_state`, which puts the master tensors in place of the bf16 weights. The
 optimizer state has torch.optim.AdamW's layout (``step``, ``exp_avg``, ``exp_avg_sq`` per
-parameter), so a run can resume across this switch; it is loaded while the model still holds its
+parameter), so a run can resume across this switch (and across --bf16-moments, which stores the
+two moments in bf16); it is loaded while the model still holds its
 fp32 weights, before :meth:`MasterWeightAdamW.take_master_weights`.
 """
 from __future__ import annotations
@@ -26,6 +27,9 @@ from typing import Any, Optional
 import torch
 
 WEIGHT_DTYPE = torch.bfloat16
+# The moments' storage. bf16 halves their bytes; the update still computes in fp32 and rounds each
+# new moment to nearest once per step (DeepSeek-V3 trained with bf16 AdamW moments).
+MOMENT_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class MasterWeightAdamW(torch.optim.Optimizer):
@@ -37,7 +41,10 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Any, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01):
+                 weight_decay: float = 0.01, moment_dtype: torch.dtype = torch.float32):
+        if moment_dtype not in MOMENT_DTYPES:
+            raise ValueError(f"moment_dtype must be one of {MOMENT_DTYPES}, got {moment_dtype}")
+        self.moment_dtype = moment_dtype
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       # "fused": where torch keeps ``step`` (on the weights' device, fp32)
                                       # when it loads a state dict; our update reads it there.
@@ -69,8 +76,9 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                 raise TypeError(f"MasterWeightAdamW needs fp32 parameters to start from, got {p.dtype}")
             state = self.state[p]
             state["step"] = self._step  # one counter; each parameter's entry shows it, as torch's layout has
-            for key in ("exp_avg", "exp_avg_sq"):  # fp32 whatever the loaded state held
-                state[key] = state[key].float() if key in state else torch.zeros_like(p, dtype=torch.float32)
+            for key in ("exp_avg", "exp_avg_sq"):  # in moment_dtype whatever the loaded state held
+                dtype = self.moment_dtype
+                state[key] = state[key].to(dtype) if key in state else torch.zeros_like(p, dtype=dtype)
             self.masters[p] = p.detach().clone()
             p.data = p.detach().to(WEIGHT_DTYPE)
 
@@ -160,13 +168,17 @@ def reference_update(params, grads, masters, exp_avgs, exp_avg_sqs, step: torch.
     count = float(step)
     step_size = lr / (1 - beta1 ** count)
     bias_correction2_sqrt = math.sqrt(1 - beta2 ** count)
-    for p, g, w, m, v in zip(params, grads, masters, exp_avgs, exp_avg_sqs):
+    for p, g, w, m_stored, v_stored in zip(params, grads, masters, exp_avgs, exp_avg_sqs):
         g = g.float() if grad_scale is None else g.float() / grad_scale
+        m, v = m_stored.float(), v_stored.float()  # the stored moments themselves when they are fp32
         w.mul_(1 - lr * weight_decay)
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         w.addcdiv_(m, v.sqrt().div_(bias_correction2_sqrt).add_(eps), value=-step_size)
         p.copy_(w)
+        if m is not m_stored:  # bf16 storage: this step used the fp32 values; the next reads them rounded
+            m_stored.copy_(m)
+            v_stored.copy_(v)
 
 
 def full_precision_state(optimizer: Optional[torch.optim.Optimizer],

@@ -73,12 +73,16 @@ def merge_split_projections(saved: dict[str, Any], group_names: list[list[str]],
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device,
-                    bf16_weights: bool = False) -> torch.optim.Optimizer:
+                    bf16_weights: bool = False, bf16_moments: bool = False) -> torch.optim.Optimizer:
     """torch's AdamW (fused on a GPU), or with ``bf16_weights`` the AdamW that keeps fp32 master
-    weights itself (master_adamw.py; the trainer calls its take_master_weights)."""
+    weights itself (master_adamw.py; the trainer calls its take_master_weights), its moments in
+    bf16 with ``bf16_moments``."""
     kwargs: dict[str, Any] = dict(lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if bf16_weights:
-        return MasterWeightAdamW(param_groups(model, cfg.weight_decay), **kwargs)
+        moments = torch.bfloat16 if bf16_moments else torch.float32
+        return MasterWeightAdamW(param_groups(model, cfg.weight_decay), moment_dtype=moments, **kwargs)
+    if bf16_moments:
+        raise ValueError("bf16 moments need the master-weight AdamW (bf16_weights=True)")
     if device.type == "cuda":
         kwargs["fused"] = True  # one kernel for all parameters instead of a loop
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **kwargs)

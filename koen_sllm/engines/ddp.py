@@ -55,7 +55,8 @@ class DDPEngine:
         t = cfg.train
         self.cfg, self.info, self.raw_model, self.grad_accum = cfg, info, raw_model, grad_accum
         self.device = info.device
-        self.optimizer = build_optimizer(raw_model, cfg.optim, self.device, bf16_weights=bool(t.bf16_weights))
+        self.optimizer = build_optimizer(raw_model, cfg.optim, self.device, bf16_weights=bool(t.bf16_weights),
+                                         bf16_moments=bool(t.bf16_moments))
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, max_steps)
         self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
         self.model: torch.nn.Module = raw_model

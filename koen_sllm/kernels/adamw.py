@@ -1,7 +1,8 @@
 """One Triton launch that applies AdamW to every bf16 weight of a parameter group from its fp32 master copy.
 
 Per element it reads the bf16 gradient and the fp32 master weight and moments, and writes the
-master weight, the moments and the bf16 weight the next forward uses: 28 bytes, against the
+master weight, the moments and the bf16 weight the next forward uses: 28 bytes (20 with the
+moments stored in bf16, --bf16-moments; the arithmetic stays fp32), against the
 16 + 4 of fp32 weights (gradient read and written as fp32 by torch's fused AdamW with a
 ``grad_scale``) plus the bf16 casts of every weight in the forward and of every gradient in the
 backward. The tensors are not contiguous with each other, so the kernel receives tables of their
@@ -34,7 +35,7 @@ def _adamw_master_kernel(chunk_tensor, chunk_start, numels,
                          param_ptrs, grad_ptrs, master_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs,
                          step_ptr, grad_scale_ptr, found_inf_ptr,
                          lr, beta1, beta2, eps, weight_decay, log2_beta1, log2_beta2,
-                         HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
+                         HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, MOMENTS_BF16: tl.constexpr,
                          BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     if HAS_INF:
         if tl.load(found_inf_ptr) != 0:
@@ -46,8 +47,12 @@ def _adamw_master_kernel(chunk_tensor, chunk_start, numels,
     p_ptr = tl.load(param_ptrs + t).to(tl.pointer_type(tl.bfloat16))
     g_ptr = tl.load(grad_ptrs + t).to(tl.pointer_type(tl.bfloat16))
     w_ptr = tl.load(master_ptrs + t).to(tl.pointer_type(tl.float32))
-    m_ptr = tl.load(exp_avg_ptrs + t).to(tl.pointer_type(tl.float32))
-    v_ptr = tl.load(exp_avg_sq_ptrs + t).to(tl.pointer_type(tl.float32))
+    if MOMENTS_BF16:
+        m_ptr = tl.load(exp_avg_ptrs + t).to(tl.pointer_type(tl.bfloat16))
+        v_ptr = tl.load(exp_avg_sq_ptrs + t).to(tl.pointer_type(tl.bfloat16))
+    else:
+        m_ptr = tl.load(exp_avg_ptrs + t).to(tl.pointer_type(tl.float32))
+        v_ptr = tl.load(exp_avg_sq_ptrs + t).to(tl.pointer_type(tl.float32))
 
     step = tl.load(step_ptr)
     bias_correction1 = 1.0 - tl.exp2(step * log2_beta1)
@@ -63,15 +68,19 @@ def _adamw_master_kernel(chunk_tensor, chunk_start, numels,
         if HAS_SCALE:
             g = g / scale
         w = tl.load(w_ptr + idx, mask=mask, other=0.0)
-        m = tl.load(m_ptr + idx, mask=mask, other=0.0)
-        v = tl.load(v_ptr + idx, mask=mask, other=0.0)
+        m = tl.load(m_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         w = w * decay
         m = m + (1.0 - beta1) * (g - m)
         v = v * beta2 + (1.0 - beta2) * g * g
         w = w - step_size * m / (tl.sqrt(v) / bias_correction2_sqrt + eps)
         tl.store(w_ptr + idx, w, mask=mask)
-        tl.store(m_ptr + idx, m, mask=mask)
-        tl.store(v_ptr + idx, v, mask=mask)
+        if MOMENTS_BF16:  # computed in fp32 above; stored rounded to nearest, as torch's copy_ does
+            tl.store(m_ptr + idx, m.to(tl.bfloat16, fp_downcast_rounding="rtne"), mask=mask)
+            tl.store(v_ptr + idx, v.to(tl.bfloat16, fp_downcast_rounding="rtne"), mask=mask)
+        else:
+            tl.store(m_ptr + idx, m, mask=mask)
+            tl.store(v_ptr + idx, v, mask=mask)
         tl.store(p_ptr + idx, w.to(tl.bfloat16, fp_downcast_rounding="rtne"), mask=mask)
 
 
@@ -115,6 +124,10 @@ class MultiTensorPlan:
                 owner.append(i)
                 starts.append(s)
         self.device, self.programs = device, len(owner)
+        moment_dtypes = {t.dtype for t in (*exp_avgs, *exp_avg_sqs)}
+        if moment_dtypes - {torch.float32} and moment_dtypes != {torch.bfloat16}:
+            raise ValueError(f"the moments must be all fp32 or all bf16, got {sorted(map(str, moment_dtypes))}")
+        self.moments_bf16 = moment_dtypes == {torch.bfloat16}
         self.chunk_tensor = torch.tensor(owner, dtype=torch.int32, device=device)
         self.chunk_start = torch.tensor(starts, dtype=torch.int64, device=device)
         self.numels = torch.tensor([m.numel() for m in masters], dtype=torch.int64, device=device)
@@ -139,7 +152,8 @@ class MultiTensorPlan:
             params, self.grad_table(grads), masters, exp_avgs, exp_avg_sqs, step,
             grad_scale if grad_scale is not None else step, found_inf if found_inf is not None else step,
             lr, beta1, beta2, eps, weight_decay, _log2(beta1), _log2(beta2),
-            HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, BLOCK=self.block, CHUNK=self.chunk,
+            HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, MOMENTS_BF16=self.moments_bf16,
+            BLOCK=self.block, CHUNK=self.chunk,
             num_warps=self.num_warps,
         )
 
