@@ -115,6 +115,8 @@ def run_config(args, seed: int, fp8: str = None):
         argv.append("--fp32-residual")
     if args.fp32_weights:
         argv.append("--fp32-weights")
+    if args.bf16_moments:
+        argv.append("--bf16-moments")
     if args.warmup_steps is not None:
         argv += ["--warmup-steps", str(args.warmup_steps)]
     if args.no_compile:
@@ -368,6 +370,8 @@ def main() -> int:
     p.add_argument("--fp32-weights", action="store_true",
                    help="ours: fp32 weights cast by autocast and torch's fused AdamW (the default is bf16 weights "
                         "with fp32 masters in the optimizer since 2026-12)")
+    p.add_argument("--bf16-moments", action="store_true",
+                   help="ours: AdamW's moments stored in bf16 by the master-weight optimizer (the trainer's --bf16-moments)")
     p.add_argument("--fp8", choices=("off", "tensorwise", "rowwise"), default="off",
                    help="ours: the projections' matmuls in FP8 through torchao.float8 (the trainer's --fp8); "
                         "MFU stays against the dense bf16 peak")

@@ -111,7 +111,8 @@ class Trainer:
         if self.model_cfg.residual_dtype:
             log.info("residual stream in %s", self.model_cfg.residual_dtype)
         if self.t.bf16_weights:
-            log.info("weights in bf16, fp32 master weights in the optimizer (--fp32-weights turns this off)")
+            log.info("weights in bf16, fp32 master weights in the optimizer (--fp32-weights turns this off)%s",
+                     "; AdamW's moments in bf16" if self.t.bf16_moments else "")
         if self.t.fp8 != "off":
             log.info("%s", describe_fp8(self.raw_model, self.t.fp8))
 

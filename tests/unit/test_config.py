@@ -212,6 +212,32 @@ def test_bf16_weights_refused_where_they_cannot_work(argv, accum, fragment):
         parse_args(["--bf16-weights", "--fp32-weights"])
 
 
+@pytest.mark.parametrize("argv, has_cuda, accum, expected", [
+    ([], True, 1, False),                                   # off until measured
+    (["--bf16-moments"], True, 1, True),                    # with the default bf16 weights on a GPU
+    (["--bf16", "--bf16-weights", "--bf16-moments"], False, 1, True),
+    (["--fp32-moments"], True, 1, False),
+])
+def test_bf16_moments_off_by_default_and_on_with_bf16_weights(argv, has_cuda, accum, expected):
+    cfg, _ = parse_args(argv)
+    apply_device_defaults(cfg, has_cuda=has_cuda)
+    resolve_weights(cfg.train, accum, has_cuda)
+    assert cfg.train.bf16_moments is expected
+    assert RunConfig.from_dict(json.loads(cfg.to_json())).train.bf16_moments is expected
+
+
+@pytest.mark.parametrize("argv, has_cuda, accum", [
+    (["--bf16-moments", "--fp32-weights"], True, 1),
+    (["--bf16-moments"], True, 2),      # accumulation turns bf16 weights off by default
+    (["--bf16-moments"], False, 1),     # CPU: fp32
+])
+def test_bf16_moments_need_the_master_weight_optimizer(argv, has_cuda, accum):
+    cfg, _ = parse_args(argv)
+    apply_device_defaults(cfg, has_cuda=has_cuda)
+    with pytest.raises(ConfigError, match="--bf16-moments is a setting of the optimizer that keeps fp32 master"):
+        resolve_weights(cfg.train, accum, has_cuda)
+
+
 def test_batch_plan_derives_accumulation():
     cfg, _ = parse_args(["--batch-size", "4", "--global-batch-size", "32", "--max-seq-length", "256"])
     plan = derive_batch_plan(cfg, world_size=2)

@@ -85,6 +85,37 @@ def test_grad_scale_divides_every_gradient():
         torch.testing.assert_close(opt.masters[p], r.detach(), rtol=0, atol=1e-6)
 
 
+def test_bf16_moments_follow_fp32_moments_to_their_rounding_and_resume_across_the_switch():
+    """--bf16-moments: the moments are stored in bf16 (half their bytes) and the weights follow
+    torch's AdamW closely; a checkpoint loads into either storage, converted on the way."""
+    ref, ref_opt, _, _ = _pair()
+    ours = _model(0)
+    opt = MasterWeightAdamW(_groups(ours), moment_dtype=torch.bfloat16, **HYPER)
+    opt.take_master_weights()
+    for step in range(5):
+        _grads(ref, step)
+        _grads(ours, step)
+        ref_opt.step()
+        opt.step()
+    state = opt.state[next(ours.parameters())]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+    moved = [(opt.masters[p] - r.detach()).abs().max() for r, p in zip(ref.parameters(), ours.parameters())]
+    assert 0 < max(moved) < 5e-4, moved  # the rounding shows, a fraction of one step's lr = 1e-2
+    saved = copy.deepcopy(opt.state_dict())
+    assert saved["state"][0]["exp_avg"].dtype == torch.bfloat16
+    for moments in (torch.float32, torch.bfloat16):  # a checkpoint of either storage, into either
+        again = _model(0)
+        again.load_state_dict({k: opt.masters[p].clone() for k, p in zip(again.state_dict(), ours.parameters())})
+        other = MasterWeightAdamW(_groups(again), moment_dtype=moments, **HYPER)
+        other.load_state_dict(copy.deepcopy(saved))
+        other.take_master_weights()
+        got = other.state[next(again.parameters())]
+        assert got["exp_avg"].dtype == moments and float(got["step"]) == 5
+        assert torch.equal(got["exp_avg"].float(), state["exp_avg"].float())
+    with pytest.raises(ValueError, match="moment_dtype must be one of"):
+        MasterWeightAdamW(_groups(_model(0)), moment_dtype=torch.float16, **HYPER)
+
+
 def test_state_has_torch_adamw_layout_and_resumes_from_either_optimizer():
     """A torch AdamW checkpoint continues under the master-weight optimizer (and its state loads
     into torch's AdamW): the same weights as torch's AdamW running on."""
