@@ -180,21 +180,25 @@ def test_residual_options_exclude_each_other_and_survive_json():
     assert RunConfig.from_dict(json.loads(cfg.to_json())).train.bf16_residual is False
 
 
-@pytest.mark.parametrize("argv, has_cuda, accum, expected", [
-    ([], True, 1, True),                    # bf16 on a GPU, no accumulation: bf16 weights + fp32 masters
-    ([], True, 2, False),                   # accumulation would sum bf16 gradients
-    ([], False, 1, False),                  # CPU default: fp32
-    (["--bf16"], False, 1, False),          # bf16 on CPU: the default stays with fp32 weights
-    (["--bf16", "--bf16-weights"], False, 1, True),
-    (["--fp16"], True, 1, False),
-    (["--fp32-weights"], True, 1, False),
+@pytest.mark.parametrize("argv, has_cuda, accum, weights, moments", [
+    ([], True, 1, True, False),             # bf16 on a GPU, no accumulation: bf16 weights + fp32 masters
+    ([], True, 2, False, False),            # accumulation would sum bf16 gradients
+    ([], False, 1, False, False),           # CPU default: fp32
+    (["--bf16"], False, 1, False, False),   # bf16 on CPU: the default stays with fp32 weights
+    (["--bf16", "--bf16-weights"], False, 1, True, False),
+    (["--fp16"], True, 1, False, False),
+    (["--fp32-weights"], True, 1, False, False),
+    (["--bf16-moments"], True, 1, True, True),  # bf16 moments: off until measured, on with bf16 weights
+    (["--bf16", "--bf16-weights", "--bf16-moments"], False, 1, True, True),
+    (["--fp32-moments"], True, 1, True, False),
 ])
-def test_bf16_weights_default_where_measured_and_exact(argv, has_cuda, accum, expected):
+def test_bf16_weights_and_moments_default_where_measured_and_exact(argv, has_cuda, accum, weights, moments):
     cfg, _ = parse_args(argv)
     apply_device_defaults(cfg, has_cuda=has_cuda)
     resolve_weights(cfg.train, accum, has_cuda)
-    assert cfg.train.bf16_weights is expected
-    assert RunConfig.from_dict(json.loads(cfg.to_json())).train.bf16_weights is expected
+    assert (cfg.train.bf16_weights, cfg.train.bf16_moments) == (weights, moments)
+    again = RunConfig.from_dict(json.loads(cfg.to_json())).train
+    assert (again.bf16_weights, again.bf16_moments) == (weights, moments)
 
 
 @pytest.mark.parametrize("argv, accum, fragment", [
@@ -210,20 +214,6 @@ def test_bf16_weights_refused_where_they_cannot_work(argv, accum, fragment):
     assert fragment in str(err.value)
     with pytest.raises(ConfigError, match="not allowed with argument"):
         parse_args(["--bf16-weights", "--fp32-weights"])
-
-
-@pytest.mark.parametrize("argv, has_cuda, accum, expected", [
-    ([], True, 1, False),                                   # off until measured
-    (["--bf16-moments"], True, 1, True),                    # with the default bf16 weights on a GPU
-    (["--bf16", "--bf16-weights", "--bf16-moments"], False, 1, True),
-    (["--fp32-moments"], True, 1, False),
-])
-def test_bf16_moments_off_by_default_and_on_with_bf16_weights(argv, has_cuda, accum, expected):
-    cfg, _ = parse_args(argv)
-    apply_device_defaults(cfg, has_cuda=has_cuda)
-    resolve_weights(cfg.train, accum, has_cuda)
-    assert cfg.train.bf16_moments is expected
-    assert RunConfig.from_dict(json.loads(cfg.to_json())).train.bf16_moments is expected
 
 
 @pytest.mark.parametrize("argv, has_cuda, accum", [
