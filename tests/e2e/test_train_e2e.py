@@ -209,6 +209,22 @@ def test_bf16_residual_is_the_bf16_default_and_can_be_turned_off(tmp_path, datas
     assert a != b and all(abs(a[s] - b[s]) < 0.1 for s in a), (a, b)  # other rounding, same training
 
 
+def test_bf16_moments_train_and_resume_bit_exact(tmp_path, dataset):
+    """--bf16-moments through the trainer: named at start, and a killed run resumes bit for bit
+    with its bf16 moments (they are saved as they are held)."""
+    args = ("--train", "--batch-size", "2", "--max-steps", "6", "--save-steps", "3", "--bf16", "--bf16-weights",
+            "--bf16-moments")
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    proc = train(1, full, dataset, *args)
+    assert "fp32 master weights in the optimizer (--fp32-weights turns this off); AdamW's moments in bf16" in proc.stdout
+    train(1, crashed, dataset, *args, "--debug-kill-step", "5", expect=None)
+    assert latest(crashed) == "checkpoint-3"
+    train(1, crashed, dataset, *args)
+    a, b = losses(full), losses(crashed)
+    assert sorted(a) == list(range(1, 7)) and [a[s] for s in a] == [b[s] for s in a]
+    assert same_weights(full / "out" / "checkpoint-6", crashed / "out" / "checkpoint-6")
+
+
 def test_bf16_weights_resume_bit_exact_keep_fp32_checkpoints_and_train_like_fp32_weights(tmp_path, dataset):
     """bf16 weights with fp32 masters in the optimizer, two gloo processes: a killed run resumes
     bit for bit, checkpoints hold the fp32 masters (not bf16 values), a NaN step is skipped on the
