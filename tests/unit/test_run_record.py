@@ -87,6 +87,16 @@ def test_safe_changes_are_applied_with_a_note(tmp_path):
     assert "8 per process x 2 -> 4 x 2 with 2 accumulation step(s); same global batch of 16" in text
 
 
+def test_bf16_moments_follow_the_record_and_may_change_with_a_note(tmp_path):
+    out = tmp_path / "out"
+    _started(out, ["--train", "--batch-size", "8", "--bf16-moments"], step=68)
+    cfg, res = _resume(out, ["--train"])
+    assert cfg.train.bf16_moments is True and len(res.notes) == 1  # kept from the record
+    cfg, res = _resume(out, ["--train", "--fp32-moments"])
+    assert cfg.train.bf16_moments is False
+    assert any(n.startswith("--bf16-moments/--fp32-moments:") for n in res.notes), res.notes
+
+
 def test_another_gpu_count_keeps_the_global_batch(tmp_path):
     out = tmp_path / "out"
     _started(out, ["--train", "--batch-size", "4"], step=30, world=2)
