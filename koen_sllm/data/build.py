@@ -53,16 +53,24 @@ def _write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def check_cache(prepared: Path, files: list[Path], settings: dict, tokenizer: Optional[KoEnTokenizer],
-                strict: bool) -> tuple[Optional[dict], str]:
-    """(meta, "") when ``prepared`` is valid for this input, else (None, why not)."""
+def read_meta(prepared: Path) -> tuple[Optional[dict], str]:
+    """(meta.json of ``prepared``, "") or (None, why it cannot be read)."""
     meta_file = prepared / "meta.json"
     if not meta_file.is_file():
         return None, "not prepared yet"
     try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except ValueError:
+        return json.loads(meta_file.read_text(encoding="utf-8")), ""
+    except (OSError, ValueError):
         return None, "meta.json is unreadable"
+
+
+def check_cache(prepared: Path, files: list[Path], settings: dict, tokenizer: Optional[KoEnTokenizer],
+                strict: bool) -> tuple[Optional[dict], str]:
+    """(meta, "") when ``prepared`` is valid for this input, else (None, why not)."""
+    meta_file = prepared / "meta.json"
+    meta, why = read_meta(prepared)
+    if meta is None:
+        return None, why
     if meta.get("settings") != settings:
         return None, f"settings changed ({meta.get('settings')} -> {settings})"
     if strict and (meta.get("ingest", {}).get("skipped") or meta.get("ingest", {}).get("damaged_files")):

@@ -18,9 +18,14 @@ DATA_SUFFIXES = (".jsonl", ".txt", ".jsonl.gz", ".txt.gz")
 PREPARED_META = "meta.json"
 
 
+def dataset_root(dataset_path: Optional[Path]) -> Path:
+    """--dataset-path as a Path; unset: the checkout's datasets/."""
+    return Path(dataset_path) if dataset_path else repo_root() / "datasets"
+
+
 def find_dataset_files(dataset_path: Optional[Path]) -> list[Path]:
     """A file -> [file]; a folder -> its mixed_pretraining.jsonl, else all its *.jsonl/*.txt; else []."""
-    path = Path(dataset_path) if dataset_path else repo_root() / "datasets"
+    path = dataset_root(dataset_path)
     if path.is_file():
         return [path]
     if path.is_dir():
@@ -32,14 +37,15 @@ def find_dataset_files(dataset_path: Optional[Path]) -> list[Path]:
 
 
 def find_prepared_only(dataset_path: Optional[Path]) -> Optional[Path]:
-    """The prepared folder to train on when ``dataset_path`` holds no corpus files, else None.
+    """The prepared folder to train on in ``dataset_path``, which holds no corpus files
+    (:func:`find_dataset_files` found none), else None.
 
     ``dataset_path`` may be the prepared folder itself (it has meta.json) or the folder the
     preprocessing wrote into (``<path>/prepared/<name>/``). Several prepared folders there and
     no corpus to say which one: a DataError that lists them.
     """
-    path = Path(dataset_path) if dataset_path else repo_root() / "datasets"
-    if not path.is_dir() or find_dataset_files(path):
+    path = dataset_root(dataset_path)
+    if not path.is_dir():
         return None
     if (path / PREPARED_META).is_file():
         return path

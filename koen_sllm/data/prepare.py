@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import hashlib
-import json
 import os
 import sys
 from contextlib import contextmanager
@@ -26,10 +25,11 @@ from typing import Callable, Optional, Sequence
 
 from koen_sllm.config import DEFAULT_DATA_FILE, repo_root
 from koen_sllm.data import DataError
-from koen_sllm.data.build import FORMAT_VERSION, build_prepared, check_cache, check_outputs, describe_meta
+from koen_sllm.data.build import (FORMAT_VERSION, build_prepared, check_cache, check_outputs, describe_meta,
+                                  read_meta)
 from koen_sllm.data.dummy import write_dummy_corpus
 from koen_sllm.data.ingest import find_input_files
-from koen_sllm.data.locate import DATA_SUFFIXES, find_dataset_files, find_prepared_only
+from koen_sllm.data.locate import DATA_SUFFIXES, dataset_root, find_dataset_files, find_prepared_only
 from koen_sllm.data.mix import DEFAULT_MIX, parse_mix, write_mixed_corpus
 from koen_sllm.data.tokenizer_training import DEFAULT_MAX_LINES
 from koen_sllm.tokenizer import DEFAULT_MODEL_TYPE, MODEL_TYPES, KoEnTokenizer, TokenizerError
@@ -130,11 +130,10 @@ def _use_prepared_only(prepared: Path, *, val_fraction: float, tokenizer: Option
     if force:
         raise DataError(f"{prepared} holds prepared data without its corpus, so it cannot be rebuilt: "
                         "pass --dataset-path the corpus to rebuild it")
-    try:
-        meta = json.loads((prepared / "meta.json").read_text(encoding="utf-8"))
-        made_by = meta["settings"]["format"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{prepared / 'meta.json'} is unreadable ({type(exc).__name__}: {exc}): {fix}") from None
+    meta, why = read_meta(prepared)
+    made_by = (meta.get("settings") or {}).get("format") if isinstance(meta, dict) else None
+    if meta is None or made_by is None:
+        raise DataError(f"{prepared} cannot be used: {why or 'meta.json names no format version'}; {fix}")
     if made_by != FORMAT_VERSION:
         raise DataError(f"{prepared} was prepared in format {made_by} and this version reads format "
                         f"{FORMAT_VERSION}: prepare it again from the corpus with {PREPROCESS_COMMAND}")
@@ -174,7 +173,7 @@ def ensure_training_data(
     """
     if mode not in ("test", "train"):
         raise ValueError(f"mode must be 'test' or 'train', got {mode!r}")
-    path = Path(dataset_path) if dataset_path else repo_root() / "datasets"
+    path = dataset_root(dataset_path)
     work_dir = Path(work_dir) if work_dir else repo_root() / "outputs"
     files, used_dummy = find_dataset_files(path), False
     shipped = None if files else find_prepared_only(path)

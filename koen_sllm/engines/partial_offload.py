@@ -73,6 +73,6 @@ def load_gpu_state(optimizer: Any, folder: Path, rank: int) -> None:
     state = optimizer.backup_optimizer.state
     for i in sorted(saved):
         master = optimizer.fp32_partitioned_groups_flat[i]
-        state[master] = {"step": tensors[f"{i}.step"].to(torch.float32),  # torch's AdamW keeps it on the CPU
-                         "exp_avg": tensors[f"{i}.exp_avg"].to(master.device),
-                         "exp_avg_sq": tensors[f"{i}.exp_avg_sq"].to(master.device)}
+        # torch's AdamW keeps ``step`` on the CPU in fp32, the moments beside the master weights
+        state[master] = {key: tensors[f"{i}.{key}"].to(torch.float32 if key == "step" else master.device)
+                         for key in KEYS}
