@@ -24,8 +24,9 @@ Prints a table and writes JSON.
 weights and read the same token file in the same order with the same targets,
 optimizer groups and schedule (this project's, handed to the Trainer), and every
 step's loss is kept; a second run of ours with another seed shows the noise.
---curve with --fp8 RECIPE compares FP8 with bf16 instead (no peer): bf16, FP8 from the same
-weights and batches, and bf16 with the next seed as the noise band.
+--curve with a numeric lever (--fp8 RECIPE, --bf16-moments) compares the lever with the
+default instead (no peer): the default, the lever from the same weights and batches, and the
+default with the next seed as the noise band.
 --profile adds where the GPU time of three steady-state steps goes (matmuls, attention,
 fused elementwise kernels, optimizer, idle); the profiler slows the host, so its idle share
 is an upper bound. --trace FILE.json.gz writes a Chrome trace of two more steps (open it in
@@ -106,7 +107,8 @@ class FileTokens:
         return (x.pin_memory(), y.pin_memory()) if torch.cuda.is_available() else (x, y)
 
 
-def run_config(args, seed: int, fp8: str = None):
+def run_config(args, seed: int, plain: bool = False):
+    """``plain`` drops the numeric levers (--fp8, --bf16-moments): the default a lever curve compares with."""
     argv = ["--train", "--model-size", args.model_size, "--batch-size", str(args.batch_size),
             "--max-seq-length", str(args.seq_len), "--max-steps", str(args.steps + args.warmup),
             "--attn", args.attn, "--learning-rate", str(args.lr), "--bf16", "--seed", str(seed),
@@ -115,7 +117,7 @@ def run_config(args, seed: int, fp8: str = None):
         argv.append("--fp32-residual")
     if args.fp32_weights:
         argv.append("--fp32-weights")
-    if args.bf16_moments:
+    if args.bf16_moments and not plain:
         argv.append("--bf16-moments")
     if args.warmup_steps is not None:
         argv += ["--warmup-steps", str(args.warmup_steps)]
@@ -130,12 +132,17 @@ def run_config(args, seed: int, fp8: str = None):
         argv.append("--rope-kernel")
     if args.cross_entropy == "compiled":
         argv.append("--no-loss-kernel")
-    fp8 = args.fp8 if fp8 is None else fp8
-    if fp8 != "off":
-        argv += ["--fp8", fp8]
+    if args.fp8 != "off" and not plain:
+        argv += ["--fp8", args.fp8]
     cfg, _ = parse_run_args(argv)
     apply_device_defaults(cfg, torch.cuda.is_available())
     return cfg
+
+
+def numeric_lever(args) -> str:
+    """The levers that change the arithmetic, named as the curve reports them ('' for none)."""
+    parts = ([f"fp8 {args.fp8}"] if args.fp8 != "off" else []) + (["bf16 moments"] if args.bf16_moments else [])
+    return " + ".join(parts)
 
 
 def token_source(args):
@@ -144,9 +151,9 @@ def token_source(args):
     return RandomTokens(args.seq_len, args.batch_size, pin=not args.pageable_batches)
 
 
-def run_ours(args, seed: int = 0, name: str = "koen_sllm", fp8: str = None) -> dict:
-    """``fp8`` overrides --fp8 for this run (the FP8 curve runs bf16 and FP8 in one process)."""
-    tr = Trainer(run_config(args, seed, fp8), D.init_distributed())
+def run_ours(args, seed: int = 0, name: str = "koen_sllm", plain: bool = False) -> dict:
+    """``plain``: without the numeric levers (a lever curve runs the default and the lever in one process)."""
+    tr = Trainer(run_config(args, seed, plain), D.init_distributed())
     tr.build(VOCAB, token_source(args))
     if args.liger:
         from liger_levers import apply_liger
@@ -335,7 +342,7 @@ def _summarize(name, times, args, fpt, losses) -> dict:
             "losses": losses}
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-size", default="350m")
     p.add_argument("--batch-size", type=int, default=8)
@@ -401,6 +408,11 @@ def main() -> int:
                    help="compare loss curves on --data: ours, the peer, and ours with seed+1 (the noise)")
     p.add_argument("--plot", type=Path, help="with --curve: draw the curves into this PNG")
     p.add_argument("--replot", type=Path, metavar="JSON", help="redraw --plot from a saved --curve JSON; no GPU needed")
+    return p
+
+
+def main() -> int:
+    p = build_parser()
     args = p.parse_args()
     if args.replot:
         report = json.loads(args.replot.read_text())
@@ -424,11 +436,11 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     results = []
-    fp8_curve = args.curve and args.fp8 != "off"
-    if fp8_curve:  # bf16, FP8 from the same weights and batches, and bf16 with the next seed (the noise)
-        runs = [("ours", lambda: run_ours(args, args.seed, "koen_sllm bf16", fp8="off")),
-                ("ours", lambda: run_ours(args, args.seed, f"koen_sllm fp8 {args.fp8}")),
-                ("ours", lambda: run_ours(args, args.seed + 1, f"koen_sllm bf16 seed {args.seed + 1}", fp8="off"))]
+    lever = numeric_lever(args)
+    if args.curve and lever:  # the default, the lever from the same weights and batches, the default seed+1 (the noise)
+        runs = [("ours", lambda: run_ours(args, args.seed, "koen_sllm bf16", plain=True)),
+                ("ours", lambda: run_ours(args, args.seed, f"koen_sllm {lever}")),
+                ("ours", lambda: run_ours(args, args.seed + 1, f"koen_sllm bf16 seed {args.seed + 1}", plain=True))]
     else:
         runs = [("ours", lambda: run_ours(args, args.seed)), ("peer", lambda: run_peer(args))]
         if args.curve:
@@ -475,7 +487,7 @@ def main() -> int:
     if args.curve and len(results) == 3:
         report["curve"] = compare_curves(*(r["losses"] for r in results))
         c = report["curve"]
-        c["compared"] = f"fp8 {args.fp8} against bf16" if fp8_curve else "ours against the Trainer"
+        c["compared"] = f"{lever} against bf16" if lever else "ours against the Trainer"
         print(f"loss curves over {c['steps']} steps (10-step means), {c['compared']}: |a - b| mean {c['ours_vs_peer_mean']:.4f} "
               f"max {c['ours_vs_peer_max']:.4f}; |a - a seed+1| (noise) mean {c['noise_mean']:.4f} "
               f"max {c['noise_max']:.4f}; last 20 steps: a {c['last20'][0]:.4f}, b {c['last20'][1]:.4f}, "

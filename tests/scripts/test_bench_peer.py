@@ -72,3 +72,18 @@ def test_transformers_accepts_every_name(tmp_path):
     assert targs.logging_steps == 10 and targs.dataloader_num_workers == 2
     assert targs.dataloader_prefetch_factor == 2 and targs.logging_nan_inf_filter is False
     assert targs.accelerator_config.non_blocking is True and targs.disable_tqdm is True
+
+
+@pytest.mark.parametrize("lever, field, value", [(["--bf16-moments"], "bf16_moments", True),
+                                                 (["--fp8", "rowwise"], "fp8", "rowwise")])
+def test_a_lever_curve_runs_the_default_beside_the_lever(lever, field, value, monkeypatch):
+    """The curve's first and third runs drop the lever; the second keeps it."""
+    monkeypatch.setattr(bt.torch.cuda, "is_available", lambda: True)  # the configs as on the GPU it runs on
+    a = bt.build_parser().parse_args(["--curve", "--data", "train.bin", *lever])
+    assert bt.numeric_lever(a) in ("bf16 moments", "fp8 rowwise")
+    assert getattr(bt.run_config(a, 0).train, field) == value
+    assert getattr(bt.run_config(a, 0, plain=True).train, field) in (False, "off", None)
+
+
+def test_no_lever_means_the_peer_curve():
+    assert bt.numeric_lever(bt.build_parser().parse_args(["--curve", "--data", "train.bin"])) == ""
