@@ -5,7 +5,7 @@ AdamW on fp32 weights, both with a clip divisor (``grad_scale``) and a ``found_i
 trainer passes them. Prints milliseconds per update, the bytes each moves per update and the
 bandwidth that makes; checks first that the kernel equals the reference update (bf16 copies exact).
 
-    python benchmarks/bench_optimizer.py --model-size 350m
+    python benchmarks/bench_optimizer.py --model-size 350m   # also the update with --bf16-moments' storage
     python benchmarks/bench_optimizer.py --model-size 350m --sweep   # the update's tiling, and the gradient norm
 
 ``--sweep`` times the update kernel alone for each block, chunk and warp count, and the gradients'
@@ -32,12 +32,12 @@ from koen_sllm.model import KoEnLM, model_config_from_preset  # noqa: E402
 from koen_sllm.optim import param_groups  # noqa: E402
 
 
-def _setup(model_size: str, vocab: int, bf16_weights: bool):
+def _setup(model_size: str, vocab: int, bf16_weights: bool, moment_dtype: torch.dtype = torch.float32):
     torch.manual_seed(0)
     model = KoEnLM(model_config_from_preset(model_size, vocab, 2048)).cuda()
     kwargs = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-8)
     if bf16_weights:
-        opt = MasterWeightAdamW(param_groups(model, 0.1), **kwargs)
+        opt = MasterWeightAdamW(param_groups(model, 0.1), moment_dtype=moment_dtype, **kwargs)
         opt.take_master_weights()
     else:
         opt = torch.optim.AdamW(param_groups(model, 0.1), fused=True, **kwargs)
@@ -56,6 +56,8 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true", help="time the kernels per block, chunk and warp count")
     ap.add_argument("--overlap", action="store_true", help="time the update alone, the forward alone, and both at once")
     ap.add_argument("--batch-size", type=int, default=8, help="sequences of 2048 tokens in --overlap's forward")
+    ap.add_argument("--bf16-moments", action="store_true", help="--sweep with the moments stored in bf16")
+    ap.add_argument("--blocks", default="512,1024,2048,4096", help="--sweep: the block sizes to try")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("❌ needs a CUDA GPU (the Triton kernel runs there)", file=sys.stderr)
@@ -63,13 +65,17 @@ def main() -> int:
     # The kernel's correctness is the test suite's (pytest -m gpu tests/unit/test_master_adamw.py); this
     # script only times it.
     if args.sweep:
-        return sweep(args.model_size, args.vocab, args.repeats)
+        blocks = [int(b) for b in args.blocks.split(",")]
+        return sweep(args.model_size, args.vocab, args.repeats, args.bf16_moments, blocks)
     if args.overlap:
         return overlap(args.model_size, args.vocab, args.repeats, args.batch_size)
     rows = []
-    for name, bf16, nbytes in (("MasterWeightAdamW (bf16 weights + fp32 masters)", True, 28),
-                               ("torch fused AdamW (fp32 weights, grad_scale)", False, 32)):
-        model, opt = _setup(args.model_size, args.vocab, bf16)
+    # Bytes per parameter per update: gradient, weight, master and moments read and written.
+    for name, bf16, moments, nbytes in (
+            ("MasterWeightAdamW (bf16 weights + fp32 masters)", True, torch.float32, 28),
+            ("torch fused AdamW (fp32 weights, grad_scale)", False, None, 32),
+            ("MasterWeightAdamW, moments in bf16 (--bf16-moments)", True, torch.bfloat16, 20)):
+        model, opt = _setup(args.model_size, args.vocab, bf16, moments)
         n = sum(p.numel() for p in model.parameters())
         ms = cuda_time_ms(opt.step, args.repeats)
         rows.append((name, ms, nbytes * n / ms / 1e6))
@@ -78,15 +84,17 @@ def main() -> int:
     print(f"{args.model_size}: {n:,} parameters, {torch.cuda.get_device_name()}")
     for name, ms, gbs in rows:
         print(f"  {name:52s} {ms:7.3f} ms  {gbs:7.0f} GB/s")
-    print(f"  ratio torch / ours: {rows[1][1] / rows[0][1]:.3f}x")
+    print(f"  ratio torch / ours: {rows[1][1] / rows[0][1]:.3f}x; fp32 moments / bf16 moments: {rows[0][1] / rows[2][1]:.3f}x")
     return 0
 
 
-def sweep(model_size: str, vocab: int, repeats: int) -> int:
+def sweep(model_size: str, vocab: int, repeats: int, bf16_moments: bool = False,
+          blocks: tuple = (512, 1024, 2048, 4096)) -> int:
     """The update and the gradient norm alone, per tiling, on the preset's largest group."""
     from koen_sllm.kernels.adamw import BLOCK, CHUNK, NUM_WARPS, MultiTensorPlan
 
-    model, opt = _setup(model_size, vocab, True)
+    model, opt = _setup(model_size, vocab, True, torch.bfloat16 if bf16_moments else torch.float32)
+    nbytes = 20 if bf16_moments else 28  # per element: gradient, weight, master and moments, read and written
     group = max(opt.param_groups, key=lambda g: sum(p.numel() for p in g["params"]))
     params = group["params"]
     grads = [p.grad for p in params]
@@ -96,10 +104,10 @@ def sweep(model_size: str, vocab: int, repeats: int) -> int:
     hyper = dict(lr=3e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1,
                  grad_scale=opt.grad_scale, found_inf=opt.found_inf)
     print(f"{model_size}: the largest group, {len(params)} tensors, {n:,} elements, {torch.cuda.get_device_name()}")
-    print(f"default tiling: block {BLOCK}, chunk {CHUNK}, {NUM_WARPS} warps")
+    print(f"default tiling: block {BLOCK}, chunk {CHUNK}, {NUM_WARPS} warps; moments in {'bf16' if bf16_moments else 'fp32'}")
     print(f"{'block':>6} {'chunk':>7} {'warps':>5}  {'update ms':>9} {'GB/s':>6}  {'norm ms':>8} {'GB/s':>6}")
     best = None
-    for block in (512, 1024, 2048, 4096):
+    for block in blocks:
         for chunk in (2048, 4096, 8192, 16384, 32768):
             if chunk < block:
                 continue
@@ -109,7 +117,7 @@ def sweep(model_size: str, vocab: int, repeats: int) -> int:
                 plan = MultiTensorPlan(params, *state, block=block, chunk=chunk, num_warps=warps)
                 update_ms = cuda_time_ms(lambda: plan.update(grads, step, **hyper), repeats)
                 norm_ms = cuda_time_ms(lambda: plan.grad_sumsq(grads).sum().sqrt(), repeats)
-                print(f"{block:6d} {chunk:7d} {warps:5d}  {update_ms:9.3f} {28 * n / update_ms / 1e6:6.0f}  "
+                print(f"{block:6d} {chunk:7d} {warps:5d}  {update_ms:9.3f} {nbytes * n / update_ms / 1e6:6.0f}  "
                       f"{norm_ms:8.3f} {2 * n / norm_ms / 1e6:6.0f}", flush=True)
                 if best is None or update_ms < best[0]:
                     best = (update_ms, block, chunk, warps)
