@@ -160,7 +160,7 @@ def _ratio_row(reports: dict, calls: dict, label: str, run: str, base_run: str, 
     ratio = res["tokens_per_s"] / base["tokens_per_s"]
     together = same_call(calls, run, base_run)
     mfu = f", {res['mfu']:.1%} MFU" if res.get("mfu") is not None else ""
-    measured = (f"{ratio:.2f}x ({res['tokens_per_s']:,.0f} against {base['tokens_per_s']:,.0f} tokens/s{mfu}; "
+    measured = (f"{ratio:.3f}x ({res['tokens_per_s']:,.0f} against {base['tokens_per_s']:,.0f} tokens/s{mfu}; "
                 f"{option}, {device}{'' if together is not False else '; different calls'})")
     if not target:
         return label, measured, "reported"
