@@ -405,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synchronize the GPU around every timed step (the method before step periods were used)")
     p.add_argument("--data", type=Path, help="a packed token file (train.bin) instead of random tokens")
     p.add_argument("--curve", action="store_true",
-                   help="compare loss curves on --data: ours, the peer, and ours with seed+1 (the noise)")
+                   help="compare loss curves on --data: ours, the peer, and ours with seed+1 (the noise); "
+                        "with --fp8 or --bf16-moments: the default, the lever, the default with seed+1")
     p.add_argument("--plot", type=Path, help="with --curve: draw the curves into this PNG")
     p.add_argument("--replot", type=Path, metavar="JSON", help="redraw --plot from a saved --curve JSON; no GPU needed")
     return p
