@@ -78,8 +78,8 @@ class Trainer:
                              info.rank, info.world_size, self.t.seed)
         vocab = math.ceil(self.tokenizer.vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
         self.build(vocab, loader)
-        per_checkpoint = (DSB.estimate_ds_checkpoint_bytes if self.ds_config else estimate_checkpoint_bytes)(
-            self.num_params)
+        per_checkpoint = (DSB.estimate_ds_checkpoint_bytes(self.num_params, DSB.zero_stage(self.ds_config))
+                          if self.ds_config else estimate_checkpoint_bytes(self.num_params))
         check_output_dir_on_main(cfg, info, 2 * per_checkpoint, per_checkpoint)  # every rank learns the verdict
         self.last_checkpoint = None
         resume_dir = resolve_resume_on_main(cfg, info)

@@ -760,3 +760,18 @@ def test_real_engine_two_ranks_save_collectively(tmp_path, stage):
     shards = sorted(p.name for p in (out / "checkpoint-4" / B.ENGINE_DIR / B.ENGINE_TAG).iterdir())
     assert sum("optim_states" in n for n in shards) == 2
     assert ranks[0]["failure"] == ranks[1]["failure"] and "CheckpointError" in ranks[0]["failure"]
+
+
+@pytest.mark.parametrize("stage, measured", [(3, 1_219_494_852), (2, 1_524_260_606)])
+def test_checkpoint_estimate_covers_the_measured_size_by_stage(stage, measured):
+    """The sizes one real checkpoint of the 125m preset (76,204,800 parameters, 2 CPU processes,
+    fp32) took on disk: ZeRO-3 keeps no module copy, so its estimate is lower; each estimate covers
+    its measurement without asking for much more (the disk check refuses runs by it)."""
+    estimate = B.estimate_ds_checkpoint_bytes(76_204_800, stage)
+    assert measured <= estimate <= 1.1 * measured
+
+
+def test_an_8b_zero3_run_needs_two_checkpoints_of_about_110_gib():
+    """What docs/deepspeed.md says of the 8b preset: refused on a 64 GiB disk, room on 235 GiB."""
+    two = 2 * B.estimate_ds_checkpoint_bytes(7_241_732_096, 3)
+    assert 64 << 30 < two < 235 << 30
