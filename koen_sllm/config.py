@@ -517,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
                   "fp32 model weights cast by autocast, with torch's fused AdamW (the default with gradient "
                   "accumulation, DeepSpeed, fp16 or fp32)")
     _bf16_or_fp32(g, "moments", "store AdamW's two moments in bf16 (with --bf16-weights; the update is computed "
-                  "in fp32): 8 bytes per parameter less to read and write each step, and less memory",
+                  "in fp32): 8 bytes per parameter less to read and write each step, and 4 less to hold",
                   "store them in fp32 (the default)")
     g.add_argument("--seed", type=int, default=42)
 
