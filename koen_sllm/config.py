@@ -111,7 +111,8 @@ class TrainConfig:
     # for bf16 runs on a GPU without gradient accumulation or DeepSpeed (resolve_weights).
     bf16_weights: Optional[bool] = None
     # AdamW's two moments stored in bf16 by that optimizer (arithmetic in fp32): 8 of its 28 bytes
-    # per parameter and step fewer. None -> off until measured (docs/benchmarks.md).
+    # per parameter and step fewer, 4 less to hold. None -> off: no faster on an H100, a memory
+    # option (docs/benchmarks.md).
     bf16_moments: Optional[bool] = None
     # Kernel choices (model.ModelConfig), defaults chosen by measurement (docs/benchmarks.md).
     loss_kernel: bool = True  # the loss and its gradient in one Triton pass on a GPU in bf16

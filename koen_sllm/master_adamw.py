@@ -77,8 +77,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             state = self.state[p]
             state["step"] = self._step  # one counter; each parameter's entry shows it, as torch's layout has
             for key in ("exp_avg", "exp_avg_sq"):  # in moment_dtype whatever the loaded state held
-                dtype = self.moment_dtype
-                state[key] = state[key].to(dtype) if key in state else torch.zeros_like(p, dtype=dtype)
+                state[key] = (state[key].to(self.moment_dtype) if key in state
+                              else torch.zeros_like(p, dtype=self.moment_dtype))
             self.masters[p] = p.detach().clone()
             p.data = p.detach().to(WEIGHT_DTYPE)
 

@@ -91,7 +91,7 @@ def require_deepspeed():
     return deepspeed
 
 
-def estimate_ds_checkpoint_bytes(num_params: int, stage: int = 2) -> int:
+def estimate_ds_checkpoint_bytes(num_params: int, stage: int) -> int:
     """Bytes one DeepSpeed checkpoint takes: fp32 model.safetensors (4 B/param), fp32 master
     weights and two AdamW moments (12), and below stage 3 the engine's module copy (up to 4; under
     ZeRO-3 the weights live in the optimizer's partitions and the module file holds only their
