@@ -8,7 +8,8 @@ bandwidth that makes; checks first that the kernel equals the reference update (
     python benchmarks/bench_optimizer.py --model-size 350m   # also the update with --bf16-moments' storage
     python benchmarks/bench_optimizer.py --model-size 350m --sweep   # the update's tiling, and the gradient norm
 
-``--sweep`` times the update kernel alone for each block, chunk and warp count, and the gradients'
+``--sweep`` times the update kernel alone for each block, chunk and warp count, with 16-byte vector
+accesses and with one element per access (``--vectorize``), and the gradients'
 2-norm by the plan's one-launch kernel against ``torch._foreach_norm`` (what the trainer used).
 ``--overlap`` asks how much of the update could hide behind the next step's forward: the compiled
 forward (batch ``--batch-size`` x 2048) alone, the update alone, and both at once, the update on a
@@ -58,6 +59,10 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8, help="sequences of 2048 tokens in --overlap's forward")
     ap.add_argument("--bf16-moments", action="store_true", help="--sweep with the moments stored in bf16")
     ap.add_argument("--blocks", default="512,1024,2048,4096", help="--sweep: the block sizes to try")
+    ap.add_argument("--chunks", default="2048,4096,8192,16384,32768", help="--sweep: the chunk sizes to try")
+    ap.add_argument("--warps", default="2,4,8,16", help="--sweep: the warp counts to try")
+    ap.add_argument("--vectorize", choices=("both", "on", "off"), default="both",
+                    help="--sweep: the kernels with 16-byte vector accesses (on), one element per access (off), or both")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("❌ needs a CUDA GPU (the Triton kernel runs there)", file=sys.stderr)
@@ -65,8 +70,10 @@ def main() -> int:
     # The kernel's correctness is the test suite's (pytest -m gpu tests/unit/test_master_adamw.py); this
     # script only times it.
     if args.sweep:
-        blocks = [int(b) for b in args.blocks.split(",")]
-        return sweep(args.model_size, args.vocab, args.repeats, args.bf16_moments, blocks)
+        ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+        vectorize = {"both": (False, True), "on": (True,), "off": (False,)}[args.vectorize]
+        return sweep(args.model_size, args.vocab, args.repeats, args.bf16_moments, ints(args.blocks),
+                     ints(args.chunks), ints(args.warps), vectorize)
     if args.overlap:
         return overlap(args.model_size, args.vocab, args.repeats, args.batch_size)
     rows = []
@@ -89,7 +96,8 @@ def main() -> int:
 
 
 def sweep(model_size: str, vocab: int, repeats: int, bf16_moments: bool = False,
-          blocks: tuple = (512, 1024, 2048, 4096)) -> int:
+          blocks: tuple = (512, 1024, 2048, 4096), chunks: tuple = (2048, 4096, 8192, 16384, 32768),
+          warp_counts: tuple = (2, 4, 8, 16), vectorize: tuple = (False, True)) -> int:
     """The update and the gradient norm alone, per tiling, on the preset's largest group."""
     from koen_sllm.kernels.adamw import BLOCK, CHUNK, NUM_WARPS, MultiTensorPlan
 
@@ -105,22 +113,25 @@ def sweep(model_size: str, vocab: int, repeats: int, bf16_moments: bool = False,
                  grad_scale=opt.grad_scale, found_inf=opt.found_inf)
     print(f"{model_size}: the largest group, {len(params)} tensors, {n:,} elements, {torch.cuda.get_device_name()}")
     print(f"default tiling: block {BLOCK}, chunk {CHUNK}, {NUM_WARPS} warps; moments in {'bf16' if bf16_moments else 'fp32'}")
-    print(f"{'block':>6} {'chunk':>7} {'warps':>5}  {'update ms':>9} {'GB/s':>6}  {'norm ms':>8} {'GB/s':>6}")
+    print(f"{'vector':>6} {'block':>6} {'chunk':>7} {'warps':>5}  {'update ms':>9} {'GB/s':>6}  {'norm ms':>8} {'GB/s':>6}")
     best = None
-    for block in blocks:
-        for chunk in (2048, 4096, 8192, 16384, 32768):
-            if chunk < block:
-                continue
-            for warps in (2, 4, 8, 16):
-                if block // (32 * warps) > 16:  # more elements per thread: far slower (docs/benchmarks.md)
+    for vector in vectorize:
+        for block in blocks:
+            for chunk in chunks:
+                if chunk < block or chunk % block:
                     continue
-                plan = MultiTensorPlan(params, *state, block=block, chunk=chunk, num_warps=warps)
-                update_ms = cuda_time_ms(lambda: plan.update(grads, step, **hyper), repeats)
-                norm_ms = cuda_time_ms(lambda: plan.grad_sumsq(grads).sum().sqrt(), repeats)
-                print(f"{block:6d} {chunk:7d} {warps:5d}  {update_ms:9.3f} {nbytes * n / update_ms / 1e6:6.0f}  "
-                      f"{norm_ms:8.3f} {2 * n / norm_ms / 1e6:6.0f}", flush=True)
-                if best is None or update_ms < best[0]:
-                    best = (update_ms, block, chunk, warps)
+                for warps in warp_counts:
+                    if block // (32 * warps) > 16:  # more elements per thread: far slower (docs/benchmarks.md)
+                        continue
+                    plan = MultiTensorPlan(params, *state, block=block, chunk=chunk, num_warps=warps, vectorize=vector)
+                    plan.grad_table(grads)
+                    update_ms = cuda_time_ms(lambda: plan.update(grads, step, **hyper), repeats)
+                    norm_ms = cuda_time_ms(lambda: plan.grad_sumsq(grads).sum().sqrt(), repeats)
+                    print(f"{'yes' if plan.aligned(grads) else 'no':>6} {block:6d} {chunk:7d} {warps:5d}  "
+                          f"{update_ms:9.3f} {nbytes * n / update_ms / 1e6:6.0f}  "
+                          f"{norm_ms:8.3f} {2 * n / norm_ms / 1e6:6.0f}", flush=True)
+                    if best is None or update_ms < best[0]:
+                        best = (update_ms, block, chunk, warps, plan.aligned(grads))
     foreach_ms = cuda_time_ms(
         lambda: torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32))), repeats)
     plan = MultiTensorPlan(params, *state)
@@ -128,7 +139,8 @@ def sweep(model_size: str, vocab: int, repeats: int, bf16_moments: bool = False,
         torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)))
     print(f"torch._foreach_norm + vector_norm: {foreach_ms:.3f} ms ({2 * n / foreach_ms / 1e6:.0f} GB/s); "
           f"norms {ours.item():.6f} / {theirs.item():.6f} (relative difference {abs(ours - theirs).item() / theirs.item():.1e})")
-    print(f"fastest update: block {best[1]}, chunk {best[2]}, {best[3]} warps: {best[0]:.3f} ms")
+    print(f"fastest update: block {best[1]}, chunk {best[2]}, {best[3]} warps, "
+          f"{'vector' if best[4] else 'scalar'} accesses: {best[0]:.3f} ms")
     return 0
 
 

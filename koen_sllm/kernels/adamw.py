@@ -9,6 +9,11 @@ backward. The tensors are not contiguous with each other, so the kernel receives
 addresses and each program finds its tensor and chunk in a precomputed map (the multi-tensor
 apply of apex and torch's fused optimizers, in Triton).
 
+Memory access width: the tensors' addresses come from a table, so Triton cannot see that they are
+16-byte aligned and would read and write one element per instruction (bf16: two bytes). Where the
+host has checked every address and length (``ALIGNED``), the kernel says so with ``tl.multiple_of``
+and the accesses become 16-byte vectors; otherwise the scalar form runs, correct for any layout.
+
 The arithmetic is torch's AdamW (``torch.optim.AdamW``: decoupled decay, bias corrections, ``eps``
 added after the square root), in fp32. ``found_inf`` skips the whole update on the device, and
 ``grad_scale`` divides every gradient as it is read, as in torch's fused kernel.
@@ -21,6 +26,11 @@ from typing import Optional, Sequence
 import torch
 import triton
 import triton.language as tl
+
+# Alignment the ALIGNED kernels assume: every address a multiple of 16 bytes and every length a
+# multiple of 16 elements (so a 16-byte vector never straddles a tensor's end).
+ALIGN_BYTES = tl.constexpr(16)
+ALIGN_ELEMENTS = tl.constexpr(16)
 
 # The tiling chosen by `benchmarks/bench_optimizer.py --sweep` (results in docs/benchmarks.md): 8
 # elements per thread; 8,192 per program, enough to amortize each program's table lookups (larger
@@ -36,7 +46,7 @@ def _adamw_master_kernel(chunk_tensor, chunk_start, numels,
                          step_ptr, grad_scale_ptr, found_inf_ptr,
                          lr, beta1, beta2, eps, weight_decay, log2_beta1, log2_beta2,
                          HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, MOMENTS_BF16: tl.constexpr,
-                         BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+                         ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     if HAS_INF:
         if tl.load(found_inf_ptr) != 0:
             return
@@ -54,6 +64,10 @@ def _adamw_master_kernel(chunk_tensor, chunk_start, numels,
         m_ptr = tl.load(exp_avg_ptrs + t).to(tl.pointer_type(tl.float32))
         v_ptr = tl.load(exp_avg_sq_ptrs + t).to(tl.pointer_type(tl.float32))
 
+    if ALIGNED:  # checked on the host (MultiTensorPlan): 16-byte vectors instead of one element per access
+        start, n = tl.multiple_of(start, CHUNK), tl.multiple_of(n, ALIGN_ELEMENTS)
+        p_ptr, g_ptr, w_ptr = tl.multiple_of(p_ptr, ALIGN_BYTES), tl.multiple_of(g_ptr, ALIGN_BYTES), tl.multiple_of(w_ptr, ALIGN_BYTES)
+        m_ptr, v_ptr = tl.multiple_of(m_ptr, ALIGN_BYTES), tl.multiple_of(v_ptr, ALIGN_BYTES)
     step = tl.load(step_ptr)
     bias_correction1 = 1.0 - tl.exp2(step * log2_beta1)
     bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp2(step * log2_beta2))
@@ -86,13 +100,15 @@ def _adamw_master_kernel(chunk_tensor, chunk_start, numels,
 
 @triton.jit
 def _grad_sumsq_kernel(chunk_tensor, chunk_start, numels, grad_ptrs, out,
-                       BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+                       ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     """out[program] = the sum of squares (fp32) of the program's chunk of bf16 gradients."""
     pid = tl.program_id(0)
     t = tl.load(chunk_tensor + pid)
     start = tl.load(chunk_start + pid)
     n = tl.load(numels + t)
     g_ptr = tl.load(grad_ptrs + t).to(tl.pointer_type(tl.bfloat16))
+    if ALIGNED:
+        start, n, g_ptr = tl.multiple_of(start, CHUNK), tl.multiple_of(n, ALIGN_ELEMENTS), tl.multiple_of(g_ptr, ALIGN_BYTES)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for offset in tl.range(0, CHUNK, BLOCK):
         idx = start + offset + tl.arange(0, BLOCK)
@@ -113,9 +129,11 @@ class MultiTensorPlan:
 
     def __init__(self, params: Sequence[torch.Tensor], masters: Sequence[torch.Tensor],
                  exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor], *,
-                 block: int = BLOCK, chunk: int = CHUNK, num_warps: int = NUM_WARPS):
+                 block: int = BLOCK, chunk: int = CHUNK, num_warps: int = NUM_WARPS, vectorize: bool = True):
         if chunk % block:
             raise ValueError(f"chunk {chunk} must be a multiple of block {block}")
+        if vectorize and chunk % ALIGN_ELEMENTS.value:
+            raise ValueError(f"chunk {chunk} must be a multiple of {ALIGN_ELEMENTS.value} to vectorize")
         self.block, self.chunk, self.num_warps = block, chunk, num_warps
         device = masters[0].device
         owner, starts = [], []
@@ -133,27 +151,37 @@ class MultiTensorPlan:
         self.numels = torch.tensor([m.numel() for m in masters], dtype=torch.int64, device=device)
         self.tables = [_address_table([t.data_ptr() for t in ts], device)
                        for ts in (params, masters, exp_avgs, exp_avg_sqs)]
+        # vectorize=False keeps the scalar kernel (for measuring what the vectors bring)
+        self.vectorize = vectorize and all(m.numel() % ALIGN_ELEMENTS.value == 0 for m in masters) and all(
+            _aligned(ts) for ts in (params, masters, exp_avgs, exp_avg_sqs))
         self._grad_addresses: list[int] = []
         self._grad_table: Optional[torch.Tensor] = None
+        self._grads_aligned = False
 
     def grad_table(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
         addresses = [g.data_ptr() for g in grads]
         if addresses != self._grad_addresses:
             self._grad_table, self._grad_addresses = _address_table(addresses, self.device), addresses
+            self._grads_aligned = all(a % ALIGN_BYTES.value == 0 for a in addresses)
         return self._grad_table
+
+    def aligned(self, grads: Sequence[torch.Tensor]) -> bool:
+        """Whether this launch may take the vectorized kernel (after ``grad_table(grads)``)."""
+        return self.vectorize and self._grads_aligned
 
     def update(self, grads: Sequence[torch.Tensor], step: torch.Tensor, *, lr: float, beta1: float, beta2: float,
                eps: float, weight_decay: float, grad_scale: Optional[torch.Tensor] = None,
                found_inf: Optional[torch.Tensor] = None) -> None:
         """One launch over the group; ``step`` (fp32, one element) is the already-incremented count."""
         params, masters, exp_avgs, exp_avg_sqs = self.tables
+        grad_table = self.grad_table(grads)
         _adamw_master_kernel[(self.programs,)](
             self.chunk_tensor, self.chunk_start, self.numels,
-            params, self.grad_table(grads), masters, exp_avgs, exp_avg_sqs, step,
+            params, grad_table, masters, exp_avgs, exp_avg_sqs, step,
             grad_scale if grad_scale is not None else step, found_inf if found_inf is not None else step,
             lr, beta1, beta2, eps, weight_decay, _log2(beta1), _log2(beta2),
             HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, MOMENTS_BF16=self.moments_bf16,
-            BLOCK=self.block, CHUNK=self.chunk,
+            ALIGNED=self.aligned(grads), BLOCK=self.block, CHUNK=self.chunk,
             num_warps=self.num_warps,
         )
 
@@ -161,14 +189,19 @@ class MultiTensorPlan:
         """Each program's sum of squared gradients (fp32, one launch): their sum is the squared
         2-norm of the group's gradients, summed in a fixed order, so the same on every run."""
         out = torch.empty(self.programs, dtype=torch.float32, device=self.device)
-        _grad_sumsq_kernel[(self.programs,)](self.chunk_tensor, self.chunk_start, self.numels,
-                                             self.grad_table(grads), out, BLOCK=self.block, CHUNK=self.chunk,
+        grad_table = self.grad_table(grads)
+        _grad_sumsq_kernel[(self.programs,)](self.chunk_tensor, self.chunk_start, self.numels, grad_table, out,
+                                             ALIGNED=self.aligned(grads), BLOCK=self.block, CHUNK=self.chunk,
                                              num_warps=self.num_warps)
         return out
 
 
 def _log2(beta: float) -> float:
     return math.log2(beta) if beta > 0 else -math.inf  # beta 0: no momentum, bias correction 1
+
+
+def _aligned(tensors: Sequence[torch.Tensor]) -> bool:
+    return all(t.data_ptr() % ALIGN_BYTES.value == 0 for t in tensors)
 
 
 def _address_table(addresses: list[int], device: torch.device) -> torch.Tensor:

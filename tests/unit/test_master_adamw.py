@@ -234,7 +234,7 @@ def _within_rounding(name: str, got: torch.Tensor, want: torch.Tensor, start: to
                            f"{got[bad][:3].tolist()} against {want[bad][:3].tolist()}")
 
 
-def check_kernel(device: str, exact_bf16: bool, moments: torch.dtype = torch.float32) -> None:
+def check_kernel(device: str, exact_bf16: bool, moments: torch.dtype = torch.float32, aligned: bool = False) -> None:
     """The kernel against reference_update over three updates (plain, grad_scale, found_inf) on
     tensors whose chunks end inside and across tensors, with gradients at new and at reused
     addresses. Triton's CPU interpreter rounds fp32 to
@@ -242,11 +242,14 @@ def check_kernel(device: str, exact_bf16: bool, moments: torch.dtype = torch.flo
     bf16 step apart; on a GPU they must be equal. Then the gradients' norm kernel, and a fourth
     update by plans of two tilings, which must agree bit for bit. ``moments=torch.bfloat16``: the
     moments stored in bf16 (--bf16-moments); a moment one bf16 step apart (a rounding boundary
-    met by fp32 values a few ulps apart) moves the next update by a fraction of a percent of lr."""
+    met by fp32 values a few ulps apart) moves the next update by a fraction of a percent of lr.
+    ``aligned``: lengths that are multiples of 16 (still ending inside and across chunks), so the
+    plan takes the vectorized kernel, and the second plan the scalar one, which must agree bit for bit."""
     from koen_sllm.kernels.adamw import CHUNK, MultiTensorPlan
     from koen_sllm.master_adamw import reference_update
 
-    shapes = [(3, CHUNK // 3 + 5), (7,), (CHUNK + 1,)]
+    shapes = ([(16, CHUNK // 16 + 32), (48,), (CHUNK + 16,)] if aligned
+              else [(3, CHUNK // 3 + 5), (7,), (CHUNK + 1,)])
 
     def state():
         torch.manual_seed(1)
@@ -260,6 +263,7 @@ def check_kernel(device: str, exact_bf16: bool, moments: torch.dtype = torch.flo
     before = [[t.clone() for t in x] for x in b]
     hyper = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
     plan = MultiTensorPlan(*a)
+    assert plan.vectorize == aligned
     for i, (scale, inf) in enumerate([(None, None), (3.0, 0.0), (None, 1.0)]):
         fresh = [torch.randn(s, device=device).to(torch.bfloat16) for s in shapes]
         if i == 1:  # new values at the same addresses: the plan's cached gradient table
@@ -288,7 +292,8 @@ def check_kernel(device: str, exact_bf16: bool, moments: torch.dtype = torch.flo
     assert not torch.equal(a[1][0], start)
     # The gradients' norm from the same plan, and from one tiled otherwise (the update's too).
     expected = torch.linalg.vector_norm(torch.cat([g.float().flatten() for g in grads]))
-    other = MultiTensorPlan(*b, block=512, chunk=2048, num_warps=2)
+    other = MultiTensorPlan(*b, block=512, chunk=2048, num_warps=2, vectorize=False)
+    assert not other.vectorize
     for p in (plan, other):
         torch.testing.assert_close(p.grad_sumsq(grads).sum().sqrt(), expected, rtol=1e-5, atol=0)
     for x, y in zip(a, b):  # the same starting state (the reference rounded differently above)
@@ -305,14 +310,44 @@ def check_kernel(device: str, exact_bf16: bool, moments: torch.dtype = torch.flo
 @needs_triton
 def test_triton_kernel_matches_the_reference_update_in_the_interpreter():
     run_in_interpreter("test_master_adamw", "t.check_kernel('cpu', exact_bf16=False); "
-                       "t.check_kernel('cpu', exact_bf16=False, moments=torch.bfloat16)")
+                       "t.check_kernel('cpu', exact_bf16=False, moments=torch.bfloat16); "
+                       "t.check_kernel('cpu', exact_bf16=False, aligned=True); "
+                       "t.check_kernel('cpu', exact_bf16=False, moments=torch.bfloat16, aligned=True)")
+
+
+@needs_triton
+def test_the_vectorized_kernel_is_taken_only_where_every_address_and_length_allows_it():
+    """The vectorized kernel tells Triton that every address is 16-byte aligned and every length
+    a multiple of 16; a tensor that breaks either (a view one element in, an odd length) or a
+    gradient at such an address must send the launch to the scalar kernel instead."""
+    from koen_sllm.kernels.adamw import MultiTensorPlan
+
+    def plan_for(masters):
+        return MultiTensorPlan([m.to(torch.bfloat16) for m in masters], masters,
+                               [torch.zeros_like(m) for m in masters], [torch.zeros_like(m) for m in masters])
+
+    good = [torch.zeros(64, 32), torch.zeros(1024)]
+    plan = plan_for(good)
+    grads = [torch.zeros(m.shape, dtype=torch.bfloat16) for m in good]
+    plan.grad_table(grads)
+    assert plan.vectorize and plan.aligned(grads)
+    shifted = torch.zeros(1025, dtype=torch.bfloat16)[1:]  # two bytes past an aligned address
+    plan.grad_table([grads[0], shifted])
+    assert not plan.aligned([grads[0], shifted])
+    plan.grad_table(grads)
+    assert plan.aligned(grads)
+    assert not plan_for([torch.zeros(1025)[1:], good[1]]).vectorize  # a master one element in
+    assert not plan_for([torch.zeros(40), good[1]]).vectorize  # a length that is no multiple of 16
+    assert not MultiTensorPlan([good[1].to(torch.bfloat16)], [good[1]], [torch.zeros(1024)], [torch.zeros(1024)],
+                               vectorize=False).vectorize
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_triton_kernel_matches_the_reference_update_on_the_gpu():
-    check_kernel("cuda", exact_bf16=True)
-    check_kernel("cuda", exact_bf16=True, moments=torch.bfloat16)
+    for aligned in (False, True):
+        check_kernel("cuda", exact_bf16=True, aligned=aligned)
+        check_kernel("cuda", exact_bf16=True, moments=torch.bfloat16, aligned=aligned)
 
 
 def test_the_model_trains_on_bf16_weights_and_saves_fp32_with_a_tied_head():
