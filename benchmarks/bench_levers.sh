@@ -22,7 +22,7 @@
 # without its per-input size checks), clip-separate (clip_grad_norm_'s own pass instead of the
 # clip inside the fused update), cublaslt (matmuls through cuBLASLt), fp32-weights / b16-fp32-weights
 # (fp32 weights cast by autocast with torch's fused AdamW, instead of bf16 weights with fp32 masters),
-# bf16-moments (AdamW's moments stored in bf16 by the master-weight optimizer),
+# fp32-moments (AdamW's moments in fp32 instead of the default bf16 of the master-weight optimizer),
 # combo-kernels (Inductor launches independent small kernels as one), no-workspace (cuBLAS without
 # its workspace, CUBLAS_WORKSPACE_CONFIG=:0:0), no-workspace-cudagraphs (both together: cuBLAS's
 # statically scheduled matmuls with the step replayed as CUDA graphs), rope-forward-kernel (the
@@ -92,7 +92,7 @@ for lever in "${levers[@]}"; do
     clip-separate) run_lever clip-separate - --clip-separate --profile ;;
     cublaslt) run_lever cublaslt "TORCH_BLAS_PREFER_CUBLASLT=1" --profile ;;
     fp32-weights) run_lever fp32-weights - --fp32-weights --profile ;;
-    bf16-moments) run_lever bf16-moments - --bf16-moments --profile ;;
+    fp32-moments) run_lever fp32-moments - --fp32-moments --profile ;;
     b16-fp32-weights) mapfile -t b < <(batch_args 16 "$@"); run_lever b16-fp32-weights - "${b[@]}" --fp32-weights ;;
     no-workspace-cudagraphs) run_lever no-workspace-cudagraphs "CUBLAS_WORKSPACE_CONFIG=:0:0" --compile-mode reduce-overhead --profile ;;
     combo-kernels) run_lever combo-kernels "TORCHINDUCTOR_COMBO_KERNELS=1" --profile ;;

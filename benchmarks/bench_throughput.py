@@ -25,8 +25,9 @@ weights and read the same token file in the same order with the same targets,
 optimizer groups and schedule (this project's, handed to the Trainer), and every
 step's loss is kept; a second run of ours with another seed shows the noise.
 --curve with a numeric lever (--fp8 RECIPE, --bf16-moments) compares the lever with the
-default instead (no peer): the default, the lever from the same weights and batches, and the
-default with the next seed as the noise band.
+same run without it instead (no peer; without --bf16-moments means with --fp32-moments): the run
+without the lever, the lever from the same weights and batches, and the run without the lever
+with the next seed as the noise band.
 --profile adds where the GPU time of three steady-state steps goes (matmuls, attention,
 fused elementwise kernels, optimizer, idle); the profiler slows the host, so its idle share
 is an upper bound. --trace FILE.json.gz writes a Chrome trace of two more steps (open it in
@@ -108,7 +109,8 @@ class FileTokens:
 
 
 def run_config(args, seed: int, plain: bool = False):
-    """``plain`` drops the numeric levers (--fp8, --bf16-moments): the default a lever curve compares with."""
+    """``plain`` drops the numeric levers (--fp8; --bf16-moments becomes --fp32-moments): the run a lever
+    curve compares with."""
     argv = ["--train", "--model-size", args.model_size, "--batch-size", str(args.batch_size),
             "--max-seq-length", str(args.seq_len), "--max-steps", str(args.steps + args.warmup),
             "--attn", args.attn, "--learning-rate", str(args.lr), "--bf16", "--seed", str(seed),
@@ -117,8 +119,10 @@ def run_config(args, seed: int, plain: bool = False):
         argv.append("--fp32-residual")
     if args.fp32_weights:
         argv.append("--fp32-weights")
-    if args.bf16_moments and not plain:
-        argv.append("--bf16-moments")
+    if args.bf16_moments:  # the default where the master-weight optimizer runs; named so that plain differs
+        argv.append("--fp32-moments" if plain else "--bf16-moments")
+    elif args.fp32_moments:
+        argv.append("--fp32-moments")
     if args.warmup_steps is not None:
         argv += ["--warmup-steps", str(args.warmup_steps)]
     if args.no_compile:
@@ -377,8 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp32-weights", action="store_true",
                    help="ours: fp32 weights cast by autocast and torch's fused AdamW (the default is bf16 weights "
                         "with fp32 masters in the optimizer since 2026-12)")
-    p.add_argument("--bf16-moments", action="store_true",
-                   help="ours: AdamW's moments stored in bf16 by the master-weight optimizer (the trainer's --bf16-moments)")
+    moments = p.add_mutually_exclusive_group()
+    moments.add_argument("--bf16-moments", action="store_true",
+                         help="ours: AdamW's moments stored in bf16 by the master-weight optimizer (the trainer's "
+                              "default since 2026-12; with --curve, compared with --fp32-moments)")
+    moments.add_argument("--fp32-moments", action="store_true",
+                         help="ours: AdamW's moments in fp32 (the trainer's --fp32-moments, the default before 2026-12)")
     p.add_argument("--fp8", choices=("off", "tensorwise", "rowwise"), default="off",
                    help="ours: the projections' matmuls in FP8 through torchao.float8 (the trainer's --fp8); "
                         "MFU stays against the dense bf16 peak")
@@ -406,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, help="a packed token file (train.bin) instead of random tokens")
     p.add_argument("--curve", action="store_true",
                    help="compare loss curves on --data: ours, the peer, and ours with seed+1 (the noise); "
-                        "with --fp8 or --bf16-moments: the default, the lever, the default with seed+1")
+                        "with --fp8 or --bf16-moments: the run without the lever, the lever, and without it with seed+1")
     p.add_argument("--plot", type=Path, help="with --curve: draw the curves into this PNG")
     p.add_argument("--replot", type=Path, metavar="JSON", help="redraw --plot from a saved --curve JSON; no GPU needed")
     return p
@@ -438,10 +446,11 @@ def main() -> int:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     results = []
     lever = numeric_lever(args)
-    if args.curve and lever:  # the default, the lever from the same weights and batches, the default seed+1 (the noise)
-        runs = [("ours", lambda: run_ours(args, args.seed, "koen_sllm bf16", plain=True)),
+    if args.curve and lever:  # without the lever, the lever from the same weights and batches, without it seed+1 (the noise)
+        base = "koen_sllm fp32 moments" if args.bf16_moments else "koen_sllm bf16"
+        runs = [("ours", lambda: run_ours(args, args.seed, base, plain=True)),
                 ("ours", lambda: run_ours(args, args.seed, f"koen_sllm {lever}")),
-                ("ours", lambda: run_ours(args, args.seed + 1, f"koen_sllm bf16 seed {args.seed + 1}", plain=True))]
+                ("ours", lambda: run_ours(args, args.seed + 1, f"{base} seed {args.seed + 1}", plain=True))]
     else:
         runs = [("ours", lambda: run_ours(args, args.seed)), ("peer", lambda: run_peer(args))]
         if args.curve:

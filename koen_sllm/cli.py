@@ -50,7 +50,7 @@ def resolve_fully(cfg, explicit, notes, world_size: int, has_cuda: bool) -> list
 
         notes = notes + apply_ds_options(cfg, explicit, world_size)
     plan = derive_batch_plan(cfg, world_size)
-    resolve_weights(cfg.train, plan.grad_accum, has_cuda)
+    resolve_weights(cfg.train, plan.grad_accum, has_cuda, beta2=cfg.optim.beta2)
     return notes
 
 

@@ -111,8 +111,9 @@ class TrainConfig:
     # for bf16 runs on a GPU without gradient accumulation or DeepSpeed (resolve_weights).
     bf16_weights: Optional[bool] = None
     # AdamW's two moments stored in bf16 by that optimizer (arithmetic in fp32): 8 of its 28 bytes
-    # per parameter and step fewer, 4 less to hold. None -> off: no faster on an H100, a memory
-    # option (docs/benchmarks.md).
+    # per parameter and step fewer, 4 less to hold. None -> on with bf16 weights and a beta2 of at
+    # most BF16_MOMENTS_MAX_BETA2: measured 1.031x at 1.3b and 1.013x at 350m on an H100, the
+    # 200-step loss curves within the seed noise (docs/benchmarks.md).
     bf16_moments: Optional[bool] = None
     # Kernel choices (model.ModelConfig), defaults chosen by measurement (docs/benchmarks.md).
     loss_kernel: bool = True  # the loss and its gradient in one Triton pass on a GPU in bf16
@@ -258,6 +259,13 @@ def check_fp8(t: TrainConfig, has_cuda: bool) -> None:
                           f"of {FP8_MULTIPLE} or drop --fp8")
 
 
+# The largest --beta2 that bf16 moments allow. A step changes the second moment by
+# (1 - beta2) x (g^2/v - 1) of itself, and bf16 keeps no change under half its step (2^-9 to 2^-8
+# of the value): at 0.95 only gradients within 4-8% of their running mean square leave it as it
+# was, at 0.999 nearly all would, and the moment would stop following the gradients.
+BF16_MOMENTS_MAX_BETA2 = 0.95
+
+
 def check_weights(t: TrainConfig) -> None:
     """--bf16-weights against the precision and the backend."""
     if not t.bf16_weights:
@@ -270,11 +278,12 @@ def check_weights(t: TrainConfig) -> None:
                           "add --bf16 or drop --bf16-weights")
 
 
-def resolve_weights(t: TrainConfig, grad_accum: int, has_cuda: bool) -> None:
+def resolve_weights(t: TrainConfig, grad_accum: int, has_cuda: bool, *, beta2: float) -> None:
     """bf16 weights with fp32 masters in the optimizer, by default where they are measured faster
     (bf16 on a GPU, docs/benchmarks.md) and exact (no accumulation: the gradients are bf16, and
-    a sum over micro-batches would be rounded at every add). Called once the precision and the
-    batch plan are final; idempotent."""
+    a sum over micro-batches would be rounded at every add); that optimizer's moments in bf16 by
+    default where ``beta2`` lets bf16 hold them. Called once the precision and the batch plan are
+    final; idempotent."""
     check_weights(t)
     if t.bf16_weights and grad_accum > 1:
         raise ConfigError(f"--bf16-weights keeps the gradients in bf16, and accumulating {grad_accum} "
@@ -286,8 +295,12 @@ def resolve_weights(t: TrainConfig, grad_accum: int, has_cuda: bool) -> None:
         raise ConfigError("--bf16-moments is a setting of the optimizer that keeps fp32 master weights, which "
                           "this run does not use (fp32 weights: with --fp32-weights, --grad-accum, --deepspeed, "
                           "fp16, fp32 or no GPU); drop --bf16-moments, or add --bf16-weights")
+    if t.bf16_moments and beta2 > BF16_MOMENTS_MAX_BETA2:
+        raise ConfigError(f"--bf16-moments with --beta2 {beta2}: a step would change AdamW's second moment by less "
+                          f"than bf16 can hold, so it would stop following the gradients; use --fp32-moments, or "
+                          f"a --beta2 of at most {BF16_MOMENTS_MAX_BETA2}")
     if t.bf16_moments is None:
-        t.bf16_moments = False
+        t.bf16_moments = bool(t.bf16_weights) and beta2 <= BF16_MOMENTS_MAX_BETA2
 
 
 # ---------------------------------------------------------------- derived numbers
@@ -518,8 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
                   "fp32 model weights cast by autocast, with torch's fused AdamW (the default with gradient "
                   "accumulation, DeepSpeed, fp16 or fp32)")
     _bf16_or_fp32(g, "moments", "store AdamW's two moments in bf16 (with --bf16-weights; the update is computed "
-                  "in fp32): 8 bytes per parameter less to read and write each step, and 4 less to hold",
-                  "store them in fp32 (the default)")
+                  "in fp32): 8 bytes per parameter less to read and write each step, and 4 less to hold (default "
+                  f"with bf16 weights and --beta2 <= {BF16_MOMENTS_MAX_BETA2})",
+                  "store them in fp32 (the default without bf16 weights or with a larger --beta2)")
     g.add_argument("--seed", type=int, default=42)
 
     g = p.add_argument_group("data and paths")

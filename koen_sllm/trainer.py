@@ -111,15 +111,15 @@ class Trainer:
         if self.model_cfg.residual_dtype:
             log.info("residual stream in %s", self.model_cfg.residual_dtype)
         if self.t.bf16_weights:
-            log.info("weights in bf16, fp32 master weights in the optimizer (--fp32-weights turns this off)%s",
-                     "; AdamW's moments in bf16" if self.t.bf16_moments else "")
+            log.info("weights in bf16, fp32 master weights in the optimizer (--fp32-weights turns this off); "
+                     "AdamW's moments in %s", "bf16 (--fp32-moments turns this off)" if self.t.bf16_moments else "fp32")
         if self.t.fp8 != "off":
             log.info("%s", describe_fp8(self.raw_model, self.t.fp8))
 
     def build(self, vocab: int, loader) -> None:
         """Model, optimizer, schedule (or the DeepSpeed config) and loader; also used by the throughput benchmark."""
         self.plan = getattr(self, "plan", None) or self._batch_plan()
-        resolve_weights(self.t, self.plan.grad_accum, self.device.type == "cuda")
+        resolve_weights(self.t, self.plan.grad_accum, self.device.type == "cuda", beta2=self.cfg.optim.beta2)
         torch.manual_seed(self.t.seed)  # identical initial weights on every rank
         mcfg = model_config_from_preset(self.t.model_size, vocab, self.plan.seq_len, attn_backend=self.t.attn,
                                        ce_chunk_tokens=self.t.ce_chunk_tokens,

@@ -2,7 +2,7 @@
 
 Per element it reads the bf16 gradient and the fp32 master weight and moments, and writes the
 master weight, the moments and the bf16 weight the next forward uses: 28 bytes (20 with the
-moments stored in bf16, --bf16-moments; the arithmetic stays fp32), against the
+moments stored in bf16, the default; the arithmetic stays fp32), against the
 16 + 4 of fp32 weights (gradient read and written as fp32 by torch's fused AdamW with a
 ``grad_scale``) plus the bf16 casts of every weight in the forward and of every gradient in the
 backward. The tensors are not contiguous with each other, so the kernel receives tables of their

@@ -74,15 +74,26 @@ def test_transformers_accepts_every_name(tmp_path):
     assert targs.accelerator_config.non_blocking is True and targs.disable_tqdm is True
 
 
-@pytest.mark.parametrize("lever, field, value", [(["--bf16-moments"], "bf16_moments", True),
-                                                 (["--fp8", "rowwise"], "fp8", "rowwise")])
-def test_a_lever_curve_runs_the_default_beside_the_lever(lever, field, value, monkeypatch):
-    """The curve's first and third runs drop the lever; the second keeps it."""
+@pytest.mark.parametrize("lever, field, value, without", [(["--bf16-moments"], "bf16_moments", True, False),
+                                                          (["--fp8", "rowwise"], "fp8", "rowwise", "off")])
+def test_a_lever_curve_runs_the_same_run_without_the_lever_beside_it(lever, field, value, without, monkeypatch):
+    """The curve's first and third runs drop the lever (bf16 moments, the trainer's default, are
+    dropped by asking for fp32 moments); the second keeps it; nothing else differs."""
     monkeypatch.setattr(bt.torch.cuda, "is_available", lambda: True)  # the configs as on the GPU it runs on
     a = bt.build_parser().parse_args(["--curve", "--data", "train.bin", *lever])
     assert bt.numeric_lever(a) in ("bf16 moments", "fp8 rowwise")
-    assert getattr(bt.run_config(a, 0).train, field) == value
-    assert getattr(bt.run_config(a, 0, plain=True).train, field) in (False, "off", None)
+    with_lever, plain = bt.run_config(a, 0), bt.run_config(a, 0, plain=True)
+    assert getattr(with_lever.train, field) == value
+    assert getattr(plain.train, field) == without
+    setattr(plain.train, field, value)
+    assert plain.to_dict() == with_lever.to_dict()
+
+
+def test_fp32_moments_reach_the_trainer_and_exclude_bf16_moments():
+    a = bt.build_parser().parse_args(["--fp32-moments"])
+    assert bt.run_config(a, 0).train.bf16_moments is False and bt.numeric_lever(a) == ""
+    with pytest.raises(SystemExit):
+        bt.build_parser().parse_args(["--fp32-moments", "--bf16-moments"])
 
 
 def test_no_lever_means_the_peer_curve():

@@ -112,15 +112,15 @@ def test_fp8_at_350m_and_torchtitan_are_reported_without_a_target():
     assert large[1] == "reported" and "1.25x" in large[0] and "47.0% MFU" in large[0]
 
 
-def test_bf16_moments_are_reported_against_the_defaults_of_the_same_call():
-    reps = base(**{"1.3b_b4_bf16_moments": big(72_000, 0.597)})
-    got = rows_by_label(tg.judge(reps, {"1.3b_b4": "A", "1.3b_b4_bf16_moments": "A"}))
-    row = got["1.3b batch 4: --bf16-moments / the defaults' tokens/s (no target)"]
-    assert row[1] == "reported" and "1.029x" in row[0] and "59.7% MFU" in row[0] and "--bf16-moments" in row[0]
-    assert "350m batch 8: --bf16-moments / the defaults' tokens/s (no target)" not in got  # not asked for
-    apart = rows_by_label(tg.judge(reps, {"1.3b_b4": "A", "1.3b_b4_bf16_moments": "B"}))
-    assert "different calls" in apart["1.3b batch 4: --bf16-moments / the defaults' tokens/s (no target)"][0]
-    assert tg.selected("bf16_moments") == ["350m_b8", "1.3b_b4", "350m_b8_bf16_moments", "1.3b_b4_bf16_moments"]
+def test_fp32_moments_are_reported_against_the_defaults_of_the_same_call():
+    reps = base(**{"1.3b_b4_fp32_moments": big(56_000, 0.553)})
+    got = rows_by_label(tg.judge(reps, {"1.3b_b4": "A", "1.3b_b4_fp32_moments": "A"}))
+    row = got["1.3b batch 4: --fp32-moments / the defaults' tokens/s (no target)"]
+    assert row[1] == "reported" and "0.800x" in row[0] and "55.3% MFU" in row[0] and "--fp32-moments" in row[0]
+    assert "350m batch 8: --fp32-moments / the defaults' tokens/s (no target)" not in got  # not asked for
+    apart = rows_by_label(tg.judge(reps, {"1.3b_b4": "A", "1.3b_b4_fp32_moments": "B"}))
+    assert "different calls" in apart["1.3b batch 4: --fp32-moments / the defaults' tokens/s (no target)"][0]
+    assert tg.selected("moments") == ["350m_b8", "1.3b_b4", "350m_b8_fp32_moments", "1.3b_b4_fp32_moments"]
 
 
 def test_a_torchtitan_that_did_not_run_says_why():
@@ -163,7 +163,7 @@ def test_runs_and_groups_are_chosen_by_name():
     assert tg.selected("torchtitan_1.3b_b4,1.3b_b4") == ["1.3b_b4", "torchtitan_1.3b_b4"]
     assert tg.selected("targets") == ["350m_b8", "1.3b_b4", "1.3b_b4_fp8_rowwise", "1.3b_b4_fp8_tensorwise"]
     assert set(tg.selected("torchtitan,fp8_350m")) == set(tg.RUNS) - {
-        "1.3b_b4_fp8_rowwise", "1.3b_b4_fp8_tensorwise", "350m_b8_bf16_moments", "1.3b_b4_bf16_moments"}
+        "1.3b_b4_fp8_rowwise", "1.3b_b4_fp8_tensorwise", "350m_b8_fp32_moments", "1.3b_b4_fp32_moments"}
     with pytest.raises(SystemExit, match="neither a run"):
         tg.selected("350m,bogus")
     for script, options, limit in tg.RUNS.values():

@@ -181,21 +181,24 @@ def test_residual_options_exclude_each_other_and_survive_json():
 
 
 @pytest.mark.parametrize("argv, has_cuda, accum, weights, moments", [
-    ([], True, 1, True, False),             # bf16 on a GPU, no accumulation: bf16 weights + fp32 masters
+    ([], True, 1, True, True),              # bf16 on a GPU, no accumulation: bf16 weights + fp32 masters, bf16 moments
     ([], True, 2, False, False),            # accumulation would sum bf16 gradients
     ([], False, 1, False, False),           # CPU default: fp32
     (["--bf16"], False, 1, False, False),   # bf16 on CPU: the default stays with fp32 weights
-    (["--bf16", "--bf16-weights"], False, 1, True, False),
+    (["--bf16", "--bf16-weights"], False, 1, True, True),
     (["--fp16"], True, 1, False, False),
     (["--fp32-weights"], True, 1, False, False),
-    (["--bf16-moments"], True, 1, True, True),  # bf16 moments: off until measured, on with bf16 weights
+    (["--bf16-moments"], True, 1, True, True),
+    (["--beta2", "0.99"], True, 1, True, False),  # a beta2 bf16 cannot follow: fp32 moments
     (["--bf16", "--bf16-weights", "--bf16-moments"], False, 1, True, True),
     (["--fp32-moments"], True, 1, True, False),
 ])
 def test_bf16_weights_and_moments_default_where_measured_and_exact(argv, has_cuda, accum, weights, moments):
     cfg, _ = parse_args(argv)
     apply_device_defaults(cfg, has_cuda=has_cuda)
-    resolve_weights(cfg.train, accum, has_cuda)
+    resolve_weights(cfg.train, accum, has_cuda, beta2=cfg.optim.beta2)
+    assert (cfg.train.bf16_weights, cfg.train.bf16_moments) == (weights, moments)
+    resolve_weights(cfg.train, accum, has_cuda, beta2=cfg.optim.beta2)  # idempotent
     assert (cfg.train.bf16_weights, cfg.train.bf16_moments) == (weights, moments)
     again = RunConfig.from_dict(json.loads(cfg.to_json())).train
     assert (again.bf16_weights, again.bf16_moments) == (weights, moments)
@@ -210,7 +213,7 @@ def test_bf16_weights_refused_where_they_cannot_work(argv, accum, fragment):
     cfg, _ = parse_args(argv)
     with pytest.raises(ConfigError) as err:
         apply_device_defaults(cfg, has_cuda=True)
-        resolve_weights(cfg.train, accum, has_cuda=True)
+        resolve_weights(cfg.train, accum, has_cuda=True, beta2=cfg.optim.beta2)
     assert fragment in str(err.value)
     with pytest.raises(ConfigError, match="not allowed with argument"):
         parse_args(["--bf16-weights", "--fp32-weights"])
@@ -225,7 +228,14 @@ def test_bf16_moments_need_the_master_weight_optimizer(argv, has_cuda, accum):
     cfg, _ = parse_args(argv)
     apply_device_defaults(cfg, has_cuda=has_cuda)
     with pytest.raises(ConfigError, match="--bf16-moments is a setting of the optimizer that keeps fp32 master"):
-        resolve_weights(cfg.train, accum, has_cuda)
+        resolve_weights(cfg.train, accum, has_cuda, beta2=cfg.optim.beta2)
+
+
+def test_bf16_moments_refused_with_a_beta2_bf16_cannot_follow():
+    cfg, _ = parse_args(["--bf16-moments", "--beta2", "0.999"])
+    apply_device_defaults(cfg, has_cuda=True)
+    with pytest.raises(ConfigError, match=r"--bf16-moments with --beta2 0.999: .*use --fp32-moments, or a --beta2 of at most 0.95"):
+        resolve_weights(cfg.train, 1, True, beta2=cfg.optim.beta2)
 
 
 def test_batch_plan_derives_accumulation():
