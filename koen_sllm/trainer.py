@@ -79,7 +79,8 @@ class Trainer:
         vocab = math.ceil(self.tokenizer.vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
         self.build(vocab, loader)
         per_checkpoint = (DSB.estimate_ds_checkpoint_bytes(self.num_params, DSB.zero_stage(self.ds_config))
-                          if self.ds_config else estimate_checkpoint_bytes(self.num_params))
+                          if self.ds_config else
+                          estimate_checkpoint_bytes(self.num_params, moment_bytes=2 if self.t.bf16_moments else 4))
         check_output_dir_on_main(cfg, info, 2 * per_checkpoint, per_checkpoint)  # every rank learns the verdict
         self.last_checkpoint = None
         resume_dir = resolve_resume_on_main(cfg, info)

@@ -422,10 +422,11 @@ def load_training_info(path: Path) -> dict:
 # ---------------------------------------------------------------- disk checks
 
 
-def estimate_checkpoint_bytes(num_params: int, with_optimizer: bool = True) -> int:
-    """Bytes one checkpoint takes: fp32 weights, two fp32 AdamW moments, plus slack
-    for tokenizer, JSON, RNG states and filesystem rounding."""
-    per_param = 4 + (8 if with_optimizer else 0)
+def estimate_checkpoint_bytes(num_params: int, with_optimizer: bool = True, moment_bytes: int = 4) -> int:
+    """Bytes one checkpoint takes: fp32 weights, two AdamW moments as the optimizer holds them
+    (``moment_bytes`` each: 4 for fp32, 2 for bf16), plus slack for tokenizer, JSON, RNG states and
+    filesystem rounding."""
+    per_param = 4 + (2 * moment_bytes if with_optimizer else 0)
     body = num_params * per_param
     return int(body * 1.02) + (64 << 20)
 

@@ -513,6 +513,7 @@ def test_too_little_free_space_is_refused(tmp_path, monkeypatch):
 def test_estimate_checkpoint_bytes():
     assert ck.estimate_checkpoint_bytes(1_000_000) == int(12_000_000 * 1.02) + (64 << 20)
     assert ck.estimate_checkpoint_bytes(1_000_000, with_optimizer=False) == int(4_000_000 * 1.02) + (64 << 20)
+    assert ck.estimate_checkpoint_bytes(1_000_000, moment_bytes=2) == int(8_000_000 * 1.02) + (64 << 20)  # bf16 moments
 
 
 # ---------------------------------------------------------------- the output folder, agreed by every rank
