@@ -124,7 +124,6 @@ def sweep(model_size: str, vocab: int, repeats: int, bf16_moments: bool = False,
                     if block // (32 * warps) > 16:  # more elements per thread: far slower (docs/benchmarks.md)
                         continue
                     plan = MultiTensorPlan(params, *state, block=block, chunk=chunk, num_warps=warps, vectorize=vector)
-                    plan.grad_table(grads)
                     update_ms = cuda_time_ms(lambda: plan.update(grads, step, **hyper), repeats)
                     norm_ms = cuda_time_ms(lambda: plan.grad_sumsq(grads).sum().sqrt(), repeats)
                     print(f"{'yes' if plan.aligned(grads) else 'no':>6} {block:6d} {chunk:7d} {warps:5d}  "

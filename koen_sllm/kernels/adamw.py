@@ -165,33 +165,36 @@ class MultiTensorPlan:
             self._grads_aligned = all(a % ALIGN_BYTES.value == 0 for a in addresses)
         return self._grad_table
 
+    def launch_grads(self, grads: Sequence[torch.Tensor]) -> tuple[torch.Tensor, bool]:
+        """The gradients' address table, and whether a launch over them takes the vectorized kernel."""
+        table = self.grad_table(grads)
+        return table, self.vectorize and self._grads_aligned
+
     def aligned(self, grads: Sequence[torch.Tensor]) -> bool:
-        """Whether this launch may take the vectorized kernel (after ``grad_table(grads)``)."""
-        return self.vectorize and self._grads_aligned
+        return self.launch_grads(grads)[1]
 
     def update(self, grads: Sequence[torch.Tensor], step: torch.Tensor, *, lr: float, beta1: float, beta2: float,
                eps: float, weight_decay: float, grad_scale: Optional[torch.Tensor] = None,
                found_inf: Optional[torch.Tensor] = None) -> None:
         """One launch over the group; ``step`` (fp32, one element) is the already-incremented count."""
         params, masters, exp_avgs, exp_avg_sqs = self.tables
-        grad_table = self.grad_table(grads)
+        grad_table, aligned = self.launch_grads(grads)
         _adamw_master_kernel[(self.programs,)](
             self.chunk_tensor, self.chunk_start, self.numels,
             params, grad_table, masters, exp_avgs, exp_avg_sqs, step,
             grad_scale if grad_scale is not None else step, found_inf if found_inf is not None else step,
             lr, beta1, beta2, eps, weight_decay, _log2(beta1), _log2(beta2),
             HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, MOMENTS_BF16=self.moments_bf16,
-            ALIGNED=self.aligned(grads), BLOCK=self.block, CHUNK=self.chunk,
-            num_warps=self.num_warps,
+            ALIGNED=aligned, BLOCK=self.block, CHUNK=self.chunk, num_warps=self.num_warps,
         )
 
     def grad_sumsq(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
         """Each program's sum of squared gradients (fp32, one launch): their sum is the squared
         2-norm of the group's gradients, summed in a fixed order, so the same on every run."""
         out = torch.empty(self.programs, dtype=torch.float32, device=self.device)
-        grad_table = self.grad_table(grads)
+        grad_table, aligned = self.launch_grads(grads)
         _grad_sumsq_kernel[(self.programs,)](self.chunk_tensor, self.chunk_start, self.numels, grad_table, out,
-                                             ALIGNED=self.aligned(grads), BLOCK=self.block, CHUNK=self.chunk,
+                                             ALIGNED=aligned, BLOCK=self.block, CHUNK=self.chunk,
                                              num_warps=self.num_warps)
         return out
 
