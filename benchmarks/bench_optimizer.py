@@ -33,6 +33,16 @@ from koen_sllm.model import KoEnLM, model_config_from_preset  # noqa: E402
 from koen_sllm.optim import param_groups  # noqa: E402
 
 
+def _update_bytes(moment_dtype: torch.dtype) -> int:
+    """Bytes per parameter one master-weight update moves: the bf16 gradient read (2), the fp32 master
+    read and written (8), the bf16 weight written (2), and both moments read and written."""
+    return 12 + 4 * moment_dtype.itemsize
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
 def _setup(model_size: str, vocab: int, bf16_weights: bool, moment_dtype: torch.dtype = torch.float32):
     torch.manual_seed(0)
     model = KoEnLM(model_config_from_preset(model_size, vocab, 2048)).cuda()
@@ -70,18 +80,17 @@ def main() -> int:
     # The kernel's correctness is the test suite's (pytest -m gpu tests/unit/test_master_adamw.py); this
     # script only times it.
     if args.sweep:
-        ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
         vectorize = {"both": (False, True), "on": (True,), "off": (False,)}[args.vectorize]
-        return sweep(args.model_size, args.vocab, args.repeats, args.bf16_moments, ints(args.blocks),
-                     ints(args.chunks), ints(args.warps), vectorize)
+        return sweep(args.model_size, args.vocab, args.repeats, args.bf16_moments, _ints(args.blocks),
+                     _ints(args.chunks), _ints(args.warps), vectorize)
     if args.overlap:
         return overlap(args.model_size, args.vocab, args.repeats, args.batch_size)
     rows = []
-    # Bytes per parameter per update: gradient, weight, master and moments read and written.
+    # Bytes per parameter per update; torch's: fp32 weight, gradient and both moments, read and written.
     for name, bf16, moments, nbytes in (
-            ("MasterWeightAdamW (bf16 weights + fp32 masters)", True, torch.float32, 28),
+            ("MasterWeightAdamW (bf16 weights + fp32 masters)", True, torch.float32, _update_bytes(torch.float32)),
             ("torch fused AdamW (fp32 weights, grad_scale)", False, None, 32),
-            ("MasterWeightAdamW, moments in bf16 (--bf16-moments)", True, torch.bfloat16, 20)):
+            ("MasterWeightAdamW, moments in bf16 (the default)", True, torch.bfloat16, _update_bytes(torch.bfloat16))):
         model, opt = _setup(args.model_size, args.vocab, bf16, moments)
         n = sum(p.numel() for p in model.parameters())
         ms = cuda_time_ms(opt.step, args.repeats)
@@ -101,8 +110,9 @@ def sweep(model_size: str, vocab: int, repeats: int, bf16_moments: bool = False,
     """The update and the gradient norm alone, per tiling, on the preset's largest group."""
     from koen_sllm.kernels.adamw import BLOCK, CHUNK, NUM_WARPS, MultiTensorPlan
 
-    model, opt = _setup(model_size, vocab, True, torch.bfloat16 if bf16_moments else torch.float32)
-    nbytes = 20 if bf16_moments else 28  # per element: gradient, weight, master and moments, read and written
+    moment_dtype = torch.bfloat16 if bf16_moments else torch.float32
+    model, opt = _setup(model_size, vocab, True, moment_dtype)
+    nbytes = _update_bytes(moment_dtype)
     group = max(opt.param_groups, key=lambda g: sum(p.numel() for p in g["params"]))
     params = group["params"]
     grads = [p.grad for p in params]

@@ -149,11 +149,11 @@ class MultiTensorPlan:
         self.chunk_tensor = torch.tensor(owner, dtype=torch.int32, device=device)
         self.chunk_start = torch.tensor(starts, dtype=torch.int64, device=device)
         self.numels = torch.tensor([m.numel() for m in masters], dtype=torch.int64, device=device)
-        self.tables = [_address_table([t.data_ptr() for t in ts], device)
-                       for ts in (params, masters, exp_avgs, exp_avg_sqs)]
+        addresses = [[t.data_ptr() for t in ts] for ts in (params, masters, exp_avgs, exp_avg_sqs)]
+        self.tables = [_address_table(a, device) for a in addresses]
         # vectorize=False keeps the scalar kernel (for measuring what the vectors bring)
         self.vectorize = vectorize and all(m.numel() % ALIGN_ELEMENTS.value == 0 for m in masters) and all(
-            _aligned(ts) for ts in (params, masters, exp_avgs, exp_avg_sqs))
+            _aligned(a) for a in addresses)
         self._grad_addresses: list[int] = []
         self._grad_table: Optional[torch.Tensor] = None
         self._grads_aligned = False
@@ -162,7 +162,7 @@ class MultiTensorPlan:
         addresses = [g.data_ptr() for g in grads]
         if addresses != self._grad_addresses:
             self._grad_table, self._grad_addresses = _address_table(addresses, self.device), addresses
-            self._grads_aligned = all(a % ALIGN_BYTES.value == 0 for a in addresses)
+            self._grads_aligned = _aligned(addresses)
         return self._grad_table
 
     def launch_grads(self, grads: Sequence[torch.Tensor]) -> tuple[torch.Tensor, bool]:
@@ -203,8 +203,8 @@ def _log2(beta: float) -> float:
     return math.log2(beta) if beta > 0 else -math.inf  # beta 0: no momentum, bias correction 1
 
 
-def _aligned(tensors: Sequence[torch.Tensor]) -> bool:
-    return all(t.data_ptr() % ALIGN_BYTES.value == 0 for t in tensors)
+def _aligned(addresses: Sequence[int]) -> bool:
+    return all(a % ALIGN_BYTES.value == 0 for a in addresses)
 
 
 def _address_table(addresses: list[int], device: torch.device) -> torch.Tensor:
