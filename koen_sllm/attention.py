@@ -1,4 +1,4 @@
-"""Causal self-attention kernels: PyTorch SDPA with a selectable backend, or flash-attn.
+"""Causal self-attention kernels: PyTorch SDPA with a selectable backend, flash-attn or FlashAttention-4.
 
 ``--attn`` picks the kernel:
 
@@ -8,6 +8,8 @@
 - ``cudnn`` / ``flash`` / ``efficient``: exactly that PyTorch CUDA kernel, or an error.
 - ``math``: the reference implementation (any device, any dtype; slow).
 - ``flash-attn``: the ``flash-attn`` package (CUDA, bf16/fp16).
+- ``fa4``: FlashAttention-4, the ``flash-attn-4`` package (Hopper and newer, bf16/fp16;
+  kernels/flash_attn4.py).
 
 Everything in :func:`causal_attention` is traceable by ``torch.compile`` without
 graph breaks: the backend is a Python string fixed per model, ``sdpa_kernel`` is
@@ -33,6 +35,7 @@ from torch.torch_version import TorchVersion
 
 from .config import ATTN_BACKENDS
 from .errors import UsageError
+from .kernels import flash_attn4
 
 # enable_gqa arrived in torch 2.5, set_priority in sdpa_kernel a release later.
 _HAS_ENABLE_GQA = TorchVersion(torch.__version__) >= (2, 5)
@@ -122,6 +125,9 @@ def check_backend(name: str) -> None:
                 f"flash-attn ({_where()}); or use --attn auto"
             ) from exc
         return
+    if name == "fa4":
+        _check_fa4()
+        return
     if name == "cudnn" and (not _HAS_CUDNN_SDPA or not torch.backends.cudnn.is_available()):
         raise AttentionBackendError(
             f"--attn cudnn needs a CUDA GPU with cuDNN attention ({_where()}); use --attn auto"
@@ -131,6 +137,31 @@ def check_backend(name: str) -> None:
             f"--attn {name} needs a CUDA GPU with {_CUDA_KERNEL_NAMES[name]} ({_where()}); "
             "on CPU use --attn auto or math"
         )
+
+
+def _check_fa4() -> None:
+    """--attn fa4 needs a GPU of compute capability 9.0 or newer first, then flash-attn-4 that imports."""
+    need = "--attn fa4 needs an NVIDIA GPU of compute capability 9.0 or newer (H100, H200, B200)"
+    if not torch.cuda.is_available():
+        raise AttentionBackendError(f"{need} ({_where()}); use --attn auto")
+    capability = torch.cuda.get_device_capability()
+    if tuple(capability) < flash_attn4.MIN_CAPABILITY:
+        raise AttentionBackendError(f"{need}; this one has {capability[0]}.{capability[1]} ({_where()}); "
+                                    "use --attn auto")
+    try:
+        flash_attn4.load()  # bound now: compiled code calls the custom op, never an import
+    except ImportError as exc:
+        if getattr(exc, "name", None) in ("flash_attn", "flash_attn.cute", flash_attn4.INTERFACE):  # not installed
+            raise AttentionBackendError(f"--attn fa4 needs the flash-attn-4 package: {flash_attn4.INSTALL_COMMAND} "
+                                        f"({_where()}); or use --attn auto") from exc
+        raise AttentionBackendError(_fa4_broken(exc)) from exc
+    except Exception as exc:  # its compiler's libraries refuse this driver or this torch, in any way
+        raise AttentionBackendError(_fa4_broken(exc)) from exc
+
+
+def _fa4_broken(exc: BaseException) -> str:
+    return (f"--attn fa4: flash-attn-4 is installed but does not import ({type(exc).__name__}: {_first_line(exc)}); "
+            f"reinstall it for this torch and driver: {flash_attn4.INSTALL_COMMAND} ({_where()}); or use --attn auto")
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto",
@@ -143,6 +174,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
     if backend == "flash-attn":
         flash_attn_func = _flash_attn_func or _load_flash_attn()
         return flash_attn_func(q, k, v, causal=True)  # [B, T, H, D] layout and GQA natively
+    if backend == "fa4":
+        return flash_attn4.fa4_attention(q, k, v)  # the same layout, GQA natively
 
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # -> [B, heads, T, D]
     n_rep = q.shape[1] // k.shape[1]
@@ -213,9 +246,9 @@ def probe_backend(
     """
     check_backend(name)
     device = torch.device(device)
-    if name == "flash-attn" and dtype not in (torch.float16, torch.bfloat16):
+    if name in ("flash-attn", "fa4") and dtype not in (torch.float16, torch.bfloat16):
         raise AttentionBackendError(
-            f"--attn flash-attn needs bf16 or fp16 (got {_dtype_name(dtype)}); use --bf16, or --attn auto/math"
+            f"--attn {name} needs bf16 or fp16 (got {_dtype_name(dtype)}); use --bf16, or --attn auto/math"
         )
     gen = torch.Generator(device="cpu").manual_seed(0)
     shapes = ((1, 16, num_heads, head_dim), (1, 16, num_kv_heads, head_dim), (1, 16, num_kv_heads, head_dim))

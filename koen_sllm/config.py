@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 from .errors import UsageError
 
 MODEL_SIZES = ("tiny", "125m", "350m", "0.6b", "1.3b", "8b")
-ATTN_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "flash-attn")
+ATTN_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "flash-attn", "fa4")
 # torch.compile modes; "reduce-overhead" replays the compiled forward and backward as CUDA graphs.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PRECISIONS = ("bf16", "fp16", "fp32")

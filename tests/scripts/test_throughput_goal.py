@@ -123,6 +123,21 @@ def test_fp32_moments_are_reported_against_the_defaults_of_the_same_call():
     assert tg.selected("moments") == ["350m_b8", "1.3b_b4", "350m_b8_fp32_moments", "1.3b_b4_fp32_moments"]
 
 
+def test_fa4_is_judged_by_the_350m_goal_and_reported_against_the_defaults():
+    reps = base(**{"350m_b8": report(ours=(205_000, 0.502)), "350m_b8_fa4": report(ours=(212_000, 0.52), peer=None),
+                   "1.3b_b4_fa4": big(70_700, 0.58)})
+    rows = tg.judge(reps, {n: "A" for n in reps})
+    assert rows[0][2] == "not met"  # the defaults' own row stays
+    assert rows[1][0] == "350m batch 8 with --attn fa4: MFU >= 52% (bf16)" and rows[1][2] == "met"
+    got = rows_by_label(rows)
+    small = got["350m batch 8: --attn fa4 / the defaults' tokens/s (no target)"]
+    assert small[1] == "reported" and "1.034x" in small[0] and "--attn fa4" in small[0]
+    assert "1.010x" in got["1.3b batch 4: --attn fa4 / the defaults' tokens/s (no target)"][0]
+    assert tg.judge(base(**{"350m_b8_fa4": report(ours=(211_000, 0.519), peer=None)}))[1][2] == "not met"
+    assert [r[0] for r in tg.judge(base())].count("350m batch 8 with --attn fa4: MFU >= 52% (bf16)") == 0
+    assert tg.selected("fa4") == ["350m_b8", "1.3b_b4", "350m_b8_fa4", "1.3b_b4_fa4"]
+
+
 def test_a_torchtitan_that_did_not_run_says_why():
     failed = {"device": H100, "torchtitan": "0.3.0", "mode": "none", "results": [],
               "reason": "trainer: ImportError: cannot import name 'DataParallelMeshDims'"}
@@ -163,7 +178,8 @@ def test_runs_and_groups_are_chosen_by_name():
     assert tg.selected("torchtitan_1.3b_b4,1.3b_b4") == ["1.3b_b4", "torchtitan_1.3b_b4"]
     assert tg.selected("targets") == ["350m_b8", "1.3b_b4", "1.3b_b4_fp8_rowwise", "1.3b_b4_fp8_tensorwise"]
     assert set(tg.selected("torchtitan,fp8_350m")) == set(tg.RUNS) - {
-        "1.3b_b4_fp8_rowwise", "1.3b_b4_fp8_tensorwise", "350m_b8_fp32_moments", "1.3b_b4_fp32_moments"}
+        "1.3b_b4_fp8_rowwise", "1.3b_b4_fp8_tensorwise", "350m_b8_fp32_moments", "1.3b_b4_fp32_moments",
+        "350m_b8_fa4", "1.3b_b4_fa4"}
     with pytest.raises(SystemExit, match="neither a run"):
         tg.selected("350m,bogus")
     for script, options, limit in tg.RUNS.values():

@@ -1,0 +1,214 @@
+"""--attn fa4 on CPU: the custom ops' wiring (shapes, gradients, torch.compile without graph breaks)
+against a reference bound where flash-attn-4's kernels would be, and the backend's errors."""
+from __future__ import annotations
+
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+from koen_sllm import attention as A
+from koen_sllm.attention import AttentionBackendError, causal_attention, check_backend, probe_backend
+from koen_sllm.kernels import flash_attn4
+
+
+def _reference_forward(q, k, v):
+    """softmax(QK^T/sqrt(D) + causal mask) V and its log-sum-exp, [B, T, H, D] layout, grouped K/V."""
+    rep = q.shape[2] // k.shape[2]
+    qh, kh, vh = (t.transpose(1, 2).float() for t in (q, k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)))
+    t = q.shape[1]
+    scores = qh @ kh.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    lse = scores.logsumexp(-1)  # [B, H, T]
+    return (scores.softmax(-1) @ vh).transpose(1, 2).to(q.dtype), lse
+
+
+def _reference_backward(q, k, v, dout):
+    """The gradients of _reference_forward written out (a custom op's body runs below autograd):
+    dV = P^T dO, dS = P (dO V^T - rowsum(dO O)), dQ = s dS K, dK = s dS^T Q, summed over each K/V group."""
+    rep, scale, t = q.shape[2] // k.shape[2], 1 / math.sqrt(q.shape[-1]), q.shape[1]
+    qh, kh, vh, doh = (x.transpose(1, 2).double() for x in (q, k.repeat_interleave(rep, 2),
+                                                             v.repeat_interleave(rep, 2), dout))
+    scores = (qh @ kh.transpose(-1, -2) * scale).masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1),
+                                                              float("-inf"))
+    p = scores.softmax(-1)
+    dv = p.transpose(-1, -2) @ doh
+    dp = doh @ vh.transpose(-1, -2)
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+    dq, dk = ds @ kh * scale, ds.transpose(-1, -2) @ qh * scale
+
+    def per_kv_head(g):  # [B, H, T, D] -> [B, T, Hkv, D], each K/V head the sum of its group
+        b, h, _, d = g.shape
+        return g.reshape(b, h // rep, rep, t, d).sum(2).transpose(1, 2)
+
+    return dq.transpose(1, 2).to(q.dtype), per_kv_head(dk).to(k.dtype), per_kv_head(dv).to(v.dtype)
+
+
+class ReferenceInterface:
+    """Stands in for flash_attn.cute.interface: the same two entry points, computed in torch.
+    Returns FA4's tuple shapes (extra outputs included) and records what it was called with."""
+
+    def __init__(self):
+        self.calls = []
+
+    def _flash_attn_fwd(self, q, k, v, *, causal, return_lse):
+        assert causal and return_lse and all(t.is_contiguous() for t in (q, k, v))
+        self.calls.append("fwd")
+        out, lse = _reference_forward(q, k, v)
+        return out, lse, None, None, None
+
+    def _flash_attn_bwd(self, q, k, v, out, dout, lse, *, causal, deterministic):
+        assert causal and all(t.is_contiguous() for t in (q, k, v, out, dout, lse))
+        self.calls.append(("bwd", deterministic))
+        return _reference_backward(q, k, v, dout)
+
+
+@pytest.fixture
+def reference(monkeypatch):
+    interface = ReferenceInterface()
+    monkeypatch.setattr(flash_attn4, "_interface", interface)
+    return interface
+
+
+def _qkv(heads=4, kv_heads=2, t=12, d=8):
+    g = torch.Generator().manual_seed(0)
+    shapes = ((2, t, heads, d), (2, t, kv_heads, d), (2, t, kv_heads, d))
+    return [torch.randn(s, generator=g).requires_grad_() for s in shapes]
+
+
+def test_forward_and_gradients_match_sdpa_through_the_custom_ops(reference):
+    q, k, v = _qkv()
+    out = causal_attention(q, k, v, "fa4")
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    want = causal_attention(q, k, v, "math")
+    want_grads = torch.autograd.grad(want.square().sum(), (q, k, v))
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(grads, want_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert reference.calls == ["fwd", ("bwd", False)]
+
+
+def test_non_contiguous_inputs_reach_the_kernels_contiguous(reference):
+    q, k, v = _qkv()
+    fused = torch.cat([q, k, v], dim=2).detach().requires_grad_()  # views into one [B, T, H+2Hkv, D] tensor
+    qv, kv, vv = fused.split([4, 2, 2], dim=2)
+    assert not qv.is_contiguous()
+    causal_attention(qv, kv, vv, "fa4").sum().backward()  # the reference asserts contiguity
+    assert fused.grad is not None and fused.grad.abs().sum() > 0
+
+
+def test_the_backward_is_deterministic_when_torch_is_asked_to_be(reference, monkeypatch):
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    q, k, v = _qkv()
+    causal_attention(q, k, v, "fa4").sum().backward()
+    assert reference.calls[-1] == ("bwd", True)
+
+
+def test_opcheck_shape_functions_and_autograd_agree_with_the_kernels(reference):
+    q, k, v = _qkv()
+    torch.library.opcheck(flash_attn4.fa4_forward, (q, k, v))
+    out, lse = flash_attn4.fa4_forward(q, k, v)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(flash_attn4.fa4_backward, (dout, q.detach(), k.detach(), v.detach(), out.detach(),
+                                                      lse.detach()))
+
+
+def test_compiles_without_graph_breaks(reference):
+    q, k, v = _qkv()
+
+    def layer(q, k, v):
+        return causal_attention(q * 2, k, v, "fa4").relu().sum()
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    want_grads = torch.autograd.grad(layer(q, k, v), (q, k, v))
+    torch.testing.assert_close(loss, layer(q, k, v))
+    for got, expected in zip(grads, want_grads):
+        torch.testing.assert_close(got, expected)
+
+
+# ---------------------------------------------------------------- availability
+
+
+def _fake_gpu(monkeypatch, capability=(9, 0)):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "FakeGPU")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error message")
+def test_on_cpu_the_error_names_the_gpu_it_needs():
+    with pytest.raises(AttentionBackendError) as info:
+        check_backend("fa4")
+    msg = str(info.value)
+    assert "--attn fa4 needs an NVIDIA GPU of compute capability 9.0 or newer" in msg and "device cpu" in msg
+    assert "use --attn auto" in msg and "\n" not in msg
+
+
+def test_an_older_gpu_is_refused_with_its_capability(monkeypatch):
+    _fake_gpu(monkeypatch, (8, 0))
+    with pytest.raises(AttentionBackendError, match=r"this one has 8\.0 .*FakeGPU.*use --attn auto"):
+        check_backend("fa4")
+
+
+def test_without_the_package_the_error_names_the_install_command(monkeypatch):
+    _fake_gpu(monkeypatch)
+    monkeypatch.setattr(flash_attn4, "_interface", None)
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # import flash_attn -> ModuleNotFoundError
+    with pytest.raises(AttentionBackendError,
+                       match=r'--attn fa4 needs the flash-attn-4 package: pip install -e "\.\[fa4\]"'):
+        check_backend("fa4")
+
+
+def test_a_package_that_fails_to_import_says_why(monkeypatch):
+    _fake_gpu(monkeypatch)
+    monkeypatch.setattr(flash_attn4, "_interface", None)
+
+    def broken(name):
+        raise RuntimeError("None of the installed toolkit flavors (cu13) are compatible with the CUDA driver")
+
+    monkeypatch.setattr(flash_attn4.importlib, "import_module", broken)
+    with pytest.raises(AttentionBackendError, match=r"installed but does not import \(RuntimeError: None of the "
+                                                    r"installed toolkit flavors.*reinstall it"):
+        check_backend("fa4")
+
+
+def test_flash_attn_2_alone_is_not_taken_for_fa4(monkeypatch):
+    _fake_gpu(monkeypatch)
+    monkeypatch.setattr(flash_attn4, "_interface", None)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", types.ModuleType("flash_attn.cute.interface"))
+    with pytest.raises(AttentionBackendError, match="is not flash-attn-4"):
+        check_backend("fa4")
+
+
+def test_fp32_is_refused_before_any_kernel_runs(reference, monkeypatch):
+    _fake_gpu(monkeypatch)
+    with pytest.raises(AttentionBackendError, match="--attn fa4 needs bf16 or fp16"):
+        probe_backend("fa4", "cpu", torch.float32, 4, 2, 16)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_model_traces_whole_with_fa4_and_matches_math(reference, monkeypatch, checkpointing):
+    """The model with --attn fa4 (the GPU check skipped: the reference runs on CPU) compiles with
+    fullgraph=True, activation checkpointing or not, and gives the loss and gradients of --attn math."""
+    from koen_sllm.model import KoEnLM, model_config_from_preset
+
+    monkeypatch.setattr(A, "_check_fa4", lambda: None)
+    torch._dynamo.reset()
+    x = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+    models = {}
+    for backend in ("fa4", "math"):
+        torch.manual_seed(0)
+        models[backend] = KoEnLM(model_config_from_preset("tiny", 300, 32, attn_backend=backend, qk_norm=True))
+        models[backend].set_activation_checkpointing(checkpointing)
+    loss = torch.compile(models["fa4"], backend="aot_eager", fullgraph=True)(x, x)
+    loss.backward()
+    want = models["math"](x, x)
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(models["fa4"].named_parameters(), models["math"].parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert "fwd" in reference.calls and ("bwd", False) in reference.calls
