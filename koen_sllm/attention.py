@@ -98,11 +98,12 @@ def _load_flash_attn():
     return _flash_attn_func
 
 
-def check_backend(name: str) -> None:
+def check_backend(name: str, load: bool = True) -> None:
     """Raise :class:`AttentionBackendError` when ``name`` cannot run on this machine at all.
 
-    Cheap and device-independent: it looks for CUDA, cuDNN and the flash-attn
-    package. Shape- and dtype-specific limits are found by :func:`probe_backend`.
+    Device-independent: it looks for CUDA, cuDNN and the flash-attn / flash-attn-4
+    packages, and imports the package (``load``; FA4's import takes seconds, so the start's
+    pre-flight only looks for it). Shape- and dtype-specific limits are found by :func:`probe_backend`.
     """
     if name not in ATTN_BACKENDS:
         raise AttentionBackendError(f"--attn {name!r} is unknown; choose one of {', '.join(ATTN_BACKENDS)}")
@@ -116,6 +117,8 @@ def check_backend(name: str) -> None:
             )
         if not torch.cuda.is_available():
             raise AttentionBackendError(f"--attn flash-attn needs a CUDA GPU ({_where()}); use --attn auto or math")
+        if not load:
+            return
         try:
             _load_flash_attn()  # bound now, so compiled code reads a global instead of tracing an import
         except (ImportError, OSError) as exc:  # typically a wheel built for another torch/CUDA
@@ -126,7 +129,7 @@ def check_backend(name: str) -> None:
             ) from exc
         return
     if name == "fa4":
-        _check_fa4()
+        _check_fa4(load)
         return
     if name == "cudnn" and (not _HAS_CUDNN_SDPA or not torch.backends.cudnn.is_available()):
         raise AttentionBackendError(
@@ -139,8 +142,8 @@ def check_backend(name: str) -> None:
         )
 
 
-def _check_fa4() -> None:
-    """--attn fa4 needs a GPU of compute capability 9.0 or newer first, then flash-attn-4 that imports."""
+def _check_fa4(load: bool = True) -> None:
+    """--attn fa4 needs a GPU of compute capability 9.0 or newer first, then flash-attn-4 (that imports)."""
     need = "--attn fa4 needs an NVIDIA GPU of compute capability 9.0 or newer (H100, H200, B200)"
     if not torch.cuda.is_available():
         raise AttentionBackendError(f"{need} ({_where()}); use --attn auto")
@@ -148,15 +151,21 @@ def _check_fa4() -> None:
     if tuple(capability) < flash_attn4.MIN_CAPABILITY:
         raise AttentionBackendError(f"{need}; this one has {capability[0]}.{capability[1]} ({_where()}); "
                                     "use --attn auto")
+    if not load:
+        if not flash_attn4.installed():
+            raise AttentionBackendError(_FA4_MISSING.format(where=_where()))
+        return
     try:
         flash_attn4.load()  # bound now: compiled code calls the custom op, never an import
     except ImportError as exc:
         if getattr(exc, "name", None) in ("flash_attn", "flash_attn.cute", flash_attn4.INTERFACE):  # not installed
-            raise AttentionBackendError(f"--attn fa4 needs the flash-attn-4 package: {flash_attn4.INSTALL_COMMAND} "
-                                        f"({_where()}); or use --attn auto") from exc
+            raise AttentionBackendError(_FA4_MISSING.format(where=_where())) from exc
         raise AttentionBackendError(_fa4_broken(exc)) from exc
     except Exception as exc:  # its compiler's libraries refuse this driver or this torch, in any way
         raise AttentionBackendError(_fa4_broken(exc)) from exc
+
+
+_FA4_MISSING = f"--attn fa4 needs the flash-attn-4 package: {flash_attn4.INSTALL_COMMAND} ({{where}}); or use --attn auto"
 
 
 def _fa4_broken(exc: BaseException) -> str:

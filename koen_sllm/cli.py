@@ -19,6 +19,7 @@ from .config import explicit_options
 # The Korean half of a one-line error whose English half names the option or the file.
 _KO_CONFIG = "옵션 오류"
 KO_FP8 = "FP8 학습을 할 수 없습니다"  # --fp8 without torchao or an FP8 GPU
+KO_ATTN = "이 어텐션 커널을 쓸 수 없습니다"  # --attn fa4 / flash-attn without its package or GPU
 
 
 def print_error(msg: str) -> None:
@@ -56,8 +57,8 @@ def resolve_fully(cfg, explicit, notes, world_size: int, has_cuda: bool) -> list
 
 def missing_requirements(cfg) -> list:
     """(error, Korean words) for each package or device the run needs and lacks: DeepSpeed for
-    --deepspeed, torchao and an FP8 GPU for --fp8. Checked before anything starts, by the trainer
-    and by the launcher's resolve step."""
+    --deepspeed, torchao and an FP8 GPU for --fp8, the package and GPU of --attn fa4 / flash-attn.
+    Checked before anything starts, by the trainer and by the launcher's resolve step."""
     missing = []
     if cfg.train.deepspeed is not None:
         from .engines.deepspeed import DeepSpeedUnavailable, require_deepspeed
@@ -73,6 +74,13 @@ def missing_requirements(cfg) -> list:
             check_fp8_support(fp8_device())
         except Fp8Unavailable as exc:
             missing.append((exc, KO_FP8))
+    if cfg.train.attn in ("fa4", "flash-attn"):
+        from .attention import AttentionBackendError, check_backend
+
+        try:
+            check_backend(cfg.train.attn, load=False)  # the import itself is checked when the model is built
+        except AttentionBackendError as exc:
+            missing.append((exc, KO_ATTN))
     return missing
 
 

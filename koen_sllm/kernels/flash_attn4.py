@@ -14,6 +14,8 @@ for it. Its backward adds the gradient of each query block with atomic additions
 from __future__ import annotations
 
 import importlib
+import importlib.util
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +25,17 @@ INSTALL_COMMAND = 'pip install -e ".[fa4]"'
 MIN_CAPABILITY = (9, 0)  # FA4's backward runs on Hopper (sm90) and newer
 
 _interface: Any = None  # bound by load(); tests bind a reference implementation
+
+
+def installed() -> bool:
+    """Whether flash-attn-4 is there, without importing it (its import loads a compiler: seconds).
+    ``flash_attn`` may also be FlashAttention-2's package; FA4 is its ``cute`` folder."""
+    try:
+        spec = importlib.util.find_spec("flash_attn")
+    except (ImportError, ValueError):
+        return False
+    folders = spec.submodule_search_locations if spec else None
+    return any((Path(folder) / "cute" / "interface.py").is_file() for folder in folders or ())
 
 
 def load() -> Any:

@@ -196,7 +196,7 @@ def test_the_model_traces_whole_with_fa4_and_matches_math(reference, monkeypatch
     fullgraph=True, activation checkpointing or not, and gives the loss and gradients of --attn math."""
     from koen_sllm.model import KoEnLM, model_config_from_preset
 
-    monkeypatch.setattr(A, "_check_fa4", lambda: None)
+    monkeypatch.setattr(A, "_check_fa4", lambda load=True: None)
     torch._dynamo.reset()
     x = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
     models = {}
@@ -212,3 +212,52 @@ def test_the_model_traces_whole_with_fa4_and_matches_math(reference, monkeypatch
     for (name, p), q in zip(models["fa4"].named_parameters(), models["math"].parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
     assert "fwd" in reference.calls and ("bwd", False) in reference.calls
+
+
+# ---------------------------------------------------------------- the start's pre-flight
+
+
+def _package(root, *, fa4: bool, fa2: bool = False):
+    """A site folder holding flash_attn as FA2 (an __init__.py), FA4 (cute/interface.py) or both."""
+    pkg = root / "flash_attn"
+    pkg.mkdir(parents=True)
+    if fa2:
+        (pkg / "__init__.py").write_text("raise AssertionError('the presence check must not import flash_attn')\n")
+    if fa4:
+        (pkg / "cute").mkdir()
+        (pkg / "cute" / "interface.py").write_text("raise AssertionError('nor FA4')\n")
+    return root
+
+
+@pytest.mark.parametrize("fa4,fa2", [(True, False), (True, True), (False, True), (False, False)])
+def test_installed_looks_for_fa4_without_importing_it(tmp_path, monkeypatch, fa4, fa2):
+    monkeypatch.setattr(sys, "path", [str(_package(tmp_path, fa4=fa4, fa2=fa2)), *sys.path])
+    for name in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
+        monkeypatch.delitem(sys.modules, name)
+    assert flash_attn4.installed() is fa4
+    assert "flash_attn" not in sys.modules
+
+
+def test_the_preflight_check_does_not_import_the_package(monkeypatch):
+    _fake_gpu(monkeypatch)
+    monkeypatch.setattr(flash_attn4, "installed", lambda: True)
+    monkeypatch.setattr(flash_attn4, "load", lambda: pytest.fail("imported in the pre-flight"))
+    check_backend("fa4", load=False)
+    monkeypatch.setattr(flash_attn4, "installed", lambda: False)
+    with pytest.raises(AttentionBackendError, match=r'needs the flash-attn-4 package: pip install -e "\.\[fa4\]"'):
+        check_backend("fa4", load=False)
+
+
+def test_the_trainer_stops_before_it_starts_with_one_line(tmp_path, capsys, monkeypatch):
+    from koen_sllm import cli
+    from koen_sllm import distributed as D
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    _fake_gpu(monkeypatch)
+    monkeypatch.setattr(flash_attn4, "installed", lambda: False)
+    monkeypatch.setattr(D, "init_distributed", lambda *a, **k: pytest.fail("the run must stop before it starts"))
+    code = cli.train_main(["--attn", "fa4", "--output-dir", str(tmp_path / "out"), "--logs-dir", str(tmp_path / "logs")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"❌ {cli.KO_ATTN} / --attn fa4 needs the flash-attn-4 package: pip install")
