@@ -142,6 +142,9 @@ def check_backend(name: str, load: bool = True) -> None:
         )
 
 
+_FA4_MISSING = f"--attn fa4 needs the flash-attn-4 package: {flash_attn4.INSTALL_COMMAND} ({{where}}); or use --attn auto"
+
+
 def _check_fa4(load: bool = True) -> None:
     """--attn fa4 needs a GPU of compute capability 9.0 or newer first, then flash-attn-4 (that imports)."""
     need = "--attn fa4 needs an NVIDIA GPU of compute capability 9.0 or newer (H100, H200, B200)"
@@ -163,9 +166,6 @@ def _check_fa4(load: bool = True) -> None:
         raise AttentionBackendError(_fa4_broken(exc)) from exc
     except Exception as exc:  # its compiler's libraries refuse this driver or this torch, in any way
         raise AttentionBackendError(_fa4_broken(exc)) from exc
-
-
-_FA4_MISSING = f"--attn fa4 needs the flash-attn-4 package: {flash_attn4.INSTALL_COMMAND} ({{where}}); or use --attn auto"
 
 
 def _fa4_broken(exc: BaseException) -> str:
