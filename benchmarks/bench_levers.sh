@@ -28,9 +28,11 @@
 # statically scheduled matmuls with the step replayed as CUDA graphs), rope-forward-kernel (the
 # q/k rotation's forward as the Triton kernel its backward uses), ce-kernel / ce-compiled (the
 # loss and its gradient from one Triton pass, the default since it was measured / F.cross_entropy
-# fused by Inductor, the earlier path), fa4 / fa4-cudagraphs (FlashAttention-4's kernels, --attn fa4; needs
-# flash-attn-4 and a Hopper GPU / the same with the step replayed as CUDA graphs, which takes FA4's
-# Python launch path off the host's critical path). Each run has its own time limit (LEVER_TIMEOUT, default
+# fused by Inductor, the earlier path), fa4 / fa4-cudagraphs (FlashAttention-4's kernels, --attn
+# fa4, needing flash-attn-4 and a Hopper GPU / the same with the step replayed as CUDA graphs,
+# which takes FA4's Python launch path off the host's critical path), fp8 / fp8-cudagraphs (--fp8
+# tensorwise, needing torchao and an FP8 GPU / the same as CUDA graphs: its profiled step idled 7.3%
+# of the time on an H100 at 1.3b). Each run has its own time limit (LEVER_TIMEOUT, default
 # 300 s), so one failure or hang leaves the others. JSON per run and summary.md go to
 # ${BENCH_DIR:-outputs/bench_levers}. A benchmark: nothing here asserts a speed.
 set -euo pipefail
@@ -104,6 +106,8 @@ for lever in "${levers[@]}"; do
     ce-compiled) run_lever ce-compiled - --cross-entropy compiled --profile ;;
     fa4) run_lever fa4 - --attn fa4 --profile ;;
     fa4-cudagraphs) run_lever fa4-cudagraphs - --attn fa4 --compile-mode reduce-overhead --profile ;;
+    fp8) run_lever fp8 - --fp8 tensorwise --profile ;;
+    fp8-cudagraphs) run_lever fp8-cudagraphs - --fp8 tensorwise --compile-mode reduce-overhead --profile ;;
     *) echo "❌ unknown lever $lever" >&2; exit 2 ;;
   esac
 done
