@@ -154,17 +154,13 @@ def _check_fa4(load: bool = True) -> None:
     if tuple(capability) < flash_attn4.MIN_CAPABILITY:
         raise AttentionBackendError(f"{need}; this one has {capability[0]}.{capability[1]} ({_where()}); "
                                     "use --attn auto")
+    if not flash_attn4.installed():
+        raise AttentionBackendError(_FA4_MISSING.format(where=_where()))
     if not load:
-        if not flash_attn4.installed():
-            raise AttentionBackendError(_FA4_MISSING.format(where=_where()))
         return
     try:
         flash_attn4.load()  # bound now: compiled code calls the custom op, never an import
-    except ImportError as exc:
-        if getattr(exc, "name", None) in ("flash_attn", "flash_attn.cute", flash_attn4.INTERFACE):  # not installed
-            raise AttentionBackendError(_FA4_MISSING.format(where=_where())) from exc
-        raise AttentionBackendError(_fa4_broken(exc)) from exc
-    except Exception as exc:  # its compiler's libraries refuse this driver or this torch, in any way
+    except Exception as exc:  # not FA4 after all, or its compiler's libraries refuse this driver or torch
         raise AttentionBackendError(_fa4_broken(exc)) from exc
 
 

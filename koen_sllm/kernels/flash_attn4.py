@@ -30,6 +30,8 @@ _interface: Any = None  # bound by load(); tests bind a reference implementation
 def installed() -> bool:
     """Whether flash-attn-4 is there, without importing it (its import loads a compiler: seconds).
     ``flash_attn`` may also be FlashAttention-2's package; FA4 is its ``cute`` folder."""
+    if _interface is not None:  # already loaded
+        return True
     try:
         spec = importlib.util.find_spec("flash_attn")
     except (ImportError, ValueError):

@@ -166,6 +166,7 @@ def test_without_the_package_the_error_names_the_install_command(monkeypatch):
 def test_a_package_that_fails_to_import_says_why(monkeypatch):
     _fake_gpu(monkeypatch)
     monkeypatch.setattr(flash_attn4, "_interface", None)
+    monkeypatch.setattr(flash_attn4, "installed", lambda: True)
 
     def broken(name):
         raise RuntimeError("None of the installed toolkit flavors (cu13) are compatible with the CUDA driver")
@@ -179,6 +180,7 @@ def test_a_package_that_fails_to_import_says_why(monkeypatch):
 def test_flash_attn_2_alone_is_not_taken_for_fa4(monkeypatch):
     _fake_gpu(monkeypatch)
     monkeypatch.setattr(flash_attn4, "_interface", None)
+    monkeypatch.setattr(flash_attn4, "installed", lambda: True)  # a cute/interface.py that is not FA4's
     monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", types.ModuleType("flash_attn.cute.interface"))
     with pytest.raises(AttentionBackendError, match="is not flash-attn-4"):
         check_backend("fa4")
