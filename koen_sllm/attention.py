@@ -86,7 +86,13 @@ def _where() -> str:
 
 
 def flash_attn_installed() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+    """Whether FlashAttention-2's package is there: a ``flash_attn`` with its own ``__init__``, not
+    the namespace that flash-attn-4 alone leaves (``flash_attn/cute``)."""
+    try:
+        spec = importlib.util.find_spec("flash_attn")
+    except (ImportError, ValueError):
+        return False
+    return spec is not None and spec.origin is not None
 
 
 def _load_flash_attn():

@@ -240,6 +240,15 @@ def test_installed_looks_for_fa4_without_importing_it(tmp_path, monkeypatch, fa4
     assert "flash_attn" not in sys.modules
 
 
+@pytest.mark.parametrize("fa4,fa2", [(True, False), (True, True), (False, True)])
+def test_flash_attn_4_alone_is_not_taken_for_flash_attn_2(tmp_path, monkeypatch, fa4, fa2):
+    monkeypatch.setattr(sys, "path", [str(_package(tmp_path, fa4=fa4, fa2=fa2)), *sys.path])
+    for name in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
+        monkeypatch.delitem(sys.modules, name)
+    assert A.flash_attn_installed() is fa2
+    assert "flash_attn" not in sys.modules
+
+
 def test_the_preflight_check_does_not_import_the_package(monkeypatch):
     _fake_gpu(monkeypatch)
     monkeypatch.setattr(flash_attn4, "installed", lambda: True)
