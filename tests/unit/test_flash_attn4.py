@@ -231,20 +231,23 @@ def _package(root, *, fa4: bool, fa2: bool = False):
     return root
 
 
-@pytest.mark.parametrize("fa4,fa2", [(True, False), (True, True), (False, True), (False, False)])
-def test_installed_looks_for_fa4_without_importing_it(tmp_path, monkeypatch, fa4, fa2):
-    monkeypatch.setattr(sys, "path", [str(_package(tmp_path, fa4=fa4, fa2=fa2)), *sys.path])
+def _first_on_path(monkeypatch, root):
+    """``root`` first on the import path, and no flash_attn imported yet."""
+    monkeypatch.setattr(sys, "path", [str(root), *sys.path])
     for name in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
         monkeypatch.delitem(sys.modules, name)
+
+
+@pytest.mark.parametrize("fa4,fa2", [(True, False), (True, True), (False, True), (False, False)])
+def test_installed_looks_for_fa4_without_importing_it(tmp_path, monkeypatch, fa4, fa2):
+    _first_on_path(monkeypatch, _package(tmp_path, fa4=fa4, fa2=fa2))
     assert flash_attn4.installed() is fa4
     assert "flash_attn" not in sys.modules
 
 
 @pytest.mark.parametrize("fa4,fa2", [(True, False), (True, True), (False, True)])
 def test_flash_attn_4_alone_is_not_taken_for_flash_attn_2(tmp_path, monkeypatch, fa4, fa2):
-    monkeypatch.setattr(sys, "path", [str(_package(tmp_path, fa4=fa4, fa2=fa2)), *sys.path])
-    for name in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
-        monkeypatch.delitem(sys.modules, name)
+    _first_on_path(monkeypatch, _package(tmp_path, fa4=fa4, fa2=fa2))
     assert A.flash_attn_installed() is fa2
     assert "flash_attn" not in sys.modules
 
