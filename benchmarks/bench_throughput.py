@@ -138,6 +138,8 @@ def run_config(args, seed: int, plain: bool = False):
         argv.append("--no-loss-kernel")
     if args.fp8 != "off" and not plain:
         argv += ["--fp8", args.fp8]
+    if args.fp8_impl != "torchao":  # kept in the plain run too, where it changes nothing: one field differs
+        argv += ["--fp8-impl", args.fp8_impl]
     cfg, _ = parse_run_args(argv)
     apply_device_defaults(cfg, torch.cuda.is_available())
     return cfg
@@ -145,7 +147,7 @@ def run_config(args, seed: int, plain: bool = False):
 
 def numeric_lever(args) -> str:
     """The levers that change the arithmetic, named as the curve reports them ('' for none)."""
-    parts = ([f"fp8 {args.fp8}"] if args.fp8 != "off" else []) + (["bf16 moments"] if args.bf16_moments else [])
+    parts = ([f"fp8 {args.fp8}" + (" (native)" if args.fp8_impl == "native" else "")] if args.fp8 != "off" else []) + (["bf16 moments"] if args.bf16_moments else [])
     return " + ".join(parts)
 
 
@@ -390,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8", choices=("off", "tensorwise", "rowwise"), default="off",
                    help="ours: the projections' matmuls in FP8 through torchao.float8 (the trainer's --fp8); "
                         "MFU stays against the dense bf16 peak")
+    p.add_argument("--fp8-impl", choices=("torchao", "native"), default="torchao",
+                   help="ours: who runs --fp8's matmuls (the trainer's --fp8-impl; native: tensorwise only)")
     p.add_argument("--grad-accum", type=int, default=1,
                    help="ours: micro-batches per optimizer step (with --only ours; not with --curve)")
     p.add_argument("--liger", help="ours: liger-kernel parts to swap in, comma-separated: rmsnorm,swiglu,rope,flce or all")

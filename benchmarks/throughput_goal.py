@@ -50,10 +50,13 @@ RUNS = {
     "1.3b_b4": ("bench", ["--only", "ours", *_13B], 300),
     "1.3b_b4_fp8_rowwise": ("bench", ["--only", "ours", *_13B, "--fp8", "rowwise"], 360),
     "1.3b_b4_fp8_tensorwise": ("bench", ["--only", "ours", *_13B, "--fp8", "tensorwise"], 360),
+    # the same recipe through the project's own FP8 linear (--fp8-impl native, no torchao)
+    "1.3b_b4_fp8_native": ("bench", ["--only", "ours", *_13B, "--fp8", "tensorwise", "--fp8-impl", "native"], 360),
     "torchtitan_350m_b8": ("titan", _350M, 480),
     "torchtitan_1.3b_b4": ("titan", _13B, 480),
     "350m_b8_fp8_rowwise": ("bench", ["--only", "ours", *_350M, "--fp8", "rowwise"], 300),
     "350m_b8_fp8_tensorwise": ("bench", ["--only", "ours", *_350M, "--fp8", "tensorwise"], 300),
+    "350m_b8_fp8_native": ("bench", ["--only", "ours", *_350M, "--fp8", "tensorwise", "--fp8-impl", "native"], 300),
     "350m_b8_fp32_moments": ("bench", ["--only", "ours", *_350M, "--fp32-moments"], 300),
     "1.3b_b4_fp32_moments": ("bench", ["--only", "ours", *_13B, "--fp32-moments"], 300),
     # FlashAttention-4 (--attn fa4): needs the flash-attn-4 package and a Hopper or newer GPU
@@ -69,6 +72,7 @@ GROUPS = {
     "bf16": ["350m_b8", "1.3b_b4"],
     "moments": ["350m_b8", "1.3b_b4", "350m_b8_fp32_moments", "1.3b_b4_fp32_moments"],
     "fa4": ["350m_b8", "1.3b_b4", "350m_b8_fa4", "1.3b_b4_fa4"],
+    "fp8_native": ["1.3b_b4", "1.3b_b4_fp8_tensorwise", "1.3b_b4_fp8_native", "350m_b8", "350m_b8_fp8_native"],
 }
 CURVE_OPTIONS = ["--curve", "--model-size", "350m", "--batch-size", "8", "--seq-len", "2048",
                  "--seed", "1", "--steps", "200", "--warmup-steps", "20"]
@@ -80,7 +84,10 @@ FP8_CURVE_OPTIONS = ["--curve", "--model-size", "1.3b", "--batch-size", "4", "--
 CURVES = ("trainer", "fp8")
 CURVE_LIMIT_S = 600
 MFU_350M, RATIO_350M, MFU_13B, FP8_SPEEDUP = 0.52, 1.7, 0.56, 1.25
-FP8_RECIPES = ("rowwise", "tensorwise")
+# run name suffix -> the options it adds; "native" (the project's own FP8 linear) is judged where it ran
+FP8_RUNS = {"rowwise": "--fp8 rowwise", "tensorwise": "--fp8 tensorwise",
+            "native": "--fp8 tensorwise --fp8-impl native"}
+FP8_OPTIONAL = ("native",)
 
 
 def run_bench(name: str, options: list, limit_s: int, out: Path, script: Path = None) -> None:
@@ -176,13 +183,14 @@ def _ratio_row(reports: dict, calls: dict, label: str, run: str, base_run: str, 
 
 def _fp8_rows(reports: dict, calls: dict, size: str, base_run: str, target) -> list:
     rows = []
-    for recipe in FP8_RECIPES:
-        run = f"{base_run}_fp8_{recipe}"
-        if run not in reports and not target:
+    for name, option in FP8_RUNS.items():
+        run = f"{base_run}_fp8_{name}"
+        if run not in reports and (not target or name in FP8_OPTIONAL):
             continue  # a reported row only where the run was asked for or left a report
+        recipe = option.removeprefix("--fp8 ").replace(" --fp8-impl ", ", ")
         label = (f"{size}: FP8 {recipe} >= {target}x bf16 tokens/s, same call" if target
                  else f"{size}: FP8 {recipe} / bf16 tokens/s (no target)")
-        rows.append(_ratio_row(reports, calls, label, run, base_run, f"--fp8 {recipe}", target))
+        rows.append(_ratio_row(reports, calls, label, run, base_run, option, target))
     return rows
 
 

@@ -57,8 +57,9 @@ def resolve_fully(cfg, explicit, notes, world_size: int, has_cuda: bool) -> list
 
 def missing_requirements(cfg) -> list:
     """(error, Korean words) for each package or device the run needs and lacks: DeepSpeed for
-    --deepspeed, torchao and an FP8 GPU for --fp8, the package and GPU of --attn fa4 / flash-attn.
-    Checked before anything starts, by the trainer and by the launcher's resolve step."""
+    --deepspeed, an FP8 GPU for --fp8 (and torchao unless --fp8-impl native), the package and GPU
+    of --attn fa4 / flash-attn. Checked before anything starts, by the trainer and by the
+    launcher's resolve step."""
     missing = []
     if cfg.train.deepspeed is not None:
         from .engines.deepspeed import DeepSpeedUnavailable, require_deepspeed
@@ -71,7 +72,7 @@ def missing_requirements(cfg) -> list:
         from .fp8 import Fp8Unavailable, check_fp8_support
 
         try:
-            check_fp8_support(fp8_device())
+            check_fp8_support(fp8_device(), cfg.train.fp8_impl)
         except Fp8Unavailable as exc:
             missing.append((exc, KO_FP8))
     if cfg.train.attn in ("fa4", "flash-attn"):

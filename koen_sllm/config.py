@@ -27,6 +27,10 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 # --fp8: the decoder layers' projections through torchao.float8 (fp8.py), with one scale per tensor
 # or per row; "off" keeps every matmul in the autocast dtype.
 FP8_MODES = ("off", "tensorwise", "rowwise")
+# Who runs the FP8 matmuls: torchao's Float8Linear (both recipes), or the project's own
+# tensorwise linear over torch._scaled_mm (kernels/fp8_linear.py: the same numbers, fewer passes
+# in the backward, no torchao).
+FP8_IMPLS = ("torchao", "native")
 # FP8 matmuls take both sides of every product in multiples of 16, the micro-batch's tokens
 # included (they are the inner side of the weight gradient's product).
 FP8_MULTIPLE = 16
@@ -120,6 +124,7 @@ class TrainConfig:
     rope_kernel: bool = False  # the rotation's forward through its Triton kernel on a GPU
     cudnn_grouped_kv: Optional[bool] = None  # None: on where cuDNN takes grouped K/V (Hopper)
     fp8: str = "off"  # FP8_MODES: the projections' matmuls in FP8 (fp8.py; H100 and newer, bf16 runs)
+    fp8_impl: str = "torchao"  # FP8_IMPLS: who runs them; "native" does tensorwise only
     ddp_bucket_mb: float = 25.0  # DDP's gradient bucket size (its own default)
     seed: int = 42
     eval_steps: Optional[int] = None  # None -> 250 (train), end only (test)
@@ -402,6 +407,11 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"--attn {t.attn!r} is unknown; choose one of {', '.join(ATTN_BACKENDS)}")
     if t.fp8 not in FP8_MODES:
         raise ConfigError(f"--fp8 {t.fp8!r} is unknown; choose one of {', '.join(FP8_MODES)}")
+    if t.fp8_impl not in FP8_IMPLS:
+        raise ConfigError(f"--fp8-impl {t.fp8_impl!r} is unknown; choose one of {', '.join(FP8_IMPLS)}")
+    if t.fp8_impl == "native" and t.fp8 not in ("off", "tensorwise"):
+        raise ConfigError(f"--fp8-impl native runs --fp8 tensorwise only, not --fp8 {t.fp8}; pass --fp8 tensorwise "
+                          "or --fp8-impl torchao")
     if t.precision is not None and t.precision not in PRECISIONS:
         raise ConfigError(f"precision {t.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
     _positive("--batch-size", t.batch_size)
@@ -584,6 +594,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="off, tensorwise or rowwise: the decoder layers' q/k/v, o, gate, up and down matmuls in FP8 "
                         "through torchao.float8, one scale per tensor or per row (NVIDIA GPU of compute capability "
                         "8.9+, bf16; the output layer and attention stay bf16)")
+    g.add_argument("--fp8-impl", choices=FP8_IMPLS, default="torchao", metavar="IMPL",
+                   help="torchao or native: who runs --fp8's matmuls; native is this project's tensorwise linear "
+                        "over torch._scaled_mm (the same numbers as torchao's tensorwise, the backward reuses the "
+                        "forward's scales, no torchao needed)")
     g.add_argument("--ddp-bucket-mb", type=float, default=25.0, metavar="MB",
                    help="DDP gradient bucket size: each bucket's all-reduce starts when its gradients are ready")
     g.add_argument("--deepspeed", nargs="?", const="", default=None, metavar="CONFIG",
@@ -638,6 +652,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[RunConfig, argpars
             ddp_bucket_mb=ns.ddp_bucket_mb,
             loss_kernel=ns.loss_kernel, rope_kernel=ns.rope_kernel,
             cudnn_grouped_kv={"auto": None, "on": True, "off": False}[ns.cudnn_grouped_kv], fp8=ns.fp8,
+            fp8_impl=ns.fp8_impl,
             seed=ns.seed, eval_steps=ns.eval_steps,
             eval_batches=ns.eval_batches, log_steps=ns.log_steps, max_bad_steps=ns.max_bad_steps,
             deepspeed=ns.deepspeed, logs_dir=ns.logs_dir, verbose=ns.verbose,

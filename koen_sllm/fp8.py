@@ -1,10 +1,12 @@
-"""FP8 training of the decoder layers' projections through torchao.float8 (--fp8).
+"""FP8 training of the decoder layers' projections (--fp8, --fp8-impl).
 
 :func:`convert_to_fp8` swaps each decoder layer's ``qkv_proj``, ``o_proj``, ``gate_proj``,
-``up_proj`` and ``down_proj`` for torchao's ``Float8Linear``: the three matmuls of each (output,
-input gradient, weight gradient) then run on FP8 tensor cores, their inputs scaled
-dynamically, one scale per tensor (``tensorwise``) or per row (``rowwise``). A
-``Float8Linear`` holds the very ``weight`` parameter of the layer it replaces, so nothing else
+``up_proj`` and ``down_proj`` for an FP8 linear: the three matmuls of each (output, input
+gradient, weight gradient) then run on FP8 tensor cores, their inputs scaled dynamically, one
+scale per tensor (``tensorwise``) or per row (``rowwise``). ``--fp8-impl torchao`` (the default)
+uses torchao's ``Float8Linear``, for both recipes; ``--fp8-impl native`` the project's own
+tensorwise ``Fp8Linear`` (kernels/fp8_linear.py: torchao's numbers, fewer passes in the backward,
+no torchao). Either holds the very ``weight`` parameter of the layer it replaces, so nothing else
 changes: the state dict has the same names and tensors, the optimizer (and its fp32 masters)
 keeps the parameters it was built with, and checkpoints stay plain bf16/fp32 safetensors that
 load in transformers, into an FP8 run or a bf16 one alike. The output layer, the embedding, the
@@ -13,7 +15,7 @@ matmul's requirement) stays in bf16 too.
 
 The DDP engine converts the model once, after any weights are loaded and before DDP and
 torch.compile (engines/ddp.py). torchao is optional (``pip install 'koen-sllm[fp8]'``) and
-imported here alone, only when --fp8 asks for it.
+imported here alone, only when --fp8 asks for it through torchao.
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from .config import FP8_MODES, FP8_MULTIPLE
+from .config import FP8_IMPLS, FP8_MODES, FP8_MULTIPLE
 from .errors import UsageError
+from .kernels.fp8_linear import Fp8Linear
 
 # The layers converted, by their attribute name (model.py's Attention and MLP).
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -69,10 +72,12 @@ def check_fp8_device(device: torch.device | str) -> None:
             f"this run's GPU {name} has compute capability {capability[0]}.{capability[1]} — drop --fp8")
 
 
-def check_fp8_support(device: torch.device | str) -> None:
-    """Everything --fp8 needs at run time: the GPU first (its error is the one a CPU run must see), then torchao."""
+def check_fp8_support(device: torch.device | str, impl: str = "torchao") -> None:
+    """Everything --fp8 needs at run time: the GPU first (its error is the one a CPU run must see), then
+    torchao where ``impl`` uses it."""
     check_fp8_device(device)
-    require_torchao()
+    if impl == "torchao":
+        require_torchao()
 
 
 def converts(module: nn.Module, fqn: str) -> bool:
@@ -92,31 +97,46 @@ def fp8_config(recipe: str, *, emulate: bool = False) -> Any:
 
 
 def convert_to_fp8(model: nn.Module, recipe: str, device: Optional[torch.device | str] = None, *,
-                   emulate: bool = False) -> list[str]:
-    """Swap the model's projections for Float8Linear in place; returns the converted layers' names.
+                   emulate: bool = False, impl: str = "torchao") -> list[str]:
+    """Swap the model's projections for FP8 linears in place; returns the converted layers' names.
 
-    Checks ``device`` first (unless ``emulate``). Call once, before DDP and torch.compile wrap the
-    model: they must see the swapped modules."""
+    Checks ``device`` first unless ``emulate``, which is for tests on the CPU: torchao then
+    emulates its FP8 matmuls in higher precision, and the native linear runs ``torch._scaled_mm``,
+    which the CPU has. Call once, before DDP and torch.compile wrap the model: they must see the
+    swapped modules."""
+    if impl not in FP8_IMPLS:
+        raise ValueError(f"--fp8-impl {impl!r} is unknown; choose one of {', '.join(FP8_IMPLS)}")
+    if impl == "native" and recipe != "tensorwise":
+        raise ValueError(f"--fp8-impl native runs --fp8 tensorwise only, not {recipe!r}")
     if not emulate:
-        check_fp8_support(device if device is not None else next(model.parameters()).device)
-    float8 = require_torchao()
+        check_fp8_support(device if device is not None else next(model.parameters()).device, impl)
+    float8 = require_torchao() if impl == "torchao" else None
     if already := fp8_layers(model):
         raise RuntimeError(f"the model is already converted to FP8 ({len(already)} layers); convert it once")
-    float8.convert_to_float8_training(model, config=fp8_config(recipe, emulate=emulate), module_filter_fn=converts)
+    if float8 is not None:
+        float8.convert_to_float8_training(model, config=fp8_config(recipe, emulate=emulate),
+                                          module_filter_fn=converts)
+    else:
+        for fqn, module in list(model.named_modules()):
+            if converts(module, fqn):
+                parent_name, _, child = fqn.rpartition(".")
+                setattr(model.get_submodule(parent_name), child, Fp8Linear.from_linear(module))
     return fp8_layers(model)
 
 
 def fp8_layers(model: nn.Module) -> list[str]:
-    """The names of the model's layers that run their matmuls in FP8 (torchao's Float8Linear)."""
-    return [name for name, m in model.named_modules() if type(m).__name__ == "Float8Linear"]
+    """The names of the model's layers that run their matmuls in FP8 (torchao's Float8Linear or Fp8Linear)."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, Fp8Linear) or type(m).__name__ == "Float8Linear"]
 
 
-def describe(model: nn.Module, recipe: str) -> str:
-    """One log line: what runs in FP8 and what stays in bf16."""
+def describe(model: nn.Module, recipe: str, impl: str = "torchao") -> str:
+    """One log line: what runs in FP8, through what, and what stays in bf16."""
     converted = set(fp8_layers(model))
     kept = [name for name, m in model.named_modules()
             if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in PROJECTIONS and name not in converted]
-    line = (f"fp8 ({recipe} scaling): {len(converted)} projections' matmuls in FP8 through torchao.float8; "
+    through = "torchao.float8" if impl == "torchao" else "the native FP8 linear (torch._scaled_mm)"
+    line = (f"fp8 ({recipe} scaling): {len(converted)} projections' matmuls in FP8 through {through}; "
             "the output layer, the embedding and attention in bf16; MFU stays against the dense bf16 peak")
     if kept:
         line += f"; {len(kept)} kept in bf16 (sizes not multiples of {FP8_MULTIPLE}: {', '.join(kept[:3])}" + \

@@ -74,14 +74,17 @@ def test_transformers_accepts_every_name(tmp_path):
     assert targs.accelerator_config.non_blocking is True and targs.disable_tqdm is True
 
 
-@pytest.mark.parametrize("lever, field, value, without", [(["--bf16-moments"], "bf16_moments", True, False),
-                                                          (["--fp8", "rowwise"], "fp8", "rowwise", "off")])
+@pytest.mark.parametrize("lever, field, value, without", [
+    (["--bf16-moments"], "bf16_moments", True, False),
+    (["--fp8", "rowwise"], "fp8", "rowwise", "off"),
+    (["--fp8", "tensorwise", "--fp8-impl", "native"], "fp8", "tensorwise", "off"),
+])
 def test_a_lever_curve_runs_the_same_run_without_the_lever_beside_it(lever, field, value, without, monkeypatch):
     """The curve's first and third runs drop the lever (bf16 moments, the trainer's default, are
     dropped by asking for fp32 moments); the second keeps it; nothing else differs."""
     monkeypatch.setattr(bt.torch.cuda, "is_available", lambda: True)  # the configs as on the GPU it runs on
     a = bt.build_parser().parse_args(["--curve", "--data", "train.bin", *lever])
-    assert bt.numeric_lever(a) in ("bf16 moments", "fp8 rowwise")
+    assert bt.numeric_lever(a) in ("bf16 moments", "fp8 rowwise", "fp8 tensorwise (native)")
     with_lever, plain = bt.run_config(a, 0), bt.run_config(a, 0, plain=True)
     assert getattr(with_lever.train, field) == value
     assert getattr(plain.train, field) == without

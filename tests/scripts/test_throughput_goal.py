@@ -99,6 +99,20 @@ def test_fp8_is_judged_only_against_bf16_of_the_same_call():
     assert rows[4][2].startswith("not judged") and "different calls" in rows[4][1]
 
 
+def test_the_native_fp8_linear_is_judged_where_it_ran():
+    failed = rows_by_label(tg.judge(base(**{"1.3b_b4_fp8_native": None})))  # asked for, no report
+    assert failed["1.3b batch 4: FP8 tensorwise, native >= 1.25x bf16 tokens/s, same call"][1] == "not measured"
+    got = rows_by_label(tg.judge(base(**{"1.3b_b4_fp8_native": big(90_000)})))
+    native = got["1.3b batch 4: FP8 tensorwise, native >= 1.25x bf16 tokens/s, same call"]
+    assert native[1] == "met" and "1.286x" in native[0] and "--fp8 tensorwise --fp8-impl native" in native[0]
+    slow = rows_by_label(tg.judge(base(**{"1.3b_b4_fp8_native": big(80_000)})))
+    assert slow["1.3b batch 4: FP8 tensorwise, native >= 1.25x bf16 tokens/s, same call"][1] == "not met"
+    assert "1.3b batch 4: FP8 tensorwise, native >= 1.25x bf16 tokens/s, same call" not in rows_by_label(
+        tg.judge(base()))
+    small = rows_by_label(tg.judge(base(**{"350m_b8_fp8_native": report(ours=(230_000, 0.56), peer=None)})))
+    assert small["350m batch 8: FP8 tensorwise, native / bf16 tokens/s (no target)"][1] == "reported"
+
+
 def test_fp8_at_350m_and_torchtitan_are_reported_without_a_target():
     reps = base(**{"350m_b8_fp8_rowwise": report(ours=(250_000, 0.61), peer=None),
                    "torchtitan_350m_b8": titan(), "torchtitan_1.3b_b4": titan(56_000, 0.47)})
@@ -179,13 +193,16 @@ def test_runs_and_groups_are_chosen_by_name():
     assert tg.selected("targets") == ["350m_b8", "1.3b_b4", "1.3b_b4_fp8_rowwise", "1.3b_b4_fp8_tensorwise"]
     assert set(tg.selected("torchtitan,fp8_350m")) == set(tg.RUNS) - {
         "1.3b_b4_fp8_rowwise", "1.3b_b4_fp8_tensorwise", "350m_b8_fp32_moments", "1.3b_b4_fp32_moments",
-        "350m_b8_fa4", "1.3b_b4_fa4"}
+        "350m_b8_fa4", "1.3b_b4_fa4", "1.3b_b4_fp8_native", "350m_b8_fp8_native"}
+    assert tg.selected("fp8_native") == ["350m_b8", "1.3b_b4", "1.3b_b4_fp8_tensorwise", "1.3b_b4_fp8_native",
+                                         "350m_b8_fp8_native"]
     with pytest.raises(SystemExit, match="neither a run"):
         tg.selected("350m,bogus")
     for script, options, limit in tg.RUNS.values():
         assert script in ("bench", "titan") and "--quick" in options and 0 < limit <= 600
-    fp8 = [o for n, (_, o, _) in tg.RUNS.items() if "fp8" in n]
-    assert len(fp8) == 4 and all(o[o.index("--fp8") + 1] in ("rowwise", "tensorwise") for o in fp8)
+    fp8 = {n: o for n, (_, o, _) in tg.RUNS.items() if "fp8" in n}
+    assert len(fp8) == 6 and all(o[o.index("--fp8") + 1] in ("rowwise", "tensorwise") for o in fp8.values())
+    assert [n for n, o in fp8.items() if "--fp8-impl" in o] == ["1.3b_b4_fp8_native", "350m_b8_fp8_native"]
 
 
 def test_judge_only_reads_earlier_json_and_adds_the_curve_when_present(tmp_path, capsys):

@@ -1,8 +1,10 @@
-"""--fp8: the option, its refusals, which layers become torchao's Float8Linear, and checkpoints
-that stay the same with and without it (resume in both directions).
+"""--fp8 and --fp8-impl: the options, their refusals, which layers become FP8 linears (torchao's
+Float8Linear or the native Fp8Linear), and checkpoints that stay the same with and without them
+(resume in both directions).
 
-On CPU the FP8 matmuls run in torchao's emulation (``emulate=True``: the same casts and scales,
-the products in higher precision); the GPU test at the end runs the real ones.
+On CPU torchao's FP8 matmuls run in its emulation (``emulate=True``: the same casts and scales,
+the products in higher precision) and the native linear's in the CPU's own ``torch._scaled_mm``;
+the GPU test at the end runs the real ones.
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ from safetensors.torch import load_file
 from e2e_support import write_corpus
 from koen_sllm import distributed as D
 from koen_sllm import fp8 as F
-from koen_sllm.config import (FP8_MODES, ConfigError, RunConfig, apply_device_defaults, parse_args, repo_root,
-                              validate)
+from koen_sllm.config import (FP8_IMPLS, FP8_MODES, ConfigError, RunConfig, apply_device_defaults, parse_args,
+                              repo_root, validate)
 from koen_sllm.hf import mapping as HF
 from koen_sllm.model import KoEnLM, model_config_from_preset
 
@@ -57,6 +59,33 @@ def test_fp8_is_off_by_default_and_parses_each_recipe():
         assert cfg.train.fp8 == recipe
         assert RunConfig.from_dict(json.loads(cfg.to_json())).train.fp8 == recipe
     assert RunConfig.from_dict({"train": {}}).train.fp8 == "off"  # records written before the option
+
+
+def test_the_implementation_is_torchao_by_default_and_native_on_request():
+    cfg, _ = parse_args(["--fp8", "tensorwise"])
+    assert cfg.train.fp8_impl == "torchao"
+    for impl in FP8_IMPLS:
+        cfg, _ = parse_args(["--fp8", "tensorwise", "--fp8-impl", impl])
+        assert cfg.train.fp8_impl == impl
+        assert RunConfig.from_dict(json.loads(cfg.to_json())).train.fp8_impl == impl
+        validate(cfg)
+    assert RunConfig.from_dict({"train": {"fp8": "tensorwise"}}).train.fp8_impl == "torchao"  # older records
+    with pytest.raises(ConfigError, match=r"argument --fp8-impl: invalid choice: 'te'"):
+        parse_args(["--fp8-impl", "te"])
+
+
+def test_the_native_implementation_refuses_rowwise():
+    with pytest.raises(ConfigError) as err:
+        parse_args(["--fp8", "rowwise", "--fp8-impl", "native"])
+    assert str(err.value) == ("--fp8-impl native runs --fp8 tensorwise only, not --fp8 rowwise; pass --fp8 tensorwise "
+                              "or --fp8-impl torchao")
+    cfg = RunConfig.from_dict({"train": {"fp8": "rowwise", "fp8_impl": "native"}})  # a hand-edited run.json
+    with pytest.raises(ConfigError, match="runs --fp8 tensorwise only"):
+        validate(cfg)
+    with pytest.raises(ValueError, match="tensorwise only"):
+        F.convert_to_fp8(tiny(), "rowwise", emulate=True, impl="native")
+    cfg, _ = parse_args(["--fp8-impl", "native"])  # FP8 off: nothing to run natively, nothing to refuse
+    validate(cfg)
 
 
 def test_an_unknown_recipe_is_refused():
@@ -166,6 +195,27 @@ def test_a_missing_torchao_names_the_install_command(monkeypatch):
         F.convert_to_fp8(tiny(), "rowwise", emulate=True)
 
 
+def test_the_native_implementation_needs_no_torchao(monkeypatch):
+    from koen_sllm.cli import missing_requirements
+
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)
+    pretend_gpu(monkeypatch, (9, 0), "NVIDIA H100 80GB HBM3")
+    F.check_fp8_support("cuda:0", "native")
+    with pytest.raises(F.Fp8Unavailable, match="needs the torchao package"):
+        F.check_fp8_support("cuda:0", "torchao")
+    cfg, _ = parse_args(["--train", "--fp8", "tensorwise", "--fp8-impl", "native"])
+    assert missing_requirements(cfg) == []
+    cfg, _ = parse_args(["--train", "--fp8", "tensorwise"])
+    assert [str(e) for e, _ in missing_requirements(cfg)] == [
+        "--fp8 needs the torchao package, which is not installed; install it with: pip install 'koen-sllm[fp8]' "
+        "(in a checkout: pip install -e '.[fp8]'), or drop --fp8"]
+    assert F.convert_to_fp8(tiny(), "tensorwise", emulate=True, impl="native")  # converts without torchao
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(F.Fp8Unavailable, match="compute capability 8.0"):
+        F.check_fp8_support("cuda:0", "native")  # the GPU is still checked
+
+
 def test_fp8_may_change_on_a_resume_with_a_note(tmp_path):
     from koen_sllm import run_record as R
     from koen_sllm.config import explicit_options
@@ -180,12 +230,15 @@ def test_fp8_may_change_on_a_resume_with_a_note(tmp_path):
     (out / "checkpoint-10").mkdir()
     (out / "checkpoint-10" / "training_info.json").write_text(json.dumps({"step": 10}))
     (out / "latest").write_text("checkpoint-10")
-    for typed, expected, note in ((["--train"], "rowwise", None),
-                                  (["--train", "--fp8", "off"], "off", "--fp8: rowwise -> off (recorded rowwise)")):
+    for typed, expected, note in ((["--train"], ("rowwise", "torchao"), None),
+                                  (["--train", "--fp8", "off"], ("off", "torchao"),
+                                   "--fp8: rowwise -> off (recorded rowwise)"),
+                                  (["--train", "--fp8", "tensorwise", "--fp8-impl", "native"],
+                                   ("tensorwise", "native"), "--fp8-impl: torchao -> native (recorded torchao)")):
         argv = typed + ["--output-dir", str(out)]
         cfg, _ = parse_args(argv)
         res = R.resolve_with_record(cfg, explicit_options(argv), 2)
-        assert cfg.train.fp8 == expected
+        assert (cfg.train.fp8, cfg.train.fp8_impl) == expected
         assert (note in res.notes) if note else not any("--fp8" in n for n in res.notes)
 
 
@@ -218,6 +271,27 @@ def test_every_projection_is_converted_and_nothing_else(recipe, overrides):
                                                                         else "tensorwise")
     with pytest.raises(RuntimeError, match="already converted to FP8"):
         F.convert_to_fp8(model, recipe, emulate=True)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"qk_norm": True, "tie_embeddings": True}])
+def test_the_native_implementation_converts_the_same_projections(overrides):
+    from koen_sllm.kernels.fp8_linear import Fp8Linear
+
+    model = tiny(**overrides)
+    params = dict(model.named_parameters())
+    converted = F.convert_to_fp8(model, "tensorwise", emulate=True, impl="native")
+    assert converted == [f"layers.{i}.{part}.{kind}" for i in range(2)
+                         for part, kind in [("self_attn", k) for k in KINDS[:2]] + [("mlp", k) for k in KINDS[2:]]]
+    assert all(type(model.get_submodule(name)) is Fp8Linear for name in converted)
+    assert type(model.lm_head) is torch.nn.Linear and type(model.embed_tokens) is torch.nn.Embedding
+    assert dict(model.named_parameters()) == params  # the same Parameter objects
+    assert list(model.state_dict()) == list(tiny(**overrides).state_dict())
+    line = F.describe(model, "tensorwise", "native")
+    assert line.startswith("fp8 (tensorwise scaling): 10 projections' matmuls in FP8 through the native FP8 linear")
+    with pytest.raises(RuntimeError, match="already converted to FP8"):
+        F.convert_to_fp8(model, "tensorwise", emulate=True, impl="native")
+    with pytest.raises(F.Fp8Unavailable, match="this run has none"):
+        F.convert_to_fp8(tiny(), "tensorwise", "cpu", impl="native")
 
 
 @needs_torchao
@@ -263,12 +337,13 @@ def test_the_state_dict_keeps_its_names_and_tensors(overrides):
     assert all(torch.equal(other.state_dict()[k], before[k]) for k in before)
 
 
-@needs_torchao
-@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
-def test_the_emulated_fp8_model_trains_close_to_the_plain_one(recipe):
+@pytest.mark.parametrize("recipe, impl", [pytest.param("tensorwise", "torchao", marks=needs_torchao),
+                                          pytest.param("rowwise", "torchao", marks=needs_torchao),
+                                          ("tensorwise", "native")])
+def test_the_fp8_model_trains_close_to_the_plain_one(recipe, impl):
     x = torch.randint(0, 320, (4, 33), generator=torch.Generator().manual_seed(0))
     plain, model = tiny(), tiny()
-    F.convert_to_fp8(model, recipe, emulate=True)
+    F.convert_to_fp8(model, recipe, emulate=True, impl=impl)
     ref, loss = plain(x[:, :-1], x[:, 1:]), model(x[:, :-1], x[:, 1:])
     assert loss != ref  # the products really went through FP8
     torch.testing.assert_close(loss, ref, rtol=2e-3, atol=0)
@@ -288,8 +363,8 @@ def test_the_emulated_fp8_model_trains_close_to_the_plain_one(recipe):
 
 
 def _trainer(tmp_path: Path, fp8: str, max_steps: int, monkeypatch, logs: str):
-    """A CPU trainer whose DDP engine converts with torchao's emulation (the options refuse --fp8
-    on CPU, so the recipe is set after them)."""
+    """A CPU trainer whose DDP engine converts with torchao's emulation, or natively (``fp8`` as
+    ``tensorwise/native``; the options refuse --fp8 on CPU, so the recipe is set after them)."""
     from koen_sllm.engines import ddp
     from koen_sllm.logs import setup_logging
     from koen_sllm.trainer import Trainer
@@ -304,7 +379,8 @@ def _trainer(tmp_path: Path, fp8: str, max_steps: int, monkeypatch, logs: str):
                          "--logs-dir", str(tmp_path / logs), "--no-save-initial", "--save-steps", "1000",
                          "--eval-steps", "0", "--learning-rate", "3e-3"])
     apply_device_defaults(cfg, False)
-    cfg.train.fp8 = fp8
+    cfg.train.fp8, _, impl = fp8.partition("/")
+    cfg.train.fp8_impl = impl or "torchao"
     monkeypatch.setattr(ddp, "convert_to_fp8", partial(F.convert_to_fp8, emulate=True))
     setup_logging(cfg.logs_dir, 0)
     tr = Trainer(cfg, D.init_distributed())
@@ -312,8 +388,14 @@ def _trainer(tmp_path: Path, fp8: str, max_steps: int, monkeypatch, logs: str):
     return tr
 
 
-@needs_torchao
-@pytest.mark.parametrize("first, second", [("rowwise", "off"), ("off", "tensorwise"), ("tensorwise", "rowwise")])
+@pytest.mark.parametrize("first, second", [
+    pytest.param("rowwise", "off", marks=needs_torchao),
+    pytest.param("off", "tensorwise", marks=needs_torchao),
+    pytest.param("tensorwise", "rowwise", marks=needs_torchao),
+    ("tensorwise/native", "off"),
+    ("off", "tensorwise/native"),
+    pytest.param("tensorwise/native", "tensorwise", marks=needs_torchao),
+])
 def test_a_checkpoint_resumes_into_fp8_and_plain_runs_alike(tmp_path, monkeypatch, first, second):
     from koen_sllm.logs import close_handlers
 
@@ -340,7 +422,9 @@ def test_a_checkpoint_resumes_into_fp8_and_plain_runs_alike(tmp_path, monkeypatc
         assert summary.steps == 5 and torch.isfinite(torch.tensor(summary.final_loss))
         if second != "off":
             log = (tmp_path / "logs-b" / "training_rank_0.log").read_text()
-            assert f"fp8 ({second} scaling): 10 projections' matmuls in FP8" in log
+            recipe, _, impl = second.partition("/")
+            through = "the native FP8 linear" if impl else "torchao.float8"
+            assert f"fp8 ({recipe} scaling): 10 projections' matmuls in FP8 through {through}" in log
     finally:
         close_handlers()
 
@@ -375,9 +459,10 @@ def fp8_gpu() -> bool:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not fp8_gpu(), reason="needs a CUDA GPU with FP8 matmuls (compute capability 8.9 or newer)")
-@needs_torchao
-def test_a_tiny_model_trains_with_rowwise_fp8_on_the_gpu(tmp_path, monkeypatch):
-    """The real thing: --fp8 rowwise through the options, the DDP engine and torch.compile."""
+@pytest.mark.parametrize("options", [pytest.param(["--fp8", "rowwise"], marks=needs_torchao),
+                                     ["--fp8", "tensorwise", "--fp8-impl", "native"]])
+def test_a_tiny_model_trains_with_fp8_on_the_gpu(tmp_path, monkeypatch, options):
+    """The real thing: --fp8 through the options, the DDP engine and torch.compile."""
     from koen_sllm.logs import close_handlers, setup_logging
     from koen_sllm.trainer import Trainer
 
@@ -389,7 +474,7 @@ def test_a_tiny_model_trains_with_rowwise_fp8_on_the_gpu(tmp_path, monkeypatch):
                          "--max-steps", "30", "--vocab-size", "400", "--num-proc", "1", "--dataset-path", str(data),
                          "--output-dir", str(tmp_path / "out"), "--logs-dir", str(tmp_path / "logs"),
                          "--no-save-initial", "--save-steps", "1000", "--eval-steps", "0",
-                         "--learning-rate", "3e-3", "--warmup-steps", "2", "--fp8", "rowwise"])
+                         "--learning-rate", "3e-3", "--warmup-steps", "2", *options])
     apply_device_defaults(cfg, True)
     setup_logging(cfg.logs_dir, 0)
     try:

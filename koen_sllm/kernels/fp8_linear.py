@@ -1,0 +1,105 @@
+"""The projections' FP8 matmuls in torch alone: ``--fp8 tensorwise --fp8-impl native``.
+
+The recipe is torchao.float8's tensorwise one, operation for operation: one scale per tensor
+from its absolute maximum (the format's largest value / amax, in float64 then float32, the amax
+clamped at 1e-12), a saturating cast (inputs and weights to e4m3, output gradients to e5m2), the
+output's matmul with fast accumulation and the two gradients' without. The numbers are therefore
+the same as torchao's (tests/unit/test_fp8_linear.py checks it bit for bit on CPU), and so is
+the loss curve measured for ``--fp8 tensorwise``.
+
+What differs is what the backward reads. torchao's ``matmul_with_hp_or_float8_args`` keeps the
+bf16 input and weight and casts both again in the backward; compiled, that is one more pass to
+find each input's amax (the forward's cannot be reused: its input is 3-D, the backward's 2-D, so
+the graph's common-subexpression pass does not see one value) and one more cast of each. Here the
+forward's FP8 tensors and their scales are what the backward gets, so the backward only makes
+the transposed copies its matmuls need (one byte in, one byte out per element). FP8 matmuls on
+Hopper take their first operand row-major and their second column-major; the copies below are
+named after the layout they produce.
+
+No torchao: ``torch._scaled_mm`` is all it needs (CUDA on compute capability 8.9+, and the CPU,
+where the tests run it).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+E4M3 = torch.float8_e4m3fn  # inputs and weights: more mantissa
+E5M2 = torch.float8_e5m2  # output gradients: more range
+AMAX_FLOOR = 1e-12  # an all-zero tensor still gets a finite scale (torchao's EPS)
+
+
+def tensor_scale(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The float32 scalar that maps ``t``'s largest magnitude onto ``dtype``'s largest value."""
+    amax = t.abs().max().to(torch.float64)
+    return (torch.finfo(dtype).max / torch.clamp(amax, min=AMAX_FLOOR)).to(torch.float32)
+
+
+def to_fp8(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t * scale`` in ``dtype``, saturating at its largest value instead of overflowing to NaN."""
+    limit = torch.finfo(dtype).max
+    return (t.to(torch.float32) * scale).clamp(min=-limit, max=limit).to(dtype)
+
+
+def column_major(t: torch.Tensor) -> torch.Tensor:
+    """The same matrix stored column by column (what ``_scaled_mm`` wants as its second operand)."""
+    return t.t().contiguous().t()
+
+
+def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+              out_dtype: torch.dtype, fast_accum: bool) -> torch.Tensor:
+    """``(a / a_scale) @ (b / b_scale)`` in ``out_dtype``; ``a`` row-major, ``b`` column-major.
+
+    Outside autocast, as torchao calls it (below the dispatcher's autocast layer): the CPU's
+    autocast otherwise changes what ``_scaled_mm`` computes."""
+    with torch.autocast(a.device.type, enabled=False):
+        return torch._scaled_mm(a, b, scale_a=a_scale.reciprocal(), scale_b=b_scale.reciprocal(),
+                                out_dtype=out_dtype, use_fast_accum=fast_accum)
+
+
+class Fp8Matmul(torch.autograd.Function):
+    """``x @ weight.T`` with all three matmuls (output, input gradient, weight gradient) in FP8."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, x.shape[-1])
+        x_scale, w_scale = tensor_scale(x2d, E4M3), tensor_scale(weight, E4M3)
+        x8, w8 = to_fp8(x2d, x_scale, E4M3), to_fp8(weight, w_scale, E4M3)
+        # weight is [out, in] row-major, so weight.T is the column-major [in, out] the matmul wants
+        out = scaled_mm(x8, x_scale, w8.t(), w_scale, x.dtype, fast_accum=True)
+        ctx.save_for_backward(x8, x_scale, w8, w_scale)
+        ctx.x_shape = x.shape
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x8, x_scale, w8, w_scale = ctx.saved_tensors
+        g2d = grad_out.reshape(-1, grad_out.shape[-1])
+        g_scale = tensor_scale(g2d, E5M2)
+        g8 = to_fp8(g2d, g_scale, E5M2)
+        # dX = dY @ W: [tokens, out] @ [out, in]
+        grad_x = scaled_mm(g8, g_scale, column_major(w8), w_scale, grad_out.dtype, fast_accum=False)
+        # dW = dY.T @ X: [out, tokens] @ [tokens, in]
+        grad_w = scaled_mm(g8.t().contiguous(), g_scale, column_major(x8), x_scale, grad_out.dtype, fast_accum=False)
+        return grad_x.reshape(ctx.x_shape), grad_w
+
+
+class Fp8Linear(nn.Linear):
+    """An ``nn.Linear`` whose matmuls run in FP8 with tensorwise scaling (no bias: the projections have none).
+
+    Built by :meth:`from_linear` around the very ``weight`` parameter of the layer it replaces, so
+    the state dict, the optimizer's parameters and checkpoints do not change."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):  # F.linear would compute in the autocast dtype
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        return Fp8Matmul.apply(x, self.weight)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Fp8Linear":
+        if linear.bias is not None:
+            raise ValueError("Fp8Linear takes projections without a bias")
+        with torch.device("meta"):  # no second weight is ever allocated
+            new = cls(linear.in_features, linear.out_features, bias=False)
+        new.weight = linear.weight
+        return new
