@@ -11,10 +11,11 @@ What differs is what the backward reads. torchao's ``matmul_with_hp_or_float8_ar
 bf16 input and weight and casts both again in the backward; compiled, that is one more pass to
 find each input's amax (the forward's cannot be reused: its input is 3-D, the backward's 2-D, so
 the graph's common-subexpression pass does not see one value) and one more cast of each. Here the
-forward's FP8 tensors and their scales are what the backward gets, so the backward only makes
-the transposed copies its matmuls need (one byte in, one byte out per element). FP8 matmuls on
-Hopper take their first operand row-major and their second column-major; the copies below are
-named after the layout they produce.
+forward's FP8 tensors and their scales are what the backward gets, so it needs no amax but its
+output gradient's. (Compiled, the partitioner may still recompute a cast from a tensor it keeps
+anyway, such as the norm's input, rather than keep the FP8 copy; the scale it keeps.) FP8
+matmuls on Hopper take their first operand row-major and their second column-major; the
+backward makes the transposed copies that needs.
 
 No torchao: ``torch._scaled_mm`` is all it needs (CUDA on compute capability 8.9+, and the CPU,
 where the tests run it).
