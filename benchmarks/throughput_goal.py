@@ -84,9 +84,8 @@ FP8_CURVE_OPTIONS = ["--curve", "--model-size", "1.3b", "--batch-size", "4", "--
 CURVES = ("trainer", "fp8")
 CURVE_LIMIT_S = 600
 MFU_350M, RATIO_350M, MFU_13B, FP8_SPEEDUP = 0.52, 1.7, 0.56, 1.25
-# run name suffix -> the options it adds; "native" (the project's own FP8 linear) is judged where it ran
-FP8_RUNS = {"rowwise": "--fp8 rowwise", "tensorwise": "--fp8 tensorwise",
-            "native": "--fp8 tensorwise --fp8-impl native"}
+# the FP8 runs' name suffixes; "native" (the project's own FP8 linear) is judged only where it ran
+FP8_RUNS = ("rowwise", "tensorwise", "native")
 FP8_OPTIONAL = ("native",)
 
 
@@ -183,10 +182,12 @@ def _ratio_row(reports: dict, calls: dict, label: str, run: str, base_run: str, 
 
 def _fp8_rows(reports: dict, calls: dict, size: str, base_run: str, target) -> list:
     rows = []
-    for name, option in FP8_RUNS.items():
+    for name in FP8_RUNS:
         run = f"{base_run}_fp8_{name}"
         if run not in reports and (not target or name in FP8_OPTIONAL):
             continue  # a reported row only where the run was asked for or left a report
+        options = RUNS[run][1]
+        option = " ".join(options[options.index("--fp8"):])  # what the run adds to its bf16 base
         recipe = option.removeprefix("--fp8 ").replace(" --fp8-impl ", ", ")
         label = (f"{size}: FP8 {recipe} >= {target}x bf16 tokens/s, same call" if target
                  else f"{size}: FP8 {recipe} / bf16 tokens/s (no target)")

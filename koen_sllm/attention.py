@@ -23,7 +23,6 @@ message instead of inside the first compiled step.
 """
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import warnings
 from typing import Optional
@@ -88,10 +87,7 @@ def _where() -> str:
 def flash_attn_installed() -> bool:
     """Whether FlashAttention-2's package is there: a ``flash_attn`` with its own ``__init__``, not
     the namespace that flash-attn-4 alone leaves (``flash_attn/cute``)."""
-    try:
-        spec = importlib.util.find_spec("flash_attn")
-    except (ImportError, ValueError):
-        return False
+    spec = flash_attn4.flash_attn_spec()
     return spec is not None and spec.origin is not None
 
 

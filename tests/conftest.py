@@ -4,7 +4,7 @@ tests/
   unit/      one process, seconds each: modules and their contracts
   e2e/       real runs: torchrun with 2 CPU (gloo) processes, the launcher, kill-and-resume
   scripts/   the shell and Python entry points (launcher, setup_env, sbatch, benchmarks)
-  support/   helpers the tests import (e2e_support, triton_interpreter), never tests themselves
+  support/   helpers the tests import (e2e_support, fp8_support, triton_interpreter), never tests themselves
 
 GPU-only tests carry the ``gpu`` marker and skip themselves without a CUDA device.
 """

@@ -27,15 +27,20 @@ MIN_CAPABILITY = (9, 0)  # FA4's backward runs on Hopper (sm90) and newer
 _interface: Any = None  # bound by load(); tests bind a reference implementation
 
 
+def flash_attn_spec() -> Any:
+    """The import spec of ``flash_attn`` without importing it (None when absent). FlashAttention-2's
+    package and flash-attn-4 both install there: FA2 with its ``__init__``, FA4 as its ``cute`` folder."""
+    try:
+        return importlib.util.find_spec("flash_attn")
+    except (ImportError, ValueError):
+        return None
+
+
 def installed() -> bool:
-    """Whether flash-attn-4 is there, without importing it (its import loads a compiler: seconds).
-    ``flash_attn`` may also be FlashAttention-2's package; FA4 is its ``cute`` folder."""
+    """Whether flash-attn-4 is there, without importing it (its import loads a compiler: seconds)."""
     if _interface is not None:  # already loaded
         return True
-    try:
-        spec = importlib.util.find_spec("flash_attn")
-    except (ImportError, ValueError):
-        return False
+    spec = flash_attn_spec()
     folders = spec.submodule_search_locations if spec else None
     return any((Path(folder) / "cute" / "interface.py").is_file() for folder in folders or ())
 

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from e2e_support import write_corpus
+from fp8_support import needs_torchao
 from koen_sllm import distributed as D
 from koen_sllm import fp8 as F
 from koen_sllm.config import (FP8_IMPLS, FP8_MODES, ConfigError, RunConfig, apply_device_defaults, parse_args,
@@ -30,17 +31,6 @@ from koen_sllm.model import KoEnLM, model_config_from_preset
 NO_GPU = ("--fp8 needs an NVIDIA GPU with FP8 support (compute capability 8.9 or newer: H100, H200, L4, RTX 4090); "
           "this run has none — drop --fp8")
 KINDS = ("qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def has_torchao() -> bool:
-    try:
-        F.require_torchao()
-    except F.Fp8Unavailable:
-        return False
-    return True
-
-
-needs_torchao = pytest.mark.skipif(not has_torchao(), reason="torchao is not installed (pip install 'koen-sllm[fp8]')")
 
 
 def tiny(seed: int = 0, **overrides) -> KoEnLM:

@@ -16,18 +16,8 @@ import torch.nn.functional as F
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
+from fp8_support import needs_torchao
 from koen_sllm.kernels import fp8_linear as N
-
-
-def has_torchao() -> bool:
-    try:
-        import torchao.float8  # noqa: F401
-    except Exception:  # noqa: BLE001 - any failed import means "not usable here"
-        return False
-    return True
-
-
-needs_torchao = pytest.mark.skipif(not has_torchao(), reason="torchao is not installed (pip install 'koen-sllm[fp8]')")
 
 
 class MLP(nn.Module):
