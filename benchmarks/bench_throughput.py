@@ -147,7 +147,11 @@ def run_config(args, seed: int, plain: bool = False):
 
 def numeric_lever(args) -> str:
     """The levers that change the arithmetic, named as the curve reports them ('' for none)."""
-    parts = ([f"fp8 {args.fp8}" + (" (native)" if args.fp8_impl == "native" else "")] if args.fp8 != "off" else []) + (["bf16 moments"] if args.bf16_moments else [])
+    parts = []
+    if args.fp8 != "off":
+        parts.append(f"fp8 {args.fp8}" + (" (native)" if args.fp8_impl == "native" else ""))
+    if args.bf16_moments:
+        parts.append("bf16 moments")
     return " + ".join(parts)
 
 

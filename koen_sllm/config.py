@@ -391,6 +391,18 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_LEARNING_RATE = 1.0
 
 
+def check_fp8_options(fp8: str, impl: str) -> None:
+    """--fp8 and --fp8-impl, each known and the pair one that runs; validate() and fp8.convert_to_fp8
+    (which benchmarks and tests call directly) both ask here."""
+    if fp8 not in FP8_MODES:
+        raise ConfigError(f"--fp8 {fp8!r} is unknown; choose one of {', '.join(FP8_MODES)}")
+    if impl not in FP8_IMPLS:
+        raise ConfigError(f"--fp8-impl {impl!r} is unknown; choose one of {', '.join(FP8_IMPLS)}")
+    if impl == "native" and fp8 not in ("off", "tensorwise"):
+        raise ConfigError(f"--fp8-impl native runs --fp8 tensorwise only, not --fp8 {fp8}; pass --fp8 tensorwise "
+                          "or --fp8-impl torchao")
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     t, o, c, d = cfg.train, cfg.optim, cfg.ckpt, cfg.data
     for section, name, flag in _FLOAT_OPTIONS:
@@ -405,13 +417,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"--model-size {t.model_size!r} is unknown; choose one of {', '.join(MODEL_SIZES)}")
     if t.attn not in ATTN_BACKENDS:
         raise ConfigError(f"--attn {t.attn!r} is unknown; choose one of {', '.join(ATTN_BACKENDS)}")
-    if t.fp8 not in FP8_MODES:
-        raise ConfigError(f"--fp8 {t.fp8!r} is unknown; choose one of {', '.join(FP8_MODES)}")
-    if t.fp8_impl not in FP8_IMPLS:
-        raise ConfigError(f"--fp8-impl {t.fp8_impl!r} is unknown; choose one of {', '.join(FP8_IMPLS)}")
-    if t.fp8_impl == "native" and t.fp8 not in ("off", "tensorwise"):
-        raise ConfigError(f"--fp8-impl native runs --fp8 tensorwise only, not --fp8 {t.fp8}; pass --fp8 tensorwise "
-                          "or --fp8-impl torchao")
+    check_fp8_options(t.fp8, t.fp8_impl)
     if t.precision is not None and t.precision not in PRECISIONS:
         raise ConfigError(f"precision {t.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
     _positive("--batch-size", t.batch_size)

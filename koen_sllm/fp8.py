@@ -25,7 +25,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from .config import FP8_IMPLS, FP8_MODES, FP8_MULTIPLE
+from .config import FP8_MODES, FP8_MULTIPLE, check_fp8_options
 from .errors import UsageError
 from .kernels.fp8_linear import Fp8Linear
 
@@ -87,11 +87,15 @@ def converts(module: nn.Module, fqn: str) -> bool:
     return module.in_features % FP8_MULTIPLE == 0 and module.out_features % FP8_MULTIPLE == 0
 
 
+def _require_recipe(recipe: str) -> None:
+    if recipe not in FP8_MODES or recipe == "off":
+        raise ValueError(f"--fp8 {recipe!r} is not an FP8 recipe; choose one of {', '.join(FP8_MODES[1:])}")
+
+
 def fp8_config(recipe: str, *, emulate: bool = False) -> Any:
     """torchao's Float8LinearConfig for ``recipe`` (tensorwise / rowwise). ``emulate``: torchao's own
     emulation of the FP8 matmuls in higher precision, which runs on any device (tests)."""
-    if recipe not in FP8_MODES or recipe == "off":
-        raise ValueError(f"--fp8 {recipe!r} is not an FP8 recipe; choose one of {', '.join(FP8_MODES[1:])}")
+    _require_recipe(recipe)
     config = require_torchao().Float8LinearConfig.from_recipe_name(recipe)
     return dataclasses.replace(config, emulate=True) if emulate else config
 
@@ -104,18 +108,15 @@ def convert_to_fp8(model: nn.Module, recipe: str, device: Optional[torch.device 
     emulates its FP8 matmuls in higher precision, and the native linear runs ``torch._scaled_mm``,
     which the CPU has. Call once, before DDP and torch.compile wrap the model: they must see the
     swapped modules."""
-    if impl not in FP8_IMPLS:
-        raise ValueError(f"--fp8-impl {impl!r} is unknown; choose one of {', '.join(FP8_IMPLS)}")
-    if impl == "native" and recipe != "tensorwise":
-        raise ValueError(f"--fp8-impl native runs --fp8 tensorwise only, not {recipe!r}")
+    _require_recipe(recipe)
+    check_fp8_options(recipe, impl)  # a ConfigError, which is a ValueError
     if not emulate:
         check_fp8_support(device if device is not None else next(model.parameters()).device, impl)
-    float8 = require_torchao() if impl == "torchao" else None
     if already := fp8_layers(model):
         raise RuntimeError(f"the model is already converted to FP8 ({len(already)} layers); convert it once")
-    if float8 is not None:
-        float8.convert_to_float8_training(model, config=fp8_config(recipe, emulate=emulate),
-                                          module_filter_fn=converts)
+    if impl == "torchao":
+        require_torchao().convert_to_float8_training(model, config=fp8_config(recipe, emulate=emulate),
+                                                     module_filter_fn=converts)
     else:
         for fqn, module in list(model.named_modules()):
             if converts(module, fqn):
