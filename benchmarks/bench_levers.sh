@@ -31,7 +31,7 @@
 # fused by Inductor, the earlier path), fa4 / fa4-cudagraphs (FlashAttention-4's kernels, --attn
 # fa4, needing flash-attn-4 and a Hopper GPU / the same with the step replayed as CUDA graphs,
 # which takes FA4's Python launch path off the host's critical path), fp8 / fp8-cudagraphs (--fp8
-# tensorwise, needing torchao and an FP8 GPU / the same as CUDA graphs: its profiled step idled 7.3%
+# tensorwise --fp8-impl torchao, needing torchao and an FP8 GPU / the same as CUDA graphs: its profiled step idled 7.3%
 # of the time on an H100 at 1.3b), fp8-native / fp8-native-cudagraphs (the same recipe through the
 # project's own FP8 linear, --fp8-impl native, which needs no torchao). Each run has its own time
 # limit (LEVER_TIMEOUT, default 300 s), so one failure or hang leaves the others. JSON per run and
@@ -107,8 +107,8 @@ for lever in "${levers[@]}"; do
     ce-compiled) run_lever ce-compiled - --cross-entropy compiled --profile ;;
     fa4) run_lever fa4 - --attn fa4 --profile ;;
     fa4-cudagraphs) run_lever fa4-cudagraphs - --attn fa4 --compile-mode reduce-overhead --profile ;;
-    fp8) run_lever fp8 - --fp8 tensorwise --profile ;;
-    fp8-cudagraphs) run_lever fp8-cudagraphs - --fp8 tensorwise --compile-mode reduce-overhead --profile ;;
+    fp8) run_lever fp8 - --fp8 tensorwise --fp8-impl torchao --profile ;;
+    fp8-cudagraphs) run_lever fp8-cudagraphs - --fp8 tensorwise --fp8-impl torchao --compile-mode reduce-overhead --profile ;;
     fp8-native) run_lever fp8-native - --fp8 tensorwise --fp8-impl native --profile ;;
     fp8-native-cudagraphs) run_lever fp8-native-cudagraphs - --fp8 tensorwise --fp8-impl native --compile-mode reduce-overhead --profile ;;
     *) echo "❌ unknown lever $lever" >&2; exit 2 ;;

@@ -53,7 +53,8 @@ import torch  # noqa: E402
 
 from bench_analysis import compare_curves, plot_curves, profile_steps, trace_steps  # noqa: E402
 from koen_sllm import distributed as D  # noqa: E402
-from koen_sllm.config import TrainConfig as RunDefaults, apply_device_defaults, parse_args as parse_run_args  # noqa: E402
+from koen_sllm.config import (FP8_IMPLS, TrainConfig as RunDefaults, apply_device_defaults, fp8_impl_for,  # noqa: E402
+                               parse_args as parse_run_args)
 from koen_sllm.metrics import peak_flops, peak_memory_gib  # noqa: E402
 from koen_sllm.losses import IGNORE_INDEX  # noqa: E402
 from koen_sllm.optim import build_optimizer, build_scheduler  # noqa: E402
@@ -138,7 +139,7 @@ def run_config(args, seed: int, plain: bool = False):
         argv.append("--no-loss-kernel")
     if args.fp8 != "off" and not plain:
         argv += ["--fp8", args.fp8]
-    if args.fp8_impl != "torchao":  # kept in the plain run too, where it changes nothing: one field differs
+    if args.fp8_impl != "auto":  # kept in the plain run too, where it changes nothing: one field differs
         argv += ["--fp8-impl", args.fp8_impl]
     cfg, _ = parse_run_args(argv)
     apply_device_defaults(cfg, torch.cuda.is_available())
@@ -149,7 +150,7 @@ def numeric_lever(args) -> str:
     """The levers that change the arithmetic, named as the curve reports them ('' for none)."""
     parts = []
     if args.fp8 != "off":
-        parts.append(f"fp8 {args.fp8}" + (" (native)" if args.fp8_impl == "native" else ""))
+        parts.append(f"fp8 {args.fp8} ({fp8_impl_for(args.fp8, args.fp8_impl)})")
     if args.bf16_moments:
         parts.append("bf16 moments")
     return " + ".join(parts)
@@ -394,10 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     moments.add_argument("--fp32-moments", action="store_true",
                          help="ours: AdamW's moments in fp32 (the trainer's --fp32-moments, the default before 2026-12)")
     p.add_argument("--fp8", choices=("off", "tensorwise", "rowwise"), default="off",
-                   help="ours: the projections' matmuls in FP8 through torchao.float8 (the trainer's --fp8); "
+                   help="ours: the projections' matmuls in FP8 (the trainer's --fp8); "
                         "MFU stays against the dense bf16 peak")
-    p.add_argument("--fp8-impl", choices=("torchao", "native"), default="torchao",
-                   help="ours: who runs --fp8's matmuls (the trainer's --fp8-impl; native: tensorwise only)")
+    p.add_argument("--fp8-impl", choices=FP8_IMPLS, default="auto",
+                   help="ours: who runs --fp8's matmuls (the trainer's --fp8-impl; auto: native for tensorwise, "
+                        "torchao for rowwise; native: tensorwise only)")
     p.add_argument("--grad-accum", type=int, default=1,
                    help="ours: micro-batches per optimizer step (with --only ours; not with --curve)")
     p.add_argument("--liger", help="ours: liger-kernel parts to swap in, comma-separated: rmsnorm,swiglu,rope,flce or all")

@@ -29,8 +29,9 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 FP8_MODES = ("off", "tensorwise", "rowwise")
 # Who runs the FP8 matmuls: torchao's Float8Linear (both recipes), or the project's own
 # tensorwise linear over torch._scaled_mm (kernels/fp8_linear.py: the same numbers, fewer passes
-# in the backward, no torchao).
-FP8_IMPLS = ("torchao", "native")
+# in the backward, no torchao). "auto" takes the native linear for tensorwise, measured 1.01x
+# torchao's on an H100 in one call (docs/benchmarks.md), and torchao for rowwise, which only it runs.
+FP8_IMPLS = ("auto", "torchao", "native")
 # FP8 matmuls take both sides of every product in multiples of 16, the micro-batch's tokens
 # included (they are the inner side of the weight gradient's product).
 FP8_MULTIPLE = 16
@@ -124,7 +125,7 @@ class TrainConfig:
     rope_kernel: bool = False  # the rotation's forward through its Triton kernel on a GPU
     cudnn_grouped_kv: Optional[bool] = None  # None: on where cuDNN takes grouped K/V (Hopper)
     fp8: str = "off"  # FP8_MODES: the projections' matmuls in FP8 (fp8.py; H100 and newer, bf16 runs)
-    fp8_impl: str = "torchao"  # FP8_IMPLS: who runs them; "native" does tensorwise only
+    fp8_impl: str = "auto"  # FP8_IMPLS: who runs them (fp8_impl_for); "native" does tensorwise only
     ddp_bucket_mb: float = 25.0  # DDP's gradient bucket size (its own default)
     seed: int = 42
     eval_steps: Optional[int] = None  # None -> 250 (train), end only (test)
@@ -403,6 +404,15 @@ def check_fp8_options(fp8: str, impl: str) -> None:
                           "or --fp8-impl torchao")
 
 
+def fp8_impl_for(fp8: str, impl: str) -> str:
+    """The implementation that runs ``--fp8 fp8``: ``impl`` itself, or for "auto" the native linear
+    where it runs the recipe (tensorwise) and torchao elsewhere. A run records "auto", so a resume
+    that changes the recipe still gets the implementation that runs it."""
+    if impl != "auto":
+        return impl
+    return "native" if fp8 == "tensorwise" else "torchao"
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     t, o, c, d = cfg.train, cfg.optim, cfg.ckpt, cfg.data
     for section, name, flag in _FLOAT_OPTIONS:
@@ -597,13 +607,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cudnn-grouped-kv", choices=("auto", "on", "off"), default="auto",
                    help="cuDNN attention takes grouped K/V as they are (auto: on Hopper GPUs) or expanded")
     g.add_argument("--fp8", choices=FP8_MODES, default="off", metavar="MODE",
-                   help="off, tensorwise or rowwise: the decoder layers' q/k/v, o, gate, up and down matmuls in FP8 "
-                        "through torchao.float8, one scale per tensor or per row (NVIDIA GPU of compute capability "
-                        "8.9+, bf16; the output layer and attention stay bf16)")
-    g.add_argument("--fp8-impl", choices=FP8_IMPLS, default="torchao", metavar="IMPL",
-                   help="torchao or native: who runs --fp8's matmuls; native is this project's tensorwise linear "
-                        "over torch._scaled_mm (the same numbers as torchao's tensorwise, the backward reuses the "
-                        "forward's scales, no torchao needed)")
+                   help="off, tensorwise or rowwise: the decoder layers' q/k/v, o, gate, up and down matmuls in FP8, "
+                        "one scale per tensor or per row (NVIDIA GPU of compute capability 8.9+, bf16; rowwise needs "
+                        "torchao; the output layer and attention stay bf16)")
+    g.add_argument("--fp8-impl", choices=FP8_IMPLS, default="auto", metavar="IMPL",
+                   help="auto, torchao or native: who runs --fp8's matmuls; native is this project's tensorwise "
+                        "linear over torch._scaled_mm (the same numbers as torchao's tensorwise, the backward reuses "
+                        "the forward's scales, no torchao needed); auto (default): native for tensorwise, torchao "
+                        "for rowwise")
     g.add_argument("--ddp-bucket-mb", type=float, default=25.0, metavar="MB",
                    help="DDP gradient bucket size: each bucket's all-reduce starts when its gradients are ready")
     g.add_argument("--deepspeed", nargs="?", const="", default=None, metavar="CONFIG",

@@ -3,10 +3,11 @@
 :func:`convert_to_fp8` swaps each decoder layer's ``qkv_proj``, ``o_proj``, ``gate_proj``,
 ``up_proj`` and ``down_proj`` for an FP8 linear: the three matmuls of each (output, input
 gradient, weight gradient) then run on FP8 tensor cores, their inputs scaled dynamically, one
-scale per tensor (``tensorwise``) or per row (``rowwise``). ``--fp8-impl torchao`` (the default)
-uses torchao's ``Float8Linear``, for both recipes; ``--fp8-impl native`` the project's own
-tensorwise ``Fp8Linear`` (kernels/fp8_linear.py: torchao's numbers, fewer passes in the backward,
-no torchao). Either holds the very ``weight`` parameter of the layer it replaces, so nothing else
+scale per tensor (``tensorwise``) or per row (``rowwise``). ``--fp8-impl torchao`` uses torchao's
+``Float8Linear``, for both recipes; ``--fp8-impl native`` the project's own tensorwise
+``Fp8Linear`` (kernels/fp8_linear.py: torchao's numbers, fewer passes in the backward, no
+torchao); ``auto``, the default, the native linear for tensorwise and torchao for rowwise
+(config.fp8_impl_for). Either holds the very ``weight`` parameter of the layer it replaces, so nothing else
 changes: the state dict has the same names and tensors, the optimizer (and its fp32 masters)
 keeps the parameters it was built with, and checkpoints stay plain bf16/fp32 safetensors that
 load in transformers, into an FP8 run or a bf16 one alike. The output layer, the embedding, the
@@ -14,8 +15,8 @@ norms and attention stay in bf16; a projection whose sizes are not multiples of 
 matmul's requirement) stays in bf16 too.
 
 The DDP engine converts the model once, after any weights are loaded and before DDP and
-torch.compile (engines/ddp.py). torchao is optional (``pip install 'koen-sllm[fp8]'``) and
-imported here alone, only when --fp8 asks for it through torchao.
+torch.compile (engines/ddp.py). torchao is optional (``pip install 'koen-sllm[fp8]'``, needed for
+rowwise) and imported here alone, only when --fp8 runs through it.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from .config import FP8_MODES, FP8_MULTIPLE, check_fp8_options
+from .config import FP8_MODES, FP8_MULTIPLE, check_fp8_options, fp8_impl_for
 from .errors import UsageError
 from .kernels.fp8_linear import Fp8Linear
 
@@ -72,11 +73,11 @@ def check_fp8_device(device: torch.device | str) -> None:
             f"this run's GPU {name} has compute capability {capability[0]}.{capability[1]} — drop --fp8")
 
 
-def check_fp8_support(device: torch.device | str, impl: str = "torchao") -> None:
-    """Everything --fp8 needs at run time: the GPU first (its error is the one a CPU run must see), then
-    torchao where ``impl`` uses it."""
+def check_fp8_support(device: torch.device | str, impl: str = "auto", recipe: str = "tensorwise") -> None:
+    """Everything --fp8 ``recipe`` needs at run time: the GPU first (its error is the one a CPU run must
+    see), then torchao where ``impl`` runs the recipe through it."""
     check_fp8_device(device)
-    if impl == "torchao":
+    if fp8_impl_for(recipe, impl) == "torchao":
         require_torchao()
 
 
@@ -101,7 +102,7 @@ def fp8_config(recipe: str, *, emulate: bool = False) -> Any:
 
 
 def convert_to_fp8(model: nn.Module, recipe: str, device: Optional[torch.device | str] = None, *,
-                   emulate: bool = False, impl: str = "torchao") -> list[str]:
+                   emulate: bool = False, impl: str = "auto") -> list[str]:
     """Swap the model's projections for FP8 linears in place; returns the converted layers' names.
 
     Checks ``device`` first unless ``emulate``, which is for tests on the CPU: torchao then
@@ -110,8 +111,9 @@ def convert_to_fp8(model: nn.Module, recipe: str, device: Optional[torch.device 
     swapped modules."""
     _require_recipe(recipe)
     check_fp8_options(recipe, impl)  # a ConfigError, which is a ValueError
+    impl = fp8_impl_for(recipe, impl)
     if not emulate:
-        check_fp8_support(device if device is not None else next(model.parameters()).device, impl)
+        check_fp8_support(device if device is not None else next(model.parameters()).device, impl, recipe)
     if already := fp8_layers(model):
         raise RuntimeError(f"the model is already converted to FP8 ({len(already)} layers); convert it once")
     if impl == "torchao":
@@ -131,8 +133,9 @@ def fp8_layers(model: nn.Module) -> list[str]:
             if isinstance(m, Fp8Linear) or type(m).__name__ == "Float8Linear"]
 
 
-def describe(model: nn.Module, recipe: str, impl: str = "torchao") -> str:
+def describe(model: nn.Module, recipe: str, impl: str = "auto") -> str:
     """One log line: what runs in FP8, through what, and what stays in bf16."""
+    impl = fp8_impl_for(recipe, impl)
     converted = set(fp8_layers(model))
     kept = [name for name, m in model.named_modules()
             if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in PROJECTIONS and name not in converted]

@@ -84,7 +84,7 @@ def test_a_lever_curve_runs_the_same_run_without_the_lever_beside_it(lever, fiel
     dropped by asking for fp32 moments); the second keeps it; nothing else differs."""
     monkeypatch.setattr(bt.torch.cuda, "is_available", lambda: True)  # the configs as on the GPU it runs on
     a = bt.build_parser().parse_args(["--curve", "--data", "train.bin", *lever])
-    assert bt.numeric_lever(a) in ("bf16 moments", "fp8 rowwise", "fp8 tensorwise (native)")
+    assert bt.numeric_lever(a) in ("bf16 moments", "fp8 rowwise (torchao)", "fp8 tensorwise (native)")
     with_lever, plain = bt.run_config(a, 0), bt.run_config(a, 0, plain=True)
     assert getattr(with_lever.train, field) == value
     assert getattr(plain.train, field) == without

@@ -117,9 +117,9 @@ def test_fp8_at_350m_and_torchtitan_are_reported_without_a_target():
     reps = base(**{"350m_b8_fp8_rowwise": report(ours=(250_000, 0.61), peer=None),
                    "torchtitan_350m_b8": titan(), "torchtitan_1.3b_b4": titan(56_000, 0.47)})
     got = rows_by_label(tg.judge(reps))
-    fp8 = got["350m batch 8: FP8 rowwise / bf16 tokens/s (no target)"]
+    fp8 = got["350m batch 8: FP8 rowwise, torchao / bf16 tokens/s (no target)"]
     assert fp8[1] == "reported" and "1.136x" in fp8[0]
-    assert "350m batch 8: FP8 tensorwise / bf16 tokens/s (no target)" not in got  # not asked for, no report
+    assert "350m batch 8: FP8 tensorwise, torchao / bf16 tokens/s (no target)" not in got  # not asked for, no report
     small = got["350m batch 8: this trainer / torchtitan tokens/s (no target)"]
     assert small[1] == "reported" and "1.47x" in small[0] and "torchtitan 0.2.2, trainer" in small[0]
     large = got["1.3b batch 4: this trainer / torchtitan tokens/s (no target)"]
@@ -149,7 +149,14 @@ def test_fa4_is_judged_by_the_350m_goal_and_reported_against_the_defaults():
     assert "1.010x" in got["1.3b batch 4: --attn fa4 / the defaults' tokens/s (no target)"][0]
     assert tg.judge(base(**{"350m_b8_fa4": report(ours=(211_000, 0.519), peer=None)}))[1][2] == "not met"
     assert [r[0] for r in tg.judge(base())].count("350m batch 8 with --attn fa4: MFU >= 52% (bf16)") == 0
-    assert tg.selected("fa4") == ["350m_b8", "1.3b_b4", "350m_b8_fa4", "1.3b_b4_fa4"]
+    assert tg.selected("fa4") == ["350m_b8", "1.3b_b4", "350m_b8_fa4", "1.3b_b4_fa4", "350m_b8_fa4_cudagraphs"]
+    graphs = rows_by_label(tg.judge(base(**{"350m_b8": report(ours=(205_000, 0.502)),
+                                            "350m_b8_fa4_cudagraphs": report(ours=(215_000, 0.528), peer=None)})))
+    judged = graphs["350m batch 8 with --attn fa4 --compile-mode reduce-overhead: MFU >= 52% (bf16)"]
+    assert judged[1] == "met" and "52.8%" in judged[0]
+    ratio = graphs["350m batch 8: --attn fa4 --compile-mode reduce-overhead / the defaults' tokens/s (no target)"]
+    assert "1.049x" in ratio[0] and ratio[1] == "reported"
+    assert "350m batch 8 with --attn fa4: MFU >= 52% (bf16)" not in graphs  # not asked for, no row
 
 
 def test_a_torchtitan_that_did_not_run_says_why():
@@ -193,7 +200,7 @@ def test_runs_and_groups_are_chosen_by_name():
     assert tg.selected("targets") == ["350m_b8", "1.3b_b4", "1.3b_b4_fp8_rowwise", "1.3b_b4_fp8_tensorwise"]
     assert set(tg.selected("torchtitan,fp8_350m")) == set(tg.RUNS) - {
         "1.3b_b4_fp8_rowwise", "1.3b_b4_fp8_tensorwise", "350m_b8_fp32_moments", "1.3b_b4_fp32_moments",
-        "350m_b8_fa4", "1.3b_b4_fa4", "1.3b_b4_fp8_native", "350m_b8_fp8_native"}
+        "350m_b8_fa4", "1.3b_b4_fa4", "1.3b_b4_fp8_native", "350m_b8_fp8_native", "350m_b8_fa4_cudagraphs"}
     assert tg.selected("fp8_native") == ["350m_b8", "1.3b_b4", "1.3b_b4_fp8_tensorwise", "1.3b_b4_fp8_native",
                                          "350m_b8_fp8_native"]
     with pytest.raises(SystemExit, match="neither a run"):
@@ -202,7 +209,9 @@ def test_runs_and_groups_are_chosen_by_name():
         assert script in ("bench", "titan") and "--quick" in options and 0 < limit <= 600
     fp8 = {n: o for n, (_, o, _) in tg.RUNS.items() if "fp8" in n}
     assert len(fp8) == 6 and all(o[o.index("--fp8") + 1] in ("rowwise", "tensorwise") for o in fp8.values())
-    assert [n for n, o in fp8.items() if "--fp8-impl" in o] == ["1.3b_b4_fp8_native", "350m_b8_fp8_native"]
+    impl = {n: o[o.index("--fp8-impl") + 1] for n, o in fp8.items()}  # each names its own: the default may change
+    assert [n for n, i in impl.items() if i == "native"] == ["1.3b_b4_fp8_native", "350m_b8_fp8_native"]
+    assert sum(i == "torchao" for i in impl.values()) == 4
 
 
 def test_judge_only_reads_earlier_json_and_adds_the_curve_when_present(tmp_path, capsys):
@@ -258,8 +267,8 @@ def test_runs_each_benchmark_and_a_failing_one_is_not_measured(tmp_path, monkeyp
                           "torchtitan_350m_b8"} and len(set(calls.values())) == 1
     summary = (out / "summary.md").read_text()
     got = {line.split(" | ")[0].lstrip("| "): line for line in summary.splitlines()}
-    assert got["1.3b batch 4: FP8 rowwise >= 1.25x bf16 tokens/s, same call"].endswith("| met |")
-    assert got["1.3b batch 4: FP8 tensorwise >= 1.25x bf16 tokens/s, same call"].endswith("| not measured |")
+    assert got["1.3b batch 4: FP8 rowwise, torchao >= 1.25x bf16 tokens/s, same call"].endswith("| met |")
+    assert got["1.3b batch 4: FP8 tensorwise, torchao >= 1.25x bf16 tokens/s, same call"].endswith("| not measured |")
     assert "| reported |" in got["350m batch 8: this trainer / torchtitan tokens/s (no target)"]
     assert "PCIe" in summary
 

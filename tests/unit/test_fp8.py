@@ -23,8 +23,8 @@ from e2e_support import write_corpus
 from fp8_support import needs_torchao
 from koen_sllm import distributed as D
 from koen_sllm import fp8 as F
-from koen_sllm.config import (FP8_IMPLS, FP8_MODES, ConfigError, RunConfig, apply_device_defaults, parse_args,
-                              repo_root, validate)
+from koen_sllm.config import (FP8_IMPLS, FP8_MODES, ConfigError, RunConfig, apply_device_defaults, fp8_impl_for,
+                              parse_args, repo_root, validate)
 from koen_sllm.hf import mapping as HF
 from koen_sllm.model import KoEnLM, model_config_from_preset
 
@@ -51,15 +51,19 @@ def test_fp8_is_off_by_default_and_parses_each_recipe():
     assert RunConfig.from_dict({"train": {}}).train.fp8 == "off"  # records written before the option
 
 
-def test_the_implementation_is_torchao_by_default_and_native_on_request():
+def test_the_implementation_is_auto_by_default_and_chosen_by_the_recipe():
     cfg, _ = parse_args(["--fp8", "tensorwise"])
-    assert cfg.train.fp8_impl == "torchao"
+    assert cfg.train.fp8_impl == "auto"
+    # auto: the native linear where it runs the recipe (measured the faster), torchao where only it does
+    assert [fp8_impl_for(r, "auto") for r in ("tensorwise", "rowwise", "off")] == ["native", "torchao", "torchao"]
+    assert [fp8_impl_for("tensorwise", i) for i in ("torchao", "native")] == ["torchao", "native"]
     for impl in FP8_IMPLS:
         cfg, _ = parse_args(["--fp8", "tensorwise", "--fp8-impl", impl])
         assert cfg.train.fp8_impl == impl
         assert RunConfig.from_dict(json.loads(cfg.to_json())).train.fp8_impl == impl
         validate(cfg)
-    assert RunConfig.from_dict({"train": {"fp8": "tensorwise"}}).train.fp8_impl == "torchao"  # older records
+    # records written before the option ran torchao; auto's native linear gives the same numbers
+    assert RunConfig.from_dict({"train": {"fp8": "tensorwise"}}).train.fp8_impl == "auto"
     with pytest.raises(ConfigError, match=r"argument --fp8-impl: invalid choice: 'te'"):
         parse_args(["--fp8-impl", "te"])
 
@@ -194,13 +198,21 @@ def test_the_native_implementation_needs_no_torchao(monkeypatch):
     F.check_fp8_support("cuda:0", "native")
     with pytest.raises(F.Fp8Unavailable, match="needs the torchao package"):
         F.check_fp8_support("cuda:0", "torchao")
-    cfg, _ = parse_args(["--train", "--fp8", "tensorwise", "--fp8-impl", "native"])
-    assert missing_requirements(cfg) == []
-    cfg, _ = parse_args(["--train", "--fp8", "tensorwise"])
-    assert [str(e) for e, _ in missing_requirements(cfg)] == [
-        "--fp8 needs the torchao package, which is not installed; install it with: pip install 'koen-sllm[fp8]' "
-        "(in a checkout: pip install -e '.[fp8]'), or drop --fp8"]
+    F.check_fp8_support("cuda:0")  # the default, auto, runs tensorwise natively
+    with pytest.raises(F.Fp8Unavailable, match="needs the torchao package"):
+        F.check_fp8_support("cuda:0", "auto", "rowwise")
+    for argv in (["--fp8", "tensorwise", "--fp8-impl", "native"], ["--fp8", "tensorwise"]):
+        cfg, _ = parse_args(["--train", *argv])
+        assert missing_requirements(cfg) == [], argv
+    for argv in (["--fp8", "tensorwise", "--fp8-impl", "torchao"], ["--fp8", "rowwise"]):
+        cfg, _ = parse_args(["--train", *argv])
+        assert [str(e) for e, _ in missing_requirements(cfg)] == [
+            "--fp8 needs the torchao package, which is not installed; install it with: pip install 'koen-sllm[fp8]' "
+            "(in a checkout: pip install -e '.[fp8]'), or drop --fp8"], argv
     assert F.convert_to_fp8(tiny(), "tensorwise", emulate=True, impl="native")  # converts without torchao
+    assert F.convert_to_fp8(tiny(), "tensorwise", emulate=True)  # and so does the default
+    with pytest.raises(F.Fp8Unavailable, match="needs the torchao package"):
+        F.convert_to_fp8(tiny(), "rowwise", emulate=True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     with pytest.raises(F.Fp8Unavailable, match="compute capability 8.0"):
         F.check_fp8_support("cuda:0", "native")  # the GPU is still checked
@@ -220,11 +232,11 @@ def test_fp8_may_change_on_a_resume_with_a_note(tmp_path):
     (out / "checkpoint-10").mkdir()
     (out / "checkpoint-10" / "training_info.json").write_text(json.dumps({"step": 10}))
     (out / "latest").write_text("checkpoint-10")
-    for typed, expected, note in ((["--train"], ("rowwise", "torchao"), None),
-                                  (["--train", "--fp8", "off"], ("off", "torchao"),
+    for typed, expected, note in ((["--train"], ("rowwise", "auto"), None),
+                                  (["--train", "--fp8", "off"], ("off", "auto"),
                                    "--fp8: rowwise -> off (recorded rowwise)"),
                                   (["--train", "--fp8", "tensorwise", "--fp8-impl", "native"],
-                                   ("tensorwise", "native"), "--fp8-impl: torchao -> native (recorded torchao)")):
+                                   ("tensorwise", "native"), "--fp8-impl: auto -> native (recorded auto)")):
         argv = typed + ["--output-dir", str(out)]
         cfg, _ = parse_args(argv)
         res = R.resolve_with_record(cfg, explicit_options(argv), 2)
@@ -251,7 +263,7 @@ def test_the_filter_takes_the_five_projections_and_never_the_output_layer():
 @pytest.mark.parametrize("overrides", [{}, {"qk_norm": True, "tie_embeddings": True}])
 def test_every_projection_is_converted_and_nothing_else(recipe, overrides):
     model = tiny(**overrides)
-    converted = F.convert_to_fp8(model, recipe, emulate=True)
+    converted = F.convert_to_fp8(model, recipe, emulate=True, impl="torchao")
     expected = [f"layers.{i}.{part}.{kind}" for i in range(2)
                 for part, kind in [("self_attn", k) for k in KINDS[:2]] + [("mlp", k) for k in KINDS[2:]]]
     assert converted == expected
@@ -260,7 +272,7 @@ def test_every_projection_is_converted_and_nothing_else(recipe, overrides):
     assert layer.config.cast_config_input.scaling_granularity.value == ("axiswise" if recipe == "rowwise"
                                                                         else "tensorwise")
     with pytest.raises(RuntimeError, match="already converted to FP8"):
-        F.convert_to_fp8(model, recipe, emulate=True)
+        F.convert_to_fp8(model, recipe, emulate=True, impl="torchao")
 
 
 @pytest.mark.parametrize("overrides", [{}, {"qk_norm": True, "tie_embeddings": True}])
@@ -280,6 +292,10 @@ def test_the_native_implementation_converts_the_same_projections(overrides):
     assert line.startswith("fp8 (tensorwise scaling): 10 projections' matmuls in FP8 through the native FP8 linear")
     with pytest.raises(RuntimeError, match="already converted to FP8"):
         F.convert_to_fp8(model, "tensorwise", emulate=True, impl="native")
+    default = tiny(**overrides)  # --fp8-impl auto, the default, takes the same linear for tensorwise
+    assert F.convert_to_fp8(default, "tensorwise", emulate=True) == converted
+    assert all(type(default.get_submodule(name)) is Fp8Linear for name in converted)
+    assert F.describe(default, "tensorwise").startswith(line[:90])
     with pytest.raises(F.Fp8Unavailable, match="this run has none"):
         F.convert_to_fp8(tiny(), "tensorwise", "cpu", impl="native")
 
@@ -311,7 +327,7 @@ def test_conversion_needs_an_fp8_gpu_unless_emulated():
 def test_the_state_dict_keeps_its_names_and_tensors(overrides):
     plain, model = tiny(**overrides), tiny(**overrides)
     params = dict(model.named_parameters())
-    F.convert_to_fp8(model, "tensorwise", emulate=True)
+    F.convert_to_fp8(model, "tensorwise", emulate=True, impl="torchao")
     assert dict(model.named_parameters()) == params  # the same Parameter objects: the optimizer keeps them
     assert all(type(p) is torch.nn.Parameter for p in model.parameters())
     before, after = plain.state_dict(), model.state_dict()
