@@ -42,21 +42,22 @@ class Fp8Unavailable(UsageError, RuntimeError):
     """--fp8 was asked for where it cannot run (no torchao, no FP8 GPU); one line with the fix."""
 
 
-def require_torchao() -> Any:
-    """``torchao.float8``, or Fp8Unavailable with the install command."""
+def require_torchao(asked: str = "--fp8", fix: str = "drop --fp8") -> Any:
+    """``torchao.float8``, or Fp8Unavailable with the install command; ``asked`` names the option that
+    needs torchao and ``fix`` the way to run without it."""
     try:
         import torchao.float8 as float8
     except ImportError as exc:
         missing = getattr(exc, "name", None) or ""
         if missing and missing != "torchao" and not missing.startswith("torchao."):
-            raise Fp8Unavailable(f"--fp8: torchao is installed but its dependency {missing!r} is missing; "
-                                 f"install both with: {INSTALL_COMMAND}, or drop --fp8") from None
-        raise Fp8Unavailable(f"--fp8 needs the torchao package, which is not installed; install it with: "
-                             f"{INSTALL_COMMAND} (in a checkout: pip install -e '.[fp8]'), or drop --fp8") from None
+            raise Fp8Unavailable(f"{asked}: torchao is installed but its dependency {missing!r} is missing; "
+                                 f"install both with: {INSTALL_COMMAND}, or {fix}") from None
+        raise Fp8Unavailable(f"{asked} needs the torchao package, which is not installed; install it with: "
+                             f"{INSTALL_COMMAND} (in a checkout: pip install -e '.[fp8]'), or {fix}") from None
     except Exception as exc:  # a wheel built for another torch fails in any way
         why = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-        raise Fp8Unavailable(f"--fp8: torchao is installed but fails to import ({why}); install a torchao that "
-                             f"matches torch {torch.__version__} ({INSTALL_COMMAND}), or drop --fp8") from None
+        raise Fp8Unavailable(f"{asked}: torchao is installed but fails to import ({why}); install a torchao that "
+                             f"matches torch {torch.__version__} ({INSTALL_COMMAND}), or {fix}") from None
     return float8
 
 
@@ -77,8 +78,12 @@ def check_fp8_support(device: torch.device | str, impl: str = "auto", recipe: st
     """Everything --fp8 ``recipe`` needs at run time: the GPU first (its error is the one a CPU run must
     see), then torchao where ``impl`` runs the recipe through it."""
     check_fp8_device(device)
-    if fp8_impl_for(recipe, impl) == "torchao":
-        require_torchao()
+    if fp8_impl_for(recipe, impl) != "torchao":
+        return
+    if recipe == "tensorwise":  # torchao asked for by name: the native linear runs this recipe without it
+        require_torchao("--fp8-impl torchao", "drop --fp8-impl torchao (--fp8 tensorwise runs without it)")
+    else:
+        require_torchao(f"--fp8 {recipe}", "use --fp8 tensorwise, which runs without it")
 
 
 def converts(module: nn.Module, fqn: str) -> bool:
