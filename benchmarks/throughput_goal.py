@@ -15,8 +15,8 @@ Targets (350m: hidden 1024, 24 layers, 16/4 heads, FFN 2816, vocabulary 32,000, 
 and at least 1.7x the tokens/s of the transformers Trainer in the same run, the Trainer configured
 as a user tuning it would (bench_throughput.py's peer_training_kwargs; its settings are printed
 next to the ratio); 1.3b at least 56% MFU (bf16); FP8 (--fp8 rowwise and tensorwise through
-torchao, and tensorwise through the native linear, each judged) at 1.3b batch 4 at least 1.25x the bf16 tokens/s of the same call. Reported without a
-target: this trainer against torchtitan's (bench_torchtitan.py) at both shapes, FP8 at 350m,
+torchao, and tensorwise through the native linear, each judged) at 1.3b batch 4 at least 1.25x
+the bf16 tokens/s of the same call. Reported without a target: this trainer against torchtitan's (bench_torchtitan.py) at both shapes, FP8 at 350m,
 FlashAttention-4 (--attn fa4, an optional package, alone and at 350m as CUDA graphs; its 350m runs
 are judged by the 52% too), and
 with --curve-data the 200-step loss curves of this trainer and the Trainer side by side with the
@@ -65,8 +65,8 @@ RUNS = {
     "350m_b8_fa4": ("bench", ["--only", "ours", *_350M, "--attn", "fa4"], 300),
     "1.3b_b4_fa4": ("bench", ["--only", "ours", *_13B, "--attn", "fa4"], 300),
     # the same with the step replayed as CUDA graphs, which takes FA4's Python launch path off the host
-    "350m_b8_fa4_cudagraphs": ("bench", ["--only", "ours", *_350M, "--attn", "fa4", "--compile-mode", "reduce-overhead"],
-                               300),
+    "350m_b8_fa4_cudagraphs": ("bench", ["--only", "ours", *_350M, "--attn", "fa4",
+                                         "--compile-mode", "reduce-overhead"], 300),
 }
 # Each group brings the bf16 runs its ratios are taken against, so that a group run alone compares
 # within one call; on one H200 each group took under 8 minutes (all runs: about 12 before the fa4 pair).

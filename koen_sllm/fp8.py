@@ -7,8 +7,8 @@ scale per tensor (``tensorwise``) or per row (``rowwise``). ``--fp8-impl torchao
 ``Float8Linear``, for both recipes; ``--fp8-impl native`` the project's own tensorwise
 ``Fp8Linear`` (kernels/fp8_linear.py: torchao's numbers, fewer passes in the backward, no
 torchao); ``auto``, the default, the native linear for tensorwise and torchao for rowwise
-(config.fp8_impl_for). Either holds the very ``weight`` parameter of the layer it replaces, so nothing else
-changes: the state dict has the same names and tensors, the optimizer (and its fp32 masters)
+(config.fp8_impl_for). Either holds the very ``weight`` parameter of the layer it replaces, so
+nothing else changes: the state dict has the same names and tensors, the optimizer (and its fp32 masters)
 keeps the parameters it was built with, and checkpoints stay plain bf16/fp32 safetensors that
 load in transformers, into an FP8 run or a bf16 one alike. The output layer, the embedding, the
 norms and attention stay in bf16; a projection whose sizes are not multiples of 16 (the FP8
