@@ -13,16 +13,16 @@ target, what was measured and whether it is met.
 Targets (350m: hidden 1024, 24 layers, 16/4 heads, FFN 2816, vocabulary 32,000, batch 8 x 2048;
 1.3b: hidden 2048, 24 layers, 16/8 heads, FFN 5632, batch 4 x 2048): 350m at least 52% MFU (bf16)
 and at least 1.7x the tokens/s of the transformers Trainer in the same run, the Trainer configured
-as a user tuning it would (bench_throughput.py's peer_training_kwargs; its settings are printed
-next to the ratio); 1.3b at least 56% MFU (bf16); FP8 (--fp8 rowwise and tensorwise through
-torchao, and tensorwise through the native linear, each judged) at 1.3b batch 4 at least 1.25x
-the bf16 tokens/s of the same call. Reported without a target: this trainer against torchtitan's (bench_torchtitan.py) at both shapes, FP8 at 350m,
-FlashAttention-4 (--attn fa4, an optional package, alone and at 350m as CUDA graphs; its 350m runs
-are judged by the 52% too), and
-with --curve-data the 200-step loss curves of this trainer and the Trainer side by side with the
-noise between two seeds of ours (a threshold for "within noise" is a judgement the numbers should
-be shown for), and FP8 against bf16 at 1.3b (judged: within the noise when the mean distance of
-FP8 from bf16 is at most that of two bf16 seeds). The goal is stated for an H100: on another GPU the verdicts say so instead of "met".
+as a user tuning it would (bench_throughput.py's peer_training_kwargs; its settings are printed next
+to the ratio); 1.3b at least 56% MFU (bf16); FP8 (--fp8 rowwise and tensorwise through torchao, and
+tensorwise through the native linear, each judged) at 1.3b batch 4 at least 1.25x the bf16 tokens/s
+of the same call. Reported without a target: this trainer against torchtitan's (bench_torchtitan.py)
+at both shapes, FP8 at 350m, FlashAttention-4 (--attn fa4, an optional package, alone and at 350m as
+CUDA graphs; its 350m runs are judged by the 52% too), and with --curve-data the 200-step loss
+curves of this trainer and the Trainer side by side with the noise between two seeds of ours (a
+threshold for "within noise" is a judgement the numbers should be shown for), and FP8 against bf16
+at 1.3b (judged: within the noise when the mean distance of FP8 from bf16 is at most that of two
+bf16 seeds). The goal is stated for an H100: on another GPU the verdicts say so instead of "met".
 Each benchmark is a separate process with its own time limit, so one failure leaves the others;
 JSON of each, calls.json (which invocation made each) and summary.md (rewritten after every run)
 go to --out. A benchmark: nothing here is a test, and a verdict of "not met" exits 0.
