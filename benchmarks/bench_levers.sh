@@ -31,8 +31,8 @@
 # fused by Inductor, the earlier path), fa4 / fa4-cudagraphs (FlashAttention-4's kernels, --attn
 # fa4, needing flash-attn-4 and a Hopper GPU / the same with the step replayed as CUDA graphs,
 # which takes FA4's Python launch path off the host's critical path), fp8 / fp8-cudagraphs (--fp8
-# tensorwise --fp8-impl torchao, needing torchao and an FP8 GPU / the same as CUDA graphs: its profiled step idled 7.3%
-# of the time on an H100 at 1.3b), fp8-native / fp8-native-cudagraphs (the same recipe through the
+# tensorwise --fp8-impl torchao, needing torchao and an FP8 GPU / the same as CUDA graphs: its
+# profiled step idled 7.3% of the time on an H100 at 1.3b), fp8-native / fp8-native-cudagraphs (the same recipe through the
 # project's own FP8 linear, --fp8-impl native, which needs no torchao). Each run has its own time
 # limit (LEVER_TIMEOUT, default 300 s), so one failure or hang leaves the others. JSON per run and
 # summary.md go to ${BENCH_DIR:-outputs/bench_levers}. A benchmark: nothing here asserts a speed.
