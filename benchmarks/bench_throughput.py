@@ -56,6 +56,7 @@ from koen_sllm import distributed as D  # noqa: E402
 from koen_sllm.config import (FP8_IMPLS, TrainConfig as RunDefaults, apply_device_defaults, fp8_impl_for,  # noqa: E402
                                parse_args as parse_run_args)
 from koen_sllm.metrics import peak_flops, peak_memory_gib  # noqa: E402
+from koen_sllm.kernels import flash_attn4  # noqa: E402
 from koen_sllm.losses import IGNORE_INDEX  # noqa: E402
 from koen_sllm.optim import build_optimizer, build_scheduler  # noqa: E402
 from koen_sllm.trainer import Trainer  # noqa: E402
@@ -164,13 +165,16 @@ def token_source(args):
 
 def run_ours(args, seed: int = 0, name: str = "koen_sllm", plain: bool = False) -> dict:
     """``plain``: without the numeric levers (a lever curve runs the default and the lever in one process)."""
+    if args.fa4_deterministic:
+        flash_attn4.deterministic_backward = True  # FA4's ordered backward, as deterministic algorithms ask
     tr = Trainer(run_config(args, seed, plain), D.init_distributed())
     tr.build(VOCAB, token_source(args))
     if args.liger:
         from liger_levers import apply_liger
 
         print(f"liger-kernel: {apply_liger(tr.raw_model, args.liger)}")
-    tr.finalize()  # probes attention, which decides the grouped-K/V path; compiles at the first step
+    tr.finalize()  # settles and probes attention (auto's kernel, the grouped-K/V path); compiles at the first step
+    print(f"attention: {tr.attention}", flush=True)
     levers = tr.engine.levers  # the DDP engine's switches (engines/ddp.py)
     if args.update_after_vote:
         levers.early_update = False  # the earlier order: read the vote, then launch the update
@@ -194,6 +198,7 @@ def run_ours(args, seed: int = 0, name: str = "koen_sllm", plain: bool = False) 
         losses.append(float(loss))
     fpt = tr.raw_model.flops_per_token(args.seq_len)
     res = _summarize(name, times[args.warmup:], args, fpt, losses)
+    res["attention"] = tr.attention
     if args.profile:
         res["profile"] = profile_steps(tr.train_step, 3)
     if args.trace:
@@ -361,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--attn", default="auto")
+    p.add_argument("--fa4-deterministic", action="store_true",
+                   help="ours: FA4's backward in its ordered, bit-reproducible mode instead of atomic additions")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--compile-mode", default="default", help="ours: torch.compile mode (reduce-overhead = CUDA graphs)")
     p.add_argument("--expand-kv", action="store_true",

@@ -9,12 +9,14 @@ outputs are contiguous, as the shape functions promise.
 
 The package is optional (``pip install -e ".[fa4]"``) and imported only when ``--attn fa4`` asks
 for it. Its backward adds the gradient of each query block with atomic additions unless
-``torch.use_deterministic_algorithms(True)`` is on, so two runs may differ in the last bits.
+``torch.use_deterministic_algorithms(True)`` is on (or :data:`deterministic_backward` says
+otherwise), so two runs may differ in the last bits.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,20 @@ import torch
 
 INTERFACE = "flash_attn.cute.interface"  # where flash-attn-4 keeps _flash_attn_fwd / _flash_attn_bwd
 INSTALL_COMMAND = 'pip install -e ".[fa4]"'
+CACHE_SWITCH = "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"  # read by flash-attn-4 when it is imported
 MIN_CAPABILITY = (9, 0)  # FA4's backward runs on Hopper (sm90) and newer
 
 _interface: Any = None  # bound by load(); tests bind a reference implementation
+
+# The backward's order of additions: None follows torch.use_deterministic_algorithms; True or False
+# forces FA4's ordered (semaphore) or atomic accumulation of dQ, which benchmarks compare.
+deterministic_backward: bool | None = None
+
+
+def backward_is_deterministic() -> bool:
+    if deterministic_backward is not None:
+        return deterministic_backward
+    return torch.are_deterministic_algorithms_enabled()
 
 
 def flash_attn_spec() -> Any:
@@ -49,6 +62,10 @@ def load() -> Any:
     """The flash-attn-4 interface module (ImportError if it is missing or not FA4)."""
     global _interface
     if _interface is None:
+        # FA4 compiles its kernels for this GPU in every new process (6-9 s at start-up) unless its
+        # disk cache is on; the cache is keyed by FA4's sources and versions and written under a
+        # file lock, so ranks share it. FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=0 turns it off.
+        os.environ.setdefault(CACHE_SWITCH, "1")
         module = importlib.import_module(INTERFACE)
         if not all(hasattr(module, name) for name in ("_flash_attn_fwd", "_flash_attn_bwd")):
             raise ImportError(f"{INTERFACE} has no _flash_attn_fwd/_flash_attn_bwd; it is not flash-attn-4")
@@ -79,7 +96,7 @@ def fa4_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     """The gradients of q, k and v (contiguous, the inputs' shapes and dtype)."""
     q, k, v, out, dout, lse = _contiguous(q, k, v, out, dout, lse)
     grads = load()._flash_attn_bwd(q, k, v, out, dout, lse, causal=True,
-                                   deterministic=torch.are_deterministic_algorithms_enabled())
+                                   deterministic=backward_is_deterministic())
     return _contiguous(*grads[:3])
 
 
