@@ -30,9 +30,24 @@ E5M2 = torch.float8_e5m2  # output gradients: more range
 AMAX_FLOOR = 1e-12  # an all-zero tensor still gets a finite scale (torchao's EPS)
 
 
+# How the amax is reduced (the same value either way: a maximum is exact in any order). "rows":
+# each row's maximum first, then theirs, so that Inductor can compute the rows' maxima inside the
+# kernel that produces the tensor (a norm, the SwiGLU product or its backward: reductions over the
+# same rows), instead of reading the whole tensor again in a reduction of its own. "whole": one
+# reduction over every element, which Inductor splits into chunks that no producer shares.
+AMAX_ORDER = "rows"
+
+
+def tensor_amax(t: torch.Tensor) -> torch.Tensor:
+    """The largest magnitude in ``t`` (2-D or more: rows along the last dimension)."""
+    if AMAX_ORDER == "rows" and t.dim() >= 2:
+        return t.abs().amax(dim=-1).max()
+    return t.abs().max()
+
+
 def tensor_scale(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The float32 scalar that maps ``t``'s largest magnitude onto ``dtype``'s largest value."""
-    amax = t.abs().max().to(torch.float64)
+    amax = tensor_amax(t).to(torch.float64)
     return (torch.finfo(dtype).max / torch.clamp(amax, min=AMAX_FLOOR)).to(torch.float32)
 
 
