@@ -18,7 +18,8 @@ to the ratio); 1.3b at least 56% MFU (bf16); FP8 (--fp8 rowwise and tensorwise t
 tensorwise through the native linear, each judged) at 1.3b batch 4 at least 1.25x the bf16 tokens/s
 of the same call. Reported without a target: this trainer against torchtitan's (bench_torchtitan.py)
 at both shapes, FP8 at 350m, FlashAttention-4 (--attn fa4, an optional package, alone and at 350m as
-CUDA graphs; its 350m runs are judged by the 52% too), and with --curve-data the 200-step loss
+CUDA graphs, against --attn cudnn of the same call; its 350m runs are judged by the 52% too, and the
+defaults' rows name the kernel auto chose), and with --curve-data the 200-step loss
 curves of this trainer and the Trainer side by side with the noise between two seeds of ours (a
 threshold for "within noise" is a judgement the numbers should be shown for), and FP8 against bf16
 at 1.3b (judged: within the noise when the mean distance of FP8 from bf16 is at most that of two
@@ -45,22 +46,33 @@ OURS = "koen_sllm"
 
 _350M = ["--quick", "--model-size", "350m", "--batch-size", "8", "--seq-len", "2048"]
 _13B = ["--quick", "--model-size", "1.3b", "--batch-size", "4", "--seq-len", "2048"]
+
+
+def _fp8(shape: list, recipe: str, impl: str, limit_s: int) -> tuple:
+    """An FP8 run of ours: each names its implementation, since the default (--fp8-impl auto) may change."""
+    return "bench", ["--only", "ours", *shape, "--fp8", recipe, "--fp8-impl", impl], limit_s
+
+
 # name: (script, options, time limit in seconds). In this order: the judged runs first.
 RUNS = {
     "350m_b8": ("bench", _350M, 480),  # ours and the tuned Trainer, one process
     "1.3b_b4": ("bench", ["--only", "ours", *_13B], 300),
-    "1.3b_b4_fp8_rowwise": ("bench", ["--only", "ours", *_13B, "--fp8", "rowwise", "--fp8-impl", "torchao"], 360),
-    "1.3b_b4_fp8_tensorwise": ("bench", ["--only", "ours", *_13B, "--fp8", "tensorwise", "--fp8-impl", "torchao"], 360),
-    # torchao's runs name it: the trainer's default (--fp8-impl auto) runs tensorwise through the
-    # project's own FP8 linear (--fp8-impl native, no torchao), measured as its own run
-    "1.3b_b4_fp8_native": ("bench", ["--only", "ours", *_13B, "--fp8", "tensorwise", "--fp8-impl", "native"], 360),
+    "1.3b_b4_fp8_rowwise": _fp8(_13B, "rowwise", "torchao", 360),
+    "1.3b_b4_fp8_tensorwise": _fp8(_13B, "tensorwise", "torchao", 360),
+    # the trainer's default (--fp8-impl auto) runs tensorwise through the project's own FP8 linear
+    # (--fp8-impl native, no torchao), measured as its own run
+    "1.3b_b4_fp8_native": _fp8(_13B, "tensorwise", "native", 360),
     "torchtitan_350m_b8": ("titan", _350M, 480),
     "torchtitan_1.3b_b4": ("titan", _13B, 480),
-    "350m_b8_fp8_rowwise": ("bench", ["--only", "ours", *_350M, "--fp8", "rowwise", "--fp8-impl", "torchao"], 300),
-    "350m_b8_fp8_tensorwise": ("bench", ["--only", "ours", *_350M, "--fp8", "tensorwise", "--fp8-impl", "torchao"], 300),
-    "350m_b8_fp8_native": ("bench", ["--only", "ours", *_350M, "--fp8", "tensorwise", "--fp8-impl", "native"], 300),
+    "350m_b8_fp8_rowwise": _fp8(_350M, "rowwise", "torchao", 300),
+    "350m_b8_fp8_tensorwise": _fp8(_350M, "tensorwise", "torchao", 300),
+    "350m_b8_fp8_native": _fp8(_350M, "tensorwise", "native", 300),
     "350m_b8_fp32_moments": ("bench", ["--only", "ours", *_350M, "--fp32-moments"], 300),
     "1.3b_b4_fp32_moments": ("bench", ["--only", "ours", *_13B, "--fp32-moments"], 300),
+    # cuDNN attention by name: what the defaults run on Hopper without flash-attn-4, and the kernel the
+    # FA4 runs are compared with (with flash-attn-4 installed the defaults themselves run FA4 there)
+    "350m_b8_cudnn": ("bench", ["--only", "ours", *_350M, "--attn", "cudnn"], 300),
+    "1.3b_b4_cudnn": ("bench", ["--only", "ours", *_13B, "--attn", "cudnn"], 300),
     # FlashAttention-4 (--attn fa4): needs the flash-attn-4 package and a Hopper or newer GPU
     "350m_b8_fa4": ("bench", ["--only", "ours", *_350M, "--attn", "fa4"], 300),
     "1.3b_b4_fa4": ("bench", ["--only", "ours", *_13B, "--attn", "fa4"], 300),
@@ -76,7 +88,8 @@ GROUPS = {
     "fp8_350m": ["350m_b8", "350m_b8_fp8_rowwise", "350m_b8_fp8_tensorwise"],
     "bf16": ["350m_b8", "1.3b_b4"],
     "moments": ["350m_b8", "1.3b_b4", "350m_b8_fp32_moments", "1.3b_b4_fp32_moments"],
-    "fa4": ["350m_b8", "1.3b_b4", "350m_b8_fa4", "1.3b_b4_fa4", "350m_b8_fa4_cudagraphs"],
+    "fa4": ["350m_b8", "1.3b_b4", "350m_b8_cudnn", "1.3b_b4_cudnn", "350m_b8_fa4", "1.3b_b4_fa4",
+            "350m_b8_fa4_cudagraphs"],
     "fp8_native": ["1.3b_b4", "1.3b_b4_fp8_tensorwise", "1.3b_b4_fp8_native", "350m_b8", "350m_b8_fp8_native"],
 }
 CURVE_OPTIONS = ["--curve", "--model-size", "350m", "--batch-size", "8", "--seq-len", "2048",
@@ -164,7 +177,9 @@ def peer_text(rep: dict, peer: dict) -> str:
 
 def _mfu_row(label: str, res, device: str, target: float):
     mfu = res.get("mfu") if res else None
-    return (label, f"{mfu:.1%} ({res['tokens_per_s']:,.0f} tokens/s, {device})" if mfu is not None else "-",
+    # which kernel the run's attention was (the defaults' auto depends on the GPU and the packages)
+    attention = f"; attention {res['attention']}" if res and res.get("attention") else ""
+    return (label, f"{mfu:.1%} ({res['tokens_per_s']:,.0f} tokens/s, {device}{attention})" if mfu is not None else "-",
             verdict(mfu, target, device))
 
 
@@ -252,10 +267,16 @@ def judge(reports: dict, calls: dict = None) -> list:
             rows.append(_ratio_row(reports, calls, f"{size}: --fp32-moments / the defaults' tokens/s (no target)",
                                    run, base_run, "--fp32-moments", None))
     for size, base_run in (("350m batch 8", "350m_b8"), ("1.3b batch 4", "1.3b_b4")):
+        # FA4 against cuDNN where cuDNN ran by name (the defaults may be FA4 themselves), else the defaults
+        cudnn = f"{base_run}_cudnn"
+        base, base_label = (cudnn, "--attn cudnn") if cudnn in reports else (base_run, "the defaults'")
+        if cudnn in reports:
+            rows.append(_ratio_row(reports, calls, f"{size}: the defaults / --attn cudnn tokens/s (no target)",
+                                   base_run, cudnn, "the defaults", None))
         for suffix, option in FA4_RUNS:
             if (run := f"{base_run}{suffix}") in reports:
-                rows.append(_ratio_row(reports, calls, f"{size}: {option} / the defaults' tokens/s (no target)",
-                                       run, base_run, option, None))
+                rows.append(_ratio_row(reports, calls, f"{size}: {option} / {base_label} tokens/s (no target)",
+                                       run, base, option, None))
     for size, run, ours_run in (("350m batch 8", "torchtitan_350m_b8", "350m_b8"),
                                 ("1.3b batch 4", "torchtitan_1.3b_b4", "1.3b_b4")):
         row = _titan_row(reports, calls, size, run, ours_run)

@@ -2,9 +2,12 @@
 
 ``--attn`` picks the kernel:
 
-- ``auto``: on CUDA, cuDNN attention first, then FlashAttention-2, memory-efficient
-  and math, in that priority (PyTorch falls through to the next one that accepts
-  the inputs); elsewhere PyTorch chooses.
+- ``auto``: on a Hopper GPU (H100, H200) in bf16/fp16 with flash-attn-4 installed,
+  FlashAttention-4 (measured faster there: :func:`auto_takes_fa4`); otherwise, on CUDA,
+  cuDNN attention first, then FlashAttention-2, memory-efficient and math, in that
+  priority (PyTorch falls through to the next one that accepts the inputs); elsewhere
+  PyTorch chooses. The choice is made once the model sits on its device
+  (``KoEnLM.check_attention``).
 - ``cudnn`` / ``flash`` / ``efficient``: exactly that PyTorch CUDA kernel, or an error.
 - ``math``: the reference implementation (any device, any dtype; slow).
 - ``flash-attn``: the ``flash-attn`` package (CUDA, bf16/fp16).
@@ -272,6 +275,40 @@ def probe_backend(
                 f"--attn {name} cannot run {num_heads}/{num_kv_heads} heads of dim {head_dim} in "
                 f"{_dtype_name(dtype)} on {device} ({_where()}): {detail}; use --attn auto"
             ) from exc
+
+
+# Where `auto` runs FlashAttention-4 when the package is there: Hopper, where it was measured
+# against cuDNN (1.033-1.037x the step at 350m, equal at 1.3b; docs/benchmarks.md). Blackwell's
+# kernels are FA4's own design too, but no B200 has measured them against cuDNN here.
+AUTO_FA4_CAPABILITIES = ((9, 0),)
+
+
+def auto_takes_fa4(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``--attn auto`` should try FlashAttention-4 on ``device`` in ``dtype``."""
+    return (device.type == "cuda" and dtype in _HALF and flash_attn4.installed()
+            and tuple(torch.cuda.get_device_capability(device)) in AUTO_FA4_CAPABILITIES)
+
+
+def resolve_auto(device: torch.device | str, dtype: torch.dtype, num_heads: int, num_kv_heads: int,
+                 head_dim: int) -> tuple[str, str]:
+    """The kernel ``--attn auto`` runs here, as an ``--attn`` name, and a line saying why.
+
+    FA4 where :func:`auto_takes_fa4` says so and it passes :func:`probe_backend` with these shapes;
+    if it is installed but fails (a broken install, an unsupported head size), ``auto`` keeps
+    PyTorch's SDPA and the line says what FA4 answered, so a run never stops over a kernel it
+    did not ask for by name."""
+    device = torch.device(device)
+    if not auto_takes_fa4(device, dtype):
+        hint = ""
+        if (device.type == "cuda" and dtype in _HALF
+                and tuple(torch.cuda.get_device_capability(device)) in AUTO_FA4_CAPABILITIES):
+            hint = f" (FlashAttention-4 is faster on this GPU: {flash_attn4.INSTALL_COMMAND})"
+        return "auto", ("PyTorch SDPA, cuDNN first" if device.type == "cuda" else "PyTorch SDPA") + hint
+    try:
+        probe_backend("fa4", device, dtype, num_heads, num_kv_heads, head_dim)
+    except AttentionBackendError as exc:
+        return "auto", f"PyTorch SDPA, cuDNN first (FlashAttention-4 did not run: {exc})"
+    return "fa4", "FlashAttention-4 (flash-attn-4 on a Hopper GPU)"
 
 
 def _first_line(obj) -> str:

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import causal_attention, check_backend, cudnn_takes_grouped_kv, probe_backend
+from .attention import causal_attention, check_backend, cudnn_takes_grouped_kv, probe_backend, resolve_auto
 from .config import ATTN_BACKENDS, ConfigError
 from .losses import IGNORE_INDEX, chunked_linear_cross_entropy, fused_ce_runs, fused_linear_cross_entropy
 from .rotary import apply_rope, qkv_split, rope_tables, rotate_qkv
@@ -56,6 +56,9 @@ class ModelConfig:
     # cuDNN attention takes grouped K/V as they are (attention.py); None: decided by check_attention
     # for the GPU it runs on, False elsewhere.
     cudnn_grouped_kv: Optional[bool] = None
+    # The kernel attention runs, as an --attn name: attn_backend, except that check_attention turns
+    # "auto" into what it chose for the device (FA4 on Hopper when installed). None: attn_backend.
+    attn_kernel: Optional[str] = None
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -164,7 +167,7 @@ class Attention(nn.Module):
             # v carries the matmul dtype (bf16 under autocast); the norm weights and
             # the fp32 rotation would otherwise promote q and k to fp32.
             q, k = self.rotate(q, k, cos, sin, v.dtype)
-        out = causal_attention(q, k, v, self.backend, bool(self.cfg.cudnn_grouped_kv))
+        out = causal_attention(q, k, v, self.cfg.attn_kernel or self.backend, bool(self.cfg.cudnn_grouped_kv))
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -262,13 +265,22 @@ class KoEnLM(nn.Module):
         """Recompute each layer's activations in backward: ~1/3 more compute, far less memory."""
         self.cfg.activation_checkpointing = bool(enabled)
 
-    def check_attention(self, device: torch.device | str, dtype: torch.dtype) -> None:
-        """Probe the configured attention backend with this model's head shapes on
-        ``device`` in ``dtype`` (the autocast dtype, or fp32); raises AttentionBackendError."""
+    def check_attention(self, device: torch.device | str, dtype: torch.dtype) -> str:
+        """Settle the attention kernel for ``device`` in ``dtype`` (the autocast dtype, or fp32) and
+        probe it with this model's head shapes; raises AttentionBackendError. Returns a line naming
+        the kernel (for ``auto``: what it chose and why)."""
         c, device = self.cfg, torch.device(device)
         if c.cudnn_grouped_kv is None:  # one GPU kind per process: decided once, for this one
             c.cudnn_grouped_kv = device.type == "cuda" and cudnn_takes_grouped_kv(torch.cuda.get_device_capability(device))
-        probe_backend(c.attn_backend, device, dtype, c.num_heads, c.num_kv_heads, c.head_dim, bool(c.cudnn_grouped_kv))
+        if c.attn_backend != "auto":
+            c.attn_kernel, note = c.attn_backend, c.attn_backend
+        else:
+            c.attn_kernel, why = resolve_auto(device, dtype, c.num_heads, c.num_kv_heads, c.head_dim)
+            note = f"auto: {why}"
+        if c.attn_kernel != "fa4" or c.attn_backend == "fa4":  # auto's FA4 passed its probe already
+            probe_backend(c.attn_kernel, device, dtype, c.num_heads, c.num_kv_heads, c.head_dim,
+                          bool(c.cudnn_grouped_kv))
+        return note
 
     # ------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -104,7 +104,7 @@ class Trainer:
             else f"on ({self.t.compile_mode})"
         log.info("steps: %d (%.3f epochs of %s training sequences); precision %s; compile %s; attention %s",
                  self.max_steps, self.max_steps * self.plan.sequences_per_step / max(1, self.loader.num_samples),
-                 f"{self.loader.num_samples:,}", self.t.precision, compiled, self.t.attn)
+                 f"{self.loader.num_samples:,}", self.t.precision, compiled, self.attention)
         if self.model_cfg.ce_chunk_tokens:
             log.info("output layer + cross-entropy in chunks of %d tokens", self.model_cfg.ce_chunk_tokens)
         elif fused_ce_offered(self.device.type == "cuda", PRECISION_DTYPES.get(self.t.precision), self.t.loss_kernel):
@@ -158,7 +158,8 @@ class Trainer:
 
     def finalize(self) -> None:
         """Compile and wrap after any weights are loaded (the engine's prepare); the raw module stays for saving."""
-        self.raw_model.check_attention(self.device, PRECISION_DTYPES[self.t.precision])  # a bad --attn fails here, not in step 1
+        # A bad --attn fails here, not in step 1; auto settles its kernel for this GPU.
+        self.attention = self.raw_model.check_attention(self.device, PRECISION_DTYPES[self.t.precision])
         self.engine.prepare()
         self.peak = peak_flops(torch.cuda.get_device_name(self.device), self.t.precision) \
             if self.device.type == "cuda" else None

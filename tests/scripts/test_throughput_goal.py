@@ -149,7 +149,8 @@ def test_fa4_is_judged_by_the_350m_goal_and_reported_against_the_defaults():
     assert "1.010x" in got["1.3b batch 4: --attn fa4 / the defaults' tokens/s (no target)"][0]
     assert tg.judge(base(**{"350m_b8_fa4": report(ours=(211_000, 0.519), peer=None)}))[1][2] == "not met"
     assert [r[0] for r in tg.judge(base())].count("350m batch 8 with --attn fa4: MFU >= 52% (bf16)") == 0
-    assert tg.selected("fa4") == ["350m_b8", "1.3b_b4", "350m_b8_fa4", "1.3b_b4_fa4", "350m_b8_fa4_cudagraphs"]
+    assert tg.selected("fa4") == ["350m_b8", "1.3b_b4", "350m_b8_cudnn", "1.3b_b4_cudnn", "350m_b8_fa4",
+                                  "1.3b_b4_fa4", "350m_b8_fa4_cudagraphs"]
     graphs = rows_by_label(tg.judge(base(**{"350m_b8": report(ours=(205_000, 0.502)),
                                             "350m_b8_fa4_cudagraphs": report(ours=(215_000, 0.528), peer=None)})))
     judged = graphs["350m batch 8 with --attn fa4 --compile-mode reduce-overhead: MFU >= 52% (bf16)"]
@@ -157,6 +158,25 @@ def test_fa4_is_judged_by_the_350m_goal_and_reported_against_the_defaults():
     ratio = graphs["350m batch 8: --attn fa4 --compile-mode reduce-overhead / the defaults' tokens/s (no target)"]
     assert "1.049x" in ratio[0] and ratio[1] == "reported"
     assert "350m batch 8 with --attn fa4: MFU >= 52% (bf16)" not in graphs  # not asked for, no row
+
+
+def test_fa4_is_reported_against_cudnn_by_name_where_it_ran_and_the_defaults_name_their_attention():
+    """With flash-attn-4 installed the defaults' auto runs FA4 on Hopper, so the FA4 runs are compared
+    with --attn cudnn of the same call, and the defaults against it too; the MFU rows say which kernel ran."""
+    defaults = report(ours=(213_000, 0.522))
+    defaults["results"][0]["attention"] = "auto: FlashAttention-4 (flash-attn-4 on a Hopper GPU)"
+    reps = base(**{"350m_b8": defaults, "350m_b8_cudnn": report(ours=(206_000, 0.505), peer=None),
+                   "350m_b8_fa4": report(ours=(212_000, 0.52), peer=None)})
+    calls = {name: 1 for name in reps}
+    rows = tg.judge(reps, calls)
+    assert rows[0][2] == "met" and "attention auto: FlashAttention-4" in rows[0][1]
+    got = rows_by_label(rows)
+    assert "1.034x" in got["350m batch 8: the defaults / --attn cudnn tokens/s (no target)"][0]
+    fa4 = got["350m batch 8: --attn fa4 / --attn cudnn tokens/s (no target)"]
+    assert fa4[1] == "reported" and "1.029x" in fa4[0] and "206,000" in fa4[0]
+    assert "350m batch 8: --attn fa4 / the defaults' tokens/s (no target)" not in got
+    # 1.3b without its cuDNN run: its FA4 row stays against the defaults
+    assert "1.3b batch 4: the defaults / --attn cudnn tokens/s (no target)" not in got
 
 
 def test_a_torchtitan_that_did_not_run_says_why():
@@ -200,7 +220,8 @@ def test_runs_and_groups_are_chosen_by_name():
     assert tg.selected("targets") == ["350m_b8", "1.3b_b4", "1.3b_b4_fp8_rowwise", "1.3b_b4_fp8_tensorwise"]
     assert set(tg.selected("torchtitan,fp8_350m")) == set(tg.RUNS) - {
         "1.3b_b4_fp8_rowwise", "1.3b_b4_fp8_tensorwise", "350m_b8_fp32_moments", "1.3b_b4_fp32_moments",
-        "350m_b8_fa4", "1.3b_b4_fa4", "1.3b_b4_fp8_native", "350m_b8_fp8_native", "350m_b8_fa4_cudagraphs"}
+        "350m_b8_fa4", "1.3b_b4_fa4", "1.3b_b4_fp8_native", "350m_b8_fp8_native", "350m_b8_fa4_cudagraphs",
+        "350m_b8_cudnn", "1.3b_b4_cudnn"}
     assert tg.selected("fp8_native") == ["350m_b8", "1.3b_b4", "1.3b_b4_fp8_tensorwise", "1.3b_b4_fp8_native",
                                          "350m_b8_fp8_native"]
     with pytest.raises(SystemExit, match="neither a run"):

@@ -275,3 +275,134 @@ def test_the_trainer_stops_before_it_starts_with_one_line(tmp_path, capsys, monk
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"❌ {cli.KO_ATTN} / --attn fa4 needs the flash-attn-4 package: pip install")
+
+
+@pytest.mark.parametrize("forced", [True, False])
+def test_deterministic_backward_overrides_torchs_switch(reference, monkeypatch, forced):
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: not forced)
+    monkeypatch.setattr(flash_attn4, "deterministic_backward", forced)
+    q, k, v = _qkv()
+    causal_attention(q, k, v, "fa4").sum().backward()
+    assert reference.calls[-1] == ("bwd", forced)
+
+
+# ---------------------------------------------------------------- what --attn auto runs
+
+
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.parametrize("capability,dtype,installed,expected", [
+    ((9, 0), torch.bfloat16, True, True),      # Hopper, bf16, FA4 there: measured faster
+    ((9, 0), torch.float16, True, True),
+    ((9, 0), torch.float32, True, False),      # FA4 runs half precision only
+    ((9, 0), torch.bfloat16, False, False),    # not installed
+    ((8, 0), torch.bfloat16, True, False),     # A100: FA4's backward needs sm90
+    ((10, 0), torch.bfloat16, True, False),    # Blackwell: not measured against cuDNN here
+])
+def test_auto_takes_fa4_only_on_hopper_in_half_precision_when_installed(monkeypatch, capability, dtype,
+                                                                        installed, expected):
+    _fake_gpu(monkeypatch, capability)
+    monkeypatch.setattr(flash_attn4, "installed", lambda: installed)
+    assert A.auto_takes_fa4(CUDA, dtype) is expected
+
+
+def test_auto_takes_fa4_never_off_the_gpu(monkeypatch):
+    monkeypatch.setattr(flash_attn4, "installed", lambda: True)
+    assert A.auto_takes_fa4(torch.device("cpu"), torch.bfloat16) is False
+    assert A.resolve_auto("cpu", torch.bfloat16, 4, 2, 16) == ("auto", "PyTorch SDPA")
+
+
+def test_auto_resolves_to_fa4_when_its_probe_passes(monkeypatch):
+    _fake_gpu(monkeypatch)
+    monkeypatch.setattr(flash_attn4, "installed", lambda: True)
+    probed = []
+    monkeypatch.setattr(A, "probe_backend", lambda name, *args: probed.append((name, *args)))
+    kernel, why = A.resolve_auto(CUDA, torch.bfloat16, 16, 4, 64)
+    assert (kernel, why) == ("fa4", "FlashAttention-4 (flash-attn-4 on a Hopper GPU)")
+    assert probed == [("fa4", CUDA, torch.bfloat16, 16, 4, 64)]
+
+
+def test_auto_keeps_sdpa_and_says_why_when_fa4_fails_its_probe(monkeypatch):
+    _fake_gpu(monkeypatch)
+    monkeypatch.setattr(flash_attn4, "installed", lambda: True)
+
+    def refuse(name, *args):
+        raise AttentionBackendError("--attn fa4: flash-attn-4 is installed but does not import (OSError: libcuda)")
+
+    monkeypatch.setattr(A, "probe_backend", refuse)
+    kernel, why = A.resolve_auto(CUDA, torch.bfloat16, 16, 4, 64)
+    assert kernel == "auto"
+    assert why.startswith("PyTorch SDPA, cuDNN first (FlashAttention-4 did not run: ") and "libcuda" in why
+
+
+def test_auto_on_hopper_without_fa4_names_the_install_command(monkeypatch):
+    _fake_gpu(monkeypatch)
+    monkeypatch.setattr(flash_attn4, "installed", lambda: False)
+    kernel, why = A.resolve_auto(CUDA, torch.bfloat16, 16, 4, 64)
+    assert kernel == "auto"
+    assert why == f"PyTorch SDPA, cuDNN first (FlashAttention-4 is faster on this GPU: {flash_attn4.INSTALL_COMMAND})"
+
+
+def test_auto_without_fa4_elsewhere_gives_no_hint(monkeypatch):
+    _fake_gpu(monkeypatch, (8, 0))
+    monkeypatch.setattr(flash_attn4, "installed", lambda: False)
+    assert A.resolve_auto(CUDA, torch.bfloat16, 16, 4, 64) == ("auto", "PyTorch SDPA, cuDNN first")
+
+
+def test_a_model_on_auto_runs_what_check_attention_chose(reference, monkeypatch):
+    """check_attention settles auto's kernel in the config the layers share; the forward then calls it
+    (here the FA4 reference), and the probe auto's resolution ran is not repeated."""
+    from koen_sllm import model as M
+
+    monkeypatch.setattr(M, "resolve_auto", lambda *a: ("fa4", "FlashAttention-4 (flash-attn-4 on a Hopper GPU)"))
+    probed = []
+    monkeypatch.setattr(M, "probe_backend", lambda name, *a: probed.append(name))
+    torch.manual_seed(0)
+    model = M.KoEnLM(M.model_config_from_preset("tiny", 300, 32))
+    assert model.cfg.attn_backend == "auto" and model.cfg.attn_kernel is None
+    note = model.check_attention("cpu", torch.float32)
+    assert note == "auto: FlashAttention-4 (flash-attn-4 on a Hopper GPU)"
+    assert model.cfg.attn_kernel == "fa4" and probed == []
+    x = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+    model(x, x).backward()
+    assert reference.calls.count("fwd") == 2 and reference.calls.count(("bwd", False)) == 2  # one per layer
+
+
+def test_a_model_on_auto_off_the_gpu_keeps_sdpa(reference):
+    from koen_sllm.model import KoEnLM, model_config_from_preset
+
+    model = KoEnLM(model_config_from_preset("tiny", 300, 32))
+    assert model.check_attention("cpu", torch.float32) == "auto: PyTorch SDPA"
+    assert model.cfg.attn_kernel == "auto"
+    x = torch.randint(0, 300, (2, 16))
+    model(x, x).backward()
+    assert reference.calls == []
+
+
+def test_a_named_backend_is_what_check_attention_settles():
+    from koen_sllm.model import KoEnLM, model_config_from_preset
+
+    model = KoEnLM(model_config_from_preset("tiny", 300, 32, attn_backend="math"))
+    assert model.check_attention("cpu", torch.float32) == "math"
+    assert model.cfg.attn_kernel == "math"
+
+
+@pytest.mark.parametrize("preset,expected", [(None, "1"), ("0", "0")])
+def test_loading_fa4_turns_its_kernel_cache_on_unless_told_otherwise(monkeypatch, preset, expected):
+    """FA4 reads its cache switch when imported: load() sets it first, keeping a value already given."""
+    monkeypatch.setattr(flash_attn4, "_interface", None)
+    monkeypatch.setenv(flash_attn4.CACHE_SWITCH, preset or "")  # recorded, so the test's own setting is undone
+    if preset is None:
+        monkeypatch.delenv(flash_attn4.CACHE_SWITCH)
+    seen = {}
+    module = types.ModuleType("flash_attn.cute.interface")
+    module._flash_attn_fwd = module._flash_attn_bwd = lambda *a, **k: None
+
+    def import_module(name):
+        seen[name] = flash_attn4.os.environ.get(flash_attn4.CACHE_SWITCH)
+        return module
+
+    monkeypatch.setattr(flash_attn4.importlib, "import_module", import_module)
+    assert flash_attn4.load() is module
+    assert seen == {flash_attn4.INTERFACE: expected}
