@@ -30,12 +30,13 @@ E5M2 = torch.float8_e5m2  # output gradients: more range
 AMAX_FLOOR = 1e-12  # an all-zero tensor still gets a finite scale (torchao's EPS)
 
 
-# How the amax is reduced (the same value either way: a maximum is exact in any order). "rows":
-# each row's maximum first, then theirs, so that Inductor can compute the rows' maxima inside the
-# kernel that produces the tensor (a norm, the SwiGLU product or its backward: reductions over the
-# same rows), instead of reading the whole tensor again in a reduction of its own. "whole": one
-# reduction over every element, which Inductor splits into chunks that no producer shares.
-AMAX_ORDER = "rows"
+# How the amax is reduced (the same value either way: a maximum is exact in any order). "whole":
+# one reduction over every element, which Inductor splits into chunks that no producer shares, so
+# it reads the tensor again in a kernel of its own (the measured default). "rows": each row's
+# maximum first, then theirs, so that Inductor can compute the rows' maxima inside the kernel that
+# produces the tensor (a norm, the SwiGLU product or its backward: reductions over the same rows);
+# predicted 1.02-1.035x at 1.3b (docs/benchmarks.md), the default once a GPU has measured it.
+AMAX_ORDER = "whole"
 
 
 def tensor_amax(t: torch.Tensor) -> torch.Tensor:

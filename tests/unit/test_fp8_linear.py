@@ -235,3 +235,31 @@ def test_without_autocast_the_output_keeps_the_input_dtype():
     lin = N.Fp8Linear.from_linear(nn.Linear(32, 48, bias=False))
     y, dx = run(lin, torch.randn(16, 32), torch.randn(16, 48), autocast=False)
     assert y.dtype == dx.dtype == lin.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("shape", [(7,), (5, 33), (2, 9, 17)])
+def test_the_amax_row_by_row_first_is_the_whole_maximum(monkeypatch, shape):
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16) * 40
+    t.view(-1)[len(t.view(-1)) // 2] = -8192  # the largest magnitude is a negative value in a middle row
+    monkeypatch.setattr(N, "AMAX_ORDER", "rows")
+    rows = N.tensor_amax(t), N.tensor_scale(t, N.E4M3)
+    monkeypatch.setattr(N, "AMAX_ORDER", "whole")
+    whole = N.tensor_amax(t), N.tensor_scale(t, N.E4M3)
+    assert rows[0].item() == whole[0].item() == 8192
+    assert torch.equal(rows[1], whole[1])
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_either_amax_order_trains_the_mlp_to_the_same_bits(monkeypatch, compiled):
+    torch.manual_seed(0)
+    base = MLP().to(torch.bfloat16)
+    x, grad = torch.randn(2, 16, 64).to(torch.bfloat16), torch.randn(2, 16, 64).to(torch.bfloat16)
+    results = {}
+    for order in ("whole", "rows"):
+        monkeypatch.setattr(N, "AMAX_ORDER", order)
+        torch._dynamo.reset()
+        mlp = native(copy.deepcopy(base))
+        y, gx = run(torch.compile(mlp) if compiled else mlp, x, grad)
+        results[order] = [y, gx] + [p.grad for p in mlp.parameters()]
+    for a, b in zip(results["whole"], results["rows"]):
+        assert torch.equal(a, b)
