@@ -545,7 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-size", choices=MODEL_SIZES, help="model preset (default: 0.6b on GPU, tiny on CPU)")
     g.add_argument("--max-steps", type=int, help="optimizer steps (default: 10 in test mode, --num-epochs in train mode)")
     g.add_argument("--num-epochs", type=float, default=1.0, help="passes over the data when --max-steps is unset")
-    g.add_argument("--attn", default="auto", choices=ATTN_BACKENDS, help="attention backend")
+    g.add_argument("--attn", default="auto", choices=ATTN_BACKENDS,
+                   help="attention kernel; auto: FlashAttention-4 on an H100/H200 when flash-attn-4 is installed "
+                        "(pip install -e \".[fa4]\"), else PyTorch's SDPA with cuDNN first (docs/model.md)")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute activations to save memory")
     g.add_argument("--ce-chunk-tokens", type=int, default=0, metavar="N",
                    help="output layer + cross-entropy N tokens at a time: the logits are never held whole (0 = off)")
