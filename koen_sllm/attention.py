@@ -27,6 +27,7 @@ message instead of inside the first compiled step.
 from __future__ import annotations
 
 import inspect
+import re
 import warnings
 from typing import Optional
 
@@ -307,7 +308,9 @@ def resolve_auto(device: torch.device | str, dtype: torch.dtype, num_heads: int,
     try:
         probe_backend("fa4", device, dtype, num_heads, num_kv_heads, head_dim)
     except AttentionBackendError as exc:
-        return "auto", f"PyTorch SDPA, cuDNN first (FlashAttention-4 did not run: {exc})"
+        # its message ends in advice to use --attn auto, which is what this run already does
+        reason = re.sub(r";? (or )?use --attn auto.*$", "", _first_line(exc))
+        return "auto", f"PyTorch SDPA, cuDNN first (FlashAttention-4 did not run: {reason})"
     return "fa4", "FlashAttention-4 (flash-attn-4 on a Hopper GPU)"
 
 

@@ -328,12 +328,16 @@ def test_auto_keeps_sdpa_and_says_why_when_fa4_fails_its_probe(monkeypatch):
     monkeypatch.setattr(flash_attn4, "installed", lambda: True)
 
     def refuse(name, *args):
-        raise AttentionBackendError("--attn fa4: flash-attn-4 is installed but does not import (OSError: libcuda)")
+        raise AttentionBackendError("--attn fa4: flash-attn-4 is installed but does not import (OSError: libcuda); "
+                                    "reinstall it for this torch and driver: pip install -e \".[fa4]\" (torch 2.11); "
+                                    "or use --attn auto")
 
     monkeypatch.setattr(A, "probe_backend", refuse)
     kernel, why = A.resolve_auto(CUDA, torch.bfloat16, 16, 4, 64)
     assert kernel == "auto"
-    assert why.startswith("PyTorch SDPA, cuDNN first (FlashAttention-4 did not run: ") and "libcuda" in why
+    assert why == ("PyTorch SDPA, cuDNN first (FlashAttention-4 did not run: --attn fa4: flash-attn-4 is installed "
+                   "but does not import (OSError: libcuda); reinstall it for this torch and driver: "
+                   "pip install -e \".[fa4]\" (torch 2.11))")
 
 
 def test_auto_on_hopper_without_fa4_names_the_install_command(monkeypatch):
