@@ -56,7 +56,7 @@ from koen_sllm import distributed as D  # noqa: E402
 from koen_sllm.config import (FP8_IMPLS, TrainConfig as RunDefaults, apply_device_defaults, fp8_impl_for,  # noqa: E402
                                parse_args as parse_run_args)
 from koen_sllm.metrics import peak_flops, peak_memory_gib  # noqa: E402
-from koen_sllm.kernels import flash_attn4  # noqa: E402
+from koen_sllm.kernels import flash_attn4, fp8_linear  # noqa: E402
 from koen_sllm.losses import IGNORE_INDEX  # noqa: E402
 from koen_sllm.optim import build_optimizer, build_scheduler  # noqa: E402
 from koen_sllm.trainer import Trainer  # noqa: E402
@@ -167,6 +167,7 @@ def run_ours(args, seed: int = 0, name: str = "koen_sllm", plain: bool = False) 
     """``plain``: without the numeric levers (a lever curve runs the default and the lever in one process)."""
     if args.fa4_deterministic:
         flash_attn4.deterministic_backward = True  # FA4's ordered backward, as deterministic algorithms ask
+    fp8_linear.AMAX_ORDER = args.fp8_amax  # the native FP8 linear's amax reduction (the same values)
     tr = Trainer(run_config(args, seed, plain), D.init_distributed())
     tr.build(VOCAB, token_source(args))
     if args.liger:
@@ -404,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8", choices=("off", "tensorwise", "rowwise"), default="off",
                    help="ours: the projections' matmuls in FP8 (the trainer's --fp8); "
                         "MFU stays against the dense bf16 peak")
+    p.add_argument("--fp8-amax", choices=("whole", "rows"), default=fp8_linear.AMAX_ORDER,
+                   help="ours, the native FP8 linear: each amax as one reduction or row by row first "
+                        "(the same values; kernels/fp8_linear.py)")
     p.add_argument("--fp8-impl", choices=FP8_IMPLS, default="auto",
                    help="ours: who runs --fp8's matmuls (the trainer's --fp8-impl; auto: native for tensorwise, "
                         "torchao for rowwise; native: tensorwise only)")
