@@ -284,10 +284,15 @@ def probe_backend(
 AUTO_FA4_CAPABILITIES = ((9, 0),)
 
 
+def _fa4_pays(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this GPU and dtype are where FA4 was measured faster than cuDNN, installed or not."""
+    return (device.type == "cuda" and dtype in _HALF
+            and tuple(torch.cuda.get_device_capability(device)) in AUTO_FA4_CAPABILITIES)
+
+
 def auto_takes_fa4(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``--attn auto`` should try FlashAttention-4 on ``device`` in ``dtype``."""
-    return (device.type == "cuda" and dtype in _HALF and flash_attn4.installed()
-            and tuple(torch.cuda.get_device_capability(device)) in AUTO_FA4_CAPABILITIES)
+    return _fa4_pays(device, dtype) and flash_attn4.installed()
 
 
 def resolve_auto(device: torch.device | str, dtype: torch.dtype, num_heads: int, num_kv_heads: int,
@@ -300,10 +305,8 @@ def resolve_auto(device: torch.device | str, dtype: torch.dtype, num_heads: int,
     did not ask for by name."""
     device = torch.device(device)
     if not auto_takes_fa4(device, dtype):
-        hint = ""
-        if (device.type == "cuda" and dtype in _HALF
-                and tuple(torch.cuda.get_device_capability(device)) in AUTO_FA4_CAPABILITIES):
-            hint = f" (FlashAttention-4 is faster on this GPU: {flash_attn4.INSTALL_COMMAND})"
+        hint = f" (FlashAttention-4 is faster on this GPU: {flash_attn4.INSTALL_COMMAND})" \
+            if _fa4_pays(device, dtype) else ""
         return "auto", ("PyTorch SDPA, cuDNN first" if device.type == "cuda" else "PyTorch SDPA") + hint
     try:
         probe_backend("fa4", device, dtype, num_heads, num_kv_heads, head_dim)

@@ -136,8 +136,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.backend = cfg.attn_backend
-        self.cfg = cfg  # shared with the model: check_attention settles cudnn_grouped_kv after construction
+        self.cfg = cfg  # shared with the model: check_attention settles attn_kernel and cudnn_grouped_kv later
         # q, k and v come out of one product: a wide matmul runs at the full matmul rate, where
         # narrow k and v products fall well short of it (their weight gradients need cuBLAS's
         # split-K and its extra reductions; docs/benchmarks.md). transformers'
@@ -167,7 +166,7 @@ class Attention(nn.Module):
             # v carries the matmul dtype (bf16 under autocast); the norm weights and
             # the fp32 rotation would otherwise promote q and k to fp32.
             q, k = self.rotate(q, k, cos, sin, v.dtype)
-        out = causal_attention(q, k, v, self.cfg.attn_kernel or self.backend, bool(self.cfg.cudnn_grouped_kv))
+        out = causal_attention(q, k, v, self.cfg.attn_kernel or self.cfg.attn_backend, bool(self.cfg.cudnn_grouped_kv))
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -272,14 +271,15 @@ class KoEnLM(nn.Module):
         c, device = self.cfg, torch.device(device)
         if c.cudnn_grouped_kv is None:  # one GPU kind per process: decided once, for this one
             c.cudnn_grouped_kv = device.type == "cuda" and cudnn_takes_grouped_kv(torch.cuda.get_device_capability(device))
-        if c.attn_backend != "auto":
-            c.attn_kernel, note = c.attn_backend, c.attn_backend
-        else:
+        note = c.attn_backend
+        if c.attn_backend == "auto":
             c.attn_kernel, why = resolve_auto(device, dtype, c.num_heads, c.num_kv_heads, c.head_dim)
             note = f"auto: {why}"
-        if c.attn_kernel != "fa4" or c.attn_backend == "fa4":  # auto's FA4 passed its probe already
-            probe_backend(c.attn_kernel, device, dtype, c.num_heads, c.num_kv_heads, c.head_dim,
-                          bool(c.cudnn_grouped_kv))
+            if c.attn_kernel == "fa4":
+                return note  # resolve_auto took FA4 only after it passed its probe
+        else:
+            c.attn_kernel = c.attn_backend
+        probe_backend(c.attn_kernel, device, dtype, c.num_heads, c.num_kv_heads, c.head_dim, bool(c.cudnn_grouped_kv))
         return note
 
     # ------------------------------------------------------------ forward
