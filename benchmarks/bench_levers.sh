@@ -35,7 +35,9 @@
 # profiled step idled 7.3% of the time on an H100 at 1.3b), fp8-native / fp8-native-cudagraphs (the same recipe through the
 # project's own FP8 linear, --fp8-impl native, which needs no torchao), fp8-amax-rows (fp8-native with each
 # amax reduced row by row first, --fp8-amax rows: the same values, fewer passes if Inductor fuses the
-# rows' maxima into the kernels that produce the tensors). Each run has its own time
+# rows' maxima into the kernels that produce the tensors), fp8-delayed (fp8-amax-rows with delayed
+# scaling, --fp8-scaling delayed: each scale from the previous steps' amax, so the casts can fuse
+# into the kernels that produce the tensors). Each run has its own time
 # limit (LEVER_TIMEOUT, default 300 s), so one failure or hang leaves the others. JSON per run and
 # summary.md go to ${BENCH_DIR:-outputs/bench_levers}. A benchmark: nothing here asserts a speed.
 set -euo pipefail
@@ -114,6 +116,7 @@ for lever in "${levers[@]}"; do
     fp8-native) run_lever fp8-native - --fp8 tensorwise --fp8-impl native --profile ;;
     fp8-native-cudagraphs) run_lever fp8-native-cudagraphs - --fp8 tensorwise --fp8-impl native --compile-mode reduce-overhead --profile ;;
     fp8-amax-rows) run_lever fp8-amax-rows - --fp8 tensorwise --fp8-impl native --fp8-amax rows --profile ;;
+    fp8-delayed) run_lever fp8-delayed - --fp8 tensorwise --fp8-impl native --fp8-scaling delayed --fp8-amax rows --profile ;;
     *) echo "❌ unknown lever $lever" >&2; exit 2 ;;
   esac
 done

@@ -151,7 +151,9 @@ def numeric_lever(args) -> str:
     """The levers that change the arithmetic, named as the curve reports them ('' for none)."""
     parts = []
     if args.fp8 != "off":
-        parts.append(f"fp8 {args.fp8} ({fp8_impl_for(args.fp8, args.fp8_impl)})")
+        impl = fp8_impl_for(args.fp8, args.fp8_impl)
+        delayed = impl == "native" and args.fp8_scaling == "delayed"
+        parts.append(f"fp8 {args.fp8} ({impl}{', delayed scaling' if delayed else ''})")
     if args.bf16_moments:
         parts.append("bf16 moments")
     return " + ".join(parts)
@@ -168,6 +170,7 @@ def run_ours(args, seed: int = 0, name: str = "koen_sllm", plain: bool = False) 
     if args.fa4_deterministic:
         flash_attn4.deterministic_backward = True  # FA4's ordered backward, as deterministic algorithms ask
     fp8_linear.AMAX_ORDER = args.fp8_amax  # the native FP8 linear's amax reduction (the same values)
+    fp8_linear.SCALING = args.fp8_scaling  # its scales from each tensor's own amax, or the previous steps'
     tr = Trainer(run_config(args, seed, plain), D.init_distributed())
     tr.build(VOCAB, token_source(args))
     if args.liger:
@@ -408,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8-amax", choices=("whole", "rows"), default=fp8_linear.AMAX_ORDER,
                    help="ours, the native FP8 linear: each amax as one reduction or row by row first "
                         "(the same values; kernels/fp8_linear.py)")
+    p.add_argument("--fp8-scaling", choices=("dynamic", "delayed"), default=fp8_linear.SCALING,
+                   help="ours, the native FP8 linear: each input's and output gradient's scale from its own amax "
+                        "or from the largest of the previous steps' (kernels/fp8_linear.py)")
     p.add_argument("--fp8-impl", choices=FP8_IMPLS, default="auto",
                    help="ours: who runs --fp8's matmuls (the trainer's --fp8-impl; auto: native for tensorwise, "
                         "torchao for rowwise; native: tensorwise only)")

@@ -22,6 +22,8 @@ where the tests run it).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
@@ -38,6 +40,18 @@ AMAX_FLOOR = 1e-12  # an all-zero tensor still gets a finite scale (torchao's EP
 # predicted 1.02-1.035x at 1.3b (docs/benchmarks.md), the default once a GPU has measured it.
 AMAX_ORDER = "whole"
 
+# Where each input's and output gradient's scale comes from. "dynamic": the tensor's own amax, so
+# the cast waits for a full pass over the tensor (torchao's tensorwise recipe; the measured
+# default). "delayed": the largest amax of the previous HISTORY steps (Transformer Engine's
+# recipe), known before the tensor exists, so Inductor can fuse the cast into the kernel that
+# produces the tensor; the tensor's own amax is still taken, for the steps after (row by row with
+# AMAX_ORDER "rows", possibly inside that same kernel). A tensor that outgrows its history
+# saturates at the format's largest value for that step. The weights keep dynamic scales: they
+# are cast once a step. Read when a layer is built (Fp8Linear.from_linear); a benchmark lever
+# until a GPU has measured it (docs/benchmarks.md).
+SCALING = "dynamic"
+HISTORY = 16  # steps of amax kept per tensor (torchao's delayed recipe kept 16)
+
 
 def tensor_amax(t: torch.Tensor) -> torch.Tensor:
     """The largest magnitude in ``t`` (2-D or more: rows along the last dimension)."""
@@ -46,10 +60,26 @@ def tensor_amax(t: torch.Tensor) -> torch.Tensor:
     return t.abs().max()
 
 
+def amax_scale(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The float32 scalar that maps ``amax`` onto ``dtype``'s largest value (in float64 first, as torchao)."""
+    return (torch.finfo(dtype).max / torch.clamp(amax.to(torch.float64), min=AMAX_FLOOR)).to(torch.float32)
+
+
 def tensor_scale(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The float32 scalar that maps ``t``'s largest magnitude onto ``dtype``'s largest value."""
-    amax = tensor_amax(t).to(torch.float64)
-    return (torch.finfo(dtype).max / torch.clamp(amax, min=AMAX_FLOOR)).to(torch.float32)
+    return amax_scale(tensor_amax(t), dtype)
+
+
+def history_scale(t: torch.Tensor, history: Optional[torch.Tensor], delayed: bool,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """``t``'s scale: from its own amax, or with ``delayed`` from the largest in ``history``; either
+    way ``t``'s amax then enters ``history`` (newest first), which ``None`` skips (dynamic layers)."""
+    if history is None:
+        return tensor_scale(t, dtype)
+    amax = tensor_amax(t).to(torch.float32)
+    scale = amax_scale(history.max() if delayed else amax, dtype)
+    history.copy_(torch.cat([amax.reshape(1), history[:-1]]))
+    return scale
 
 
 def to_fp8(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -78,39 +108,54 @@ class Fp8Matmul(torch.autograd.Function):
     """``x @ weight.T`` with all three matmuls (output, input gradient, weight gradient) in FP8."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, x_history: Optional[torch.Tensor] = None,
+                g_history: Optional[torch.Tensor] = None, delayed: bool = False) -> torch.Tensor:
+        """``x_history``/``g_history``: the input's and output gradient's amax histories (delayed
+        scaling's layers; None for dynamic ones), ``delayed``: whether they hold a step yet."""
         x2d = x.reshape(-1, x.shape[-1])
-        x_scale, w_scale = tensor_scale(x2d, E4M3), tensor_scale(weight, E4M3)
+        x_scale, w_scale = history_scale(x2d, x_history, delayed, E4M3), tensor_scale(weight, E4M3)
         x8, w8 = to_fp8(x2d, x_scale, E4M3), to_fp8(weight, w_scale, E4M3)
         # weight is [out, in] row-major, so weight.T is the column-major [in, out] the matmul wants
         out = scaled_mm(x8, x_scale, w8.t(), w_scale, x.dtype, fast_accum=True)
         ctx.save_for_backward(x8, x_scale, w8, w_scale)
         ctx.x_shape = x.shape
+        ctx.g_history, ctx.delayed = g_history, delayed
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x8, x_scale, w8, w_scale = ctx.saved_tensors
         g2d = grad_out.reshape(-1, grad_out.shape[-1])
-        g_scale = tensor_scale(g2d, E5M2)
+        g_scale = history_scale(g2d, ctx.g_history, ctx.delayed, E5M2)
         g8 = to_fp8(g2d, g_scale, E5M2)
         # dX = dY @ W: [tokens, out] @ [out, in]
         grad_x = scaled_mm(g8, g_scale, column_major(w8), w_scale, grad_out.dtype, fast_accum=False)
         # dW = dY.T @ X: [out, tokens] @ [tokens, in]
         grad_w = scaled_mm(g8.t().contiguous(), g_scale, column_major(x8), x_scale, grad_out.dtype, fast_accum=False)
-        return grad_x.reshape(ctx.x_shape), grad_w
+        return grad_x.reshape(ctx.x_shape), grad_w, None, None, None
 
 
 class Fp8Linear(nn.Linear):
     """An ``nn.Linear`` whose matmuls run in FP8 with tensorwise scaling (no bias: the projections have none).
 
     Built by :meth:`from_linear` around the very ``weight`` parameter of the layer it replaces, so
-    the state dict, the optimizer's parameters and checkpoints do not change."""
+    the state dict, the optimizer's parameters and checkpoints do not change. With delayed scaling
+    (``SCALING``) it keeps two amax histories as buffers outside the state dict; its first forward
+    and backward scale dynamically and fill them, and from then on ``delayed`` is set (a Python
+    flag: torch.compile compiles the step once more when it flips)."""
+
+    x_history: Optional[torch.Tensor]
+    g_history: Optional[torch.Tensor]
+    delayed: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):  # F.linear would compute in the autocast dtype
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        return Fp8Matmul.apply(x, self.weight)
+        delayed = self.delayed
+        out = Fp8Matmul.apply(x, self.weight, self.x_history, self.g_history, delayed)
+        if self.x_history is not None and not delayed:
+            self.delayed = True  # the backward of this step fills g_history before the next one reads it
+        return out
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Fp8Linear":
@@ -119,4 +164,11 @@ class Fp8Linear(nn.Linear):
         with torch.device("meta"):  # no second weight is ever allocated
             new = cls(linear.in_features, linear.out_features, bias=False)
         new.weight = linear.weight
+        histories = {"x_history": None, "g_history": None}
+        if SCALING == "delayed":
+            histories = {k: torch.zeros(HISTORY, device=linear.weight.device) for k in histories}
+        elif SCALING != "dynamic":
+            raise ValueError(f"fp8_linear.SCALING {SCALING!r}: choose dynamic or delayed")
+        for name, history in histories.items():
+            new.register_buffer(name, history, persistent=False)  # checkpoints keep the same keys
         return new

@@ -263,3 +263,88 @@ def test_either_amax_order_trains_the_mlp_to_the_same_bits(monkeypatch, compiled
         results[order] = [y, gx] + [p.grad for p in mlp.parameters()]
     for a, b in zip(results["whole"], results["rows"]):
         assert torch.equal(a, b)
+
+
+def delayed_linear(monkeypatch, d_in=32, d_out=48) -> N.Fp8Linear:
+    monkeypatch.setattr(N, "SCALING", "delayed")
+    torch.manual_seed(0)
+    return N.Fp8Linear.from_linear(nn.Linear(d_in, d_out, bias=False).to(torch.bfloat16))
+
+
+def test_delayed_scaling_keeps_its_histories_out_of_the_state_dict(monkeypatch):
+    lin = delayed_linear(monkeypatch)
+    assert list(lin.state_dict()) == ["weight"]
+    assert lin.x_history.shape == lin.g_history.shape == (N.HISTORY,) and not lin.delayed
+    monkeypatch.setattr(N, "SCALING", "dynamic")
+    plain = N.Fp8Linear.from_linear(nn.Linear(32, 48, bias=False))
+    assert plain.x_history is None and plain.g_history is None and list(plain.buffers()) == []
+    monkeypatch.setattr(N, "SCALING", "later")
+    with pytest.raises(ValueError, match="dynamic or delayed"):
+        N.Fp8Linear.from_linear(nn.Linear(32, 48, bias=False))
+
+
+def test_delayed_scaling_starts_dynamic_then_scales_from_the_previous_amax(monkeypatch):
+    lin = delayed_linear(monkeypatch)
+    monkeypatch.setattr(N, "SCALING", "dynamic")
+    ref = N.Fp8Linear.from_linear(nn.Linear(32, 48, bias=False).to(torch.bfloat16))
+    ref.weight = lin.weight
+    gen = torch.Generator().manual_seed(1)
+    x1, g1 = torch.randn(16, 32, generator=gen).to(torch.bfloat16), torch.randn(16, 48, generator=gen).to(torch.bfloat16)
+    y, dx = run(lin, x1, g1)
+    y_ref, dx_ref = run(ref, x1, g1)
+    assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref)  # the first step is the dynamic recipe
+    assert lin.delayed
+    assert lin.x_history[0].item() == x1.abs().max().item() and lin.g_history[0].item() == g1.abs().max().item()
+    assert torch.count_nonzero(lin.x_history).item() == torch.count_nonzero(lin.g_history).item() == 1
+    # The second step: a smaller input and gradient take the first step's (larger) scales' divisors.
+    x2, g2 = x1 / 4, g1 / 4
+    y2, _ = run(lin, x2, g2)
+    x_scale = N.amax_scale(x1.abs().max().float(), N.E4M3)
+    expected = N.scaled_mm(N.to_fp8(x2, x_scale, N.E4M3), x_scale,
+                           N.to_fp8(lin.weight, N.tensor_scale(lin.weight, N.E4M3), N.E4M3).t(),
+                           N.tensor_scale(lin.weight, N.E4M3), torch.bfloat16, fast_accum=True)
+    assert torch.equal(y2, expected)
+    assert lin.x_history[:2].tolist() == [x2.abs().max().item(), x1.abs().max().item()]
+    assert lin.g_history[:2].tolist() == [g2.abs().max().item(), g1.abs().max().item()]
+
+
+def test_delayed_scaling_saturates_a_tensor_that_outgrows_its_history(monkeypatch):
+    lin = delayed_linear(monkeypatch)
+    x, g = torch.randn(16, 32).to(torch.bfloat16), torch.randn(16, 48).to(torch.bfloat16)
+    run(lin, x, g)
+    y, dx = run(lin, x * 1000, g * 1000)  # far beyond the history's amax: clamped, never inf or NaN
+    assert torch.isfinite(y).all() and torch.isfinite(dx).all() and torch.isfinite(lin.weight.grad).all()
+    assert lin.x_history[0].item() == (x * 1000).abs().max().item()
+
+
+def test_the_history_keeps_the_newest_steps(monkeypatch):
+    lin = delayed_linear(monkeypatch)
+    x, g = torch.ones(16, 32, dtype=torch.bfloat16), torch.ones(16, 48, dtype=torch.bfloat16)
+    for step in range(1, N.HISTORY + 3):
+        run(lin, x * step, g)
+    assert lin.x_history.tolist() == [float(s) for s in range(N.HISTORY + 2, 2, -1)]
+
+
+def test_delayed_scaling_compiled_matches_eager(monkeypatch):
+    monkeypatch.setattr(N, "SCALING", "delayed")
+    torch.manual_seed(0)
+    eager = native(MLP().to(torch.bfloat16))
+    comp = copy.deepcopy(eager)
+    compiled = torch.compile(comp, fullgraph=True)
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(2)
+    for step in range(3):
+        x, grad = torch.randn(2, 32, 64, generator=gen).to(torch.bfloat16), torch.randn(2, 32, 64, generator=gen).to(torch.bfloat16)
+        for m in (eager, comp):
+            m.zero_grad(set_to_none=True)
+        y, dx = run(eager, x * (step + 1), grad)
+        y_c, dx_c = run(compiled, x * (step + 1), grad)
+        torch.testing.assert_close(y_c, y, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(dx_c, dx, rtol=5e-2, atol=5e-2)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            ours, ref = getattr(comp, name), getattr(eager, name)
+            assert ours.delayed and ref.delayed
+            # the histories the compiled step wrote (forward and backward) are eager's
+            torch.testing.assert_close(ours.x_history, ref.x_history, rtol=1e-2, atol=0)
+            torch.testing.assert_close(ours.g_history, ref.g_history, rtol=5e-2, atol=0)
+            assert rel_err(ours.weight.grad, ref.weight.grad) < 0.1, name
