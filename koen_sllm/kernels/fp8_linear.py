@@ -36,8 +36,8 @@ AMAX_FLOOR = 1e-12  # an all-zero tensor still gets a finite scale (torchao's EP
 # one reduction over every element, which Inductor splits into chunks that no producer shares, so
 # it reads the tensor again in a kernel of its own (the measured default). "rows": each row's
 # maximum first, then theirs, so that Inductor can compute the rows' maxima inside the kernel that
-# produces the tensor (a norm, the SwiGLU product or its backward: reductions over the same rows);
-# predicted 1.02-1.035x at 1.3b (docs/benchmarks.md), the default once a GPU has measured it.
+# produces the tensor (a norm, the SwiGLU product or its backward: reductions over the same rows).
+# Predicted 1.02-1.035x at 1.3b, measured 0.986x on an H100 (docs/benchmarks.md): a benchmark lever.
 AMAX_ORDER = "whole"
 
 # Where each input's and output gradient's scale comes from. "dynamic": the tensor's own amax, so
@@ -47,8 +47,9 @@ AMAX_ORDER = "whole"
 # produces the tensor; the tensor's own amax is still taken, for the steps after (row by row with
 # AMAX_ORDER "rows", possibly inside that same kernel). A tensor that outgrows its history
 # saturates at the format's largest value for that step. The weights keep dynamic scales: they
-# are cast once a step. Read when a layer is built (Fp8Linear.from_linear); a benchmark lever
-# until a GPU has measured it (docs/benchmarks.md).
+# are cast once a step. Read when a layer is built (Fp8Linear.from_linear). Measured 1.007x the
+# dynamic recipe on an H100 at 1.3b (docs/benchmarks.md): a benchmark lever, not a run option (an
+# exact resume would have to save the histories, and the step compiles twice).
 SCALING = "dynamic"
 HISTORY = 16  # steps of amax kept per tensor (torchao's delayed recipe kept 16)
 
