@@ -154,8 +154,10 @@ class Fp8Linear(nn.Linear):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         delayed = self.delayed
         out = Fp8Matmul.apply(x, self.weight, self.x_history, self.g_history, delayed)
-        if self.x_history is not None and not delayed:
-            self.delayed = True  # the backward of this step fills g_history before the next one reads it
+        if self.x_history is not None and not delayed and torch.is_grad_enabled():
+            # this step's backward fills g_history before the next step reads it (an evaluation's
+            # forward without gradients has no backward, so it does not count)
+            self.delayed = True
         return out
 
     @classmethod

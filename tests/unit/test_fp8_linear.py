@@ -348,3 +348,18 @@ def test_delayed_scaling_compiled_matches_eager(monkeypatch):
             torch.testing.assert_close(ours.x_history, ref.x_history, rtol=1e-2, atol=0)
             torch.testing.assert_close(ours.g_history, ref.g_history, rtol=5e-2, atol=0)
             assert rel_err(ours.weight.grad, ref.weight.grad) < 0.1, name
+
+
+def test_a_forward_without_gradients_does_not_start_delayed_scaling(monkeypatch):
+    lin = delayed_linear(monkeypatch)
+    x, g = torch.randn(16, 32).to(torch.bfloat16), torch.randn(16, 48).to(torch.bfloat16)
+    with torch.no_grad():
+        lin(x)  # an evaluation before the first step: no backward fills g_history
+    assert not lin.delayed and lin.g_history.max().item() == 0
+    monkeypatch.setattr(N, "SCALING", "dynamic")
+    ref = N.Fp8Linear.from_linear(nn.Linear(32, 48, bias=False))
+    ref.weight = lin.weight
+    _, dx = run(lin, x, g)  # so the first training step still scales its gradient dynamically
+    _, dx_ref = run(ref, x, g)
+    assert torch.equal(dx, dx_ref)
+    assert lin.delayed and lin.g_history[0].item() == g.abs().max().item()
