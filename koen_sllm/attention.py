@@ -279,7 +279,7 @@ def probe_backend(
 
 
 # Where `auto` runs FlashAttention-4 when the package is there: Hopper, where it was measured
-# against cuDNN (1.033-1.037x the step at 350m, equal at 1.3b; docs/benchmarks.md). Blackwell's
+# against cuDNN (1.032-1.038x the step at 350m on three H100s, equal at 1.3b; docs/benchmarks.md). Blackwell's
 # kernels are FA4's own design too, but no B200 has measured them against cuDNN here.
 AUTO_FA4_CAPABILITIES = ((9, 0),)
 
