@@ -153,7 +153,9 @@ def numeric_lever(args) -> str:
     if args.fp8 != "off":
         impl = fp8_impl_for(args.fp8, args.fp8_impl)
         delayed = impl == "native" and args.fp8_scaling == "delayed"
-        parts.append(f"fp8 {args.fp8} ({impl}{', delayed scaling' if delayed else ''})")
+        extras = [", delayed scaling" if delayed else "",
+                  ", fast accumulation in the gradients" if impl == "native" and args.fp8_grad_fast_accum else ""]
+        parts.append(f"fp8 {args.fp8} ({impl}{''.join(extras)})")
     if args.bf16_moments:
         parts.append("bf16 moments")
     return " + ".join(parts)
@@ -171,6 +173,7 @@ def run_ours(args, seed: int = 0, name: str = "koen_sllm", plain: bool = False) 
         flash_attn4.deterministic_backward = True  # FA4's ordered backward, as deterministic algorithms ask
     fp8_linear.AMAX_ORDER = args.fp8_amax  # the native FP8 linear's amax reduction (the same values)
     fp8_linear.SCALING = args.fp8_scaling  # its scales from each tensor's own amax, or the previous steps'
+    fp8_linear.GRAD_FAST_ACCUM = args.fp8_grad_fast_accum  # its gradients' matmuls with fast accumulation
     tr = Trainer(run_config(args, seed, plain), D.init_distributed())
     tr.build(VOCAB, token_source(args))
     if args.liger:
@@ -414,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8-scaling", choices=("dynamic", "delayed"), default=fp8_linear.SCALING,
                    help="ours, the native FP8 linear: each input's and output gradient's scale from its own amax "
                         "or from the largest of the previous steps' (kernels/fp8_linear.py)")
+    p.add_argument("--fp8-grad-fast-accum", action="store_true",
+                   help="ours, the native FP8 linear: the two gradients' matmuls with fast accumulation too "
+                        "(the recipe's default: the output's only; kernels/fp8_linear.py)")
     p.add_argument("--fp8-impl", choices=FP8_IMPLS, default="auto",
                    help="ours: who runs --fp8's matmuls (the trainer's --fp8-impl; auto: native for tensorwise, "
                         "torchao for rowwise; native: tensorwise only)")

@@ -53,6 +53,12 @@ AMAX_ORDER = "whole"
 SCALING = "dynamic"
 HISTORY = 16  # steps of amax kept per tensor (torchao's delayed recipe kept 16)
 
+# Whether the two gradients' matmuls also accumulate fast (Hopper's FP8 tensor cores add in
+# reduced precision). torchao's tensorwise recipe, and so the measured default, uses it for the
+# output only; measured on an H100 at 1.3b through torchao: 1.017x (docs/benchmarks.md). A
+# benchmark lever: it changes the gradients' rounding, which no loss curve has been checked for.
+GRAD_FAST_ACCUM = False
+
 
 def tensor_amax(t: torch.Tensor) -> torch.Tensor:
     """The largest magnitude in ``t`` (2-D or more: rows along the last dimension)."""
@@ -129,10 +135,11 @@ class Fp8Matmul(torch.autograd.Function):
         g2d = grad_out.reshape(-1, grad_out.shape[-1])
         g_scale = history_scale(g2d, ctx.g_history, ctx.delayed, E5M2)
         g8 = to_fp8(g2d, g_scale, E5M2)
+        fast = GRAD_FAST_ACCUM
         # dX = dY @ W: [tokens, out] @ [out, in]
-        grad_x = scaled_mm(g8, g_scale, column_major(w8), w_scale, grad_out.dtype, fast_accum=False)
+        grad_x = scaled_mm(g8, g_scale, column_major(w8), w_scale, grad_out.dtype, fast_accum=fast)
         # dW = dY.T @ X: [out, tokens] @ [tokens, in]
-        grad_w = scaled_mm(g8.t().contiguous(), g_scale, column_major(x8), x_scale, grad_out.dtype, fast_accum=False)
+        grad_w = scaled_mm(g8.t().contiguous(), g_scale, column_major(x8), x_scale, grad_out.dtype, fast_accum=fast)
         return grad_x.reshape(ctx.x_shape), grad_w, None, None, None
 
 

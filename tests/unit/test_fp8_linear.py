@@ -363,3 +363,19 @@ def test_a_forward_without_gradients_does_not_start_delayed_scaling(monkeypatch)
     _, dx_ref = run(ref, x, g)
     assert torch.equal(dx, dx_ref)
     assert lin.delayed and lin.g_history[0].item() == g.abs().max().item()
+
+
+@pytest.mark.parametrize("grad_fast", [False, True])
+def test_fast_accumulation_reaches_the_gradients_matmuls_only_when_asked(monkeypatch, grad_fast):
+    calls = []
+    real = N.scaled_mm
+
+    def recording(a, a_scale, b, b_scale, out_dtype, fast_accum):
+        calls.append(fast_accum)
+        return real(a, a_scale, b, b_scale, out_dtype, fast_accum)
+
+    monkeypatch.setattr(N, "scaled_mm", recording)
+    monkeypatch.setattr(N, "GRAD_FAST_ACCUM", grad_fast)
+    lin = N.Fp8Linear.from_linear(nn.Linear(32, 48, bias=False))
+    run(lin, torch.randn(4, 8, 32), torch.randn(4, 8, 48))
+    assert calls == [True, grad_fast, grad_fast]  # the output's matmul, then dX and dW
