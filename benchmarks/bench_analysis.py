@@ -154,16 +154,17 @@ def idle_gaps(busy: list[list], steps: int, small_us: float = 10.0, top: int = 8
             "longest": [(round(g[0], 1), g[1], g[2]) for g in large[:top]]}
 
 
+def running_mean(xs, window: int = 10, n: int | None = None) -> np.ndarray:
+    """The ``window``-step running means of the first ``n`` losses (all of them by default)."""
+    a = np.asarray(xs[:n], dtype=np.float64)
+    return np.convolve(a, np.ones(window) / window, mode="valid")
+
+
 def compare_curves(ours: list, peer: list, noise: list, window: int = 10) -> dict:
     """Differences of 10-step running means (one step's loss is noisy on its own), skipping
     the first window, where both start from the same weights and trivially agree."""
     n = min(len(ours), len(peer), len(noise))
-
-    def smooth(xs):
-        a = np.asarray(xs[:n], dtype=np.float64)
-        return np.convolve(a, np.ones(window) / window, mode="valid")
-
-    o, p_, s = smooth(ours), smooth(peer), smooth(noise)
+    o, p_, s = (running_mean(x, window, n) for x in (ours, peer, noise))
     d_peer, d_noise = np.abs(o - p_), np.abs(o - s)
     return {"steps": n, "window": window, "ours_vs_peer_mean": float(d_peer.mean()), "ours_vs_peer_max": float(d_peer.max()),
             "noise_mean": float(d_noise.mean()), "noise_max": float(d_noise.max()),
@@ -183,7 +184,7 @@ def plot_curves(results: list, out: Path, title: str) -> None:
         x = np.arange(1, len(y) + 1)
         ax.plot(x, y, color=color, alpha=0.25, linewidth=0.8)
         if len(y) >= 10:
-            ax.plot(x[9:], np.convolve(y, np.ones(10) / 10, mode="valid"), color=color, linewidth=1.8,
+            ax.plot(x[9:], running_mean(y), color=color, linewidth=1.8,
                     label=f"{r['name']} (10-step mean)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")

@@ -23,7 +23,7 @@ defaults' rows name the kernel auto chose), and with --curve-data the 200-step l
 curves of this trainer and the Trainer side by side with the noise between two seeds of ours (a
 threshold for "within noise" is a judgement the numbers should be shown for), and FP8 against bf16
 at 1.3b (judged: within the noise when the mean distance of FP8 from bf16 is at most that of two
-bf16 seeds). The goal is stated for an H100: on another GPU the verdicts say so instead of "met".
+bf16 seeds; ``--curves fp8_native`` adds the native linear's curve). The goal is stated for an H100: on another GPU the verdicts say so instead of "met".
 Each benchmark is a separate process with its own time limit, so one failure leaves the others;
 JSON of each, calls.json (which invocation made each) and summary.md (rewritten after every run)
 go to --out. A benchmark: nothing here is a test, and a verdict of "not met" exits 0.
@@ -59,8 +59,8 @@ RUNS = {
     "1.3b_b4": ("bench", ["--only", "ours", *_13B], 300),
     "1.3b_b4_fp8_rowwise": _fp8(_13B, "rowwise", "torchao", 360),
     "1.3b_b4_fp8_tensorwise": _fp8(_13B, "tensorwise", "torchao", 360),
-    # the trainer's default (--fp8-impl auto) runs tensorwise through the project's own FP8 linear
-    # (--fp8-impl native, no torchao), measured as its own run
+    # the project's own FP8 linear (--fp8-impl native, no torchao; --fp8-impl auto, the default,
+    # runs torchao since its curve was measured outside bf16's noise), measured as its own run
     "1.3b_b4_fp8_native": _fp8(_13B, "tensorwise", "native", 360),
     "torchtitan_350m_b8": ("titan", _350M, 480),
     "torchtitan_1.3b_b4": ("titan", _13B, 480),
@@ -99,7 +99,8 @@ CURVE_OPTIONS = ["--curve", "--model-size", "350m", "--batch-size", "8", "--seq-
 FP8_CURVE_RECIPE = "tensorwise"
 FP8_CURVE_OPTIONS = ["--curve", "--model-size", "1.3b", "--batch-size", "4", "--seq-len", "2048",
                      "--seed", "1", "--steps", "200", "--warmup-steps", "20", "--fp8", FP8_CURVE_RECIPE]
-CURVES = ("trainer", "fp8")
+CURVES = ("trainer", "fp8", "fp8_native")
+DEFAULT_CURVES = ("trainer", "fp8")
 CURVE_LIMIT_S = 600
 MFU_350M, RATIO_350M, MFU_13B, FP8_SPEEDUP = 0.52, 1.7, 0.56, 1.25
 # the FP8 runs' name suffixes; "native" (the project's own FP8 linear) is judged only where it ran
@@ -287,15 +288,17 @@ def judge(reports: dict, calls: dict = None) -> list:
         rows.append(("350m loss curve vs the Trainer's, 200 steps (10-step means)",
                      f"mean |ours - Trainer| {c['ours_vs_peer_mean']:.3f}; two seeds of ours {c['noise_mean']:.3f}"
                      if c else "-", "read against the noise" if c else "not measured"))
-    if "curve_fp8" in reports:
-        rows.append(fp8_curve_row(reports["curve_fp8"]))
+    for name, impl in (("curve_fp8", ""), ("curve_fp8_native", " (the native linear)")):
+        if name in reports:
+            rows.append(fp8_curve_row(reports[name], impl))
     return rows
 
 
-def fp8_curve_row(rep) -> tuple:
+def fp8_curve_row(rep, impl: str = "") -> tuple:
     """FP8 against bf16 from the same weights and batches, read against two bf16 seeds: within the
-    noise when the mean distance of the 10-step means is no larger than the seeds' mean distance."""
-    label = f"1.3b batch 4: FP8 {FP8_CURVE_RECIPE} loss curve within bf16's run-to-run noise, 200 steps"
+    noise when the mean distance of the 10-step means is no larger than the seeds' mean distance.
+    ``impl`` names a non-default implementation in the label."""
+    label = f"1.3b batch 4: FP8 {FP8_CURVE_RECIPE}{impl} loss curve within bf16's run-to-run noise, 200 steps"
     c = rep.get("curve") if rep else None
     if not c:
         return label, "-", "not measured"
@@ -334,9 +337,10 @@ def main(argv=None) -> int:
     p.add_argument("--runs", help=f"comma-separated runs or groups to run (default: all). Runs: {', '.join(RUNS)}; "
                                   f"groups: " + "; ".join(f"{g} = {', '.join(r)}" for g, r in GROUPS.items()))
     p.add_argument("--curve-data", type=Path, help="token file (train.bin) for the loss-curve comparisons; without it no curve")
-    p.add_argument("--curves", default=",".join(CURVES),
+    p.add_argument("--curves", default=",".join(DEFAULT_CURVES),
                    help="with --curve-data, which curves (comma-separated): trainer = 350m against the Trainer, "
-                        f"fp8 = 1.3b FP8 {FP8_CURVE_RECIPE} against two bf16 seeds (default: both)")
+                        f"fp8 = 1.3b FP8 {FP8_CURVE_RECIPE} (the default implementation) against two bf16 seeds, "
+                        f"fp8_native = the same through --fp8-impl native (default: {','.join(DEFAULT_CURVES)})")
     p.add_argument("--judge-only", action="store_true", help="judge the JSON already in --out; run nothing")
     args = p.parse_args(argv)
     if args.curve_data and not args.curve_data.is_file():
@@ -356,7 +360,7 @@ def main(argv=None) -> int:
     except (OSError, ValueError):
         calls = {}
     # A curve is judged when this run made one, or, re-reading, when an earlier run left one.
-    curve_runs = {"trainer": "curve", "fp8": "curve_fp8"}
+    curve_runs = {"trainer": "curve", "fp8": "curve_fp8", "fp8_native": "curve_fp8_native"}
     with_curves = ([n for n in curve_runs.values() if (args.out / f"{n}.json").exists()] if args.judge_only
                    else [curve_runs[c] for c in curves] if args.curve_data else [])
     # Judged: the targets always (not measured when absent), the other rows where asked for or present.
@@ -372,7 +376,8 @@ def main(argv=None) -> int:
     if not args.judge_only:
         call = time.strftime("%Y-%m-%dT%H:%M:%S")
         todo = [(n, *RUNS[n]) for n in runs]
-        curve_options = {"curve": CURVE_OPTIONS, "curve_fp8": FP8_CURVE_OPTIONS}
+        curve_options = {"curve": CURVE_OPTIONS, "curve_fp8": FP8_CURVE_OPTIONS,
+                         "curve_fp8_native": [*FP8_CURVE_OPTIONS, "--fp8-impl", "native"]}
         for name in with_curves:
             todo.append((name, "bench", [*curve_options[name], "--data", str(args.curve_data)], CURVE_LIMIT_S))
         for name, script, options, limit_s in todo:

@@ -5,9 +5,10 @@
 gradient, weight gradient) then run on FP8 tensor cores, their inputs scaled dynamically, one
 scale per tensor (``tensorwise``) or per row (``rowwise``). ``--fp8-impl torchao`` uses torchao's
 ``Float8Linear``, for both recipes; ``--fp8-impl native`` the project's own tensorwise
-``Fp8Linear`` (kernels/fp8_linear.py: torchao's numbers, fewer passes in the backward, no
-torchao); ``auto``, the default, the native linear for tensorwise and torchao for rowwise
-(config.fp8_impl_for). Either holds the very ``weight`` parameter of the layer it replaces, so
+``Fp8Linear`` (kernels/fp8_linear.py: torchao's recipe and, on the CPU, its numbers bit for bit,
+fewer passes in the backward, no torchao); ``auto``, the default, torchao for both
+(config.fp8_impl_for: on an H100 the native linear's loss curve lay outside bf16's noise where
+torchao's lay inside). Either holds the very ``weight`` parameter of the layer it replaces, so
 nothing else changes: the state dict has the same names and tensors, the optimizer (and its fp32 masters)
 keeps the parameters it was built with, and checkpoints stay plain bf16/fp32 safetensors that
 load in transformers, into an FP8 run or a bf16 one alike. The output layer, the embedding, the
@@ -15,8 +16,8 @@ norms and attention stay in bf16; a projection whose sizes are not multiples of 
 matmul's requirement) stays in bf16 too.
 
 The DDP engine converts the model once, after any weights are loaded and before DDP and
-torch.compile (engines/ddp.py). torchao is optional (``pip install 'koen-sllm[fp8]'``, needed for
-rowwise) and imported here alone, only when --fp8 runs through it.
+torch.compile (engines/ddp.py). torchao is optional (``pip install 'koen-sllm[fp8]'``, needed
+unless --fp8-impl native) and imported here alone, only when --fp8 runs through it.
 """
 from __future__ import annotations
 
@@ -80,10 +81,12 @@ def check_fp8_support(device: torch.device | str, impl: str = "auto", recipe: st
     check_fp8_device(device)
     if fp8_impl_for(recipe, impl) != "torchao":
         return
-    if recipe == "tensorwise":  # torchao asked for by name: the native linear runs this recipe without it
-        require_torchao("--fp8-impl torchao", "drop --fp8-impl torchao (--fp8 tensorwise runs without it)")
+    if recipe != "tensorwise":
+        require_torchao(f"--fp8 {recipe}", "use --fp8 tensorwise --fp8-impl native, which runs without it")
+    elif impl == "torchao":
+        require_torchao("--fp8-impl torchao", "use --fp8-impl native, which runs without it")
     else:
-        require_torchao(f"--fp8 {recipe}", "use --fp8 tensorwise, which runs without it")
+        require_torchao(f"--fp8 {recipe}", "add --fp8-impl native, which runs without it")
 
 
 def converts(module: nn.Module, fqn: str) -> bool:

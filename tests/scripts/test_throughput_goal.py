@@ -323,6 +323,9 @@ def test_the_fp8_curve_is_judged_against_two_bf16_seeds():
     assert rows_by_label(tg.judge(base(curve_fp8=fp8_curve(0.09, 0.04))))[label][1] == "outside the noise"
     assert rows_by_label(tg.judge(base(curve_fp8=None)))[label] == ("-", "not measured")
     assert label not in rows_by_label(tg.judge(base()))  # not asked for, no row
+    native = "1.3b batch 4: FP8 tensorwise (the native linear) loss curve within bf16's run-to-run noise, 200 steps"
+    rows = rows_by_label(tg.judge(base(curve_fp8=fp8_curve(0.012, 0.040), curve_fp8_native=fp8_curve(0.13, 0.04))))
+    assert rows[label][1] == "within the noise" and rows[native][1] == "outside the noise"
 
 
 def test_curves_are_chosen_by_name_and_the_fp8_curve_runs_bf16_and_fp8_together(tmp_path, monkeypatch, capsys):
@@ -335,6 +338,15 @@ def test_curves_are_chosen_by_name_and_the_fp8_curve_runs_bf16_and_fp8_together(
     options = seen[-1][1]
     assert options[options.index("--fp8") + 1] == "tensorwise" and "--curve" in options and "1.3b" in options
     assert options[options.index("--data") + 1] == str(data)
+    assert "--fp8-impl" not in options  # the trainer's default implementation
+    seen.clear()
+    assert tg.main(["--out", str(tmp_path / "o"), "--runs", "bf16", "--curve-data", str(data)]) == 0
+    assert [n for n, _ in seen] == ["350m_b8", "1.3b_b4", "curve", "curve_fp8"]  # the default curves
+    seen.clear()
+    assert tg.main(["--out", str(tmp_path / "o"), "--runs", "bf16", "--curve-data", str(data),
+                    "--curves", "fp8_native"]) == 0
+    options = seen[-1][1]
+    assert seen[-1][0] == "curve_fp8_native" and options[options.index("--fp8-impl") + 1] == "native"
     with pytest.raises(SystemExit) as e:
         tg.main(["--out", str(tmp_path / "o"), "--curve-data", str(data), "--curves", "fp16"])
     assert e.value.code == 2 and "--curves: fp16 unknown" in capsys.readouterr().err
