@@ -379,3 +379,41 @@ def test_fast_accumulation_reaches_the_gradients_matmuls_only_when_asked(monkeyp
     lin = N.Fp8Linear.from_linear(nn.Linear(32, 48, bias=False))
     run(lin, torch.randn(4, 8, 32), torch.randn(4, 8, 48))
     assert calls == [True, grad_fast, grad_fast]  # the output's matmul, then dX and dW
+
+
+@needs_torchao
+def test_the_model_trains_to_torchaos_numbers_compiled():
+    """Several compiled training steps of the model, through either implementation, on the CPU.
+    (On an H100 the two part at the third step: docs/model.md, "Why it is not the default".)"""
+    import torchao.float8 as float8
+
+    from koen_sllm import fp8
+    from koen_sllm.model import KoEnLM, model_config_from_preset
+
+    torch.manual_seed(0)
+    base = KoEnLM(model_config_from_preset("tiny", 320, 64)).to(torch.bfloat16)
+    tokens = torch.randint(0, 320, (4, 65), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for impl in ("native", "torchao"):
+        model = copy.deepcopy(base)
+        if impl == "native":
+            fp8.convert_to_fp8(model, "tensorwise", emulate=True, impl="native")
+        else:  # torchao's own matmuls (not its emulation), as on the GPU
+            float8.convert_to_float8_training(model, config=float8.Float8LinearConfig.from_recipe_name("tensorwise"),
+                                              module_filter_fn=fp8.converts)
+        torch._dynamo.reset()
+        step = torch.compile(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses = []
+        for _ in range(4):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = step(tokens[:, :-1], tokens[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        runs[impl] = losses, model.state_dict()
+    assert runs["native"][0] == runs["torchao"][0]
+    assert losses[-1] < losses[0]  # it trains
+    for name, value in runs["torchao"][1].items():
+        assert torch.equal(runs["native"][1][name], value), name
