@@ -421,8 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ours, the native FP8 linear: the two gradients' matmuls with fast accumulation too "
                         "(the recipe's default: the output's only; kernels/fp8_linear.py)")
     p.add_argument("--fp8-impl", choices=FP8_IMPLS, default="auto",
-                   help="ours: who runs --fp8's matmuls (the trainer's --fp8-impl; auto: native for tensorwise, "
-                        "torchao for rowwise; native: tensorwise only)")
+                   help="ours: who runs --fp8's matmuls (the trainer's --fp8-impl; auto: torchao; native: "
+                        "the project's own linear, tensorwise only)")
     p.add_argument("--grad-accum", type=int, default=1,
                    help="ours: micro-batches per optimizer step (with --only ours; not with --curve)")
     p.add_argument("--liger", help="ours: liger-kernel parts to swap in, comma-separated: rmsnorm,swiglu,rope,flce or all")
