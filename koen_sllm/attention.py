@@ -27,7 +27,6 @@ message instead of inside the first compiled step.
 from __future__ import annotations
 
 import inspect
-import re
 import warnings
 from typing import Optional
 
@@ -80,7 +79,13 @@ _flash_attn_func = None  # bound on first use by _load_flash_attn()
 
 
 class AttentionBackendError(UsageError, RuntimeError):
-    """The requested attention backend cannot run here; the message says why and what to use."""
+    """The requested attention backend cannot run here. ``reason`` says why (with its own remedy
+    where there is one, such as an install command), ``instead`` which ``--attn`` to use; the message
+    is the two joined. ``--attn auto`` falling back from FA4 quotes the reason alone."""
+
+    def __init__(self, reason: str, instead: str = ""):  # one argument, the message, when unpickled
+        super().__init__(f"{reason}; {instead}" if instead else reason)
+        self.reason, self.instead = reason, instead
 
 
 def _where() -> str:
@@ -112,17 +117,16 @@ def check_backend(name: str, load: bool = True) -> None:
     pre-flight only looks for it). Shape- and dtype-specific limits are found by :func:`probe_backend`.
     """
     if name not in ATTN_BACKENDS:
-        raise AttentionBackendError(f"--attn {name!r} is unknown; choose one of {', '.join(ATTN_BACKENDS)}")
+        raise AttentionBackendError(f"--attn {name!r} is unknown", f"choose one of {', '.join(ATTN_BACKENDS)}")
     if name in ("auto", "math"):
         return
     if name == "flash-attn":
         if not flash_attn_installed():
             raise AttentionBackendError(
-                f'--attn flash-attn needs the flash-attn package: pip install -e ".[flash]" ({_where()}); '
-                "or use --attn auto"
-            )
+                f'--attn flash-attn needs the flash-attn package: pip install -e ".[flash]" ({_where()})',
+                "or use --attn auto")
         if not torch.cuda.is_available():
-            raise AttentionBackendError(f"--attn flash-attn needs a CUDA GPU ({_where()}); use --attn auto or math")
+            raise AttentionBackendError(f"--attn flash-attn needs a CUDA GPU ({_where()})", "use --attn auto or math")
         if not load:
             return
         try:
@@ -131,48 +135,40 @@ def check_backend(name: str, load: bool = True) -> None:
             raise AttentionBackendError(
                 f"--attn flash-attn: the flash-attn package is installed but does not import ({_first_line(exc)}); "
                 "rebuild it against this torch: pip install --no-build-isolation --no-deps --force-reinstall "
-                f"flash-attn ({_where()}); or use --attn auto"
-            ) from exc
+                f"flash-attn ({_where()})", "or use --attn auto") from exc
         return
     if name == "fa4":
         _check_fa4(load)
         return
     if name == "cudnn" and (not _HAS_CUDNN_SDPA or not torch.backends.cudnn.is_available()):
-        raise AttentionBackendError(
-            f"--attn cudnn needs a CUDA GPU with cuDNN attention ({_where()}); use --attn auto"
-        )
+        raise AttentionBackendError(f"--attn cudnn needs a CUDA GPU with cuDNN attention ({_where()})",
+                                    "use --attn auto")
     if not torch.cuda.is_available():
-        raise AttentionBackendError(
-            f"--attn {name} needs a CUDA GPU with {_CUDA_KERNEL_NAMES[name]} ({_where()}); "
-            "on CPU use --attn auto or math"
-        )
-
-
-_FA4_MISSING = f"--attn fa4 needs the flash-attn-4 package: {flash_attn4.INSTALL_COMMAND} ({{where}}); or use --attn auto"
+        raise AttentionBackendError(f"--attn {name} needs a CUDA GPU with {_CUDA_KERNEL_NAMES[name]} ({_where()})",
+                                    "on CPU use --attn auto or math")
 
 
 def _check_fa4(load: bool = True) -> None:
     """--attn fa4 needs a GPU of compute capability 9.0 or newer first, then flash-attn-4 (that imports)."""
     need = "--attn fa4 needs an NVIDIA GPU of compute capability 9.0 or newer (H100, H200, B200)"
     if not torch.cuda.is_available():
-        raise AttentionBackendError(f"{need} ({_where()}); use --attn auto")
+        raise AttentionBackendError(f"{need} ({_where()})", "use --attn auto")
     capability = torch.cuda.get_device_capability()
     if tuple(capability) < flash_attn4.MIN_CAPABILITY:
-        raise AttentionBackendError(f"{need}; this one has {capability[0]}.{capability[1]} ({_where()}); "
+        raise AttentionBackendError(f"{need}; this one has {capability[0]}.{capability[1]} ({_where()})",
                                     "use --attn auto")
     if not flash_attn4.installed():
-        raise AttentionBackendError(_FA4_MISSING.format(where=_where()))
+        raise AttentionBackendError(f"--attn fa4 needs the flash-attn-4 package: {flash_attn4.INSTALL_COMMAND} "
+                                    f"({_where()})", "or use --attn auto")
     if not load:
         return
     try:
         flash_attn4.load()  # bound now: compiled code calls the custom op, never an import
     except Exception as exc:  # not FA4 after all, or its compiler's libraries refuse this driver or torch
-        raise AttentionBackendError(_fa4_broken(exc)) from exc
-
-
-def _fa4_broken(exc: BaseException) -> str:
-    return (f"--attn fa4: flash-attn-4 is installed but does not import ({type(exc).__name__}: {_first_line(exc)}); "
-            f"reinstall it for this torch and driver: {flash_attn4.INSTALL_COMMAND} ({_where()}); or use --attn auto")
+        raise AttentionBackendError(
+            f"--attn fa4: flash-attn-4 is installed but does not import ({type(exc).__name__}: {_first_line(exc)}); "
+            f"reinstall it for this torch and driver: {flash_attn4.INSTALL_COMMAND} ({_where()})",
+            "or use --attn auto") from exc
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto",
@@ -258,9 +254,8 @@ def probe_backend(
     check_backend(name)
     device = torch.device(device)
     if name in ("flash-attn", "fa4") and dtype not in (torch.float16, torch.bfloat16):
-        raise AttentionBackendError(
-            f"--attn {name} needs bf16 or fp16 (got {_dtype_name(dtype)}); use --bf16, or --attn auto/math"
-        )
+        raise AttentionBackendError(f"--attn {name} needs bf16 or fp16 (got {_dtype_name(dtype)})",
+                                    "use --bf16, or --attn auto/math")
     gen = torch.Generator(device="cpu").manual_seed(0)
     shapes = ((1, 16, num_heads, head_dim), (1, 16, num_kv_heads, head_dim), (1, 16, num_kv_heads, head_dim))
     q, k, v = (torch.randn(s, generator=gen).to(device, dtype).requires_grad_() for s in shapes)
@@ -274,8 +269,7 @@ def probe_backend(
             detail = "; ".join(reasons[:4]) or _first_line(exc)
             raise AttentionBackendError(
                 f"--attn {name} cannot run {num_heads}/{num_kv_heads} heads of dim {head_dim} in "
-                f"{_dtype_name(dtype)} on {device} ({_where()}): {detail}; use --attn auto"
-            ) from exc
+                f"{_dtype_name(dtype)} on {device} ({_where()}): {detail}", "use --attn auto") from exc
 
 
 # Where `auto` runs FlashAttention-4 when the package is there: Hopper, where it was measured
@@ -310,10 +304,8 @@ def resolve_auto(device: torch.device | str, dtype: torch.dtype, num_heads: int,
         return "auto", ("PyTorch SDPA, cuDNN first" if device.type == "cuda" else "PyTorch SDPA") + hint
     try:
         probe_backend("fa4", device, dtype, num_heads, num_kv_heads, head_dim)
-    except AttentionBackendError as exc:
-        # its message ends in advice to use --attn auto, which is what this run already does
-        reason = re.sub(r";? (or )?use --attn auto.*$", "", _first_line(exc))
-        return "auto", f"PyTorch SDPA, cuDNN first (FlashAttention-4 did not run: {reason})"
+    except AttentionBackendError as exc:  # its advice (use --attn auto) is what this run already does
+        return "auto", f"PyTorch SDPA, cuDNN first (FlashAttention-4 did not run: {_first_line(exc.reason)})"
     return "fa4", "FlashAttention-4 (flash-attn-4 on a Hopper GPU)"
 
 

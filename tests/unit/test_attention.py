@@ -262,3 +262,15 @@ def test_cudnn_grouped_kv_matches_expanded_kv_on_this_gpu(monkeypatch):
     for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
         rel = ((a - b).norm() / b.norm()).item()
         assert rel < 2e-2, f"{name}: relative difference {rel:.2e}"
+
+
+def test_a_backend_error_keeps_its_reason_apart_from_the_backend_to_use_instead():
+    import pickle
+
+    with pytest.raises(AttentionBackendError) as err:
+        check_backend("cudnn-fast")
+    assert (err.value.reason, err.value.instead) == ("--attn 'cudnn-fast' is unknown",
+                                                     f"choose one of {', '.join(A.ATTN_BACKENDS)}")
+    assert str(err.value) == f"{err.value.reason}; {err.value.instead}"
+    copy = pickle.loads(pickle.dumps(err.value))  # a message alone rebuilds it
+    assert str(copy) == str(err.value) and copy.exit_code == 2

@@ -329,7 +329,7 @@ def test_auto_keeps_sdpa_and_says_why_when_fa4_fails_its_probe(monkeypatch):
 
     def refuse(name, *args):
         raise AttentionBackendError("--attn fa4: flash-attn-4 is installed but does not import (OSError: libcuda); "
-                                    "reinstall it for this torch and driver: pip install -e \".[fa4]\" (torch 2.11); "
+                                    "reinstall it for this torch and driver: pip install -e \".[fa4]\" (torch 2.11)",
                                     "or use --attn auto")
 
     monkeypatch.setattr(A, "probe_backend", refuse)
