@@ -77,7 +77,7 @@ ADJUSTABLE = (
     ("train", "rope_kernel", "--rope-kernel"),
     ("train", "cudnn_grouped_kv", "--cudnn-grouped-kv"),
     ("train", "fp8", "--fp8"),  # the weights and the optimizer state are the same with and without it (fp8.py)
-    ("train", "fp8_impl", "--fp8-impl"),  # the same numbers either way (kernels/fp8_linear.py)
+    ("train", "fp8_impl", "--fp8-impl"),  # the same weights and optimizer state either way, like --fp8
     ("train", "bf16_moments", "--bf16-moments/--fp32-moments"),  # the saved moments convert on load
 )
 _BATCH_DESTS = ("batch_size", "grad_accum", "global_batch_size")
