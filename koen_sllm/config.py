@@ -31,7 +31,7 @@ FP8_MODES = ("off", "tensorwise", "rowwise")
 # tensorwise linear over torch._scaled_mm (kernels/fp8_linear.py: torchao's recipe, the same
 # numbers on the CPU, fewer passes in the backward, no torchao). "auto" takes torchao for both: on
 # an H100 the native linear ran 1.01x torchao's, but its 200-step loss curve at 1.3b lay 0.11-0.15
-# from bf16's where six bf16 runs lay 0.02-0.06 from each other and torchao's 0.035-0.058
+# from bf16's where six bf16 runs lay 0.02-0.06 from each other and torchao's 0.035-0.040
 # (docs/benchmarks.md); until that is understood the native linear runs only when named.
 FP8_IMPLS = ("auto", "torchao", "native")
 # FP8 matmuls take both sides of every product in multiples of 16, the micro-batch's tokens
