@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_analysis import print_and_save  # noqa: E402
 from koen_sllm import fp8  # noqa: E402
 from koen_sllm.model import PRESETS, KoEnLM, model_config_from_preset  # noqa: E402
 
@@ -109,10 +110,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, help="write every gradient's row and the losses here")
     args = p.parse_args(argv)
     report = run(args)
-    print("\n".join(summary(report)))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
-    return 0
+    return print_and_save(summary(report), report, args.json)
 
 
 if __name__ == "__main__":
