@@ -476,6 +476,7 @@ def fp8_gpu() -> bool:
 @pytest.mark.gpu
 @pytest.mark.skipif(not fp8_gpu(), reason="needs a CUDA GPU with FP8 matmuls (compute capability 8.9 or newer)")
 @pytest.mark.parametrize("options", [pytest.param(["--fp8", "rowwise"], marks=needs_torchao),
+                                     pytest.param(["--fp8", "tensorwise"], marks=needs_torchao),  # the default: torchao
                                      ["--fp8", "tensorwise", "--fp8-impl", "native"]])
 def test_a_tiny_model_trains_with_fp8_on_the_gpu(tmp_path, monkeypatch, options):
     """The real thing: --fp8 through the options, the DDP engine and torch.compile."""
