@@ -147,15 +147,31 @@ def run_config(args, seed: int, plain: bool = False):
     return cfg
 
 
+def native_fp8_levers(args) -> list[str]:
+    """The options given that only the native FP8 linear reads (kernels/fp8_linear.py's switches)."""
+    given = [("--fp8-amax rows", args.fp8_amax != fp8_linear.AMAX_ORDER),
+             ("--fp8-scaling delayed", args.fp8_scaling != fp8_linear.SCALING),
+             ("--fp8-grad-fast-accum", args.fp8_grad_fast_accum)]
+    return [option for option, on in given if on]
+
+
+def misplaced_native_levers(args) -> str | None:
+    """An error line when native-only options come without the native linear running (they would
+    be ignored, and the run would measure something else than its options say)."""
+    levers = native_fp8_levers(args)
+    if levers and (args.fp8 == "off" or fp8_impl_for(args.fp8, args.fp8_impl) != "native"):
+        return (f"{', '.join(levers)}: only the native FP8 linear reads these; add --fp8 tensorwise "
+                "--fp8-impl native (--fp8-impl auto runs torchao)")
+    return None
+
+
 def numeric_lever(args) -> str:
     """The levers that change the arithmetic, named as the curve reports them ('' for none)."""
     parts = []
     if args.fp8 != "off":
-        impl = fp8_impl_for(args.fp8, args.fp8_impl)
-        delayed = impl == "native" and args.fp8_scaling == "delayed"
-        extras = [", delayed scaling" if delayed else "",
-                  ", fast accumulation in the gradients" if impl == "native" and args.fp8_grad_fast_accum else ""]
-        parts.append(f"fp8 {args.fp8} ({impl}{''.join(extras)})")
+        extras = [", delayed scaling" if args.fp8_scaling == "delayed" else "",
+                  ", fast accumulation in the gradients" if args.fp8_grad_fast_accum else ""]
+        parts.append(f"fp8 {args.fp8} ({fp8_impl_for(args.fp8, args.fp8_impl)}{''.join(extras)})")
     if args.bf16_moments:
         parts.append("bf16 moments")
     return " + ".join(parts)
@@ -468,6 +484,8 @@ def main() -> int:
         p.error(f"--grad-accum must be at least 1, got {args.grad_accum}")
     if args.grad_accum > 1 and (args.curve or args.only != "ours"):
         p.error("--grad-accum is for this project's side alone: add --only ours (and no --curve)")
+    if problem := misplaced_native_levers(args):
+        p.error(problem)
     if not torch.cuda.is_available():
         print("❌ bench_throughput.py needs a CUDA GPU", file=sys.stderr)
         return 2

@@ -101,3 +101,18 @@ def test_fp32_moments_reach_the_trainer_and_exclude_bf16_moments():
 
 def test_no_lever_means_the_peer_curve():
     assert bt.numeric_lever(bt.build_parser().parse_args(["--curve", "--data", "train.bin"])) == ""
+
+
+def test_the_native_linears_levers_are_refused_where_it_does_not_run():
+    parse = bt.build_parser().parse_args
+    for options in (["--fp8", "tensorwise", "--fp8-grad-fast-accum"],  # auto runs torchao
+                    ["--fp8-scaling", "delayed"], ["--fp8", "rowwise", "--fp8-amax", "rows"]):
+        problem = bt.misplaced_native_levers(parse(options))
+        assert problem and problem.endswith("add --fp8 tensorwise --fp8-impl native (--fp8-impl auto runs torchao)")
+    assert "--fp8-amax rows, --fp8-scaling delayed" in bt.misplaced_native_levers(
+        parse(["--fp8-amax", "rows", "--fp8-scaling", "delayed"]))
+    native = ["--fp8", "tensorwise", "--fp8-impl", "native"]
+    assert bt.misplaced_native_levers(parse([*native, "--fp8-grad-fast-accum", "--fp8-scaling", "delayed"])) is None
+    assert bt.misplaced_native_levers(parse(["--fp8", "tensorwise"])) is None
+    assert bt.numeric_lever(parse([*native, "--fp8-grad-fast-accum"])) == \
+        "fp8 tensorwise (native, fast accumulation in the gradients)"
