@@ -21,7 +21,10 @@ def test_compiled_on_the_cpu_the_two_agree_bit_for_bit(tmp_path, capsys):
     assert report["first_differing_grad"] is None and all(r["equal"] for r in report["first_grads"])
     assert report["steps_equal"] == [True, True, True]
     assert report["first_grads"][0]["param"] == "lm_head.weight"  # the backward's order: the output layer first
-    assert "17 of 17 gradients equal bit for bit" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "17 of 17 gradients equal bit for bit" in printed
+    assert "control, torchao against itself: 17 of 17 equal" in printed
+    assert report["control_steps_equal"] == [True, True, True]
 
 
 @needs_torchao
