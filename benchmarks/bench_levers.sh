@@ -31,13 +31,8 @@
 # fused by Inductor, the earlier path), fa4 / fa4-cudagraphs (FlashAttention-4's kernels, --attn
 # fa4, needing flash-attn-4 and a Hopper GPU / the same with the step replayed as CUDA graphs,
 # which takes FA4's Python launch path off the host's critical path), fp8 / fp8-cudagraphs (--fp8
-# tensorwise --fp8-impl torchao, needing torchao and an FP8 GPU / the same as CUDA graphs: its
-# profiled step idled 7.3% of the time on an H100 at 1.3b), fp8-native / fp8-native-cudagraphs (the same recipe through the
-# project's own FP8 linear, --fp8-impl native, which needs no torchao), fp8-amax-rows (fp8-native with each
-# amax reduced row by row first, --fp8-amax rows: the same values, fewer passes if Inductor fuses the
-# rows' maxima into the kernels that produce the tensors), fp8-delayed (fp8-amax-rows with delayed
-# scaling, --fp8-scaling delayed: each scale from the previous steps' amax, so the casts can fuse
-# into the kernels that produce the tensors). Each run has its own time
+# tensorwise through torchao, needing torchao and an FP8 GPU / the same as CUDA graphs: its
+# profiled step idled 7.3% of the time on an H100 at 1.3b). Each run has its own time
 # limit (LEVER_TIMEOUT, default 300 s), so one failure or hang leaves the others. JSON per run and
 # summary.md go to ${BENCH_DIR:-outputs/bench_levers}. A benchmark: nothing here asserts a speed.
 set -euo pipefail
@@ -111,12 +106,8 @@ for lever in "${levers[@]}"; do
     ce-compiled) run_lever ce-compiled - --cross-entropy compiled --profile ;;
     fa4) run_lever fa4 - --attn fa4 --profile ;;
     fa4-cudagraphs) run_lever fa4-cudagraphs - --attn fa4 --compile-mode reduce-overhead --profile ;;
-    fp8) run_lever fp8 - --fp8 tensorwise --fp8-impl torchao --profile ;;
-    fp8-cudagraphs) run_lever fp8-cudagraphs - --fp8 tensorwise --fp8-impl torchao --compile-mode reduce-overhead --profile ;;
-    fp8-native) run_lever fp8-native - --fp8 tensorwise --fp8-impl native --profile ;;
-    fp8-native-cudagraphs) run_lever fp8-native-cudagraphs - --fp8 tensorwise --fp8-impl native --compile-mode reduce-overhead --profile ;;
-    fp8-amax-rows) run_lever fp8-amax-rows - --fp8 tensorwise --fp8-impl native --fp8-amax rows --profile ;;
-    fp8-delayed) run_lever fp8-delayed - --fp8 tensorwise --fp8-impl native --fp8-scaling delayed --fp8-amax rows --profile ;;
+    fp8) run_lever fp8 - --fp8 tensorwise --profile ;;
+    fp8-cudagraphs) run_lever fp8-cudagraphs - --fp8 tensorwise --compile-mode reduce-overhead --profile ;;
     *) echo "❌ unknown lever $lever" >&2; exit 2 ;;
   esac
 done

@@ -53,10 +53,10 @@ import torch  # noqa: E402
 
 from bench_analysis import compare_curves, plot_curves, profile_steps, trace_steps  # noqa: E402
 from koen_sllm import distributed as D  # noqa: E402
-from koen_sllm.config import (FP8_IMPLS, TrainConfig as RunDefaults, apply_device_defaults, fp8_impl_for,  # noqa: E402
-                               parse_args as parse_run_args)
+from koen_sllm.config import TrainConfig as RunDefaults, apply_device_defaults  # noqa: E402
+from koen_sllm.config import parse_args as parse_run_args  # noqa: E402
 from koen_sllm.metrics import peak_flops, peak_memory_gib  # noqa: E402
-from koen_sllm.kernels import flash_attn4, fp8_linear  # noqa: E402
+from koen_sllm.kernels import flash_attn4  # noqa: E402
 from koen_sllm.losses import IGNORE_INDEX  # noqa: E402
 from koen_sllm.optim import build_optimizer, build_scheduler  # noqa: E402
 from koen_sllm.trainer import Trainer  # noqa: E402
@@ -140,38 +140,16 @@ def run_config(args, seed: int, plain: bool = False):
         argv.append("--no-loss-kernel")
     if args.fp8 != "off" and not plain:
         argv += ["--fp8", args.fp8]
-    if args.fp8_impl != "auto":  # kept in the plain run too, where it changes nothing: one field differs
-        argv += ["--fp8-impl", args.fp8_impl]
     cfg, _ = parse_run_args(argv)
     apply_device_defaults(cfg, torch.cuda.is_available())
     return cfg
-
-
-def native_fp8_levers(args) -> list[str]:
-    """The options given that only the native FP8 linear reads (kernels/fp8_linear.py's switches)."""
-    given = [("--fp8-amax rows", args.fp8_amax != fp8_linear.AMAX_ORDER),
-             ("--fp8-scaling delayed", args.fp8_scaling != fp8_linear.SCALING),
-             ("--fp8-grad-fast-accum", args.fp8_grad_fast_accum)]
-    return [option for option, on in given if on]
-
-
-def misplaced_native_levers(args) -> str | None:
-    """An error line when native-only options come without the native linear running (they would
-    be ignored, and the run would measure something else than its options say)."""
-    levers = native_fp8_levers(args)
-    if levers and (args.fp8 == "off" or fp8_impl_for(args.fp8, args.fp8_impl) != "native"):
-        return (f"{', '.join(levers)}: only the native FP8 linear reads these; add --fp8 tensorwise "
-                "--fp8-impl native (--fp8-impl auto runs torchao)")
-    return None
 
 
 def numeric_lever(args) -> str:
     """The levers that change the arithmetic, named as the curve reports them ('' for none)."""
     parts = []
     if args.fp8 != "off":
-        extras = [", delayed scaling" if args.fp8_scaling == "delayed" else "",
-                  ", fast accumulation in the gradients" if args.fp8_grad_fast_accum else ""]
-        parts.append(f"fp8 {args.fp8} ({fp8_impl_for(args.fp8, args.fp8_impl)}{''.join(extras)})")
+        parts.append(f"fp8 {args.fp8} (torchao)")
     if args.bf16_moments:
         parts.append("bf16 moments")
     return " + ".join(parts)
@@ -187,9 +165,6 @@ def run_ours(args, seed: int = 0, name: str = "koen_sllm", plain: bool = False) 
     """``plain``: without the numeric levers (a lever curve runs the default and the lever in one process)."""
     if args.fa4_deterministic:
         flash_attn4.deterministic_backward = True  # FA4's ordered backward, as deterministic algorithms ask
-    fp8_linear.AMAX_ORDER = args.fp8_amax  # the native FP8 linear's amax reduction (the same values)
-    fp8_linear.SCALING = args.fp8_scaling  # its scales from each tensor's own amax, or the previous steps'
-    fp8_linear.GRAD_FAST_ACCUM = args.fp8_grad_fast_accum  # its gradients' matmuls with fast accumulation
     tr = Trainer(run_config(args, seed, plain), D.init_distributed())
     tr.build(VOCAB, token_source(args))
     if args.liger:
@@ -427,18 +402,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8", choices=("off", "tensorwise", "rowwise"), default="off",
                    help="ours: the projections' matmuls in FP8 (the trainer's --fp8); "
                         "MFU stays against the dense bf16 peak")
-    p.add_argument("--fp8-amax", choices=("whole", "rows"), default=fp8_linear.AMAX_ORDER,
-                   help="ours, the native FP8 linear: each amax as one reduction or row by row first "
-                        "(the same values; kernels/fp8_linear.py)")
-    p.add_argument("--fp8-scaling", choices=("dynamic", "delayed"), default=fp8_linear.SCALING,
-                   help="ours, the native FP8 linear: each input's and output gradient's scale from its own amax "
-                        "or from the largest of the previous steps' (kernels/fp8_linear.py)")
-    p.add_argument("--fp8-grad-fast-accum", action="store_true",
-                   help="ours, the native FP8 linear: the two gradients' matmuls with fast accumulation too "
-                        "(the recipe's default: the output's only; kernels/fp8_linear.py)")
-    p.add_argument("--fp8-impl", choices=FP8_IMPLS, default="auto",
-                   help="ours: who runs --fp8's matmuls (the trainer's --fp8-impl; auto: torchao; native: "
-                        "the project's own linear, tensorwise only)")
     p.add_argument("--grad-accum", type=int, default=1,
                    help="ours: micro-batches per optimizer step (with --only ours; not with --curve)")
     p.add_argument("--liger", help="ours: liger-kernel parts to swap in, comma-separated: rmsnorm,swiglu,rope,flce or all")
@@ -484,8 +447,6 @@ def main() -> int:
         p.error(f"--grad-accum must be at least 1, got {args.grad_accum}")
     if args.grad_accum > 1 and (args.curve or args.only != "ours"):
         p.error("--grad-accum is for this project's side alone: add --only ours (and no --curve)")
-    if problem := misplaced_native_levers(args):
-        p.error(problem)
     if not torch.cuda.is_available():
         print("❌ bench_throughput.py needs a CUDA GPU", file=sys.stderr)
         return 2

@@ -14,16 +14,15 @@ Targets (350m: hidden 1024, 24 layers, 16/4 heads, FFN 2816, vocabulary 32,000, 
 1.3b: hidden 2048, 24 layers, 16/8 heads, FFN 5632, batch 4 x 2048): 350m at least 52% MFU (bf16)
 and at least 1.7x the tokens/s of the transformers Trainer in the same run, the Trainer configured
 as a user tuning it would (bench_throughput.py's peer_training_kwargs; its settings are printed next
-to the ratio); 1.3b at least 56% MFU (bf16); FP8 (--fp8 rowwise and tensorwise through torchao, and
-tensorwise through the native linear, each judged) at 1.3b batch 4 at least 1.25x the bf16 tokens/s
-of the same call. Reported without a target: this trainer against torchtitan's (bench_torchtitan.py)
+to the ratio); 1.3b at least 56% MFU (bf16); FP8 (--fp8 rowwise and tensorwise through torchao,
+each judged) at 1.3b batch 4 at least 1.25x the bf16 tokens/s of the same call. Reported without a target: this trainer against torchtitan's (bench_torchtitan.py)
 at both shapes, FP8 at 350m, FlashAttention-4 (--attn fa4, an optional package, alone and at 350m as
 CUDA graphs, against --attn cudnn of the same call; its 350m runs are judged by the 52% too, and the
 defaults' rows name the kernel auto chose), and with --curve-data the 200-step loss
 curves of this trainer and the Trainer side by side with the noise between two seeds of ours (a
 threshold for "within noise" is a judgement the numbers should be shown for), and FP8 against bf16
 at 1.3b (judged: within the noise when the mean distance of FP8 from bf16 is at most that of two
-bf16 seeds; ``--curves fp8_native`` adds the native linear's curve). The goal is stated for an H100: on another GPU the verdicts say so instead of "met".
+bf16 seeds). The goal is stated for an H100: on another GPU the verdicts say so instead of "met".
 Each benchmark is a separate process with its own time limit, so one failure leaves the others;
 JSON of each, calls.json (which invocation made each) and summary.md (rewritten after every run)
 go to --out. A benchmark: nothing here is a test, and a verdict of "not met" exits 0.
@@ -48,25 +47,21 @@ _350M = ["--quick", "--model-size", "350m", "--batch-size", "8", "--seq-len", "2
 _13B = ["--quick", "--model-size", "1.3b", "--batch-size", "4", "--seq-len", "2048"]
 
 
-def _fp8(shape: list, recipe: str, impl: str, limit_s: int) -> tuple:
-    """An FP8 run of ours: each names its implementation, since the default (--fp8-impl auto) may change."""
-    return "bench", ["--only", "ours", *shape, "--fp8", recipe, "--fp8-impl", impl], limit_s
+def _fp8(shape: list, recipe: str, limit_s: int) -> tuple:
+    """An FP8 run of ours (torchao's recipe)."""
+    return "bench", ["--only", "ours", *shape, "--fp8", recipe], limit_s
 
 
 # name: (script, options, time limit in seconds). In this order: the judged runs first.
 RUNS = {
     "350m_b8": ("bench", _350M, 480),  # ours and the tuned Trainer, one process
     "1.3b_b4": ("bench", ["--only", "ours", *_13B], 300),
-    "1.3b_b4_fp8_rowwise": _fp8(_13B, "rowwise", "torchao", 360),
-    "1.3b_b4_fp8_tensorwise": _fp8(_13B, "tensorwise", "torchao", 360),
-    # the project's own FP8 linear (--fp8-impl native, no torchao; --fp8-impl auto, the default,
-    # runs torchao since its curve was measured outside bf16's noise), measured as its own run
-    "1.3b_b4_fp8_native": _fp8(_13B, "tensorwise", "native", 360),
+    "1.3b_b4_fp8_rowwise": _fp8(_13B, "rowwise", 360),
+    "1.3b_b4_fp8_tensorwise": _fp8(_13B, "tensorwise", 360),
     "torchtitan_350m_b8": ("titan", _350M, 480),
     "torchtitan_1.3b_b4": ("titan", _13B, 480),
-    "350m_b8_fp8_rowwise": _fp8(_350M, "rowwise", "torchao", 300),
-    "350m_b8_fp8_tensorwise": _fp8(_350M, "tensorwise", "torchao", 300),
-    "350m_b8_fp8_native": _fp8(_350M, "tensorwise", "native", 300),
+    "350m_b8_fp8_rowwise": _fp8(_350M, "rowwise", 300),
+    "350m_b8_fp8_tensorwise": _fp8(_350M, "tensorwise", 300),
     "350m_b8_fp32_moments": ("bench", ["--only", "ours", *_350M, "--fp32-moments"], 300),
     "1.3b_b4_fp32_moments": ("bench", ["--only", "ours", *_13B, "--fp32-moments"], 300),
     # cuDNN attention by name: what the defaults run on Hopper without flash-attn-4, and the kernel the
@@ -90,7 +85,6 @@ GROUPS = {
     "moments": ["350m_b8", "1.3b_b4", "350m_b8_fp32_moments", "1.3b_b4_fp32_moments"],
     "fa4": ["350m_b8", "1.3b_b4", "350m_b8_cudnn", "1.3b_b4_cudnn", "350m_b8_fa4", "1.3b_b4_fa4",
             "350m_b8_fa4_cudagraphs"],
-    "fp8_native": ["1.3b_b4", "1.3b_b4_fp8_tensorwise", "1.3b_b4_fp8_native", "350m_b8", "350m_b8_fp8_native"],
 }
 CURVE_OPTIONS = ["--curve", "--model-size", "350m", "--batch-size", "8", "--seq-len", "2048",
                  "--seed", "1", "--steps", "200", "--warmup-steps", "20"]
@@ -99,13 +93,11 @@ CURVE_OPTIONS = ["--curve", "--model-size", "350m", "--batch-size", "8", "--seq-
 FP8_CURVE_RECIPE = "tensorwise"
 FP8_CURVE_OPTIONS = ["--curve", "--model-size", "1.3b", "--batch-size", "4", "--seq-len", "2048",
                      "--seed", "1", "--steps", "200", "--warmup-steps", "20", "--fp8", FP8_CURVE_RECIPE]
-CURVES = ("trainer", "fp8", "fp8_native")
+CURVES = ("trainer", "fp8")
 DEFAULT_CURVES = ("trainer", "fp8")
 CURVE_LIMIT_S = 600
 MFU_350M, RATIO_350M, MFU_13B, FP8_SPEEDUP = 0.52, 1.7, 0.56, 1.25
-# the FP8 runs' name suffixes; "native" (the project's own FP8 linear) is judged only where it ran
-FP8_RUNS = ("rowwise", "tensorwise", "native")
-FP8_OPTIONAL = ("native",)
+FP8_RUNS = ("rowwise", "tensorwise")  # the FP8 runs' name suffixes
 # the FlashAttention-4 runs' name suffixes and what each adds to the defaults (1.3b has the first alone)
 FA4_RUNS = (("_fa4", "--attn fa4"), ("_fa4_cudagraphs", "--attn fa4 --compile-mode reduce-overhead"))
 
@@ -207,11 +199,11 @@ def _fp8_rows(reports: dict, calls: dict, size: str, base_run: str, target) -> l
     rows = []
     for name in FP8_RUNS:
         run = f"{base_run}_fp8_{name}"
-        if run not in reports and (not target or name in FP8_OPTIONAL):
+        if run not in reports and not target:
             continue  # a reported row only where the run was asked for or left a report
         options = RUNS[run][1]
         option = " ".join(options[options.index("--fp8"):])  # what the run adds to its bf16 base
-        recipe = option.removeprefix("--fp8 ").replace(" --fp8-impl ", ", ")
+        recipe = option.removeprefix("--fp8 ")
         label = (f"{size}: FP8 {recipe} >= {target}x bf16 tokens/s, same call" if target
                  else f"{size}: FP8 {recipe} / bf16 tokens/s (no target)")
         rows.append(_ratio_row(reports, calls, label, run, base_run, option, target))
@@ -288,17 +280,15 @@ def judge(reports: dict, calls: dict = None) -> list:
         rows.append(("350m loss curve vs the Trainer's, 200 steps (10-step means)",
                      f"mean |ours - Trainer| {c['ours_vs_peer_mean']:.3f}; two seeds of ours {c['noise_mean']:.3f}"
                      if c else "-", "read against the noise" if c else "not measured"))
-    for name, impl in (("curve_fp8", ""), ("curve_fp8_native", " (the native linear)")):
-        if name in reports:
-            rows.append(fp8_curve_row(reports[name], impl))
+    if "curve_fp8" in reports:
+        rows.append(fp8_curve_row(reports["curve_fp8"]))
     return rows
 
 
-def fp8_curve_row(rep, impl: str = "") -> tuple:
+def fp8_curve_row(rep) -> tuple:
     """FP8 against bf16 from the same weights and batches, read against two bf16 seeds: within the
-    noise when the mean distance of the 10-step means is no larger than the seeds' mean distance.
-    ``impl`` names a non-default implementation in the label."""
-    label = f"1.3b batch 4: FP8 {FP8_CURVE_RECIPE}{impl} loss curve within bf16's run-to-run noise, 200 steps"
+    noise when the mean distance of the 10-step means is no larger than the seeds' mean distance."""
+    label = f"1.3b batch 4: FP8 {FP8_CURVE_RECIPE} loss curve within bf16's run-to-run noise, 200 steps"
     c = rep.get("curve") if rep else None
     if not c:
         return label, "-", "not measured"
@@ -339,8 +329,7 @@ def main(argv=None) -> int:
     p.add_argument("--curve-data", type=Path, help="token file (train.bin) for the loss-curve comparisons; without it no curve")
     p.add_argument("--curves", default=",".join(DEFAULT_CURVES),
                    help="with --curve-data, which curves (comma-separated): trainer = 350m against the Trainer, "
-                        f"fp8 = 1.3b FP8 {FP8_CURVE_RECIPE} (the default implementation) against two bf16 seeds, "
-                        f"fp8_native = the same through --fp8-impl native (default: {','.join(DEFAULT_CURVES)})")
+                        f"fp8 = 1.3b FP8 {FP8_CURVE_RECIPE} against two bf16 seeds (default: {','.join(DEFAULT_CURVES)})")
     p.add_argument("--judge-only", action="store_true", help="judge the JSON already in --out; run nothing")
     args = p.parse_args(argv)
     if args.curve_data and not args.curve_data.is_file():
@@ -360,7 +349,7 @@ def main(argv=None) -> int:
     except (OSError, ValueError):
         calls = {}
     # A curve is judged when this run made one, or, re-reading, when an earlier run left one.
-    curve_runs = {"trainer": "curve", "fp8": "curve_fp8", "fp8_native": "curve_fp8_native"}
+    curve_runs = {"trainer": "curve", "fp8": "curve_fp8"}
     with_curves = ([n for n in curve_runs.values() if (args.out / f"{n}.json").exists()] if args.judge_only
                    else [curve_runs[c] for c in curves] if args.curve_data else [])
     # Judged: the targets always (not measured when absent), the other rows where asked for or present.
@@ -376,8 +365,7 @@ def main(argv=None) -> int:
     if not args.judge_only:
         call = time.strftime("%Y-%m-%dT%H:%M:%S")
         todo = [(n, *RUNS[n]) for n in runs]
-        curve_options = {"curve": CURVE_OPTIONS, "curve_fp8": FP8_CURVE_OPTIONS,
-                         "curve_fp8_native": [*FP8_CURVE_OPTIONS, "--fp8-impl", "native"]}
+        curve_options = {"curve": CURVE_OPTIONS, "curve_fp8": FP8_CURVE_OPTIONS}
         for name in with_curves:
             todo.append((name, "bench", [*curve_options[name], "--data", str(args.curve_data)], CURVE_LIMIT_S))
         for name, script, options, limit_s in todo:

@@ -57,7 +57,7 @@ def resolve_fully(cfg, explicit, notes, world_size: int, has_cuda: bool) -> list
 
 def missing_requirements(cfg) -> list:
     """(error, Korean words) for each package or device the run needs and lacks: DeepSpeed for
-    --deepspeed, an FP8 GPU for --fp8 (and torchao where it runs the recipe), the package and GPU
+    --deepspeed, an FP8 GPU and torchao for --fp8, the package and GPU
     of --attn fa4 / flash-attn. Checked before anything starts, by the trainer and by the
     launcher's resolve step."""
     missing = []
@@ -72,7 +72,7 @@ def missing_requirements(cfg) -> list:
         from .fp8 import Fp8Unavailable, check_fp8_support
 
         try:
-            check_fp8_support(fp8_device(), cfg.train.fp8_impl, cfg.train.fp8)
+            check_fp8_support(fp8_device(), cfg.train.fp8)
         except Fp8Unavailable as exc:
             missing.append((exc, KO_FP8))
     if cfg.train.attn in ("fa4", "flash-attn"):

@@ -27,13 +27,6 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 # --fp8: the decoder layers' projections through torchao.float8 (fp8.py), with one scale per tensor
 # or per row; "off" keeps every matmul in the autocast dtype.
 FP8_MODES = ("off", "tensorwise", "rowwise")
-# Who runs the FP8 matmuls: torchao's Float8Linear (both recipes), or the project's own
-# tensorwise linear over torch._scaled_mm (kernels/fp8_linear.py: torchao's recipe, the same
-# numbers on the CPU, fewer passes in the backward, no torchao). "auto" takes torchao for both: on
-# an H100 the native linear ran 1.01x torchao's, but its 200-step loss curve at 1.3b lay 0.11-0.15
-# from bf16's where six bf16 runs lay 0.02-0.06 from each other and torchao's 0.035-0.040
-# (docs/benchmarks.md); until that is understood the native linear runs only when named.
-FP8_IMPLS = ("auto", "torchao", "native")
 # FP8 matmuls take both sides of every product in multiples of 16, the micro-batch's tokens
 # included (they are the inner side of the weight gradient's product).
 FP8_MULTIPLE = 16
@@ -127,7 +120,6 @@ class TrainConfig:
     rope_kernel: bool = False  # the rotation's forward through its Triton kernel on a GPU
     cudnn_grouped_kv: Optional[bool] = None  # None: on where cuDNN takes grouped K/V (Hopper)
     fp8: str = "off"  # FP8_MODES: the projections' matmuls in FP8 (fp8.py; H100 and newer, bf16 runs)
-    fp8_impl: str = "auto"  # FP8_IMPLS: who runs them (fp8_impl_for); "native" does tensorwise only
     ddp_bucket_mb: float = 25.0  # DDP's gradient bucket size (its own default)
     seed: int = 42
     eval_steps: Optional[int] = None  # None -> 250 (train), end only (test)
@@ -394,25 +386,6 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_LEARNING_RATE = 1.0
 
 
-def check_fp8_options(fp8: str, impl: str) -> None:
-    """--fp8 and --fp8-impl, each known and the pair one that runs; validate() and fp8.convert_to_fp8
-    (which benchmarks and tests call directly) both ask here."""
-    if fp8 not in FP8_MODES:
-        raise ConfigError(f"--fp8 {fp8!r} is unknown; choose one of {', '.join(FP8_MODES)}")
-    if impl not in FP8_IMPLS:
-        raise ConfigError(f"--fp8-impl {impl!r} is unknown; choose one of {', '.join(FP8_IMPLS)}")
-    if impl == "native" and fp8 not in ("off", "tensorwise"):
-        raise ConfigError(f"--fp8-impl native runs --fp8 tensorwise only, not --fp8 {fp8}; pass --fp8 tensorwise "
-                          "or --fp8-impl torchao")
-
-
-def fp8_impl_for(fp8: str, impl: str) -> str:
-    """The implementation that runs ``--fp8 fp8``: ``impl`` itself, or torchao for "auto" (the one
-    whose loss curve was measured within bf16's noise; FP8_IMPLS), whatever the recipe ``fp8``.
-    A run records "auto", so a resume follows what "auto" means when it resumes."""
-    return "torchao" if impl == "auto" else impl
-
-
 def validate(cfg: RunConfig) -> RunConfig:
     t, o, c, d = cfg.train, cfg.optim, cfg.ckpt, cfg.data
     for section, name, flag in _FLOAT_OPTIONS:
@@ -427,7 +400,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"--model-size {t.model_size!r} is unknown; choose one of {', '.join(MODEL_SIZES)}")
     if t.attn not in ATTN_BACKENDS:
         raise ConfigError(f"--attn {t.attn!r} is unknown; choose one of {', '.join(ATTN_BACKENDS)}")
-    check_fp8_options(t.fp8, t.fp8_impl)
+    if t.fp8 not in FP8_MODES:
+        raise ConfigError(f"--fp8 {t.fp8!r} is unknown; choose one of {', '.join(FP8_MODES)}")
     if t.precision is not None and t.precision not in PRECISIONS:
         raise ConfigError(f"precision {t.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
     _positive("--batch-size", t.batch_size)
@@ -523,6 +497,17 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
+class _Retired(argparse.Action):
+    """An option that no longer exists: one line with what replaced it, not "unrecognized arguments"."""
+
+    def __init__(self, option_strings, dest, why: str, **kwargs):
+        super().__init__(option_strings, dest, nargs="?", help=argparse.SUPPRESS, **kwargs)
+        self.why = why
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise ConfigError(f"{option_string} {self.why}")
+
+
 def _bf16_or_fp32(group, what: str, bf16_help: str, fp32_help: str) -> None:
     """--bf16-<what> / --fp32-<what>, exclusive, into ``bf16_<what>`` (True / False; None when neither)."""
     pair = group.add_mutually_exclusive_group()
@@ -610,13 +595,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cuDNN attention takes grouped K/V as they are (auto: on Hopper GPUs) or expanded")
     g.add_argument("--fp8", choices=FP8_MODES, default="off", metavar="MODE",
                    help="off, tensorwise or rowwise: the decoder layers' q/k/v, o, gate, up and down matmuls in FP8, "
-                        "one scale per tensor or per row (NVIDIA GPU of compute capability 8.9+, bf16, torchao "
-                        "unless --fp8-impl native; the output layer and attention stay bf16)")
-    g.add_argument("--fp8-impl", choices=FP8_IMPLS, default="auto", metavar="IMPL",
-                   help="auto, torchao or native: who runs --fp8's matmuls; auto (default) is torchao; native is "
-                        "this project's tensorwise linear over torch._scaled_mm (torchao's recipe, no torchao needed, "
-                        "1.01x faster on an H100, but its loss curve was measured outside bf16's noise: "
-                        "docs/model.md)")
+                        "one scale per tensor or per row, through torchao.float8 (NVIDIA GPU of compute capability "
+                        "8.9+, bf16; the output layer and attention stay bf16)")
+    g.add_argument("--fp8-impl", action=_Retired, why="was retired with the project's own FP8 linear (its loss curve "
+                   "lay outside bf16's noise on an H100); --fp8 runs through torchao: drop --fp8-impl")
     g.add_argument("--ddp-bucket-mb", type=float, default=25.0, metavar="MB",
                    help="DDP gradient bucket size: each bucket's all-reduce starts when its gradients are ready")
     g.add_argument("--deepspeed", nargs="?", const="", default=None, metavar="CONFIG",
@@ -671,7 +653,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[RunConfig, argpars
             ddp_bucket_mb=ns.ddp_bucket_mb,
             loss_kernel=ns.loss_kernel, rope_kernel=ns.rope_kernel,
             cudnn_grouped_kv={"auto": None, "on": True, "off": False}[ns.cudnn_grouped_kv], fp8=ns.fp8,
-            fp8_impl=ns.fp8_impl,
             seed=ns.seed, eval_steps=ns.eval_steps,
             eval_batches=ns.eval_batches, log_steps=ns.log_steps, max_bad_steps=ns.max_bad_steps,
             deepspeed=ns.deepspeed, logs_dir=ns.logs_dir, verbose=ns.verbose,

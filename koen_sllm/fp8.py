@@ -1,23 +1,21 @@
-"""FP8 training of the decoder layers' projections (--fp8, --fp8-impl).
+"""FP8 training of the decoder layers' projections (--fp8), through torchao.float8.
 
 :func:`convert_to_fp8` swaps each decoder layer's ``qkv_proj``, ``o_proj``, ``gate_proj``,
-``up_proj`` and ``down_proj`` for an FP8 linear: the three matmuls of each (output, input
-gradient, weight gradient) then run on FP8 tensor cores, their inputs scaled dynamically, one
-scale per tensor (``tensorwise``) or per row (``rowwise``). ``--fp8-impl torchao`` uses torchao's
-``Float8Linear``, for both recipes; ``--fp8-impl native`` the project's own tensorwise
-``Fp8Linear`` (kernels/fp8_linear.py: torchao's recipe and, on the CPU, its numbers bit for bit,
-fewer passes in the backward, no torchao); ``auto``, the default, torchao for both
-(config.fp8_impl_for: on an H100 the native linear's loss curve lay outside bf16's noise where
-torchao's lay inside). Either holds the very ``weight`` parameter of the layer it replaces, so
-nothing else changes: the state dict has the same names and tensors, the optimizer (and its fp32 masters)
-keeps the parameters it was built with, and checkpoints stay plain bf16/fp32 safetensors that
-load in transformers, into an FP8 run or a bf16 one alike. The output layer, the embedding, the
-norms and attention stay in bf16; a projection whose sizes are not multiples of 16 (the FP8
-matmul's requirement) stays in bf16 too.
+``up_proj`` and ``down_proj`` for torchao's ``Float8Linear``: the three matmuls of each (output,
+input gradient, weight gradient) then run on FP8 tensor cores, their inputs scaled dynamically, one
+scale per tensor (``tensorwise``) or per row (``rowwise``). ``Float8Linear`` holds the very
+``weight`` parameter of the layer it replaces, so nothing else changes: the state dict has the same
+names and tensors, the optimizer (and its fp32 masters) keeps the parameters it was built with, and
+checkpoints stay plain bf16/fp32 safetensors that load in transformers, into an FP8 run or a bf16
+one alike. The output layer, the embedding, the norms and attention stay in bf16; a projection
+whose sizes are not multiples of 16 (the FP8 matmul's requirement) stays in bf16 too. (A tensorwise
+linear of the project's own over ``torch._scaled_mm`` ran 1.01x torchao's on an H100 but its loss
+curve lay outside bf16's noise where torchao's lay inside; it was retired: docs/benchmarks.md,
+seventh round.)
 
 The DDP engine converts the model once, after any weights are loaded and before DDP and
-torch.compile (engines/ddp.py). torchao is optional (``pip install 'koen-sllm[fp8]'``, needed
-unless --fp8-impl native) and imported here alone, only when --fp8 runs through it.
+torch.compile (engines/ddp.py). torchao is optional (``pip install 'koen-sllm[fp8]'``) and
+imported here alone, only when --fp8 runs.
 """
 from __future__ import annotations
 
@@ -27,9 +25,8 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from .config import FP8_MODES, FP8_MULTIPLE, check_fp8_options, fp8_impl_for
+from .config import FP8_MODES, FP8_MULTIPLE
 from .errors import UsageError
-from .kernels.fp8_linear import Fp8Linear
 
 # The layers converted, by their attribute name (model.py's Attention and MLP).
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -44,8 +41,8 @@ class Fp8Unavailable(UsageError, RuntimeError):
 
 
 def require_torchao(asked: str = "--fp8", fix: str = "drop --fp8") -> Any:
-    """``torchao.float8``, or Fp8Unavailable with the install command; ``asked`` names the option that
-    needs torchao and ``fix`` the way to run without it."""
+    """``torchao.float8``, or Fp8Unavailable with the install command; ``asked`` names what needs
+    torchao and ``fix`` the way to run without it."""
     try:
         import torchao.float8 as float8
     except ImportError as exc:
@@ -75,18 +72,11 @@ def check_fp8_device(device: torch.device | str) -> None:
             f"this run's GPU {name} has compute capability {capability[0]}.{capability[1]} — drop --fp8")
 
 
-def check_fp8_support(device: torch.device | str, impl: str = "auto", recipe: str = "tensorwise") -> None:
+def check_fp8_support(device: torch.device | str, recipe: str = "tensorwise") -> None:
     """Everything --fp8 ``recipe`` needs at run time: the GPU first (its error is the one a CPU run must
-    see), then torchao where ``impl`` runs the recipe through it."""
+    see), then torchao."""
     check_fp8_device(device)
-    if fp8_impl_for(recipe, impl) != "torchao":
-        return
-    if recipe != "tensorwise":
-        require_torchao(f"--fp8 {recipe}", "use --fp8 tensorwise --fp8-impl native, which runs without it")
-    elif impl == "torchao":
-        require_torchao("--fp8-impl torchao", "use --fp8-impl native, which runs without it")
-    else:
-        require_torchao(f"--fp8 {recipe}", "add --fp8-impl native, which runs without it")
+    require_torchao(f"--fp8 {recipe}")
 
 
 def converts(module: nn.Module, fqn: str) -> bool:
@@ -110,45 +100,33 @@ def fp8_config(recipe: str, *, emulate: bool = False) -> Any:
 
 
 def convert_to_fp8(model: nn.Module, recipe: str, device: Optional[torch.device | str] = None, *,
-                   emulate: bool = False, impl: str = "auto") -> list[str]:
-    """Swap the model's projections for FP8 linears in place; returns the converted layers' names.
+                   emulate: bool = False) -> list[str]:
+    """Swap the model's projections for torchao's FP8 linears in place; returns the converted layers' names.
 
     Checks ``device`` first unless ``emulate``, which is for tests on the CPU: torchao then
-    emulates its FP8 matmuls in higher precision, and the native linear runs ``torch._scaled_mm``,
-    which the CPU has. Call once, before DDP and torch.compile wrap the model: they must see the
-    swapped modules."""
+    emulates its FP8 matmuls in higher precision. Call once, before DDP and torch.compile wrap the
+    model: they must see the swapped modules."""
     _require_recipe(recipe)
-    check_fp8_options(recipe, impl)  # a ConfigError, which is a ValueError
-    impl = fp8_impl_for(recipe, impl)
     if not emulate:
-        check_fp8_support(device if device is not None else next(model.parameters()).device, impl, recipe)
+        check_fp8_support(device if device is not None else next(model.parameters()).device, recipe)
     if already := fp8_layers(model):
         raise RuntimeError(f"the model is already converted to FP8 ({len(already)} layers); convert it once")
-    if impl == "torchao":
-        require_torchao().convert_to_float8_training(model, config=fp8_config(recipe, emulate=emulate),
-                                                     module_filter_fn=converts)
-    else:
-        for fqn, module in list(model.named_modules()):
-            if converts(module, fqn):
-                parent_name, _, child = fqn.rpartition(".")
-                setattr(model.get_submodule(parent_name), child, Fp8Linear.from_linear(module))
+    require_torchao().convert_to_float8_training(model, config=fp8_config(recipe, emulate=emulate),
+                                                 module_filter_fn=converts)
     return fp8_layers(model)
 
 
 def fp8_layers(model: nn.Module) -> list[str]:
-    """The names of the model's layers that run their matmuls in FP8 (torchao's Float8Linear or Fp8Linear)."""
-    return [name for name, m in model.named_modules()
-            if isinstance(m, Fp8Linear) or type(m).__name__ == "Float8Linear"]
+    """The names of the model's layers that run their matmuls in FP8 (torchao's Float8Linear)."""
+    return [name for name, m in model.named_modules() if type(m).__name__ == "Float8Linear"]
 
 
-def describe(model: nn.Module, recipe: str, impl: str = "auto") -> str:
+def describe(model: nn.Module, recipe: str) -> str:
     """One log line: what runs in FP8, through what, and what stays in bf16."""
-    impl = fp8_impl_for(recipe, impl)
     converted = set(fp8_layers(model))
     kept = [name for name, m in model.named_modules()
             if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in PROJECTIONS and name not in converted]
-    through = "torchao.float8" if impl == "torchao" else "the native FP8 linear (torch._scaled_mm)"
-    line = (f"fp8 ({recipe} scaling): {len(converted)} projections' matmuls in FP8 through {through}; "
+    line = (f"fp8 ({recipe} scaling): {len(converted)} projections' matmuls in FP8 through torchao.float8; "
             "the output layer, the embedding and attention in bf16; MFU stays against the dense bf16 peak")
     if kept:
         line += f"; {len(kept)} kept in bf16 (sizes not multiples of {FP8_MULTIPLE}: {', '.join(kept[:3])}" + \

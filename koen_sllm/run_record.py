@@ -77,10 +77,15 @@ ADJUSTABLE = (
     ("train", "rope_kernel", "--rope-kernel"),
     ("train", "cudnn_grouped_kv", "--cudnn-grouped-kv"),
     ("train", "fp8", "--fp8"),  # the weights and the optimizer state are the same with and without it (fp8.py)
-    ("train", "fp8_impl", "--fp8-impl"),  # the same weights and optimizer state either way, like --fp8
     ("train", "bf16_moments", "--bf16-moments/--fp32-moments"),  # the saved moments convert on load
 )
 _BATCH_DESTS = ("batch_size", "grad_accum", "global_batch_size")
+# Runs recorded before the project's own FP8 linear was retired may name it (--fp8-impl native).
+# Its weights and optimizer state are torchao's alike, so such a run goes on through torchao's
+# tensorwise recipe, with this note: the same scaling, not the same rounding.
+RETIRED_FP8_NOTE = ("--fp8-impl native: the run's FP8 matmuls ran through the project's own FP8 linear, "
+                    "which is retired; it goes on through torchao's tensorwise recipe (the same scaling: "
+                    "the losses will not repeat the earlier run's bit for bit)")
 
 
 class RunMismatch(ConfigError):
@@ -279,6 +284,8 @@ def _apply(cfg: RunConfig, record: dict, explicit: set[str], world_size: int, re
                 res.notes.append(f"{option}: {_show(then)} -> {_show(now)} (recorded {_show(then)})")
         else:
             setattr(getattr(cfg, section), name, then)
+    if record["config"].get("train", {}).get("fp8_impl") == "native" and cfg.train.fp8 == "tensorwise":
+        res.notes.append(RETIRED_FP8_NOTE)
     _apply_batch(cfg, rc, record, explicit, world_size, res, refused)
     _apply_max_steps(cfg, record, explicit, res, refused)
     if refused:

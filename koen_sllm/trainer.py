@@ -115,7 +115,7 @@ class Trainer:
             log.info("weights in bf16, fp32 master weights in the optimizer (--fp32-weights turns this off); "
                      "AdamW's moments in %s", "bf16 (--fp32-moments turns this off)" if self.t.bf16_moments else "fp32")
         if self.t.fp8 != "off":
-            log.info("%s", describe_fp8(self.raw_model, self.t.fp8, self.t.fp8_impl))
+            log.info("%s", describe_fp8(self.raw_model, self.t.fp8))
 
     def build(self, vocab: int, loader) -> None:
         """Model, optimizer, schedule (or the DeepSpeed config) and loader; also used by the throughput benchmark."""

@@ -75,7 +75,7 @@ class DDPEngine:
         if t.fp8 != "off":
             # Once, before DDP and compile, which must see the FP8 layers. Each keeps its weight
             # parameter, so the optimizer (masters included) and the state dict stay as they are.
-            self.fp8_layers = convert_to_fp8(self.raw_model, t.fp8, self.device, impl=t.fp8_impl)
+            self.fp8_layers = convert_to_fp8(self.raw_model, t.fp8, self.device)
         # DDP first, then compile: Dynamo's DDPOptimizer splits the compiled graph at DDP's
         # gradient buckets, so a bucket's all-reduce starts while the rest of the backward
         # runs. Compiled inside DDP, one compiled backward would hand DDP every gradient at

@@ -4,9 +4,7 @@
   cross_entropy.py  the loss and the logits' gradient in one pass (losses.py)
   rope.py           RoPE on the fused q/k/v output, forward and backward (rotary.py)
   flash_attn4.py    FlashAttention-4's CuTe kernels as custom ops (attention.py, --attn fa4)
-  fp8_linear.py     the tensorwise FP8 linear over torch._scaled_mm (fp8.py, --fp8-impl native)
 
 The Triton ones are imported only where a GPU runs them; tests run them in Triton's CPU
-interpreter, FA4's wrapper against a reference implementation bound in its place, and the FP8
-linear in the CPU's own torch._scaled_mm.
+interpreter, FA4's wrapper against a reference implementation bound in its place.
 """

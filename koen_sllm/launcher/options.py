@@ -45,7 +45,7 @@ KOREAN_HELP = {
     "--resume": "이어서 학습",
     "--fp16": "FP16 mixed precision (GPU 전용)",
     "--fp32": "FP32 precision",
-    "--fp8": "FP8 행렬곱 (H100 이상, bf16 전용; torchao 필요, --fp8-impl native면 불필요)",
+    "--fp8": "FP8 행렬곱 (H100 이상, bf16 전용; torchao 필요)",
     "--no-compile": "torch.compile 끄기",
     "--num-gpus": "사용할 GPU 수",
     "--deepspeed": "DeepSpeed ZeRO",

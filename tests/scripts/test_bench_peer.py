@@ -77,14 +77,14 @@ def test_transformers_accepts_every_name(tmp_path):
 @pytest.mark.parametrize("lever, field, value, without", [
     (["--bf16-moments"], "bf16_moments", True, False),
     (["--fp8", "rowwise"], "fp8", "rowwise", "off"),
-    (["--fp8", "tensorwise", "--fp8-impl", "native"], "fp8", "tensorwise", "off"),
+    (["--fp8", "tensorwise"], "fp8", "tensorwise", "off"),
 ])
 def test_a_lever_curve_runs_the_same_run_without_the_lever_beside_it(lever, field, value, without, monkeypatch):
     """The curve's first and third runs drop the lever (bf16 moments, the trainer's default, are
     dropped by asking for fp32 moments); the second keeps it; nothing else differs."""
     monkeypatch.setattr(bt.torch.cuda, "is_available", lambda: True)  # the configs as on the GPU it runs on
     a = bt.build_parser().parse_args(["--curve", "--data", "train.bin", *lever])
-    assert bt.numeric_lever(a) in ("bf16 moments", "fp8 rowwise (torchao)", "fp8 tensorwise (native)")
+    assert bt.numeric_lever(a) in ("bf16 moments", "fp8 rowwise (torchao)", "fp8 tensorwise (torchao)")
     with_lever, plain = bt.run_config(a, 0), bt.run_config(a, 0, plain=True)
     assert getattr(with_lever.train, field) == value
     assert getattr(plain.train, field) == without
@@ -101,18 +101,3 @@ def test_fp32_moments_reach_the_trainer_and_exclude_bf16_moments():
 
 def test_no_lever_means_the_peer_curve():
     assert bt.numeric_lever(bt.build_parser().parse_args(["--curve", "--data", "train.bin"])) == ""
-
-
-def test_the_native_linears_levers_are_refused_where_it_does_not_run():
-    parse = bt.build_parser().parse_args
-    for options in (["--fp8", "tensorwise", "--fp8-grad-fast-accum"],  # auto runs torchao
-                    ["--fp8-scaling", "delayed"], ["--fp8", "rowwise", "--fp8-amax", "rows"]):
-        problem = bt.misplaced_native_levers(parse(options))
-        assert problem and problem.endswith("add --fp8 tensorwise --fp8-impl native (--fp8-impl auto runs torchao)")
-    assert "--fp8-amax rows, --fp8-scaling delayed" in bt.misplaced_native_levers(
-        parse(["--fp8-amax", "rows", "--fp8-scaling", "delayed"]))
-    native = ["--fp8", "tensorwise", "--fp8-impl", "native"]
-    assert bt.misplaced_native_levers(parse([*native, "--fp8-grad-fast-accum", "--fp8-scaling", "delayed"])) is None
-    assert bt.misplaced_native_levers(parse(["--fp8", "tensorwise"])) is None
-    assert bt.numeric_lever(parse([*native, "--fp8-grad-fast-accum"])) == \
-        "fp8 tensorwise (native, fast accumulation in the gradients)"

@@ -99,27 +99,13 @@ def test_fp8_is_judged_only_against_bf16_of_the_same_call():
     assert rows[4][2].startswith("not judged") and "different calls" in rows[4][1]
 
 
-def test_the_native_fp8_linear_is_judged_where_it_ran():
-    failed = rows_by_label(tg.judge(base(**{"1.3b_b4_fp8_native": None})))  # asked for, no report
-    assert failed["1.3b batch 4: FP8 tensorwise, native >= 1.25x bf16 tokens/s, same call"][1] == "not measured"
-    got = rows_by_label(tg.judge(base(**{"1.3b_b4_fp8_native": big(90_000)})))
-    native = got["1.3b batch 4: FP8 tensorwise, native >= 1.25x bf16 tokens/s, same call"]
-    assert native[1] == "met" and "1.286x" in native[0] and "--fp8 tensorwise --fp8-impl native" in native[0]
-    slow = rows_by_label(tg.judge(base(**{"1.3b_b4_fp8_native": big(80_000)})))
-    assert slow["1.3b batch 4: FP8 tensorwise, native >= 1.25x bf16 tokens/s, same call"][1] == "not met"
-    assert "1.3b batch 4: FP8 tensorwise, native >= 1.25x bf16 tokens/s, same call" not in rows_by_label(
-        tg.judge(base()))
-    small = rows_by_label(tg.judge(base(**{"350m_b8_fp8_native": report(ours=(230_000, 0.56), peer=None)})))
-    assert small["350m batch 8: FP8 tensorwise, native / bf16 tokens/s (no target)"][1] == "reported"
-
-
 def test_fp8_at_350m_and_torchtitan_are_reported_without_a_target():
     reps = base(**{"350m_b8_fp8_rowwise": report(ours=(250_000, 0.61), peer=None),
                    "torchtitan_350m_b8": titan(), "torchtitan_1.3b_b4": titan(56_000, 0.47)})
     got = rows_by_label(tg.judge(reps))
-    fp8 = got["350m batch 8: FP8 rowwise, torchao / bf16 tokens/s (no target)"]
+    fp8 = got["350m batch 8: FP8 rowwise / bf16 tokens/s (no target)"]
     assert fp8[1] == "reported" and "1.136x" in fp8[0]
-    assert "350m batch 8: FP8 tensorwise, torchao / bf16 tokens/s (no target)" not in got  # not asked for, no report
+    assert "350m batch 8: FP8 tensorwise / bf16 tokens/s (no target)" not in got  # not asked for, no report
     small = got["350m batch 8: this trainer / torchtitan tokens/s (no target)"]
     assert small[1] == "reported" and "1.47x" in small[0] and "torchtitan 0.2.2, trainer" in small[0]
     large = got["1.3b batch 4: this trainer / torchtitan tokens/s (no target)"]
@@ -220,19 +206,14 @@ def test_runs_and_groups_are_chosen_by_name():
     assert tg.selected("targets") == ["350m_b8", "1.3b_b4", "1.3b_b4_fp8_rowwise", "1.3b_b4_fp8_tensorwise"]
     assert set(tg.selected("torchtitan,fp8_350m")) == set(tg.RUNS) - {
         "1.3b_b4_fp8_rowwise", "1.3b_b4_fp8_tensorwise", "350m_b8_fp32_moments", "1.3b_b4_fp32_moments",
-        "350m_b8_fa4", "1.3b_b4_fa4", "1.3b_b4_fp8_native", "350m_b8_fp8_native", "350m_b8_fa4_cudagraphs",
+        "350m_b8_fa4", "1.3b_b4_fa4", "350m_b8_fa4_cudagraphs",
         "350m_b8_cudnn", "1.3b_b4_cudnn"}
-    assert tg.selected("fp8_native") == ["350m_b8", "1.3b_b4", "1.3b_b4_fp8_tensorwise", "1.3b_b4_fp8_native",
-                                         "350m_b8_fp8_native"]
     with pytest.raises(SystemExit, match="neither a run"):
         tg.selected("350m,bogus")
     for script, options, limit in tg.RUNS.values():
         assert script in ("bench", "titan") and "--quick" in options and 0 < limit <= 600
     fp8 = {n: o for n, (_, o, _) in tg.RUNS.items() if "fp8" in n}
-    assert len(fp8) == 6 and all(o[o.index("--fp8") + 1] in ("rowwise", "tensorwise") for o in fp8.values())
-    impl = {n: o[o.index("--fp8-impl") + 1] for n, o in fp8.items()}  # each names its own: the default may change
-    assert [n for n, i in impl.items() if i == "native"] == ["1.3b_b4_fp8_native", "350m_b8_fp8_native"]
-    assert sum(i == "torchao" for i in impl.values()) == 4
+    assert len(fp8) == 4 and all(o[o.index("--fp8") + 1] in ("rowwise", "tensorwise") for o in fp8.values())
 
 
 def test_judge_only_reads_earlier_json_and_adds_the_curve_when_present(tmp_path, capsys):
@@ -288,8 +269,8 @@ def test_runs_each_benchmark_and_a_failing_one_is_not_measured(tmp_path, monkeyp
                           "torchtitan_350m_b8"} and len(set(calls.values())) == 1
     summary = (out / "summary.md").read_text()
     got = {line.split(" | ")[0].lstrip("| "): line for line in summary.splitlines()}
-    assert got["1.3b batch 4: FP8 rowwise, torchao >= 1.25x bf16 tokens/s, same call"].endswith("| met |")
-    assert got["1.3b batch 4: FP8 tensorwise, torchao >= 1.25x bf16 tokens/s, same call"].endswith("| not measured |")
+    assert got["1.3b batch 4: FP8 rowwise >= 1.25x bf16 tokens/s, same call"].endswith("| met |")
+    assert got["1.3b batch 4: FP8 tensorwise >= 1.25x bf16 tokens/s, same call"].endswith("| not measured |")
     assert "| reported |" in got["350m batch 8: this trainer / torchtitan tokens/s (no target)"]
     assert "PCIe" in summary
 
@@ -323,9 +304,6 @@ def test_the_fp8_curve_is_judged_against_two_bf16_seeds():
     assert rows_by_label(tg.judge(base(curve_fp8=fp8_curve(0.09, 0.04))))[label][1] == "outside the noise"
     assert rows_by_label(tg.judge(base(curve_fp8=None)))[label] == ("-", "not measured")
     assert label not in rows_by_label(tg.judge(base()))  # not asked for, no row
-    native = "1.3b batch 4: FP8 tensorwise (the native linear) loss curve within bf16's run-to-run noise, 200 steps"
-    rows = rows_by_label(tg.judge(base(curve_fp8=fp8_curve(0.012, 0.040), curve_fp8_native=fp8_curve(0.13, 0.04))))
-    assert rows[label][1] == "within the noise" and rows[native][1] == "outside the noise"
 
 
 def test_curves_are_chosen_by_name_and_the_fp8_curve_runs_bf16_and_fp8_together(tmp_path, monkeypatch, capsys):
@@ -338,15 +316,9 @@ def test_curves_are_chosen_by_name_and_the_fp8_curve_runs_bf16_and_fp8_together(
     options = seen[-1][1]
     assert options[options.index("--fp8") + 1] == "tensorwise" and "--curve" in options and "1.3b" in options
     assert options[options.index("--data") + 1] == str(data)
-    assert "--fp8-impl" not in options  # the trainer's default implementation
     seen.clear()
     assert tg.main(["--out", str(tmp_path / "o"), "--runs", "bf16", "--curve-data", str(data)]) == 0
     assert [n for n, _ in seen] == ["350m_b8", "1.3b_b4", "curve", "curve_fp8"]  # the default curves
-    seen.clear()
-    assert tg.main(["--out", str(tmp_path / "o"), "--runs", "bf16", "--curve-data", str(data),
-                    "--curves", "fp8_native"]) == 0
-    options = seen[-1][1]
-    assert seen[-1][0] == "curve_fp8_native" and options[options.index("--fp8-impl") + 1] == "native"
     with pytest.raises(SystemExit) as e:
         tg.main(["--out", str(tmp_path / "o"), "--curve-data", str(data), "--curves", "fp16"])
     assert e.value.code == 2 and "--curves: fp16 unknown" in capsys.readouterr().err

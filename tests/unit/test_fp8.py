@@ -1,10 +1,8 @@
-"""--fp8 and --fp8-impl: the options, their refusals, which layers become FP8 linears (torchao's
-Float8Linear or the native Fp8Linear), and checkpoints that stay the same with and without them
-(resume in both directions).
+"""--fp8: the option, its refusals, which layers become torchao's FP8 linears, and checkpoints
+that stay the same with and without them (resume in both directions).
 
 On CPU torchao's FP8 matmuls run in its emulation (``emulate=True``: the same casts and scales,
-the products in higher precision) and the native linear's in the CPU's own ``torch._scaled_mm``;
-the GPU test at the end runs the real ones.
+the products in higher precision); the GPU test at the end runs the real ones.
 """
 from __future__ import annotations
 
@@ -23,8 +21,7 @@ from e2e_support import write_corpus
 from fp8_support import needs_torchao
 from koen_sllm import distributed as D
 from koen_sllm import fp8 as F
-from koen_sllm.config import (FP8_IMPLS, FP8_MODES, ConfigError, RunConfig, apply_device_defaults, fp8_impl_for,
-                              parse_args, repo_root, validate)
+from koen_sllm.config import FP8_MODES, ConfigError, RunConfig, apply_device_defaults, parse_args, repo_root, validate
 from koen_sllm.hf import mapping as HF
 from koen_sllm.model import KoEnLM, model_config_from_preset
 
@@ -51,40 +48,14 @@ def test_fp8_is_off_by_default_and_parses_each_recipe():
     assert RunConfig.from_dict({"train": {}}).train.fp8 == "off"  # records written before the option
 
 
-def test_the_implementation_is_auto_by_default_and_chosen_by_the_recipe():
-    cfg, _ = parse_args(["--fp8", "tensorwise"])
-    assert cfg.train.fp8_impl == "auto"
-    # auto: torchao for every recipe (the native linear's loss curve was measured outside bf16's noise)
-    assert [fp8_impl_for(r, "auto") for r in ("tensorwise", "rowwise", "off")] == ["torchao", "torchao", "torchao"]
-    assert [fp8_impl_for("tensorwise", i) for i in ("torchao", "native")] == ["torchao", "native"]
-    for impl in FP8_IMPLS:
-        cfg, _ = parse_args(["--fp8", "tensorwise", "--fp8-impl", impl])
-        assert cfg.train.fp8_impl == impl
-        assert RunConfig.from_dict(json.loads(cfg.to_json())).train.fp8_impl == impl
-        validate(cfg)
-    # records written before the option ran torchao, which is what auto runs
-    assert RunConfig.from_dict({"train": {"fp8": "tensorwise"}}).train.fp8_impl == "auto"
-    with pytest.raises(ConfigError, match=r"argument --fp8-impl: invalid choice: 'te'"):
-        parse_args(["--fp8-impl", "te"])
-
-
-def test_the_native_implementation_refuses_rowwise():
-    with pytest.raises(ConfigError) as err:
-        parse_args(["--fp8", "rowwise", "--fp8-impl", "native"])
-    assert str(err.value) == ("--fp8-impl native runs --fp8 tensorwise only, not --fp8 rowwise; pass --fp8 tensorwise "
-                              "or --fp8-impl torchao")
-    cfg = RunConfig.from_dict({"train": {"fp8": "rowwise", "fp8_impl": "native"}})  # a hand-edited run.json
-    with pytest.raises(ConfigError, match="runs --fp8 tensorwise only"):
-        validate(cfg)
-    with pytest.raises(ValueError, match="tensorwise only"):
-        F.convert_to_fp8(tiny(), "rowwise", emulate=True, impl="native")
-    cfg, _ = parse_args(["--fp8-impl", "native"])  # FP8 off: nothing to run natively, nothing to refuse
-    validate(cfg)
-
-
 def test_an_unknown_recipe_is_refused():
     with pytest.raises(ConfigError, match=r"argument --fp8: invalid choice: 'mxfp8'"):
         parse_args(["--fp8", "mxfp8"])
+    for argv in (["--fp8", "tensorwise", "--fp8-impl", "native"], ["--fp8-impl=torchao"], ["--fp8-impl"]):
+        with pytest.raises(ConfigError) as err:  # retired with the project's own FP8 linear
+            parse_args(argv)
+        assert str(err.value) == ("--fp8-impl was retired with the project's own FP8 linear (its loss curve lay "
+                                  "outside bf16's noise on an H100); --fp8 runs through torchao: drop --fp8-impl")
     cfg = RunConfig.from_dict({"train": {"fp8": "blockwise"}})  # e.g. from a hand-edited run.json
     with pytest.raises(ConfigError, match=r"^--fp8 'blockwise' is unknown; choose one of off, tensorwise, rowwise$"):
         validate(cfg)
@@ -189,38 +160,21 @@ def test_a_missing_torchao_names_the_install_command(monkeypatch):
         F.convert_to_fp8(tiny(), "rowwise", emulate=True)
 
 
-def test_the_native_implementation_needs_no_torchao(monkeypatch):
+def test_the_start_checks_name_torchao_after_the_gpu(monkeypatch):
     from koen_sllm.cli import missing_requirements
 
     monkeypatch.setitem(sys.modules, "torchao", None)
     monkeypatch.setitem(sys.modules, "torchao.float8", None)
     pretend_gpu(monkeypatch, (9, 0), "NVIDIA H100 80GB HBM3")
-    F.check_fp8_support("cuda:0", "native")
-    with pytest.raises(F.Fp8Unavailable, match="needs the torchao package"):
-        F.check_fp8_support("cuda:0", "torchao")
-    for recipe in ("tensorwise", "rowwise"):  # the default, auto, runs both through torchao
-        with pytest.raises(F.Fp8Unavailable, match="needs the torchao package"):
-            F.check_fp8_support("cuda:0", "auto", recipe)
-    cfg, _ = parse_args(["--train", "--fp8", "tensorwise", "--fp8-impl", "native"])
-    assert missing_requirements(cfg) == []
     install = "pip install 'koen-sllm[fp8]' (in a checkout: pip install -e '.[fp8]')"
-    for argv, message in (
-            (["--fp8", "tensorwise"], f"--fp8 tensorwise needs the torchao package, which is not installed; install "
-                                      f"it with: {install}, or add --fp8-impl native, which runs without it"),
-            (["--fp8", "tensorwise", "--fp8-impl", "torchao"],
-             f"--fp8-impl torchao needs the torchao package, which is not installed; install it with: {install}, "
-             "or use --fp8-impl native, which runs without it"),
-            (["--fp8", "rowwise"], f"--fp8 rowwise needs the torchao package, which is not installed; install it "
-                                   f"with: {install}, or use --fp8 tensorwise --fp8-impl native, which runs without it")):
-        cfg, _ = parse_args(["--train", *argv])
-        assert [str(e) for e, _ in missing_requirements(cfg)] == [message], argv
-    assert F.convert_to_fp8(tiny(), "tensorwise", emulate=True, impl="native")  # converts without torchao
-    for recipe in ("tensorwise", "rowwise"):  # the default does not
-        with pytest.raises(F.Fp8Unavailable, match="needs the torchao package"):
-            F.convert_to_fp8(tiny(), recipe, emulate=True)
+    for recipe in ("tensorwise", "rowwise"):
+        cfg, _ = parse_args(["--train", "--fp8", recipe])
+        assert [str(e) for e, _ in missing_requirements(cfg)] == [
+            f"--fp8 {recipe} needs the torchao package, which is not installed; install it with: {install}, "
+            "or drop --fp8"]
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     with pytest.raises(F.Fp8Unavailable, match="compute capability 8.0"):
-        F.check_fp8_support("cuda:0", "native")  # the GPU is still checked
+        F.check_fp8_support("cuda:0")  # the GPU's error comes first
 
 
 def test_fp8_may_change_on_a_resume_with_a_note(tmp_path):
@@ -237,15 +191,14 @@ def test_fp8_may_change_on_a_resume_with_a_note(tmp_path):
     (out / "checkpoint-10").mkdir()
     (out / "checkpoint-10" / "training_info.json").write_text(json.dumps({"step": 10}))
     (out / "latest").write_text("checkpoint-10")
-    for typed, expected, note in ((["--train"], ("rowwise", "auto"), None),
-                                  (["--train", "--fp8", "off"], ("off", "auto"),
-                                   "--fp8: rowwise -> off (recorded rowwise)"),
-                                  (["--train", "--fp8", "tensorwise", "--fp8-impl", "native"],
-                                   ("tensorwise", "native"), "--fp8-impl: auto -> native (recorded auto)")):
+    for typed, expected, note in ((["--train"], "rowwise", None),
+                                  (["--train", "--fp8", "off"], "off", "--fp8: rowwise -> off (recorded rowwise)"),
+                                  (["--train", "--fp8", "tensorwise"], "tensorwise",
+                                   "--fp8: rowwise -> tensorwise (recorded rowwise)")):
         argv = typed + ["--output-dir", str(out)]
         cfg, _ = parse_args(argv)
         res = R.resolve_with_record(cfg, explicit_options(argv), 2)
-        assert (cfg.train.fp8, cfg.train.fp8_impl) == expected
+        assert cfg.train.fp8 == expected
         assert (note in res.notes) if note else not any("--fp8" in n for n in res.notes)
 
 
@@ -268,46 +221,19 @@ def test_the_filter_takes_the_five_projections_and_never_the_output_layer():
 @pytest.mark.parametrize("overrides", [{}, {"qk_norm": True, "tie_embeddings": True}])
 def test_every_projection_is_converted_and_nothing_else(recipe, overrides):
     model = tiny(**overrides)
-    converted = F.convert_to_fp8(model, recipe, emulate=True, impl="torchao")
+    converted = F.convert_to_fp8(model, recipe, emulate=True)
     expected = [f"layers.{i}.{part}.{kind}" for i in range(2)
                 for part, kind in [("self_attn", k) for k in KINDS[:2]] + [("mlp", k) for k in KINDS[2:]]]
     assert converted == expected
+    assert all(type(model.get_submodule(name)).__name__ == "Float8Linear" for name in converted)
     assert type(model.lm_head) is torch.nn.Linear and type(model.embed_tokens) is torch.nn.Embedding
+    assert F.describe(model, recipe).startswith(f"fp8 ({recipe} scaling): 10 projections' matmuls in FP8 through "
+                                                "torchao.float8")
     layer = model.layers[0].self_attn.qkv_proj
     assert layer.config.cast_config_input.scaling_granularity.value == ("axiswise" if recipe == "rowwise"
                                                                         else "tensorwise")
     with pytest.raises(RuntimeError, match="already converted to FP8"):
-        F.convert_to_fp8(model, recipe, emulate=True, impl="torchao")
-
-
-@pytest.mark.parametrize("overrides", [{}, {"qk_norm": True, "tie_embeddings": True}])
-def test_the_native_implementation_converts_the_same_projections(overrides):
-    from koen_sllm.kernels.fp8_linear import Fp8Linear
-
-    model = tiny(**overrides)
-    params = dict(model.named_parameters())
-    converted = F.convert_to_fp8(model, "tensorwise", emulate=True, impl="native")
-    assert converted == [f"layers.{i}.{part}.{kind}" for i in range(2)
-                         for part, kind in [("self_attn", k) for k in KINDS[:2]] + [("mlp", k) for k in KINDS[2:]]]
-    assert all(type(model.get_submodule(name)) is Fp8Linear for name in converted)
-    assert type(model.lm_head) is torch.nn.Linear and type(model.embed_tokens) is torch.nn.Embedding
-    assert dict(model.named_parameters()) == params  # the same Parameter objects
-    assert list(model.state_dict()) == list(tiny(**overrides).state_dict())
-    line = F.describe(model, "tensorwise", "native")
-    assert line.startswith("fp8 (tensorwise scaling): 10 projections' matmuls in FP8 through the native FP8 linear")
-    with pytest.raises(RuntimeError, match="already converted to FP8"):
-        F.convert_to_fp8(model, "tensorwise", emulate=True, impl="native")
-    with pytest.raises(F.Fp8Unavailable, match="this run has none"):
-        F.convert_to_fp8(tiny(), "tensorwise", "cpu", impl="native")
-
-
-@needs_torchao
-def test_the_default_implementation_is_torchaos_on_the_same_projections():
-    native, default = tiny(), tiny()  # --fp8-impl auto, the default, runs tensorwise through torchao
-    converted = F.convert_to_fp8(native, "tensorwise", emulate=True, impl="native")
-    assert F.convert_to_fp8(default, "tensorwise", emulate=True) == converted
-    assert all(type(default.get_submodule(name)).__name__ == "Float8Linear" for name in converted)
-    assert "through torchao.float8" in F.describe(default, "tensorwise")
+        F.convert_to_fp8(model, recipe, emulate=True)
 
 
 @needs_torchao
@@ -337,7 +263,7 @@ def test_conversion_needs_an_fp8_gpu_unless_emulated():
 def test_the_state_dict_keeps_its_names_and_tensors(overrides):
     plain, model = tiny(**overrides), tiny(**overrides)
     params = dict(model.named_parameters())
-    F.convert_to_fp8(model, "tensorwise", emulate=True, impl="torchao")
+    F.convert_to_fp8(model, "tensorwise", emulate=True)
     assert dict(model.named_parameters()) == params  # the same Parameter objects: the optimizer keeps them
     assert all(type(p) is torch.nn.Parameter for p in model.parameters())
     before, after = plain.state_dict(), model.state_dict()
@@ -353,13 +279,12 @@ def test_the_state_dict_keeps_its_names_and_tensors(overrides):
     assert all(torch.equal(other.state_dict()[k], before[k]) for k in before)
 
 
-@pytest.mark.parametrize("recipe, impl", [pytest.param("tensorwise", "torchao", marks=needs_torchao),
-                                          pytest.param("rowwise", "torchao", marks=needs_torchao),
-                                          ("tensorwise", "native")])
-def test_the_fp8_model_trains_close_to_the_plain_one(recipe, impl):
+@needs_torchao
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_the_fp8_model_trains_close_to_the_plain_one(recipe):
     x = torch.randint(0, 320, (4, 33), generator=torch.Generator().manual_seed(0))
     plain, model = tiny(), tiny()
-    F.convert_to_fp8(model, recipe, emulate=True, impl=impl)
+    F.convert_to_fp8(model, recipe, emulate=True)
     ref, loss = plain(x[:, :-1], x[:, 1:]), model(x[:, :-1], x[:, 1:])
     assert loss != ref  # the products really went through FP8
     torch.testing.assert_close(loss, ref, rtol=2e-3, atol=0)
@@ -379,8 +304,8 @@ def test_the_fp8_model_trains_close_to_the_plain_one(recipe, impl):
 
 
 def _trainer(tmp_path: Path, fp8: str, max_steps: int, monkeypatch, logs: str):
-    """A CPU trainer whose DDP engine converts with torchao's emulation, or natively (``fp8`` as
-    ``tensorwise/native``; the options refuse --fp8 on CPU, so the recipe is set after them)."""
+    """A CPU trainer whose DDP engine converts with torchao's emulation (the options refuse --fp8
+    on CPU, so the recipe is set after them)."""
     from koen_sllm.engines import ddp
     from koen_sllm.logs import setup_logging
     from koen_sllm.trainer import Trainer
@@ -395,8 +320,7 @@ def _trainer(tmp_path: Path, fp8: str, max_steps: int, monkeypatch, logs: str):
                          "--logs-dir", str(tmp_path / logs), "--no-save-initial", "--save-steps", "1000",
                          "--eval-steps", "0", "--learning-rate", "3e-3"])
     apply_device_defaults(cfg, False)
-    cfg.train.fp8, _, impl = fp8.partition("/")
-    cfg.train.fp8_impl = impl or "torchao"
+    cfg.train.fp8 = fp8
     monkeypatch.setattr(ddp, "convert_to_fp8", partial(F.convert_to_fp8, emulate=True))
     setup_logging(cfg.logs_dir, 0)
     tr = Trainer(cfg, D.init_distributed())
@@ -404,14 +328,8 @@ def _trainer(tmp_path: Path, fp8: str, max_steps: int, monkeypatch, logs: str):
     return tr
 
 
-@pytest.mark.parametrize("first, second", [
-    pytest.param("rowwise", "off", marks=needs_torchao),
-    pytest.param("off", "tensorwise", marks=needs_torchao),
-    pytest.param("tensorwise", "rowwise", marks=needs_torchao),
-    ("tensorwise/native", "off"),
-    ("off", "tensorwise/native"),
-    pytest.param("tensorwise/native", "tensorwise", marks=needs_torchao),
-])
+@needs_torchao
+@pytest.mark.parametrize("first, second", [("rowwise", "off"), ("off", "tensorwise"), ("tensorwise", "rowwise")])
 def test_a_checkpoint_resumes_into_fp8_and_plain_runs_alike(tmp_path, monkeypatch, first, second):
     from koen_sllm.logs import close_handlers
 
@@ -438,9 +356,7 @@ def test_a_checkpoint_resumes_into_fp8_and_plain_runs_alike(tmp_path, monkeypatc
         assert summary.steps == 5 and torch.isfinite(torch.tensor(summary.final_loss))
         if second != "off":
             log = (tmp_path / "logs-b" / "training_rank_0.log").read_text()
-            recipe, _, impl = second.partition("/")
-            through = "the native FP8 linear" if impl else "torchao.float8"
-            assert f"fp8 ({recipe} scaling): 10 projections' matmuls in FP8 through {through}" in log
+            assert f"fp8 ({second} scaling): 10 projections' matmuls in FP8 through torchao.float8" in log
     finally:
         close_handlers()
 
@@ -475,9 +391,8 @@ def fp8_gpu() -> bool:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not fp8_gpu(), reason="needs a CUDA GPU with FP8 matmuls (compute capability 8.9 or newer)")
-@pytest.mark.parametrize("options", [pytest.param(["--fp8", "rowwise"], marks=needs_torchao),
-                                     pytest.param(["--fp8", "tensorwise"], marks=needs_torchao),  # the default: torchao
-                                     ["--fp8", "tensorwise", "--fp8-impl", "native"]])
+@needs_torchao
+@pytest.mark.parametrize("options", [["--fp8", "rowwise"], ["--fp8", "tensorwise"]])
 def test_a_tiny_model_trains_with_fp8_on_the_gpu(tmp_path, monkeypatch, options):
     """The real thing: --fp8 through the options, the DDP engine and torch.compile."""
     from koen_sllm.logs import close_handlers, setup_logging

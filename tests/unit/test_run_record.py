@@ -97,6 +97,19 @@ def test_bf16_moments_follow_the_record_and_may_change_with_a_note(tmp_path):
     assert any(n.startswith("--bf16-moments/--fp32-moments:") for n in res.notes), res.notes
 
 
+def test_a_run_of_the_retired_native_fp8_linear_goes_on_through_torchao_with_a_note(tmp_path):
+    out = tmp_path / "out"
+    record = _started(out, ["--train", "--batch-size", "8", "--fp8", "tensorwise"], step=68)
+    record["config"]["train"]["fp8_impl"] = "native"  # as runs recorded it before the linear was retired
+    R.write_record(out, record)
+    cfg, res = _resume(out, ["--train"])
+    assert cfg.train.fp8 == "tensorwise" and res.resume_step == 68
+    assert R.RETIRED_FP8_NOTE in res.notes and "torchao" in R.RETIRED_FP8_NOTE
+    record["config"]["train"]["fp8_impl"] = "auto"  # torchao's runs resume as they were, without the note
+    R.write_record(out, record)
+    assert R.RETIRED_FP8_NOTE not in _resume(out, ["--train"])[1].notes
+
+
 def test_another_gpu_count_keeps_the_global_batch(tmp_path):
     out = tmp_path / "out"
     _started(out, ["--train", "--batch-size", "4"], step=30, world=2)
