@@ -51,14 +51,18 @@ def test_fp8_is_off_by_default_and_parses_each_recipe():
 def test_an_unknown_recipe_is_refused():
     with pytest.raises(ConfigError, match=r"argument --fp8: invalid choice: 'mxfp8'"):
         parse_args(["--fp8", "mxfp8"])
-    for argv in (["--fp8", "tensorwise", "--fp8-impl", "native"], ["--fp8-impl=torchao"], ["--fp8-impl"]):
-        with pytest.raises(ConfigError) as err:  # retired with the project's own FP8 linear
-            parse_args(argv)
-        assert str(err.value) == ("--fp8-impl was retired with the project's own FP8 linear (its loss curve lay "
-                                  "outside bf16's noise on an H100); --fp8 runs through torchao: drop --fp8-impl")
     cfg = RunConfig.from_dict({"train": {"fp8": "blockwise"}})  # e.g. from a hand-edited run.json
     with pytest.raises(ConfigError, match=r"^--fp8 'blockwise' is unknown; choose one of off, tensorwise, rowwise$"):
         validate(cfg)
+
+
+def test_the_retired_fp8_impl_option_is_refused_with_what_replaced_it():
+    for argv in (["--fp8", "tensorwise", "--fp8-impl", "native"], ["--fp8-impl=torchao"], ["--fp8-impl"]):
+        with pytest.raises(ConfigError) as err:
+            parse_args(argv)
+        assert str(err.value) == ("--fp8-impl was retired with the project's own FP8 linear (its loss curve lay "
+                                  "outside bf16's noise on an H100); --fp8 runs through torchao: drop --fp8-impl")
+        assert err.value.exit_code == 2
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
