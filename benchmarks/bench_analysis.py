@@ -5,7 +5,6 @@ Kept apart from the benchmark runner so the numbers can be recomputed from saved
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -153,14 +152,6 @@ def idle_gaps(busy: list[list], steps: int, small_us: float = 10.0, top: int = 8
             "large_gaps_per_step": round(len(large) / per_step, 1),
             "large_gaps_ms_per_step": round(sum(g[0] for g in large) / per_step / 1e3, 3),
             "longest": [(round(g[0], 1), g[1], g[2]) for g in large[:top]]}
-
-
-def print_and_save(lines: list[str], report: dict, path: Path | None) -> int:
-    """A diagnostic's ending: its summary lines on stdout, its whole report as JSON at ``path`` if given."""
-    print("\n".join(lines))
-    if path:
-        path.write_text(json.dumps(report, indent=1) + "\n")
-    return 0
 
 
 def running_mean(xs, window: int = 10, n: int | None = None) -> np.ndarray:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_analysis import print_and_save, running_mean  # noqa: E402
+from bench_analysis import running_mean  # noqa: E402
 
 # What must agree between the runs pooled: the same model, batches and seed.
 SAME = ("model_size", "batch_size", "seq_len", "steps", "seed", "data", "lr", "warmup_steps")
@@ -137,7 +137,10 @@ def main(argv=None) -> int:
             plot_band(reports, args.plot)
     except BandError as exc:
         p.error(str(exc))
-    return print_and_save(report_lines(b), b, args.json)
+    print("\n".join(report_lines(b)))
+    if args.json:
+        args.json.write_text(json.dumps(b, indent=1) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
