@@ -40,22 +40,22 @@ class Fp8Unavailable(UsageError, RuntimeError):
     """--fp8 was asked for where it cannot run (no torchao, no FP8 GPU); one line with the fix."""
 
 
-def require_torchao(asked: str = "--fp8", fix: str = "drop --fp8") -> Any:
+def require_torchao(asked: str = "--fp8") -> Any:
     """``torchao.float8``, or Fp8Unavailable with the install command; ``asked`` names what needs
-    torchao and ``fix`` the way to run without it."""
+    torchao (the way to run without it is always to drop --fp8)."""
     try:
         import torchao.float8 as float8
     except ImportError as exc:
         missing = getattr(exc, "name", None) or ""
         if missing and missing != "torchao" and not missing.startswith("torchao."):
             raise Fp8Unavailable(f"{asked}: torchao is installed but its dependency {missing!r} is missing; "
-                                 f"install both with: {INSTALL_COMMAND}, or {fix}") from None
+                                 f"install both with: {INSTALL_COMMAND}, or drop --fp8") from None
         raise Fp8Unavailable(f"{asked} needs the torchao package, which is not installed; install it with: "
-                             f"{INSTALL_COMMAND} (in a checkout: pip install -e '.[fp8]'), or {fix}") from None
+                             f"{INSTALL_COMMAND} (in a checkout: pip install -e '.[fp8]'), or drop --fp8") from None
     except Exception as exc:  # a wheel built for another torch fails in any way
         why = f"{type(exc).__name__}: {exc}".replace("\n", " ")
         raise Fp8Unavailable(f"{asked}: torchao is installed but fails to import ({why}); install a torchao that "
-                             f"matches torch {torch.__version__} ({INSTALL_COMMAND}), or {fix}") from None
+                             f"matches torch {torch.__version__} ({INSTALL_COMMAND}), or drop --fp8") from None
     return float8
 
 
