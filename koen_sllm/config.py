@@ -347,10 +347,6 @@ def derive_batch_plan(cfg: RunConfig, world_size: int) -> BatchPlan:
             )
     else:
         accum = t.grad_accum or 1
-    if accum > 1 and t.compile_mode == "reduce-overhead":
-        raise ConfigError("--compile-mode reduce-overhead cannot accumulate gradients: CUDA graph replays overwrite "
-                          "the gradients of the earlier micro-batches (pytorch#169545); use --grad-accum 1 "
-                          "(a larger --batch-size) or the default compile mode")
     return BatchPlan(t.batch_size, int(t.max_seq_length or CPU_TEST_SEQ_LEN), world_size, accum)
 
 
