@@ -129,7 +129,7 @@ def run_config(args, seed: int, plain: bool = False):
         argv += ["--warmup-steps", str(args.warmup_steps)]
     if args.no_compile:
         argv.append("--no-compile")
-    elif args.compile_mode != "default":
+    elif args.compile_mode != "auto":
         argv += ["--compile-mode", args.compile_mode]
     # The kernel levers through the run's own options, the path users take.
     if args.expand_kv:
@@ -367,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fa4-deterministic", action="store_true",
                    help="ours: FA4's backward in its ordered, bit-reproducible mode instead of atomic additions")
     p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--compile-mode", default="default", help="ours: torch.compile mode (reduce-overhead = CUDA graphs)")
+    p.add_argument("--compile-mode", default="auto",
+                   help="ours: torch.compile mode (the trainer's; reduce-overhead = CUDA graphs, auto takes them on one GPU)")
     p.add_argument("--expand-kv", action="store_true",
                    help="ours: expand K/V to the query head count for cuDNN attention (the earlier path)")
     defaults = RunDefaults()

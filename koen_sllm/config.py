@@ -21,8 +21,9 @@ from .errors import UsageError
 
 MODEL_SIZES = ("tiny", "125m", "350m", "0.6b", "1.3b", "8b")
 ATTN_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "flash-attn", "fa4")
-# torch.compile modes; "reduce-overhead" replays the compiled forward and backward as CUDA graphs.
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# torch.compile modes; "reduce-overhead" replays the compiled forward and backward as CUDA graphs;
+# "auto" is one of the others, chosen per run by resolved_compile_mode.
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PRECISIONS = ("bf16", "fp16", "fp32")
 # --fp8: the decoder layers' projections through torchao.float8 (fp8.py), with one scale per tensor
 # or per row; "off" keeps every matmul in the autocast dtype.
@@ -100,7 +101,7 @@ class TrainConfig:
     max_seq_length: Optional[int] = None  # None -> 2048 on GPU, 128 on CPU
     precision: Optional[str] = None  # None -> bf16 on GPU, fp32 on CPU
     compile: Optional[bool] = None  # None -> on for GPU, off on CPU
-    compile_mode: str = "default"  # torch.compile mode (COMPILE_MODES)
+    compile_mode: str = "auto"  # torch.compile mode (COMPILE_MODES); auto: resolved_compile_mode
     attn: str = "auto"
     activation_checkpointing: bool = False
     ce_chunk_tokens: int = 0  # 0: the whole micro-batch's logits at once
@@ -188,6 +189,18 @@ def _resolve(value: Optional[str], default_name: str) -> Path:
 # ---------------------------------------------------------------- device defaults
 
 
+def resolved_compile_mode(t: TrainConfig, world_size: int, on_cuda: bool) -> str:
+    """The torch.compile mode a run uses: --compile-mode, with ``auto`` settled for this run.
+
+    ``auto`` replays the step as CUDA graphs (reduce-overhead) for one process on a GPU, where they
+    were measured faster (docs/benchmarks.md, eighth round), and keeps the default compile with
+    several processes, where DDP's bucketed all-reduce has not been measured as graphs, under
+    DeepSpeed, which compiles the model itself, and off the GPU, which has no graphs."""
+    if t.compile_mode != "auto":
+        return t.compile_mode
+    return "reduce-overhead" if on_cuda and world_size == 1 and t.deepspeed is None else "default"
+
+
 def apply_device_defaults(cfg: RunConfig, has_cuda: bool) -> list[str]:
     """Fill options left unset with what suits the device; return notes to print.
 
@@ -205,10 +218,10 @@ def apply_device_defaults(cfg: RunConfig, has_cuda: bool) -> list[str]:
         t.precision = "bf16" if has_cuda else "fp32"
     if t.compile is None:
         t.compile = has_cuda
-    if t.compile_mode != "default" and not t.compile:
+    if t.compile_mode not in ("auto", "default") and not t.compile:
         raise ConfigError(f"--compile-mode {t.compile_mode} needs torch.compile, which is off for this run; "
                           "add --compile or drop --compile-mode")
-    if t.compile_mode != "default" and t.deepspeed is not None:
+    if t.compile_mode not in ("auto", "default") and t.deepspeed is not None:
         raise ConfigError(f"--compile-mode {t.compile_mode} is for the DDP path; with --deepspeed the engine "
                           "compiles the model itself: drop --compile-mode")
     if not has_cuda and t.precision == "fp16":
@@ -576,8 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp = g.add_mutually_exclusive_group()
     comp.add_argument("--compile", dest="compile", action="store_const", const=True, help="torch.compile (GPU default)")
     comp.add_argument("--no-compile", dest="compile", action="store_const", const=False, help="disable torch.compile")
-    g.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
-                   help="torch.compile mode; reduce-overhead replays each step as CUDA graphs")
+    g.add_argument("--compile-mode", default="auto", choices=COMPILE_MODES,
+                   help="torch.compile mode; reduce-overhead replays each step as CUDA graphs; auto (the default) "
+                        "takes reduce-overhead for a run on one GPU, default with several processes")
     pair = g.add_mutually_exclusive_group()
     pair.add_argument("--loss-kernel", dest="loss_kernel", action="store_true", default=True,
                       help="the loss and its gradient in one Triton pass on a GPU in bf16 (the default)")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .. import distributed as D
 from ..checkpoint.store import CheckpointError, CheckpointTarget, load_model_state, save_checkpoint
-from ..config import RunConfig
+from ..config import RunConfig, resolved_compile_mode
 from ..fp8 import convert_to_fp8
 from ..hf import mapping as HF
 from ..master_adamw import MasterWeightAdamW, full_precision_state
@@ -63,6 +63,9 @@ class DDPEngine:
         self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
         self.model: torch.nn.Module = raw_model
         self.levers = Levers()
+        # The torch.compile mode, --compile-mode with "auto" settled for this run (None: not compiled).
+        self.compile_mode: Optional[str] = (resolved_compile_mode(t, info.world_size, self.device.type == "cuda")
+                                            if t.compile else None)
         self.fp8_layers: list[str] = []  # the layers converted by --fp8, once prepared
         self.grad_norm = None
         self.autocast: Any = nullcontext()
@@ -84,7 +87,7 @@ class DDPEngine:
         # runs. Compiled inside DDP, one compiled backward would hand DDP every gradient at
         # once, at its end, and the all-reduce would never overlap compute.
         wrapped = D.wrap_model(self.raw_model, self.info, t.ddp_bucket_mb)
-        mode = None if t.compile_mode == "default" else t.compile_mode
+        mode = None if self.compile_mode == "default" else self.compile_mode
         self.model = torch.compile(wrapped, mode=mode) if t.compile else wrapped
         self.autocast = self._autocast()
         self.decide_levers()
@@ -95,7 +98,7 @@ class DDPEngine:
         self.levers = Levers(
             early_update=early,
             clip_in_update=early and self.cfg.optim.grad_clip > 0 and CAN_CLIP_IN_FUSED_UPDATE,
-            cudagraphs=self.cfg.train.compile_mode == "reduce-overhead",
+            cudagraphs=self.compile_mode == "reduce-overhead",
         )
         self.grad_norm = grad_norm_reader(self.raw_model, self.optimizer)
 

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from koen_sllm.config import (COMPILE_MODES, ConfigError, RunConfig, apply_device_defaults, derive_batch_plan,
-                              parse_args, repo_root, resolve_weights, validate)
+                              parse_args, repo_root, resolve_weights, resolved_compile_mode, validate)
 
 
 def test_defaults_follow_reference_table():
@@ -277,11 +277,11 @@ def test_default_paths_resolve_against_repo_root(tmp_path, monkeypatch):
 
 def test_compile_mode_defaults_and_parses():
     cfg, _ = parse_args([])
-    assert cfg.train.compile_mode == "default"
+    assert cfg.train.compile_mode == "auto"
     for mode in COMPILE_MODES:
         cfg, _ = parse_args(["--compile", "--compile-mode", mode])
         assert cfg.train.compile_mode == mode and cfg.train.compile is True
-    assert COMPILE_MODES == ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    assert COMPILE_MODES == ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def test_unknown_compile_mode_is_refused_by_the_parser():
@@ -304,11 +304,25 @@ def test_compile_mode_without_compile_is_refused(argv, has_cuda):
     assert "add --compile or drop --compile-mode" in msg
 
 
-@pytest.mark.parametrize("argv", [["--no-compile"], [], ["--compile-mode", "default"]])
+@pytest.mark.parametrize("argv", [["--no-compile"], [], ["--compile-mode", "default"], ["--compile-mode", "auto"]])
 def test_default_compile_mode_never_needs_compile(argv):
     cfg, _ = parse_args(argv)
     apply_device_defaults(cfg, has_cuda=False)
-    assert cfg.train.compile is False and cfg.train.compile_mode == "default"
+    assert cfg.train.compile is False and cfg.train.compile_mode == (argv[-1] if len(argv) == 2 else "auto")
+
+
+@pytest.mark.parametrize("argv, world_size, on_cuda, expected", [
+    ([], 1, True, "reduce-overhead"),  # one GPU: CUDA graphs
+    ([], 2, True, "default"),  # DDP: graphs not measured on two GPUs
+    ([], 1, False, "default"),  # no graphs off the GPU
+    (["--deepspeed"], 1, True, "default"),  # DeepSpeed compiles the model itself
+    (["--compile-mode", "default"], 1, True, "default"),  # a named mode is kept
+    (["--compile-mode", "reduce-overhead"], 2, True, "reduce-overhead"),
+    (["--compile-mode", "max-autotune"], 1, True, "max-autotune"),
+])
+def test_auto_compile_mode_takes_cuda_graphs_on_one_gpu(argv, world_size, on_cuda, expected):
+    cfg, _ = parse_args(argv)
+    assert resolved_compile_mode(cfg.train, world_size, on_cuda) == expected
 
 
 @pytest.mark.parametrize("argv", [
