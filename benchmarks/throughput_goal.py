@@ -16,9 +16,10 @@ and at least 1.7x the tokens/s of the transformers Trainer in the same run, the 
 as a user tuning it would (bench_throughput.py's peer_training_kwargs; its settings are printed next
 to the ratio); 1.3b at least 56% MFU (bf16); FP8 (--fp8 rowwise and tensorwise through torchao,
 each judged) at 1.3b batch 4 at least 1.25x the bf16 tokens/s of the same call. Reported without a
-target: this trainer against torchtitan's (bench_torchtitan.py) at both shapes, FP8 at 350m, FlashAttention-4 (--attn fa4, an optional package, alone and at 350m as
+target: this trainer against torchtitan's (bench_torchtitan.py) at both shapes, FP8 at 350m, FlashAttention-4 (--attn fa4, an optional package, alone and at 350m without
 CUDA graphs, against --attn cudnn of the same call; its 350m runs are judged by the 52% too, and the
-defaults' rows name the kernel auto chose), and with --curve-data the 200-step loss
+defaults' rows name the kernel auto chose), the defaults (--compile-mode auto: the step as CUDA
+graphs on one GPU) against --compile-mode default (group cudagraphs), and with --curve-data the 200-step loss
 curves of this trainer and the Trainer side by side with the noise between two seeds of ours (a
 threshold for "within noise" is a judgement the numbers should be shown for), and FP8 against bf16
 at 1.3b (judged: within the noise when the mean distance of FP8 from bf16 is at most that of two
@@ -45,6 +46,8 @@ OURS = "koen_sllm"
 
 _350M = ["--quick", "--model-size", "350m", "--batch-size", "8", "--seq-len", "2048"]
 _13B = ["--quick", "--model-size", "1.3b", "--batch-size", "4", "--seq-len", "2048"]
+_350M_ACCUM = ["--quick", "--model-size", "350m", "--batch-size", "4", "--grad-accum", "2", "--seq-len", "2048"]
+_NO_GRAPHS = ["--compile-mode", "default"]  # the compile without CUDA graphs, which auto takes on one GPU
 
 
 def _fp8(shape: list, recipe: str, limit_s: int) -> tuple:
@@ -71,9 +74,16 @@ RUNS = {
     # FlashAttention-4 (--attn fa4): needs the flash-attn-4 package and a Hopper or newer GPU
     "350m_b8_fa4": ("bench", ["--only", "ours", *_350M, "--attn", "fa4"], 300),
     "1.3b_b4_fa4": ("bench", ["--only", "ours", *_13B, "--attn", "fa4"], 300),
-    # the same with the step replayed as CUDA graphs, which takes FA4's Python launch path off the host
-    "350m_b8_fa4_cudagraphs": ("bench", ["--only", "ours", *_350M, "--attn", "fa4",
-                                         "--compile-mode", "reduce-overhead"], 300),
+    # the same without CUDA graphs, which take FA4's Python launch path off the host
+    "350m_b8_fa4_no_cudagraphs": ("bench", ["--only", "ours", *_350M, "--attn", "fa4", *_NO_GRAPHS], 300),
+    # the defaults (--compile-mode auto: the step as CUDA graphs on one GPU) against the compile without
+    # graphs, also with gradient accumulation (the first micro-batch's gradients leave the graphs' memory)
+    "350m_b8_no_cudagraphs": ("bench", ["--only", "ours", *_350M, *_NO_GRAPHS], 300),
+    "350m_b4x2": ("bench", ["--only", "ours", *_350M_ACCUM], 300),
+    "350m_b4x2_no_cudagraphs": ("bench", ["--only", "ours", *_350M_ACCUM, *_NO_GRAPHS], 300),
+    "1.3b_b4_no_cudagraphs": ("bench", ["--only", "ours", *_13B, *_NO_GRAPHS], 300),
+    "1.3b_b4_fp8_tensorwise_no_cudagraphs": ("bench", ["--only", "ours", *_13B, "--fp8", "tensorwise", *_NO_GRAPHS],
+                                             360),
 }
 # Each group brings the bf16 runs its ratios are taken against, so that a group run alone compares
 # within one call; on one H200 each group took under 8 minutes (all runs: about 12 before the fa4 pair).
@@ -84,7 +94,9 @@ GROUPS = {
     "bf16": ["350m_b8", "1.3b_b4"],
     "moments": ["350m_b8", "1.3b_b4", "350m_b8_fp32_moments", "1.3b_b4_fp32_moments"],
     "fa4": ["350m_b8", "1.3b_b4", "350m_b8_cudnn", "1.3b_b4_cudnn", "350m_b8_fa4", "1.3b_b4_fa4",
-            "350m_b8_fa4_cudagraphs"],
+            "350m_b8_fa4_no_cudagraphs"],
+    "cudagraphs": ["350m_b8", "350m_b8_no_cudagraphs", "350m_b4x2", "350m_b4x2_no_cudagraphs", "1.3b_b4",
+                   "1.3b_b4_no_cudagraphs", "1.3b_b4_fp8_tensorwise", "1.3b_b4_fp8_tensorwise_no_cudagraphs"],
 }
 CURVE_OPTIONS = ["--curve", "--model-size", "350m", "--batch-size", "8", "--seq-len", "2048",
                  "--seed", "1", "--steps", "200", "--warmup-steps", "20"]
@@ -99,7 +111,10 @@ CURVE_LIMIT_S = 600
 MFU_350M, RATIO_350M, MFU_13B, FP8_SPEEDUP = 0.52, 1.7, 0.56, 1.25
 FP8_RUNS = ("rowwise", "tensorwise")  # the FP8 runs' name suffixes
 # the FlashAttention-4 runs' name suffixes and what each adds to the defaults (1.3b has the first alone)
-FA4_RUNS = (("_fa4", "--attn fa4"), ("_fa4_cudagraphs", "--attn fa4 --compile-mode reduce-overhead"))
+FA4_RUNS = (("_fa4", "--attn fa4"), ("_fa4_no_cudagraphs", "--attn fa4 --compile-mode default"))
+# (what, run): each run of the defaults that has a twin without CUDA graphs (run + "_no_cudagraphs")
+CUDAGRAPH_PAIRS = (("350m batch 8", "350m_b8"), ("350m batch 4 x 2 micro-batches", "350m_b4x2"),
+                   ("1.3b batch 4", "1.3b_b4"), ("1.3b batch 4, --fp8 tensorwise", "1.3b_b4_fp8_tensorwise"))
 
 
 def run_bench(name: str, options: list, limit_s: int, out: Path, script: Path = None) -> None:
@@ -270,6 +285,11 @@ def judge(reports: dict, calls: dict = None) -> list:
             if (run := f"{base_run}{suffix}") in reports:
                 rows.append(_ratio_row(reports, calls, f"{size}: {option} / {base_label} tokens/s (no target)",
                                        run, base, option, None))
+    for what, run in CUDAGRAPH_PAIRS:  # reported where the twin without graphs ran
+        if f"{run}_no_cudagraphs" in reports:
+            rows.append(_ratio_row(reports, calls, f"{what}: the defaults (CUDA graphs on one GPU) / "
+                                   "--compile-mode default tokens/s (no target)", run, f"{run}_no_cudagraphs",
+                                   "--compile-mode auto", None))
     for size, run, ours_run in (("350m batch 8", "torchtitan_350m_b8", "350m_b8"),
                                 ("1.3b batch 4", "torchtitan_1.3b_b4", "1.3b_b4")):
         row = _titan_row(reports, calls, size, run, ours_run)

@@ -104,3 +104,24 @@ def test_reduce_overhead_accumulates_like_the_default_compile_on_the_gpu():
         engine.optimizer.zero_grad(set_to_none=True)
     for name, grad in got.items():
         torch.testing.assert_close(grad, expected[name], rtol=1e-2, atol=1e-5, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_without_the_copy_the_replays_lose_the_first_gradients_on_the_gpu(monkeypatch):
+    """The reason for the copy, on the real graphs. Should torch stop reusing that memory
+    (pytorch#169545 fixed), this fails, and the copy can go."""
+    device = torch.device("cuda")
+    batches = _batches(device)
+    expected = _accumulate(_engine(device, ["--compile-mode", "default", "--attn", "flash"]), batches)
+    monkeypatch.setattr(DDPEngine, "_own_gradients", lambda self: None)
+    engine = _engine(device, ["--compile-mode", "reduce-overhead", "--attn", "flash"])
+    try:
+        for _ in range(3):
+            got = _accumulate(engine, batches)
+            engine.optimizer.zero_grad(set_to_none=True)
+    except RuntimeError as exc:  # torch's own check caught the overwrite
+        assert "overwritten" in str(exc) or "CUDAGraph" in str(exc), exc
+        return
+    assert any(not torch.allclose(grad, expected[n], rtol=1e-2, atol=1e-5) for n, grad in got.items()), \
+        "CUDA graph replays no longer overwrite the first micro-batch's gradients: the engine's copy can go"
