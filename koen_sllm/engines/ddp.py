@@ -38,9 +38,11 @@ class Levers:
         honours ``found_inf`` and no loss scaler decides about the step.
     clip_in_update: divide the gradients inside that early update (its ``grad_scale``) instead of
         a separate clipping pass.
-    cudagraphs: the compiled step replays as CUDA graphs (--compile-mode reduce-overhead); an
-        accumulating step then moves its first micro-batch's gradients out of the graphs' memory
-        (:meth:`DDPEngine.forward_backward`).
+    cudagraphs: the compiled step replays as CUDA graphs (--compile-mode reduce-overhead). Its
+        micro-batches accumulate into gradients that live in the graphs' memory pool: safe because
+        ``begin_step`` starts one new generation of graphs per step (not per micro-batch) and
+        :meth:`DDPEngine.step` sets every gradient to None, so none outlives its step (one that
+        did would be overwritten by the next step's replays, pytorch#169545).
     """
     early_update: bool = False
     clip_in_update: bool = False
@@ -69,7 +71,6 @@ class DDPEngine:
         self.fp8_layers: list[str] = []  # the layers converted by --fp8, once prepared
         self.grad_norm = None
         self.autocast: Any = nullcontext()
-        self._micro = 0  # micro-batches run in the current step
 
     # ------------------------------------------------------------ set-up, after any state is loaded
     def prepare(self) -> None:
@@ -120,7 +121,6 @@ class DDPEngine:
         self.model.eval()
 
     def begin_step(self) -> None:
-        self._micro = 0
         if self.levers.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()  # a new step: last step's graph outputs may be reused
 
@@ -134,21 +134,7 @@ class DDPEngine:
                 loss = loss * float("nan")
             scaled = loss / self.grad_accum  # gradients average over the whole step, not each micro-batch
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-        self._micro += 1
-        if self.levers.cudagraphs and self._micro == 1 and not sync:
-            self._own_gradients()
         return loss.detach()
-
-    def _own_gradients(self) -> None:
-        """Give each parameter a gradient of its own after an accumulating step's first micro-batch.
-
-        A parameter's first gradient is the backward's output tensor itself, which as a CUDA graph
-        output lives in the graphs' memory pool; the next micro-batch's replay writes its own
-        gradients into that same memory, so the first micro-batch's would be lost (pytorch#169545).
-        One copy per step moves them out; the later micro-batches add into the copies in place."""
-        for p in self.raw_model.parameters():
-            if p.grad is not None:
-                p.grad = p.grad.clone()
 
     def step(self, mean_loss: torch.Tensor, stop_requested: bool) -> StepOutcome:
         """Clip, vote, update (or skip on every rank alike) and advance the schedule."""
