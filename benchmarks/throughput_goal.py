@@ -77,7 +77,7 @@ RUNS = {
     # the same without CUDA graphs, which take FA4's Python launch path off the host
     "350m_b8_fa4_no_cudagraphs": ("bench", ["--only", "ours", *_350M, "--attn", "fa4", *_NO_GRAPHS], 300),
     # the defaults (--compile-mode auto: the step as CUDA graphs on one GPU) against the compile without
-    # graphs, also with gradient accumulation (the first micro-batch's gradients leave the graphs' memory)
+    # graphs, also with gradient accumulation
     "350m_b8_no_cudagraphs": ("bench", ["--only", "ours", *_350M, *_NO_GRAPHS], 300),
     "350m_b4x2": ("bench", ["--only", "ours", *_350M_ACCUM], 300),
     "350m_b4x2_no_cudagraphs": ("bench", ["--only", "ours", *_350M_ACCUM, *_NO_GRAPHS], 300),

@@ -356,8 +356,8 @@ def test_reduce_overhead_without_accumulation_is_accepted(argv, world_size):
 @pytest.mark.parametrize("mode", COMPILE_MODES)
 @pytest.mark.parametrize("accum", [["--grad-accum", "2"], ["--global-batch-size", "4"]])
 def test_every_compile_mode_accumulates(mode, accum):
-    # Under CUDA graphs the engine moves the first micro-batch's gradients out of the graphs'
-    # memory (tests/unit/test_cudagraph_accumulation.py).
+    # CUDA graphs accumulate too: one generation of graphs per step keeps the first micro-batch's
+    # gradients alive (tests/unit/test_cudagraph_accumulation.py).
     cfg, _ = parse_args(["--compile-mode", mode, "--batch-size", "2", *accum])
     apply_device_defaults(cfg, has_cuda=True)
     assert derive_batch_plan(cfg, world_size=1).grad_accum == 2
