@@ -218,10 +218,11 @@ def apply_device_defaults(cfg: RunConfig, has_cuda: bool) -> list[str]:
         t.precision = "bf16" if has_cuda else "fp32"
     if t.compile is None:
         t.compile = has_cuda
-    if t.compile_mode not in ("auto", "default") and not t.compile:
+    named_mode = t.compile_mode not in ("auto", "default")  # a mode only torch.compile on the DDP path takes
+    if named_mode and not t.compile:
         raise ConfigError(f"--compile-mode {t.compile_mode} needs torch.compile, which is off for this run; "
                           "add --compile or drop --compile-mode")
-    if t.compile_mode not in ("auto", "default") and t.deepspeed is not None:
+    if named_mode and t.deepspeed is not None:
         raise ConfigError(f"--compile-mode {t.compile_mode} is for the DDP path; with --deepspeed the engine "
                           "compiles the model itself: drop --compile-mode")
     if not has_cuda and t.precision == "fp16":

@@ -25,7 +25,7 @@ import torch
 from . import distributed as D
 from .engines import deepspeed as DSB
 from .checkpoint.store import CheckpointTarget, estimate_checkpoint_bytes
-from .config import RunConfig, derive_batch_plan, resolve_weights, resolved_compile_mode
+from .config import RunConfig, derive_batch_plan, resolve_weights
 from .data.loader import TokenLoader, iter_eval_batches
 from .engines.ddp import PRECISION_DTYPES, DDPEngine
 from .fp8 import describe as describe_fp8
@@ -44,6 +44,8 @@ from .tokenizer import KoEnTokenizer
 from .hf import mapping as HF
 
 VOCAB_MULTIPLE = 64  # embedding rows padded so matmuls tile evenly on tensor cores
+# the log's words for a compile mode ("off" when none); other modes are named as they are
+COMPILE_LOG = {"default": "on", "reduce-overhead": "on (reduce-overhead: CUDA graphs)"}
 
 
 @dataclass
@@ -100,9 +102,8 @@ class Trainer:
         log.info("batch: %s", self.plan.describe())
         log.info("backend: %s", DSB.describe(self.ds_config) if self.ds_config
                  else f"DDP, {self.t.ddp_bucket_mb:g} MB gradient buckets" if info.is_distributed else "one process")
-        mode = resolved_compile_mode(self.t, info.world_size, self.device.type == "cuda")
-        compiled = "off" if not self.t.compile else "on" if mode == "default" \
-            else "on (reduce-overhead: CUDA graphs)" if mode == "reduce-overhead" else f"on ({mode})"
+        mode = self.engine.compile_mode  # the engine settled --compile-mode auto for this run
+        compiled = "off" if mode is None else COMPILE_LOG.get(mode, f"on ({mode})")
         log.info("steps: %d (%.3f epochs of %s training sequences); precision %s; compile %s; attention %s",
                  self.max_steps, self.max_steps * self.plan.sequences_per_step / max(1, self.loader.num_samples),
                  f"{self.loader.num_samples:,}", self.t.precision, compiled, self.attention)

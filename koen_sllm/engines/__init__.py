@@ -8,7 +8,8 @@ Every engine offers the same verbs, so the trainer's step is one loop for both:
 
 ``step`` clips, takes the rank-agreed vote (loss, "bad step", "stop") in one
 all-reduce, applies the update or skips it on every rank alike, and advances
-the schedule. ``lr``, ``train()``/``eval()`` and ``eval_loss(x, y)`` complete it.
+the schedule. ``lr``, ``train()``/``eval()`` and ``eval_loss(x, y)`` complete it, and
+``compile_mode`` says which torch.compile mode the step runs under (None: not compiled).
 """
 from __future__ import annotations
 

@@ -183,6 +183,8 @@ class DeepSpeedRunner:
         self.engine, _, _, self.scheduler = ds.initialize(
             model=model, model_parameters=param_groups(model, decay), config=conf,
             lr_scheduler=lambda opt: build_scheduler(opt, sched_cfg, total))
+        # DeepSpeed's own compile takes torch.compile's default mode (None: not compiled)
+        self.compile_mode: Optional[str] = "default" if compile else None
         if compile:
             self.engine.compile()
         self.config = ds_config
